@@ -1,0 +1,1 @@
+"""Shared pieces of the DvD services: the InternVL checkpoint format, the wire tensor codec, logging."""

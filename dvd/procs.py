@@ -1,0 +1,100 @@
+"""Starting the DvD services as child processes: free ports, readiness waits, prefixed logs, clean shutdown.
+
+Shared by the one-machine launcher (`dvd-local`), the test fixtures and the benchmark, so that all three start
+the services exactly the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """One child process whose output is copied, line by line and prefixed, to a sink (and kept for errors)."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
+                 sink: IO[str] | None = None, log_file: Path | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.tail: list[str] = []
+        self._sink = sink if sink is not None else sys.stderr
+        self._log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed in stop()
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(self.argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1, start_new_session=True)
+        self._pump = threading.Thread(target=self._copy_output, name=f"log-{name}", daemon=True)
+        self._pump.start()
+
+    def _copy_output(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.tail = [*self.tail[-199:], line.rstrip("\n")]
+            if self._log:
+                self._log.write(line)
+                self._log.flush()
+            if self._sink:
+                with contextlib.suppress(ValueError):
+                    self._sink.write(f"[{self.name}] {line}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, probe: Callable[[], bool], timeout: float) -> None:
+        """Poll `probe` until it returns True; raise with the service's last output if it dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} before it was ready:\n"
+                                   + "\n".join(self.tail[-40:]))
+            with contextlib.suppress(Exception):
+                if probe():
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} was not ready after {timeout:.0f}s:\n" + "\n".join(self.tail[-40:]))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the whole process group (vLLM spawns workers), then SIGKILL what is left."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+
+def grpc_ready(address: str, health: Callable[[object], bool], stub_factory: Callable[[object], object]) -> bool:
+    """A one-shot gRPC health probe: build a channel, call `health(stub)`."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return health(stub_factory(channel))
+
+
+def http_ok(url: str) -> bool:
+    import httpx
+
+    return httpx.get(url, timeout=2.0).status_code == 200
