@@ -1,0 +1,115 @@
+"""Session-scoped services shared by the whole suite: every engine starts once (vLLM takes ~45 s on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dvd.checkpoint import resolve_model
+from dvd.procs import Service, free_port, grpc_ready, http_ok
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+# vLLM on CPU reserves most of the machine unless told otherwise; several engines share 2 cores here.
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+VLLM_START_TIMEOUT = 300
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root() -> Path:
+    root = Path(os.environ.get("DVD_CHECKPOINT_DIR", REPO / ".checkpoints"))
+    os.environ["DVD_CHECKPOINT_DIR"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(checkpoint_root: Path) -> Path:
+    return resolve_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_flash_ckpt(checkpoint_root: Path) -> Path:
+    return resolve_model("tiny-flash")
+
+
+def _vision_health(address: str) -> bool:
+    from dvd.v1 import vision_pb2, vision_pb2_grpc
+
+    return grpc_ready(address, lambda s: s.Health(vision_pb2.VisionHealthRequest(), timeout=2).ready,
+                      vision_pb2_grpc.VisionServiceStub)
+
+
+def start_vision(name: str, model: Path, *extra: str) -> tuple[Service, str]:
+    port = free_port()
+    svc = Service(name, [PY, "-m", "vision_server", "--model", str(model), "--port", str(port),
+                         "--devices", "cpu", *extra], env={"OMP_NUM_THREADS": "1"})
+    address = f"127.0.0.1:{port}"
+    svc.wait_ready(lambda: _vision_health(address), timeout=120)
+    return svc, address
+
+
+@pytest.fixture(scope="session")
+def vision_tiny(tiny_ckpt: Path) -> Iterator[str]:
+    """Address of a vision server on the tiny (non-Flash) checkpoint."""
+    svc, address = start_vision("vision-tiny", tiny_ckpt)
+    yield address
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def vision_tiny_flash(tiny_flash_ckpt: Path) -> Iterator[str]:
+    """Address of a vision server on the tiny Flash checkpoint (ViR router on)."""
+    svc, address = start_vision("vision-tiny-flash", tiny_flash_ckpt)
+    yield address
+    svc.stop()
+
+
+def _llm_health(address: str) -> bool:
+    from dvd.v1 import llm_pb2, llm_pb2_grpc
+
+    return grpc_ready(address, lambda s: s.Health(llm_pb2.LanguageHealthRequest(), timeout=2).ready,
+                      llm_pb2_grpc.LanguageServiceStub)
+
+
+@pytest.fixture(scope="session")
+def llm_tiny(tiny_ckpt: Path, vision_tiny: str, vision_tiny_flash: str) -> Iterator[str]:
+    """Address of a language server on the tiny checkpoint, fed by the tiny vision server.
+
+    The Flash vision server shares the language weights (same seed, same tokenizer), so requests may also be
+    routed to it via `llm_tiny_flash`.
+    """
+    port = free_port()
+    svc = Service("llm-tiny", [PY, "-m", "llm_server", "--model", str(tiny_ckpt), "--port", str(port),
+                               "--vision", vision_tiny, "--max-model-len", "16384"], env=ENGINE_ENV)
+    address = f"127.0.0.1:{port}"
+    svc.wait_ready(lambda: _llm_health(address), timeout=VLLM_START_TIMEOUT)
+    yield address
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def router_tiny(llm_tiny: str) -> Iterator[str]:
+    """Base URL (`http://127.0.0.1:P/v1`) of the gateway in front of `llm_tiny`."""
+    port = free_port()
+    svc = Service("router-tiny", [PY, "-m", "router", "--port", str(port), "--llm", llm_tiny,
+                                  "--allow-private-image-urls"])
+    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), timeout=60)
+    yield f"http://127.0.0.1:{port}/v1"
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def colocated_tiny(tiny_ckpt: Path) -> Iterator[str]:
+    """Base URL of stock vLLM's OpenAI server on the full tiny checkpoint: the reference DvD must match."""
+    port = free_port()
+    svc = Service("vllm-colocated", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_ckpt),
+                                     "--trust-remote-code", "--port", str(port), "--host", "127.0.0.1",
+                                     "--max-model-len", "16384", "--served-model-name", "tiny",
+                                     "--limit-mm-per-prompt", '{"image": 8}'], env=ENGINE_ENV)
+    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=VLLM_START_TIMEOUT)
+    yield f"http://127.0.0.1:{port}/v1"
+    svc.stop()
