@@ -1,0 +1,102 @@
+"""The FastAPI application: routes, API-key check, OpenAI-shaped errors, and the lifecycle of shared clients."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.backends import BackendPool
+from router.completions import Completions
+from router.config import RouterConfig
+from router.errors import APIError
+from router.images import FetchLimits, ImageLoader
+from router.limits import Limiter
+from router.metrics import Metrics
+from router.schemas import ModelCard, ModelList
+
+log = logging.getLogger("router.app")
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def create_app(config: RouterConfig) -> FastAPI:
+    metrics = Metrics()
+    pool = BackendPool(config.llm, health_interval=config.health_interval)
+    limiter = Limiter(config.max_concurrency, config.max_queue)
+    images = ImageLoader(FetchLimits(max_bytes=config.max_image_bytes, timeout=config.image_fetch_timeout,
+                                     max_redirects=config.max_image_redirects,
+                                     allow_private=config.allow_private_image_urls))
+    completions = Completions(pool, images, limiter, metrics, max_body_bytes=config.max_body_bytes,
+                              request_timeout=config.request_timeout)
+    metrics.waiting.set_function(lambda: limiter.waiting)
+    metrics.backends_ready.set_function(lambda: len(pool.ready_backends()))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        log.info("router started", extra={"backends": ",".join(config.llm), "ready": len(pool.ready_backends()),
+                                          "auth": bool(config.api_keys)})
+        try:
+            yield
+        finally:
+            await images.aclose()
+            await pool.close()
+
+    def authorize(request: Request) -> None:
+        """Bearer keys, compared in constant time; no keys configured means an open server."""
+        if not config.api_keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in config.api_keys):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="DvD router", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.pool = pool
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(APIError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(APIError(400, str(exc.errors()[0].get("msg")), code="invalid_request"))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request) -> Response:
+        return await completions.handle(request)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, max_model_len=length or None)
+                               for name, length in sorted(pool.models().items())])
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        backends = {b.address: ("ready" if b.ready else b.last_error) for b in pool.backends}
+        status = 200 if pool.ready_backends() else 503
+        return JSONResponse({"ready": status == 200, "backends": backends}, status_code=status)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,184 @@
+"""One chat completion from admission to last byte: limits, images, the gRPC stream, cancellation, metrics.
+
+Errors that happen before the first token (bad image, no replica, deadline) still get their own HTTP status even
+when streaming: the response starts only once the language server has produced its first output. A client that
+goes away at any point cancels the gRPC call, which aborts the request in the language server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import grpc
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from dvd.v1 import llm_pb2
+from router.backends import BackendPool, NoBackendError
+from router.errors import APIError
+from router.images import ImageLoader
+from router.limits import Limiter
+from router.metrics import Metrics, RequestTracker
+from router.schemas import ChatCompletionRequest, RequestError, parse_chat_request
+from router.translate import ChunkBuilder, CompletionBuilder, image_urls, to_generate_request
+
+log = logging.getLogger("router.completions")
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected; nobody is left to answer."""
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return APIError.from_grpc(exc)
+    if isinstance(exc, NoBackendError):
+        return APIError(503, str(exc), code="no_backend", headers={"Retry-After": "1"})
+    if isinstance(exc, RequestError):
+        return APIError(400, exc.message, code="invalid_request", param=exc.param)
+    log.exception("unexpected error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has been read, so receive() only reports the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def guarded(request: Request, work: Awaitable[T], deadline: float) -> T:
+    """Await `work` unless the client leaves (ClientGone) or the deadline passes (504); either cancels it."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        done, _ = await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task in done:
+        return task.result()
+    if watcher in done:
+        raise ClientGone
+    raise APIError(504, "request timed out", code="timeout")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+class Completions:
+    def __init__(self, pool: BackendPool, images: ImageLoader, limiter: Limiter, metrics: Metrics,
+                 *, max_body_bytes: int, request_timeout: float) -> None:
+        self.pool, self.images, self.limiter, self.metrics = pool, images, limiter, metrics
+        self.max_body_bytes, self.request_timeout = max_body_bytes, request_timeout
+
+    def _check_model(self, model: str) -> None:
+        served = self.pool.models()
+        if not served:
+            raise NoBackendError("no language server is ready")
+        if model not in served:
+            raise APIError(404, f"model {model!r} does not exist; served: {', '.join(sorted(served))}",
+                           code="model_not_found", param="model")
+
+    async def handle(self, request: Request) -> Response:
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        tracker = RequestTracker(self.metrics)
+        handed_over = False  # once the streaming response owns the slot and the stream
+        stream: AsyncIterator[llm_pb2.GenerateResponse] | None = None
+        admitted = False
+        try:
+            req = parse_chat_request(await read_body(request, self.max_body_bytes))
+            self._check_model(req.model)
+            await guarded(request, self.limiter.acquire(), deadline)
+            admitted = True
+            tracker.admitted()
+            request_id = f"chatcmpl-{uuid.uuid4().hex}"
+            images = await guarded(request, self.images.load_all(image_urls(req)), deadline)
+            stream = self.pool.generate(to_generate_request(req, images, request_id), deadline)
+            first = await guarded(request, anext(stream, None), deadline)
+            if first is None:
+                raise APIError(502, "the language server closed the stream without a response", code="empty_stream")
+            tracker.observe(first)
+            if req.stream:
+                handed_over = True
+                return StreamingResponse(self._sse(req, request_id, first, stream, tracker),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+            builder = CompletionBuilder(request_id, req.model, req.n or 1)
+            builder.feed(first)
+            await guarded(request, self._drain(stream, builder, tracker), deadline)
+            tracker.finish(200)
+            completion = builder.build(tracker.usage)
+            return JSONResponse(completion.model_dump(mode="json"), headers={"X-Request-Id": request_id})
+        except ClientGone:
+            tracker.finish(499)
+            log.info("client disconnected; request cancelled")
+            return Response(status_code=499)
+        except Exception as exc:
+            error = as_api_error(exc)
+            tracker.finish(error.status, error)
+            raise error from exc
+        finally:
+            if not handed_over:
+                if stream is not None:
+                    await stream.aclose()
+                if admitted:
+                    self.limiter.release()
+
+    @staticmethod
+    async def _drain(stream: AsyncIterator[llm_pb2.GenerateResponse], builder: CompletionBuilder,
+                     tracker: RequestTracker) -> None:
+        async for response in stream:
+            tracker.observe(response)
+            builder.feed(response)
+
+    async def _sse(self, req: ChatCompletionRequest, request_id: str, first: llm_pb2.GenerateResponse,
+                   stream: AsyncIterator[llm_pb2.GenerateResponse], tracker: RequestTracker) -> AsyncIterator[str]:
+        """SSE events; Starlette cancels this generator when the client disconnects, cancelling the gRPC call."""
+        chunks = ChunkBuilder(request_id, req.model, req.n or 1, req.include_usage)
+        status, error = 499, None
+        try:
+            for chunk in chunks.start():
+                yield f"data: {chunk.model_dump_json()}\n\n"
+            response: llm_pb2.GenerateResponse | None = first
+            while response is not None:
+                for chunk in chunks.feed(response):
+                    yield f"data: {chunk.model_dump_json()}\n\n"
+                response = await anext(stream, None)
+                if response is not None:
+                    tracker.observe(response)
+            for chunk in chunks.end(tracker.usage):
+                yield f"data: {chunk.model_dump_json()}\n\n"
+            status = 200
+        except (grpc.aio.AioRpcError, NoBackendError) as exc:
+            # Headers are gone; OpenAI clients raise on an `error` event.
+            error = as_api_error(exc)
+            status = error.status
+            yield f"data: {json.dumps(error.body())}\n\n"
+        finally:
+            tracker.finish(status, error)
+            await stream.aclose()
+            self.limiter.release()
+        yield "data: [DONE]\n\n"

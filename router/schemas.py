@@ -1,0 +1,342 @@
+"""OpenAI chat-completions request/response models (as vLLM's `entrypoints/openai/protocol` mirrors them).
+
+Every field a client may send is either implemented, or declared and refused when it carries a non-default value,
+or unknown and refused when not null: a request is never silently answered as if an option had been applied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
+
+MAX_DYNAMIC_PATCH = 40  # InternVL's tiler goes up to 40 tiles (max_num in its dynamic_preprocess)
+UINT32_MAX = 2**32 - 1
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def _unsupported(field: str, why: str, *, param: str | None = None) -> PydanticCustomError:
+    """A refusal whose `param` (appended to the error's location) is the refused field, when it is one."""
+    return PydanticCustomError("unsupported", "'{field}' {why}", {"field": field, "why": why, "param": param})
+
+
+class _Request(BaseModel):
+    """Request models keep unknown keys only to refuse them: null is the one value that means 'not set'."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _no_unknown_fields(self) -> _Request:
+        for key, value in (self.model_extra or {}).items():
+            if value is not None:
+                raise _unsupported(key, "is not a supported field", param=key)
+        return self
+
+
+def _refuse_non_default(model: BaseModel, defaults: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    for name, (is_default, why) in defaults.items():
+        if not is_default(getattr(model, name)):
+            raise _unsupported(name, why, param=name)
+
+
+class ImageURL(_Request):
+    url: str = Field(min_length=1)
+    # Accepted for compatibility; InternVL's tiling (max_dynamic_patch) is the knob that sets image detail here.
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_type(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if isinstance(kind, str) and kind not in ("text", "image_url"):
+            raise _unsupported(kind, "content parts are not supported (use 'text' or 'image_url')", param="type")
+        return data
+
+    @model_validator(mode="after")
+    def _matches_type(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a 'text' part needs a 'text' string")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an 'image_url' part needs an 'image_url' object with a 'url'")
+        return self
+
+
+class ChatMessage(_Request):
+    role: str
+    content: list[ContentPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_is_one_text_part(cls, value: Any) -> Any:
+        return [{"type": "text", "text": value}] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_role(self) -> ChatMessage:
+        if self.role in ("tool", "function"):
+            raise ValueError(f"'{self.role}' messages are not supported (no tool calling)")
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; expected one of {', '.join(ROLES)}")
+        _refuse_non_default(self, {
+            "tool_calls": (lambda v: not v, "are not supported (no tool calling)"),
+            "tool_call_id": (lambda v: v is None, "is not supported (no tool calling)"),
+            "function_call": (lambda v: v is None, "is not supported (no tool calling)"),
+        })
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content'")
+        if self.role != "user" and any(p.type == "image_url" for p in self.content or ()):
+            raise ValueError("images are only allowed in user messages")
+        return self
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> StreamOptions:
+        _refuse_non_default(self, {"continuous_usage_stats": (lambda v: not v, "is not supported")})
+        return self
+
+
+class ResponseFormat(_Request):
+    type: str
+    json_schema: Any = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ResponseFormat:
+        if self.type != "text":
+            raise _unsupported(self.type, "response format is not supported (only 'text')", param="type")
+        return self
+
+
+class MMProcessorKwargs(_Request):
+    max_dynamic_patch: int | None = Field(None, ge=1, le=MAX_DYNAMIC_PATCH)
+
+
+def _none(value: Any) -> bool:
+    return value is None
+
+
+# Declared OpenAI fields this server does not implement: the test for 'left at its default', and why not.
+_UNSUPPORTED_REQUEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "logprobs": (lambda v: not v, "is not supported"),
+    "top_logprobs": (lambda v: not v, "is not supported"),
+    "tools": (lambda v: not v, "are not supported (no tool calling)"),
+    "tool_choice": (lambda v: v in (None, "none"), "is not supported (no tool calling)"),
+    "functions": (lambda v: not v, "are not supported (no tool calling)"),
+    "function_call": (lambda v: v in (None, "none"), "is not supported (no tool calling)"),
+    "logit_bias": (lambda v: not v, "is not supported"),
+    "audio": (_none, "is not supported (text output only)"),
+    "modalities": (lambda v: v in (None, ["text"]), "other than ['text'] are not supported"),
+    "prediction": (_none, "is not supported"),
+    "reasoning_effort": (_none, "is not supported"),
+    "web_search_options": (_none, "is not supported"),
+    "store": (lambda v: not v, "is not supported (nothing is stored)"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "is not supported"),
+}
+
+
+class ChatCompletionRequest(_Request):
+    # OpenAI, in the order of its reference.
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    metadata: dict[str, str] | None = None
+    n: int | None = Field(1, ge=1, le=128)
+    parallel_tool_calls: bool | None = None  # meaningless without tools, which are refused
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    user: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    logit_bias: dict[str, float] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    web_search_options: Any = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # vLLM's extensions.
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0, le=UINT32_MAX)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    stop_token_ids: list[int] | None = None
+    mm_processor_kwargs: MMProcessorKwargs | None = None
+    # DvD's own: the Flash checkpoints' Visual Resolution Router, and InternVL's tile budget per image.
+    vir: Literal["auto", "off"] | None = None
+    max_dynamic_patch: int | None = Field(None, ge=1, le=MAX_DYNAMIC_PATCH)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        _refuse_non_default(self, _UNSUPPORTED_REQUEST_FIELDS)
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("'stream_options' is only allowed with 'stream': true")
+        patches = {p for p in (self.max_dynamic_patch, self.dynamic_patch_kwarg) if p is not None}
+        if len(patches) > 1:
+            raise ValueError("'max_dynamic_patch' and 'mm_processor_kwargs.max_dynamic_patch' disagree")
+        if any(t < 0 or t > UINT32_MAX for t in self.stop_token_ids or ()):
+            raise ValueError("'stop_token_ids' must be token ids (non-negative integers)")
+        return self
+
+    @property
+    def dynamic_patch_kwarg(self) -> int | None:
+        return self.mm_processor_kwargs.max_dynamic_patch if self.mm_processor_kwargs else None
+
+    @property
+    def output_limit(self) -> int | None:
+        """`max_completion_tokens` replaces the deprecated `max_tokens`; either works."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class RequestError(ValueError):
+    """A request the schema refuses: a message for people and the offending field's path as OpenAI's `param`."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _param(loc: tuple[int | str, ...], ctx: dict[str, Any] | None) -> str | None:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    field = (ctx or {}).get("param")
+    if field:
+        path = f"{path}.{field}" if path else field
+    return path or None
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Validate a JSON body; raise RequestError naming the first problem."""
+    try:
+        return ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        param = _param(tuple(err["loc"]), err.get("ctx"))
+        msg = err["msg"].removeprefix("Value error, ")
+        raise RequestError(f"{msg} (at '{param}')" if param else msg, param) from None
+
+
+# ---- responses ----
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: ResponseMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler: Callable[[DeltaMessage], dict[str, Any]]) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "dvd"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,104 @@
+"""OpenAI shapes <-> the language service's protobufs: requests in, token deltas out as chunks or one completion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from dvd.v1 import llm_pb2, vision_pb2
+from router.schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    PromptTokensDetails,
+    ResponseMessage,
+    Usage,
+)
+
+_VIR = {None: vision_pb2.VIR_MODE_UNSPECIFIED, "auto": vision_pb2.VIR_MODE_AUTO, "off": vision_pb2.VIR_MODE_OFF}
+# Request fields that map one to one onto optional SamplingParams fields of the same name.
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "ignore_eos", "min_tokens", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty", "min_p")
+
+
+def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """Every image URL in prompt order, with its field path for error messages."""
+    return [(part.image_url.url, f"messages[{i}].content[{j}].image_url.url")
+            for i, message in enumerate(req.messages)
+            for j, part in enumerate(message.content or ())
+            if part.image_url is not None]
+
+
+def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request_id: str) -> llm_pb2.GenerateRequest:
+    """`images` are the bytes of `image_urls(req)`, in the same order."""
+    pending = iter(images)
+    messages = [
+        llm_pb2.ChatMessage(
+            role="system" if m.role == "developer" else m.role,
+            content=[llm_pb2.ContentPart(image=next(pending)) if p.image_url is not None
+                     else llm_pb2.ContentPart(text=p.text or "") for p in m.content or ()])
+        for m in req.messages
+    ]
+    optional = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+    if req.output_limit is not None:
+        optional["max_tokens"] = req.output_limit
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+    sampling = llm_pb2.SamplingParams(n=req.n or 1, stop=stop, stop_token_ids=req.stop_token_ids or [], **optional)
+    vision = llm_pb2.VisionOptions(vir=_VIR[req.vir],
+                                   max_dynamic_patch=req.max_dynamic_patch or req.dynamic_patch_kwarg or 0)
+    return llm_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling, vision=vision)
+
+
+def to_usage(usage: llm_pb2.Usage | None) -> Usage:
+    if usage is None:
+        return Usage()
+    return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                 total_tokens=usage.prompt_tokens + usage.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens))
+
+
+class CompletionBuilder:
+    """Accumulates a whole response for `stream: false`; choices interleave when n > 1."""
+
+    def __init__(self, request_id: str, model: str, n: int) -> None:
+        self.request_id, self.model = request_id, model
+        self.texts = [""] * n
+        self.finish: list[str | None] = [None] * n
+
+    def feed(self, response: llm_pb2.GenerateResponse) -> None:
+        for c in response.choices:
+            self.texts[c.index] += c.text
+            if c.finish_reason:
+                self.finish[c.index] = c.finish_reason
+
+    def build(self, usage: llm_pb2.Usage | None) -> ChatCompletion:
+        choices = [Choice(index=i, message=ResponseMessage(content=text), finish_reason=self.finish[i])
+                   for i, text in enumerate(self.texts)]
+        return ChatCompletion(id=self.request_id, model=self.model, choices=choices, usage=to_usage(usage))
+
+
+class ChunkBuilder:
+    """Turns responses into OpenAI chunks: role first, content deltas, a finish chunk per choice, usage last."""
+
+    def __init__(self, request_id: str, model: str, n: int, include_usage: bool) -> None:
+        self.request_id, self.model, self.n, self.include_usage = request_id, model, n, include_usage
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.request_id, model=self.model, choices=choices, usage=usage)
+
+    def start(self) -> Iterator[ChatCompletionChunk]:
+        for i in range(self.n):
+            yield self._chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+
+    def feed(self, response: llm_pb2.GenerateResponse) -> Iterator[ChatCompletionChunk]:
+        for c in response.choices:
+            if c.text:
+                yield self._chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=c.text))])
+            if c.finish_reason:
+                yield self._chunk([ChunkChoice(index=c.index, delta=DeltaMessage(), finish_reason=c.finish_reason)])
+
+    def end(self, usage: llm_pb2.Usage | None) -> Iterator[ChatCompletionChunk]:
+        if self.include_usage:
+            yield self._chunk([], usage=to_usage(usage))
