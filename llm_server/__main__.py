@@ -1,0 +1,81 @@
+"""`python -m llm_server --model DIR --port P --vision ADDR[,ADDR...] [vLLM engine options]`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import grpc
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from dvd.logs import setup_logging
+from dvd.v1 import llm_pb2_grpc
+from llm_server.config import parse_args
+from llm_server.service import LanguageService
+from llm_server.vision_pool import VisionPool
+
+log = logging.getLogger("llm_server")
+VISION_PREFIXES = ("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", "gating.")
+
+
+def _count_vision_parameters(worker) -> int:
+    """Runs inside each vLLM worker: parameters of the vision tower and projectors that were actually built."""
+    model = worker.model_runner.model
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(VISION_PREFIXES))
+
+
+async def vision_parameters(engine: AsyncLLM) -> int:
+    try:
+        return int(sum(await engine.collective_rpc(_count_vision_parameters, timeout=30)))
+    except Exception as e:  # informational only: never block serving on it
+        log.warning("could not count vision parameters in the engine", extra={"error": repr(e)})
+        return -1
+
+
+async def serve() -> None:
+    config, engine_args = parse_args()
+    engine = AsyncLLM.from_engine_args(engine_args)
+    model_config = engine.model_config
+    served_name = model_config.served_model_name or model_config.model
+    n_vision = await vision_parameters(engine)
+    log.info("engine ready", extra={"model": served_name, "max_model_len": model_config.max_model_len,
+                                    "vision_parameters": n_vision})
+    pool = VisionPool(config.vision, hidden_size=model_config.hf_text_config.hidden_size,
+                      timeout_s=config.vision_timeout_s, health_interval_s=config.vision_health_interval_s)
+    await pool.start()
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port)
+    service = LanguageService(engine, pool, served_name, vision_parameters=n_vision)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 2**20)])
+    llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
+    server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    log.info("language service listening", extra={"address": f"{config.host}:{config.port}",
+                                                  "vision": ",".join(config.vision)})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls", extra={"grace_s": config.grace_s})
+    service.ready = False
+    await server.stop(config.grace_s)
+    await pool.close()
+    engine.shutdown()
+
+
+def main() -> None:
+    # Lets collective_rpc ship _count_vision_parameters to our own engine workers (local IPC, same process tree).
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    setup_logging()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

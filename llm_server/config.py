@@ -1,0 +1,61 @@
+"""Command line of `python -m llm_server`: our few options plus every vLLM engine option, passed through."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+
+@dataclass(frozen=True)
+class LlmServerConfig:
+    host: str
+    port: int
+    vision: tuple[str, ...]
+    vision_timeout_s: float
+    vision_health_interval_s: float
+    metrics_port: int
+    grace_s: float
+
+
+def build_parser() -> FlexibleArgumentParser:
+    parser = FlexibleArgumentParser(
+        prog="python -m llm_server",
+        description="DvD language service: vLLM with the language model only; image embeddings come from the "
+        "vision pool. All vLLM engine options (--max-model-len, --tensor-parallel-size, --dtype, ...) apply.",
+    )
+    group = parser.add_argument_group("dvd")
+    group.add_argument("--host", default="0.0.0.0")
+    group.add_argument("--port", type=int, default=50061)
+    group.add_argument("--vision", default="", help="comma-separated vision server addresses (host:port)")
+    group.add_argument("--vision-timeout", type=float, default=120.0, help="deadline of one Encode call, seconds")
+    group.add_argument("--vision-health-interval", type=float, default=2.0)
+    group.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
+    group.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
+    AsyncEngineArgs.add_cli_args(parser)
+    parser.set_defaults(trust_remote_code=True)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[LlmServerConfig, AsyncEngineArgs]:
+    args = build_parser().parse_args(argv)
+    config = LlmServerConfig(
+        host=args.host,
+        port=args.port,
+        vision=tuple(a.strip() for a in args.vision.split(",") if a.strip()),
+        vision_timeout_s=args.vision_timeout,
+        vision_health_interval_s=args.vision_health_interval,
+        metrics_port=args.metrics_port,
+        grace_s=args.grace,
+    )
+    return config, engine_args_for_dvd(args)
+
+
+def engine_args_for_dvd(args: argparse.Namespace) -> AsyncEngineArgs:
+    """vLLM's engine args, forced to skip the vision tower while still accepting image embeddings."""
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    engine_args.enable_mm_embeds = True
+    engine_args.limit_mm_per_prompt = {"image": 0}
+    return engine_args

@@ -1,0 +1,69 @@
+"""Turning a gRPC conversation into the model's prompt text, the way vLLM's chat endpoint renders it.
+
+The chat template receives OpenAI-style content lists (`{"type": "image"}`, `{"type": "text", ...}`), which is
+what vLLM passes for templates of the "openai" content format (InternVL3.5's), so the same conversation yields
+the same prompt, and therefore the same tokens, on DvD and on stock vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dvd.v1 import llm_pb2
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
+
+
+class PromptError(ValueError):
+    """The conversation cannot be rendered (client error)."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: list[dict]
+    images: list[bytes]
+
+
+def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
+    if not messages:
+        raise PromptError("the conversation has no messages")
+    out: list[dict] = []
+    images: list[bytes] = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise PromptError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}")
+        parts: list[dict] = []
+        for part in m.content:
+            kind = part.WhichOneof("part")
+            if kind == "text":
+                parts.append({"type": "text", "text": part.text})
+            elif kind == "image":
+                if m.role != "user":
+                    raise PromptError(f"messages[{i}]: images are only accepted in user messages")
+                if not part.image:
+                    raise PromptError(f"messages[{i}]: empty image")
+                parts.append({"type": "image"})
+                images.append(part.image)
+            else:
+                raise PromptError(f"messages[{i}]: empty content part")
+        out.append({"role": m.role, "content": parts})
+    return Conversation(out, images)
+
+
+def render_prompt(tokenizer, conversation: Conversation) -> str:
+    prompt = tokenizer.apply_chat_template(conversation.messages, tokenize=False, add_generation_prompt=True)
+    found = prompt.count(IMAGE_PLACEHOLDER)
+    if found != len(conversation.images):
+        raise PromptError(f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholders for {len(conversation.images)} "
+                          f"images (text may not contain the literal {IMAGE_PLACEHOLDER})")
+    return prompt
+
+
+def count_prompt_tokens(tokenizer, prompt: str, image_tokens: list[int]) -> int:
+    """Prompt length after vLLM expands each `<image>` into `<img>` + n x `<IMG_CONTEXT>` + `</img>`."""
+    pieces = prompt.split(IMAGE_PLACEHOLDER)
+    text = pieces[0]
+    for n, piece in zip(image_tokens, pieces[1:], strict=True):
+        text += "<img>" + "<IMG_CONTEXT>" * n + "</img>" + piece
+    return len(tokenizer.encode(text, add_special_tokens=False))

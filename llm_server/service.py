@@ -1,0 +1,181 @@
+"""The LanguageService: conversation in, vision pool for the images, vLLM for the tokens, deltas out."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
+from llm_server import metrics
+from llm_server.prompt import PromptError, count_prompt_tokens, parse_messages, render_prompt
+from llm_server.vision_pool import VisionInputError, VisionPool, VisionUnavailableError
+
+log = logging.getLogger("llm_server.service")
+
+
+class EmbeddingError(ValueError):
+    """Image embeddings that would break the engine: rejected before they reach it."""
+
+
+def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidden_size: int) -> None:
+    """Everything vLLM would otherwise discover inside the EngineCore, where one bad request kills all."""
+    if len(embeddings) != placeholders:
+        raise EmbeddingError(f"{len(embeddings)} image embeddings for {placeholders} <image> placeholders")
+    for i, e in enumerate(embeddings):
+        if not isinstance(e, torch.Tensor) or e.dim() != 2:
+            shape = tuple(getattr(e, "shape", ()))
+            raise EmbeddingError(f"image {i}: embeddings must be a 2-D tensor, got shape {shape}")
+        if e.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise EmbeddingError(f"image {i}: unsupported embedding dtype {e.dtype}")
+        if e.shape[1] != hidden_size:
+            raise EmbeddingError(f"image {i}: hidden size {e.shape[1]} != the language model's {hidden_size}")
+        if e.shape[0] == 0:
+            raise EmbeddingError(f"image {i}: no embedding rows")
+        if not torch.isfinite(e).all():
+            raise EmbeddingError(f"image {i}: embeddings contain NaN or infinity")
+
+
+def image_uuid(data: bytes, options: vision_pb2.EncodeOptions) -> str:
+    """Content hash of an image plus the options that shape its embedding: the key of vLLM's prefix cache."""
+    h = hashlib.sha256(data)
+    h.update(f"|vir={options.vir}|tiles={options.max_tiles}".encode())
+    return h.hexdigest()
+
+
+def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: int,
+                    max_model_len: int) -> SamplingParams:
+    """The request's sampling options over the model's generation-config defaults, as vLLM's chat endpoint does."""
+    kw: dict = dict(defaults)
+    for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos", "min_tokens", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "min_p"):
+        if p.HasField(name):
+            kw[name] = getattr(p, name)
+    room = max_model_len - prompt_tokens
+    kw["max_tokens"] = min(p.max_tokens, room) if p.HasField("max_tokens") else kw.get("max_tokens", room)
+    if p.HasField("max_tokens") and p.max_tokens > room:
+        raise PromptError(f"max_tokens={p.max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the model's "
+                          f"context of {max_model_len} tokens")
+    if list(p.stop):
+        kw["stop"] = list(p.stop)
+    if list(p.stop_token_ids):
+        kw["stop_token_ids"] = list(p.stop_token_ids)
+    kw["n"] = p.n or 1
+    try:
+        return SamplingParams(output_kind=RequestOutputKind.DELTA, **kw)
+    except (ValueError, TypeError, VLLMClientError) as e:
+        raise PromptError(f"invalid sampling parameters: {e}") from e
+
+
+class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
+    def __init__(self, engine: AsyncLLM, pool: VisionPool, model_name: str, vision_parameters: int = -1) -> None:
+        self.engine = engine
+        self.pool = pool
+        self.model_name = model_name
+        self.vision_parameters = vision_parameters
+        self.tokenizer = engine.get_tokenizer()
+        self.model_config = engine.model_config
+        self.hidden_size = self.model_config.hf_text_config.hidden_size
+        self.max_model_len = self.model_config.max_model_len
+        self.default_sampling = self.model_config.get_diff_sampling_param()
+        self.ready = True
+
+    async def Health(self, request: llm_pb2.LanguageHealthRequest, context) -> llm_pb2.LanguageHealthResponse:
+        metrics.VISION_SERVERS_READY.set(self.pool.ready_count)
+        alive = self.ready and not self.engine.errored
+        return llm_pb2.LanguageHealthResponse(
+            ready=alive, model=self.model_name, max_model_len=self.max_model_len,
+            running_requests=self.engine.get_num_unfinished_requests(),
+            vision_servers_ready=self.pool.ready_count, vision_parameters=self.vision_parameters,
+        )
+
+    async def Generate(self, request: llm_pb2.GenerateRequest, context) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        request_id = request.request_id or uuid.uuid4().hex
+        metrics.INFLIGHT.inc()
+        status = "error"
+        try:
+            async for response in self._generate(request_id, request):
+                yield response
+            status = "ok"
+        except (PromptError, EmbeddingError, VisionInputError) as e:
+            status = "invalid"
+            log.info("rejected request", extra={"request_id": request_id, "reason": str(e)})
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except VisionUnavailableError as e:
+            status = "unavailable"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except grpc.aio.AioRpcError as e:  # a vision call that was cancelled or ran out of time
+            status = e.code().name.lower()
+            await context.abort(e.code(), e.details() or "vision call failed")
+        except (ValueError, VLLMClientError) as e:  # vLLM's own input validation
+            status = "invalid"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            metrics.INFLIGHT.dec()
+            metrics.REQUESTS.labels(status=status).inc()
+
+    async def _generate(self, request_id: str,
+                        request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        t0 = time.perf_counter()
+        conversation = parse_messages(list(request.messages))
+        prompt = render_prompt(self.tokenizer, conversation)
+        options = vision_pb2.EncodeOptions(vir=request.vision.vir, max_tiles=request.vision.max_dynamic_patch)
+        inputs: dict = {"prompt": prompt}
+        embedding_bytes = 0
+        embeddings: list[torch.Tensor] = []
+        if conversation.images:
+            encoded = await self.pool.encode(request_id, conversation.images, options)
+            embeddings, embedding_bytes = encoded.embeddings, encoded.bytes_received
+            metrics.VISION_WAIT.observe(encoded.seconds)
+            metrics.EMBEDDING_BYTES.inc(embedding_bytes)
+        t_vision = time.perf_counter()
+        validate_embeddings(embeddings, len(conversation.images), self.hidden_size)
+        visual_tokens = sum(e.shape[0] for e in embeddings)
+        prompt_tokens = count_prompt_tokens(self.tokenizer, prompt, [e.shape[0] for e in embeddings])
+        if prompt_tokens >= self.max_model_len:
+            raise PromptError(f"the prompt has {prompt_tokens} tokens ({visual_tokens} of them visual), more than the "
+                              f"model's context of {self.max_model_len} tokens")
+        params = sampling_params(request.sampling, self.default_sampling, prompt_tokens, self.max_model_len)
+        if embeddings:
+            inputs["multi_modal_data"] = {"image": [e.to(self.model_config.dtype) for e in embeddings]}
+            inputs["multi_modal_uuids"] = {"image": [image_uuid(b, options) for b in conversation.images]}
+            metrics.VISUAL_TOKENS.inc(visual_tokens)
+
+        completion_tokens = 0
+        cached = 0
+        first_token_at: float | None = None
+        async for out in self.engine.generate(inputs, params, request_id):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            prompt_tokens = len(out.prompt_token_ids or []) or prompt_tokens
+            cached = out.num_cached_tokens or cached
+            deltas = []
+            for o in out.outputs:
+                completion_tokens += len(o.token_ids)
+                deltas.append(llm_pb2.ChoiceDelta(index=o.index, text=o.text, token_ids=list(o.token_ids),
+                                                  finish_reason=o.finish_reason or ""))
+            yield llm_pb2.GenerateResponse(choices=deltas)
+        t_end = time.perf_counter()
+        timings = llm_pb2.StageTimings(vision_seconds=t_vision - t0,
+                                       queue_seconds=(first_token_at or t_end) - t_vision,
+                                       embedding_bytes=embedding_bytes)
+        log.info("request done", extra={"request_id": request_id, "images": len(embeddings),
+                                        "visual_tokens": visual_tokens, "prompt_tokens": prompt_tokens,
+                                        "completion_tokens": completion_tokens, "cached_tokens": cached,
+                                        "vision_s": round(t_vision - t0, 4),
+                                        "first_token_s": round((first_token_at or t_end) - t_vision, 4),
+                                        "total_s": round(t_end - t0, 4)})
+        yield llm_pb2.GenerateResponse(
+            usage=llm_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                visual_tokens=visual_tokens, cached_prompt_tokens=cached),
+            timings=timings,
+        )
