@@ -98,3 +98,19 @@ def http_ok(url: str) -> bool:
     import httpx
 
     return httpx.get(url, timeout=2.0).status_code == 200
+
+
+def vision_health(address: str) -> bool:
+    """True when the vision server at `address` answers Health with ready."""
+    from dvd.v1 import vision_pb2, vision_pb2_grpc
+
+    return grpc_ready(address, lambda s: s.Health(vision_pb2.VisionHealthRequest(), timeout=2).ready,
+                      vision_pb2_grpc.VisionServiceStub)
+
+
+def llm_health(address: str) -> bool:
+    """True when the language server at `address` answers Health with ready."""
+    from dvd.v1 import llm_pb2, llm_pb2_grpc
+
+    return grpc_ready(address, lambda s: s.Health(llm_pb2.LanguageHealthRequest(), timeout=2).ready,
+                      llm_pb2_grpc.LanguageServiceStub)

@@ -13,7 +13,7 @@ import base64
 import binascii
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -83,14 +83,15 @@ def is_public_address(ip: IPAddress | str) -> bool:
     return not isinstance(ip, ipaddress.IPv6Address) or all(is_public_address(v4) for v4 in _embedded_ipv4(ip))
 
 
-async def public_addresses(host: str, port: int) -> list[IPAddress]:
-    """Every address `host` resolves to, if all of them are public; ImageError otherwise."""
+async def public_addresses(host: str, port: int,
+                           allowed: Callable[[IPAddress], bool] = is_public_address) -> list[IPAddress]:
+    """Every address `host` resolves to, if `allowed` accepts all of them; ImageError otherwise."""
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ImageError(f"cannot resolve image host {host!r}: {exc.strerror}", code="image_fetch_failed") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-    refused = [str(a) for a in addresses if not is_public_address(a)]
+    refused = [str(a) for a in addresses if not allowed(a)]
     if refused or not addresses:
         raise ImageError(f"image host {host!r} resolves to a non-public address ({', '.join(refused)}); refused",
                          code="image_url_forbidden")
@@ -100,8 +101,9 @@ async def public_addresses(host: str, port: int) -> list[IPAddress]:
 class ImageLoader:
     """Loads every image of a request; one shared HTTP client (connection reuse), no proxies from the env."""
 
-    def __init__(self, limits: FetchLimits) -> None:
+    def __init__(self, limits: FetchLimits, allowed: Callable[[IPAddress], bool] = is_public_address) -> None:
         self.limits = limits
+        self._allowed = allowed
         self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=limits.timeout)
 
     async def aclose(self) -> None:
@@ -157,7 +159,7 @@ class ImageLoader:
         if self.limits.allow_private:
             return self._client.build_request("GET", url)
         port = url.port or (443 if url.scheme == "https" else 80)
-        address = (await public_addresses(url.host, port))[0]
+        address = (await public_addresses(url.host, port, self._allowed))[0]
         return self._client.build_request("GET", url.copy_with(host=str(address)),
                                           headers={"Host": url.netloc.decode("ascii")},
                                           extensions={"sni_hostname": url.host})

@@ -1,0 +1,163 @@
+"""`dvd-local`: the whole DvD stack on one machine (vision server, language server, router) on free ports.
+
+`start_stack()` is the reusable part (the benchmark starts the same stack); `main()` adds the console: wait for
+Ctrl-C / SIGTERM, or with `--demo` ask one image question through the official `openai` client and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from dvd.checkpoint import resolve_model
+from dvd.procs import Service, free_port, http_ok, llm_health, vision_health
+
+PY = sys.executable
+ENGINE_START_TIMEOUT = 600.0  # vLLM: ~45 s for the tiny model on 2 CPU cores, minutes for real weights
+
+
+@dataclass
+class Stack:
+    model_dir: Path
+    base_url: str  # http://host:port/v1, what an OpenAI client takes
+    vision_address: str
+    llm_address: str
+    api_key: str | None = None
+    services: list[Service] = field(default_factory=list)
+
+    def dead(self) -> list[Service]:
+        return [s for s in self.services if not s.alive()]
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@contextmanager
+def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1", devices: str | None = None,
+                max_model_len: int = 16384, api_key: str | None = None, router_args: Sequence[str] = (),
+                llm_args: Sequence[str] = (), vision_args: Sequence[str] = (), sink: IO[str] | None = None,
+                log_dir: Path | None = None, timeout: float = ENGINE_START_TIMEOUT) -> Iterator[Stack]:
+    """Start vision -> language -> router, each waited on until ready; stop them all (reverse order) on exit.
+
+    A service that dies or stays unready raises RuntimeError/TimeoutError carrying its last log lines.
+    """
+    model_dir = resolve_model(str(model))  # generates a preset checkpoint on first use
+    devices = devices or ("cuda" if has_cuda() else "cpu")
+    services: list[Service] = []
+
+    def launch(name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+        svc = Service(name, argv, env=env, sink=sink, log_file=log_dir / f"{name}.log" if log_dir else None)
+        services.append(svc)
+        return svc
+
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        vision_address, llm_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        vision = launch("vision", [PY, "-m", "vision_server", "--model", str(model_dir), "--host", "127.0.0.1",
+                                   "--port", vision_address.split(":")[1], "--devices", devices, *vision_args])
+        # On CPU vLLM would otherwise reserve most of the memory; on a GPU it shares the card with the vision server.
+        engine_env = {"VLLM_CPU_KVCACHE_SPACE": "2"} if devices == "cpu" else {}
+        engine_opts = [] if devices == "cpu" else ["--gpu-memory-utilization", "0.7"]
+        llm = launch("llm", [PY, "-m", "llm_server", "--model", str(model_dir), "--host", "127.0.0.1",
+                             "--port", llm_address.split(":")[1], "--vision", vision_address,
+                             "--max-model-len", str(max_model_len), *engine_opts, *llm_args], env=engine_env)
+        vision.wait_ready(lambda: vision_health(vision_address), timeout=timeout)
+        llm.wait_ready(lambda: llm_health(llm_address), timeout=timeout)
+        router = launch("router", [PY, "-m", "router", "--host", host, "--port", str(port), "--llm", llm_address,
+                                   *(["--api-key", api_key] if api_key else []), *router_args])
+        probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        router.wait_ready(lambda: http_ok(f"http://{probe_host}:{port}/ready"), timeout=60)
+        yield Stack(model_dir, f"http://{probe_host}:{port}/v1", vision_address, llm_address, api_key, services)
+    finally:
+        for svc in reversed(services):
+            svc.stop()
+
+
+def demo_image_data_url() -> str:
+    """A generated picture (sun, sky, grass, a house) as a PNG data URL: no files, no network."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (640, 480), (135, 190, 235))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 330, 640, 480), fill=(70, 160, 60))
+    draw.ellipse((480, 40, 580, 140), fill=(250, 210, 40))
+    draw.rectangle((180, 220, 360, 360), fill=(180, 60, 50))
+    draw.polygon([(160, 220), (270, 140), (380, 220)], fill=(110, 40, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def run_demo(stack: Stack) -> str:
+    """One image question through the official client, exactly as a user of the API would ask it."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=stack.base_url, api_key=stack.api_key or "not-needed")
+    model = client.models.list().data[0].id
+    question = "What is in this image?"
+    reply = client.chat.completions.create(
+        model=model, max_tokens=48, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": demo_image_data_url()}},
+                                               {"type": "text", "text": question}]}])
+    usage = reply.usage
+    return (f"model: {model}\nquestion: {question}\nanswer: {reply.choices[0].message.content!r}\n"
+            f"finish_reason: {reply.choices[0].finish_reason}; prompt tokens (visual included): "
+            f"{usage.prompt_tokens if usage else '?'}; completion tokens: {usage.completion_tokens if usage else '?'}")
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dvd-local", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny", help="tiny, tiny-flash, small, small-flash or a checkpoint directory")
+    p.add_argument("--port", type=int, default=8000, help="the router's HTTP port")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--devices", default=None, help="vision devices: cpu, cuda, cuda:0,cuda:1 (default: cuda if any)")
+    p.add_argument("--max-model-len", type=int, default=16384)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--log-dir", type=Path, default=None, help="also write each service's log to DIR/NAME.log")
+    p.add_argument("--demo", action="store_true", help="ask one image question, print the answer, shut down")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with start_stack(args.model, args.port, host=args.host, devices=args.devices,
+                         max_model_len=args.max_model_len, api_key=args.api_key, log_dir=args.log_dir) as stack:
+            if args.demo:
+                print(run_demo(stack), flush=True)
+                return 0
+            print(f"dvd-local: serving {stack.model_dir.name} at {stack.base_url} (Ctrl-C to stop)", flush=True)
+            while not stack.dead():
+                time.sleep(1.0)
+            for svc in stack.dead():
+                print(f"dvd-local: {svc.name} exited with code {svc.proc.returncode}:\n" + "\n".join(svc.tail[-20:]),
+                      file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        print("dvd-local: stopped", file=sys.stderr)
+        return 0
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"dvd-local: could not start the stack: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

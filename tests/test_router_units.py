@@ -1,0 +1,202 @@
+"""Router pieces that need no language server: request schema, image loading and its SSRF guard, translation."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+
+from dvd.v1 import llm_pb2, vision_pb2
+from router.images import FetchLimits, ImageError, ImageLoader, decode_data_url, is_public_address, public_addresses
+from router.schemas import RequestError, parse_chat_request
+from router.translate import ChunkBuilder, CompletionBuilder, image_urls, to_generate_request
+from tests.router_helpers import data_url, image_server, png_bytes, user_message
+
+IMG = png_bytes()
+
+
+def body(**fields: object) -> bytes:
+    return json.dumps({"model": "m", "messages": [user_message("hi", images=(data_url(IMG),))], **fields}).encode()
+
+
+# ---- schema ----
+
+@pytest.mark.parametrize("fields", [
+    {}, {"stream": True, "stream_options": {"include_usage": True}}, {"n": 3, "stop": "x"}, {"stop": ["a", "b"]},
+    {"max_tokens": 5, "max_completion_tokens": 5, "temperature": 0, "top_p": 0.5, "seed": 1},
+    {"presence_penalty": 1, "frequency_penalty": -1, "user": "u", "response_format": {"type": "text"}},
+    {"ignore_eos": True, "min_tokens": 2, "top_k": 5, "repetition_penalty": 1.1, "min_p": 0.1, "stop_token_ids": [3]},
+    {"mm_processor_kwargs": {"max_dynamic_patch": 4}, "vir": "off", "max_dynamic_patch": 4},
+    {"logprobs": False, "tools": [], "tool_choice": "none", "logit_bias": {}, "best_of": None, "store": False},
+])
+def test_accepted_requests(fields: dict) -> None:
+    parse_chat_request(body(**fields))
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"best_of": 2}, "best_of"),
+    ({"guided_json": {}}, "guided_json"),
+    ({"temperature": 3}, "temperature"),
+    ({"n": 0}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"vir": "sometimes"}, "vir"),
+    ({"mm_processor_kwargs": {"min_dynamic_patch": 2}}, "mm_processor_kwargs.min_dynamic_patch"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0]"),
+    ({"messages": [user_message({"type": "image_url", "image_url": {"url": "x", "uuid": "u"}})]},
+     "messages[0].content[0].image_url.uuid"),
+])
+def test_refused_requests_name_the_field(fields: dict, param: str) -> None:
+    with pytest.raises(RequestError) as err:
+        parse_chat_request(body(**fields))
+    assert err.value.param == param
+    assert param.split(".")[-1].split("[")[0] in err.value.message
+
+
+def test_refused_request_without_a_field() -> None:
+    for raw in (b"{not json", b"[]", body(stream_options={"include_usage": True})):
+        with pytest.raises(RequestError):
+            parse_chat_request(raw)
+
+
+# ---- translation ----
+
+def test_to_generate_request_keeps_order_and_options() -> None:
+    req = parse_chat_request(json.dumps({
+        "model": "m", "n": 2, "stop": "END", "max_completion_tokens": 7, "temperature": 0.0, "seed": 3,
+        "top_k": 4, "vir": "off", "mm_processor_kwargs": {"max_dynamic_patch": 2},
+        "messages": [{"role": "developer", "content": "be brief"},
+                     user_message("compare", images=("data:a", "data:b")),
+                     {"role": "assistant", "content": "ok"},
+                     user_message("and this", images=("data:c",))]}).encode())
+    assert [u for u, _ in image_urls(req)] == ["data:a", "data:b", "data:c"]
+    assert image_urls(req)[2][1] == "messages[3].content[0].image_url.url"
+    g = to_generate_request(req, [b"A", b"B", b"C"], "rid")
+    assert [m.role for m in g.messages] == ["system", "user", "assistant", "user"]
+    assert [p.WhichOneof("part") for p in g.messages[1].content] == ["image", "image", "text"]
+    assert g.messages[1].content[1].image == b"B" and g.messages[3].content[0].image == b"C"
+    s = g.sampling
+    assert (s.n, list(s.stop), s.max_tokens, s.temperature, s.seed, s.top_k) == (2, ["END"], 7, 0.0, 3, 4)
+    assert not s.HasField("top_p") and not s.HasField("ignore_eos")  # unset means vLLM's default
+    assert g.vision.vir == vision_pb2.VIR_MODE_OFF and g.vision.max_dynamic_patch == 2
+
+
+def _response(*deltas: tuple[int, str, str], usage: tuple[int, int] | None = None) -> llm_pb2.GenerateResponse:
+    r = llm_pb2.GenerateResponse(choices=[llm_pb2.ChoiceDelta(index=i, text=t, finish_reason=f) for i, t, f in deltas])
+    if usage:
+        r.usage.prompt_tokens, r.usage.completion_tokens = usage
+    return r
+
+
+def test_interleaved_choices_are_reassembled() -> None:
+    stream = [_response((0, "a", ""), (1, "x", "")), _response((1, "y", "length")),
+              _response((0, "b", "stop"), usage=(10, 4))]
+    builder = CompletionBuilder("id", "m", 2)
+    for r in stream:
+        builder.feed(r)
+    done = builder.build(stream[-1].usage)
+    assert [(c.message.content, c.finish_reason) for c in done.choices] == [("ab", "stop"), ("xy", "length")]
+    assert (done.usage.prompt_tokens, done.usage.total_tokens) == (10, 14)
+
+    chunks = ChunkBuilder("id", "m", 2, include_usage=True)
+    out = [*chunks.start(), *(c for r in stream for c in chunks.feed(r)), *chunks.end(stream[-1].usage)]
+    assert [c.choices[0].delta.role for c in out[:2]] == ["assistant", "assistant"]
+    assert out[-1].choices == [] and out[-1].usage.completion_tokens == 4
+    finishes = [(c.choices[0].index, c.choices[0].finish_reason)
+                for c in out if c.choices and c.choices[0].finish_reason]
+    assert finishes == [(1, "length"), (0, "stop")]
+    assert "role" not in json.loads(out[3].model_dump_json())["choices"][0]["delta"]
+
+
+# ---- images ----
+
+def test_data_urls() -> None:
+    assert decode_data_url(data_url(IMG), 10**6) == IMG
+    assert decode_data_url(data_url(IMG).rstrip("="), 10**6) == IMG  # missing padding is tolerated
+    for bad, code in [("data:image/png;base64,@@@not-base64", "invalid_base64"),
+                      ("data:image/png,rawbytes", "invalid_image"),
+                      ("data:text/html;base64,PGgxPg==", "invalid_image"),
+                      (data_url(b"x" * 2000), "image_too_large")]:
+        with pytest.raises(ImageError) as err:
+            decode_data_url(bad, 1000)
+        assert err.value.code == code and err.value.status == 400
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
+    "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+    "2002:7f00:1::1", "64:ff9b::a00:1", "2001:db8::1",
+])
+def test_non_public_addresses_are_refused(address: str) -> None:
+    assert not is_public_address(address)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2002:808:808::1"])
+def test_public_addresses_pass(address: str) -> None:
+    assert is_public_address(address)
+
+
+async def test_resolution_checks_every_address() -> None:
+    with pytest.raises(ImageError) as err:
+        await public_addresses("localhost", 80)
+    assert err.value.code == "image_url_forbidden"
+    assert await public_addresses("127.0.0.1", 80, allowed=lambda ip: True) == [ipaddress.ip_address("127.0.0.1")]
+
+
+async def _load(loader: ImageLoader, url: str) -> bytes:
+    try:
+        return await loader.load(url, "p")
+    finally:
+        await loader.aclose()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x.png", "http://10.0.0.1/x.png", "http://169.254.169.254/x",
+                                 "http://[::1]:9/x.png", "http://localhost:9/x.png", "https://[fe80::1]/x"])
+async def test_private_targets_refused_by_default(url: str) -> None:
+    with pytest.raises(ImageError) as err:
+        await _load(ImageLoader(FetchLimits(timeout=2)), url)
+    assert err.value.code == "image_url_forbidden" and err.value.param == "p"
+
+
+async def test_fetch_limits_and_redirects() -> None:
+    with image_server({"a.png": IMG}) as (base, _):
+        assert await _load(ImageLoader(FetchLimits(allow_private=True)), f"{base}/img/a.png") == IMG
+        redirect = f"{base}/redirect?to=/img/a.png"
+        assert await _load(ImageLoader(FetchLimits(allow_private=True)), redirect) == IMG
+        cases = [(FetchLimits(allow_private=True), f"{base}/missing", "image_fetch_failed"),
+                 (FetchLimits(allow_private=True, timeout=0.5), f"{base}/slow", "image_fetch_failed"),
+                 (FetchLimits(allow_private=True, max_bytes=1000), f"{base}/big", "image_too_large"),
+                 (FetchLimits(allow_private=True, max_redirects=0), redirect, "image_fetch_failed"),
+                 (FetchLimits(allow_private=True), "ftp://example.com/a.png", "invalid_image_url")]
+        for limits, url, code in cases:
+            with pytest.raises(ImageError) as err:
+                await _load(ImageLoader(limits), url)
+            assert err.value.code == code, (url, err.value.message)
+
+
+async def test_every_redirect_hop_is_checked_and_the_checked_address_is_used() -> None:
+    """Only loopback counts as 'public' here: hops to it pass, pinned to the checked address; others are refused."""
+    def loopback_only() -> ImageLoader:
+        return ImageLoader(FetchLimits(), allowed=lambda ip: ip.is_loopback)
+
+    with image_server({"a.png": IMG}) as (base, hosts):
+        port = base.rsplit(":", 1)[1]
+        assert await _load(loopback_only(), f"{base}/img/a.png") == IMG
+        # 'localhost' resolves to checked loopback addresses; the connection goes to one, Host keeps the name.
+        assert await _load(loopback_only(), f"http://localhost:{port}/redirect?to=/img/a.png") == IMG
+        assert hosts[-2:] == [f"localhost:{port}"] * 2
+        for target in ("http://10.0.0.1/img/a.png", "http://169.254.169.254/latest/meta-data",
+                       "http://[fd00::1]/x.png"):
+            with pytest.raises(ImageError) as err:
+                await _load(loopback_only(), f"{base}/redirect?to={target}")
+            assert err.value.code == "image_url_forbidden", err.value.message
