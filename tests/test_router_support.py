@@ -1,4 +1,4 @@
-"""Shared pieces of the router tests: a tiny local image server and request/image builders."""
+"""Shared pieces of the router tests (no tests here): a tiny local image server and request/image builders."""
 
 from __future__ import annotations
 
