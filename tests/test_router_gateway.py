@@ -1,0 +1,103 @@
+"""The gateway's own behaviour with no language server reachable: auth, limits, error shapes, readiness, metrics."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from dvd.procs import Service, free_port, http_ok
+from router.config import parse_args
+from tests.test_router_support import data_url, png_bytes, user_message
+
+KEY = "sk-test-key"
+MAX_BODY = 50_000
+
+
+@pytest.fixture(scope="module")
+def dead_router() -> Iterator[str]:
+    """A router whose only backend address has nothing listening."""
+    port = free_port()
+    svc = Service("router-dead", [sys.executable, "-m", "router", "--port", str(port),
+                                  "--llm", f"127.0.0.1:{free_port()}", "--api-key", KEY,
+                                  "--max-body-bytes", str(MAX_BODY), "--health-interval", "0.5"])
+    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=60)
+    yield f"http://127.0.0.1:{port}"
+    svc.stop()
+
+
+def chat(base: str, key: str | None = KEY, **fields: object) -> httpx.Response:
+    body = {"model": "tiny", "messages": [user_message("hi")], **fields}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=10)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_health_and_readiness(dead_router: str) -> None:
+    assert httpx.get(f"{dead_router}/health").status_code == 200
+    ready = httpx.get(f"{dead_router}/ready")
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+
+
+def test_api_key(dead_router: str) -> None:
+    for key in (None, "wrong"):
+        assert assert_error(chat(dead_router, key), 401)["type"] == "authentication_error"
+        assert httpx.get(f"{dead_router}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    models = httpx.get(f"{dead_router}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert models.status_code == 200 and models.json() == {"object": "list", "data": []}
+    client = openai.OpenAI(base_url=f"{dead_router}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_request_errors_come_before_availability(dead_router: str) -> None:
+    assert_error(chat(dead_router, logprobs=True), 400, "logprobs")
+    assert_error(chat(dead_router, frobnicate=1), 400, "frobnicate")
+    assert_error(chat(dead_router, temperature=-1), 400, "temperature")
+    bad = httpx.post(f"{dead_router}/v1/chat/completions", content=b"{oops", timeout=10,
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert_error(bad, 400)
+    big = user_message("look", images=(data_url(png_bytes() + b"\0" * MAX_BODY),))
+    assert assert_error(chat(dead_router, messages=[big]), 413)["code"] == "request_too_large"
+
+
+def test_no_backend_is_503(dead_router: str) -> None:
+    error = assert_error(chat(dead_router), 503)
+    assert error["code"] == "no_backend"
+    client = openai.OpenAI(base_url=f"{dead_router}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model="tiny", messages=[user_message("hi")], stream=True)
+    assert err.value.status_code == 503
+
+
+def test_unknown_route_is_openai_shaped(dead_router: str) -> None:
+    assert_error(httpx.get(f"{dead_router}/v1/nothing"), 404)
+    assert_error(httpx.get(f"{dead_router}/v1/chat/completions"), 405)
+
+
+def test_metrics_count_outcomes(dead_router: str) -> None:
+    chat(dead_router)
+    text = httpx.get(f"{dead_router}/metrics").text
+    assert 'dvd_router_requests_total{status="503"}' in text
+    assert 'dvd_router_errors_total{code="no_backend",type="service_unavailable"}' in text
+    for name in ("dvd_router_time_to_first_token_seconds", "dvd_router_time_per_output_token_seconds",
+                 "dvd_router_e2e_request_latency_seconds", "dvd_router_requests_in_flight"):
+        assert f"# TYPE {name}" in text
+
+
+def test_config_from_cli_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DVD_API_KEY", "a,b")
+    config = parse_args(["--llm", "h1:1,h2:2", "--llm", "h3:3", "--api-key", "c", "--max-queue", "0"])
+    assert config.llm == ("h1:1", "h2:2", "h3:3") and config.api_keys == {"a", "b", "c"}
+    assert config.max_queue == 0 and not config.allow_private_image_urls
