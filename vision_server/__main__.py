@@ -1,0 +1,137 @@
+"""`python -m vision_server --model DIR|preset --port P ...`: load the vision weights, warm up, serve gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+import torch
+
+from dvd.checkpoint import resolve_model
+from dvd.logs import setup_logging
+from dvd.v1 import vision_pb2_grpc
+from vision_server.batcher import Batcher, DeviceRunner
+from vision_server.config import ModelConfig, ServerConfig
+from vision_server.metrics import Metrics
+from vision_server.model import build_model
+from vision_server.preprocess import install_image_limits
+from vision_server.service import VirSettings, VisionServicer
+from vision_server.weights import load_vision_weights
+
+log = logging.getLogger("vision_server")
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    p = argparse.ArgumentParser(prog="python -m vision_server", description=__doc__)
+    p.add_argument("--model", required=True, help="checkpoint directory or preset (tiny, tiny-flash, small, ...)")
+    p.add_argument("--port", type=int, default=50061)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--devices", default="cpu", help="cpu, cuda (all GPUs) or cuda:0,cuda:1,...")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="auto = bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--max-batch-tiles", type=int, default=0, help="tiles per batch (0 = device default)")
+    p.add_argument("--micro-batch-tiles", type=int, default=0,
+                   help="fixed forward shape in tiles (0 = 4 on CPU, 8 on GPU); results never depend on batching")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a tile may wait for company")
+    p.add_argument("--max-images", type=int, default=16)
+    p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
+    p.add_argument("--max-image-pixels", type=int, default=64_000_000, help="decompression bomb guard")
+    p.add_argument("--max-queue-tiles", type=int, default=4096, help="RESOURCE_EXHAUSTED beyond this backlog")
+    p.add_argument("--vir-relative-threshold", type=float, default=None, help="override the checkpoint's value")
+    p.add_argument("--vir-absolute-threshold", type=float, default=None, help="override the checkpoint's value")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0)
+    a = p.parse_args(argv)
+    return ServerConfig(model=a.model, port=a.port, host=a.host, devices=resolve_devices(a.devices), dtype=a.dtype,
+                        max_batch_tiles=a.max_batch_tiles, micro_batch_tiles=a.micro_batch_tiles,
+                        max_wait_ms=a.max_wait_ms, max_images=a.max_images, max_image_bytes=a.max_image_bytes,
+                        max_image_pixels=a.max_image_pixels, max_queue_tiles=a.max_queue_tiles,
+                        vir_relative_threshold=a.vir_relative_threshold,
+                        vir_absolute_threshold=a.vir_absolute_threshold, metrics_port=a.metrics_port,
+                        shutdown_grace_s=a.shutdown_grace_s)
+
+
+def resolve_devices(spec: str) -> tuple[str, ...]:
+    if spec == "cuda":
+        return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count())) or ("cuda:0",)
+    return tuple(d.strip() for d in spec.split(",") if d.strip())
+
+
+def resolve_dtype(cfg: ServerConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if cfg.on_gpu() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+
+
+def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
+    """Read the vision weights once, place one model copy per device and warm each up."""
+    ckpt = resolve_model(cfg.model)
+    model_cfg = ModelConfig.from_checkpoint(ckpt, name=cfg.model if "/" not in cfg.model else None)
+    tensors = load_vision_weights(ckpt, model_cfg.flash)
+    dtype = resolve_dtype(cfg)
+    runners = []
+    for device in cfg.devices:
+        model = build_model(model_cfg, tensors, device, dtype)
+        runner = DeviceRunner(model, device, cfg.resolved_micro_batch())
+        runner.warmup(with_router=model_cfg.flash)
+        runners.append(runner)
+    log.info("model ready", extra={"model": model_cfg.name, "flash": model_cfg.flash, "devices": ",".join(cfg.devices),
+                                   "dtype": str(dtype), "micro_batch": cfg.resolved_micro_batch(),
+                                   "max_batch": cfg.resolved_max_batch()})
+    return model_cfg, runners
+
+
+async def serve(cfg: ServerConfig) -> None:
+    install_image_limits(cfg.max_image_pixels)
+    model_cfg, runners = await asyncio.to_thread(load, cfg)
+    vir = VirSettings(
+        relative=model_cfg.vir_relative_threshold if cfg.vir_relative_threshold is None
+        else cfg.vir_relative_threshold,
+        absolute=model_cfg.vir_absolute_threshold if cfg.vir_absolute_threshold is None
+        else cfg.vir_absolute_threshold)
+    metrics = Metrics()
+    batcher = Batcher(runners, cfg.resolved_max_batch(), cfg.max_wait_ms / 1000, on_batch=metrics.observe_batch)
+    metrics.bind_queue(lambda: batcher.queued_tiles)
+    batcher.start()
+    servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir)
+    max_msg = cfg.max_images * cfg.max_image_bytes + 2**20
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_msg),
+                                      ("grpc.max_send_message_length", -1)])
+    vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if not bound:
+        raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
+    await server.start()
+    if cfg.metrics_port:
+        metrics.serve(cfg.metrics_port, cfg.host)
+    servicer.ready = True
+    log.info("serving", extra={"address": f"{cfg.host}:{bound}", "metrics_port": cfg.metrics_port,
+                               "vir_relative": vir.relative, "vir_absolute": vir.absolute})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Graceful: refuse new calls, let in-flight ones finish (their tiles are still being batched), then stop.
+    log.info("stopping", extra={"inflight": servicer.inflight, "queued_tiles": batcher.queued_tiles})
+    servicer.ready = False
+    await server.stop(cfg.shutdown_grace_s)
+    await batcher.close()
+    servicer.close()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The gRPC servicer: validate, preprocess, batch, decide (ViR), stream per-tile embeddings, summarise."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import grpc
+import torch
+
+from dvd.tensor_codec import encode_bf16
+from dvd.v1 import vision_pb2, vision_pb2_grpc
+from vision_server.batcher import Batcher, TileResult
+from vision_server.config import ModelConfig, ServerConfig
+from vision_server.metrics import Metrics
+from vision_server.preprocess import BadImage, Tiled, preprocess
+from vision_server.vir import decide_compression
+
+log = logging.getLogger("vision_server.service")
+
+
+class RequestError(Exception):
+    """A request the server refuses, with the gRPC status to answer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class VirSettings:
+    relative: float
+    absolute: float
+
+
+class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
+    def __init__(self, cfg: ServerConfig, model_cfg: ModelConfig, batcher: Batcher, metrics: Metrics,
+                 vir: VirSettings) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.batcher = batcher
+        self.metrics = metrics
+        self.vir = vir
+        self.pool = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
+        self.ready = False
+        self.inflight = 0
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def _check(self, request: vision_pb2.EncodeRequest) -> int:
+        """Refuse what can be refused before any work; returns the effective max grid tiles."""
+        if not self.ready:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "vision server is not ready (starting or stopping)")
+        n = len(request.images)
+        if n == 0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no images")
+        if n > self.cfg.max_images:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request has {n} images, the limit is {self.cfg.max_images}")
+        for i, data in enumerate(request.images):
+            if len(data) > self.cfg.max_image_bytes:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"image {i} is {len(data)} bytes, the limit is {self.cfg.max_image_bytes}")
+        model_max = self.model_cfg.max_tiles
+        asked = request.options.max_tiles
+        if asked > model_max:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"max_tiles {asked} is above the model's maximum of {model_max}")
+        if request.options.vir not in vision_pb2.VirMode.values():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown vir mode {request.options.vir}")
+        return asked or model_max
+
+    async def _preprocess(self, images: list[bytes], max_num: int) -> list[Tiled]:
+        m = self.model_cfg
+        min_num = min(m.min_dynamic_patch if m.dynamic_image_size else 1, max_num)
+        fn = partial(preprocess, image_size=m.image_size, min_num=min_num, max_num=max_num,
+                     use_thumbnail=m.use_thumbnail, max_pixels=self.cfg.max_image_pixels)
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(self.pool, fn, data) for data in images),
+                                       return_exceptions=True)
+        out: list[Tiled] = []
+        for i, r in enumerate(results):
+            if isinstance(r, BadImage):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"image {i}: {r}")
+            if isinstance(r, BaseException):
+                raise r
+            out.append(r)
+        return out
+
+    # -- the RPCs -----------------------------------------------------------------------------------------------
+    async def Encode(self, request: vision_pb2.EncodeRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse]:
+        t0 = time.monotonic()
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        futures: list[asyncio.Future[TileResult]] = []
+        status = "ok"
+        try:
+            max_num = self._check(request)
+            tiled = await self._preprocess(list(request.images), max_num)
+            t_pre = time.monotonic() - t0
+            n_tiles = sum(t.pixels.shape[0] for t in tiled)
+            if self.batcher.queued_tiles + n_tiles > self.cfg.max_queue_tiles:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"vision queue is full ({self.batcher.queued_tiles} tiles waiting)")
+            # A single tile is never compressed (the quantile of one value is itself): skip the router for it.
+            router = (self.model_cfg.flash and request.options.vir != vision_pb2.VIR_MODE_OFF and n_tiles > 1)
+            per_image = [self.batcher.submit(t.pixels, router) for t in tiled]
+            futures = [f for fs in per_image for f in fs]
+            async for msg in self._stream(request.request_id, tiled, per_image, router, t_pre, t0):
+                yield msg
+        except RequestError as e:
+            status = e.code.name.lower()
+            log.info("encode refused", extra={"request_id": request.request_id, "code": e.code.name,
+                                              "reason": e.message})
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception:
+            status = "error"
+            log.exception("encode failed", extra={"request_id": request.request_id})
+            await context.abort(grpc.StatusCode.INTERNAL, "vision server error while encoding")
+        finally:
+            for f in futures:
+                f.cancel()  # no-op for finished tiles; queued ones are skipped by the batcher
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(status=status).inc()
+            self.metrics.request_seconds.observe(time.monotonic() - t0)
+
+    async def _stream(self, request_id: str, tiled: list[Tiled], per_image: list[list[asyncio.Future[TileResult]]],
+                      router: bool, t_pre: float, t0: float) -> AsyncIterator[vision_pb2.EncodeResponse]:
+        """Tiles in order as soon as they are ready; with the router on, only after the request-wide decision."""
+        flat = [f for fs in per_image for f in fs]
+        compress: list[bool] = [False] * len(flat)
+        if router:
+            results = await asyncio.gather(*flat)
+            p = torch.stack([r.p_compress for r in results if r.p_compress is not None])
+            compress = decide_compression(p, self.vir.relative, self.vir.absolute)
+            self.metrics.observe_vir(compress)
+        hidden = self.model_cfg.llm_hidden
+        summaries = [vision_pb2.ImageSummary(num_tiles=len(fs), width=t.width, height=t.height)
+                     for t, fs in zip(tiled, per_image, strict=True)]
+        first_start, last_end, k = float("inf"), 0.0, 0
+        for img, fs in enumerate(per_image):
+            for tile_index, fut in enumerate(fs):
+                res = await fut
+                first_start, last_end = min(first_start, res.compute_start), max(last_end, res.compute_end)
+                small = compress[k]
+                emb = res.emb64 if small else res.emb256
+                assert emb is not None
+                k += 1
+                summaries[img].num_tokens += emb.shape[0]
+                summaries[img].num_compressed_tiles += int(small)
+                yield vision_pb2.EncodeResponse(tile=vision_pb2.TileEmbedding(
+                    image_index=img, tile_index=tile_index, num_tiles=len(fs), rows=emb.shape[0],
+                    hidden_size=hidden, dtype=vision_pb2.DTYPE_BF16, data=encode_bf16(emb), compressed=small))
+        queue_s = max(0.0, first_start - (t0 + t_pre))
+        yield vision_pb2.EncodeResponse(summary=vision_pb2.EncodeSummary(
+            images=summaries, preprocess_seconds=t_pre, queue_seconds=queue_s,
+            compute_seconds=max(0.0, last_end - first_start)))
+        log.info("encoded", extra={"request_id": request_id, "tiles": len(flat), "compressed": sum(compress),
+                                   "images": len(tiled), "seconds": round(time.monotonic() - t0, 4)})
+
+    async def Health(self, request: vision_pb2.VisionHealthRequest,
+                     context: grpc.aio.ServicerContext) -> vision_pb2.VisionHealthResponse:
+        return vision_pb2.VisionHealthResponse(
+            ready=self.ready, model=self.model_cfg.name, hidden_size=self.model_cfg.llm_hidden,
+            flash=self.model_cfg.flash, queued_tiles=self.batcher.queued_tiles,
+            inflight_requests=self.inflight, devices=[r.device for r in self.batcher.runners],
+            max_tiles=self.model_cfg.max_tiles)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
