@@ -57,5 +57,6 @@ def engine_args_for_dvd(args: argparse.Namespace) -> AsyncEngineArgs:
     """vLLM's engine args, forced to skip the vision tower while still accepting image embeddings."""
     engine_args = AsyncEngineArgs.from_cli_args(args)
     engine_args.enable_mm_embeds = True
-    engine_args.limit_mm_per_prompt = {"image": 0}
+    # InternVL's tower serves images and videos: vLLM skips building it only when both limits are 0.
+    engine_args.limit_mm_per_prompt = {"image": 0, "video": 0}
     return engine_args

@@ -1,0 +1,223 @@
+"""The language service on the real stack: vLLM with the language model only, embeddings from the vision pool."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import openai
+import pytest
+import torch
+
+from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
+from llm_server.prompt import PromptError
+from llm_server.service import EmbeddingError, sampling_params, validate_embeddings
+from llm_server.vision_pool import VisionPool, VisionUnavailableError
+from tests.media import data_url, image_bytes
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def text(t: str) -> llm_pb2.ContentPart:
+    return llm_pb2.ContentPart(text=t)
+
+
+def image(data: bytes) -> llm_pb2.ContentPart:
+    return llm_pb2.ContentPart(image=data)
+
+
+async def generate(address: str, parts: list[llm_pb2.ContentPart], max_tokens: int = 16,
+                   **sampling) -> tuple[list[int], llm_pb2.GenerateResponse]:
+    """Greedy (unless told otherwise) token ids of choice 0, and the final message with usage."""
+    req = llm_pb2.GenerateRequest(
+        messages=[llm_pb2.ChatMessage(role="user", content=parts)],
+        sampling=llm_pb2.SamplingParams(max_tokens=max_tokens, **({"temperature": 0.0} | sampling)),
+    )
+    tokens: list[int] = []
+    last = None
+    async with grpc.aio.insecure_channel(address) as channel:
+        async for msg in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req):
+            for c in msg.choices:
+                if c.index == 0:
+                    tokens.extend(c.token_ids)
+            last = msg
+    assert last is not None and last.HasField("usage")
+    return tokens, last
+
+
+async def health(address: str) -> llm_pb2.LanguageHealthResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await llm_pb2_grpc.LanguageServiceStub(channel).Health(llm_pb2.LanguageHealthRequest(), timeout=5)
+
+
+async def test_vision_tower_is_not_loaded(llm_tiny: str) -> None:
+    h = await health(llm_tiny)
+    assert h.ready
+    assert h.vision_parameters == 0, "the language engine built vision weights"
+    assert h.vision_servers_ready == 1
+
+
+async def test_text_only_skips_the_vision_pool(llm_tiny: str) -> None:
+    tokens, final = await generate(llm_tiny, [text("Tell me about the sky")])
+    assert len(tokens) == 16
+    assert final.usage.visual_tokens == 0 and final.timings.embedding_bytes == 0
+    assert final.usage.completion_tokens == 16
+
+
+async def test_two_images_of_different_sizes(llm_tiny: str) -> None:
+    """vLLM's ragged-embedding bug would kill the EngineCore here; the plugin fixes it."""
+    parts = [image(image_bytes(448, 448, seed=1)), image(image_bytes(900, 500, seed=2)), text("Compare them.")]
+    tokens, final = await generate(llm_tiny, parts)
+    assert len(tokens) == 16
+    # 1 tile (256) + 2x1 grid + thumbnail (3 x 256) on a non-Flash model
+    assert final.usage.visual_tokens == 256 + 3 * 256
+    assert final.timings.embedding_bytes == (256 + 3 * 256) * 128 * 2
+    assert (await health(llm_tiny)).ready
+
+
+async def test_repeated_image_hits_the_prefix_cache(llm_tiny: str) -> None:
+    parts = [image(image_bytes(640, 480, seed=3)), text("What is this?")]
+    first, _ = await generate(llm_tiny, parts)
+    second, final = await generate(llm_tiny, parts)
+    assert first == second
+    assert final.usage.cached_prompt_tokens >= 256
+
+
+@pytest.mark.parametrize("sizes", [[(448, 448)], [(1000, 600)], [(300, 1200)], [(640, 480), (256, 1024)],
+                                   [(1344, 896), (500, 500), (2000, 300)]],
+                         ids=["square", "wide", "tall", "two-images", "three-images"])
+async def test_tokens_equal_stock_vllm_colocated(llm_tiny: str, colocated_tiny: str,
+                                                 sizes: list[tuple[int, int]]) -> None:
+    """Greedy tokens of DvD == stock vLLM serving the full checkpoint with its own vision path."""
+    images = [image_bytes(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
+    question = "Describe the image in detail."
+    dvd_tokens, _ = await generate(llm_tiny, [*(image(b) for b in images), text(question)], max_tokens=24)
+    client = openai.AsyncOpenAI(base_url=colocated_tiny, api_key="none")
+    content = [*({"type": "image_url", "image_url": {"url": data_url(b)}} for b in images),
+               {"type": "text", "text": question}]
+    ref = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                               max_tokens=24, temperature=0, extra_body={"return_token_ids": True})
+    assert ref.choices[0].token_ids == dvd_tokens
+
+
+async def test_bad_requests_are_rejected_and_the_engine_keeps_serving(llm_tiny: str) -> None:
+    bad = [
+        [text("a literal <image> placeholder without an image")],
+        [image(b"definitely not an image"), text("?")],
+        [image(image_bytes(64, 64)[:40]), text("truncated")],
+    ]
+    for parts in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await generate(llm_tiny, parts)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as info:  # longer than the 16384-token context
+        await generate(llm_tiny, [text("hi")], max_tokens=20000)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context" in info.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as info:  # 6 full-size images x 13 tiles x 256 > 16384 tokens
+        await generate(llm_tiny, [*(image(image_bytes(1792, 1344, seed=s)) for s in range(6)), text("?")])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    tokens, _ = await generate(llm_tiny, [image(image_bytes(448, 448)), text("still alive?")])
+    assert len(tokens) == 16
+
+
+async def test_cancel_aborts_the_vllm_request(llm_tiny: str) -> None:
+    req = llm_pb2.GenerateRequest(
+        messages=[llm_pb2.ChatMessage(role="user", content=[text("Write forever")])],
+        sampling=llm_pb2.SamplingParams(max_tokens=5000, ignore_eos=True, temperature=0.0),
+    )
+    async with grpc.aio.insecure_channel(llm_tiny) as channel:
+        call = llm_pb2_grpc.LanguageServiceStub(channel).Generate(req)
+        got = 0
+        async for msg in call:
+            got += sum(len(c.token_ids) for c in msg.choices)
+            if got >= 3:
+                break
+        assert (await health(llm_tiny)).running_requests >= 1
+        call.cancel()
+    for _ in range(50):
+        if (await health(llm_tiny)).running_requests == 0:
+            break
+        await asyncio.sleep(0.2)
+    assert (await health(llm_tiny)).running_requests == 0
+
+
+async def test_n_and_seed_sampling(llm_tiny: str) -> None:
+    req = llm_pb2.GenerateRequest(
+        messages=[llm_pb2.ChatMessage(role="user", content=[text("Tell me a story")])],
+        sampling=llm_pb2.SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=3),
+    )
+    async with grpc.aio.insecure_channel(llm_tiny) as channel:
+        per_choice: dict[int, list[int]] = {}
+        finish: dict[int, str] = {}
+        async for msg in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req):
+            for c in msg.choices:
+                per_choice.setdefault(c.index, []).extend(c.token_ids)
+                if c.finish_reason:
+                    finish[c.index] = c.finish_reason
+    assert sorted(per_choice) == [0, 1, 2]
+    assert all(len(t) == 8 for t in per_choice.values())
+    assert finish == {0: "length", 1: "length", 2: "length"}
+    assert msg.usage.completion_tokens == 24
+
+
+async def test_vision_pool_skips_a_dead_server(vision_tiny: str) -> None:
+    from tests.conftest import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    pool = VisionPool((dead, vision_tiny), hidden_size=128, timeout_s=30)
+    await pool.start()
+    try:
+        encoded = await pool.encode("r1", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
+        assert encoded.server == vision_tiny
+        assert [e.shape for e in encoded.embeddings] == [torch.Size([256, 128])]
+    finally:
+        await pool.close()
+    pool = VisionPool((dead,), hidden_size=128, timeout_s=5)
+    await pool.start()
+    try:
+        with pytest.raises(VisionUnavailableError):
+            await pool.encode("r2", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
+    finally:
+        await pool.close()
+
+
+async def test_vision_pool_refuses_a_server_of_another_model(vision_tiny: str) -> None:
+    pool = VisionPool((vision_tiny,), hidden_size=512, timeout_s=10)
+    await pool.start()
+    try:
+        assert pool.ready_count == 0
+        with pytest.raises(VisionUnavailableError, match="hidden size"):
+            await pool.encode("r3", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
+    finally:
+        await pool.close()
+
+
+def test_validate_embeddings() -> None:
+    good = torch.zeros(256, 128, dtype=torch.bfloat16)
+    validate_embeddings([good, torch.zeros(64, 128)], 2, 128)
+    cases = {
+        "placeholders": ([good], 2),
+        "2-D": ([torch.zeros(1, 256, 128)], 1),
+        "dtype": ([torch.zeros(256, 128, dtype=torch.int32)], 1),
+        "hidden size": ([torch.zeros(256, 64)], 1),
+        "no embedding rows": ([torch.zeros(0, 128)], 1),
+        "NaN": ([torch.full((4, 128), float("nan"))], 1),
+    }
+    for message, (embeddings, placeholders) in cases.items():
+        with pytest.raises(EmbeddingError, match=message):
+            validate_embeddings(embeddings, placeholders, 128)
+
+
+def test_sampling_params_follow_the_request() -> None:
+    p = llm_pb2.SamplingParams(max_tokens=10, temperature=0.5, top_p=0.9, top_k=5, seed=3, stop=["x"], n=2,
+                               ignore_eos=True, min_tokens=2, repetition_penalty=1.1)
+    sp = sampling_params(p, {"temperature": 0.7}, prompt_tokens=100, max_model_len=1000)
+    assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.n) == (10, 0.5, 0.9, 5, 3, 2)
+    assert sp.stop == ["x"] and sp.ignore_eos and sp.min_tokens == 2
+    assert sampling_params(llm_pb2.SamplingParams(), {"temperature": 0.7}, 100, 1000).max_tokens == 900
+    assert sampling_params(llm_pb2.SamplingParams(), {"temperature": 0.7}, 100, 1000).temperature == 0.7
+    with pytest.raises(PromptError):
+        sampling_params(llm_pb2.SamplingParams(max_tokens=950), {}, 100, 1000)
+    with pytest.raises(PromptError):
+        sampling_params(llm_pb2.SamplingParams(temperature=-1.0), {}, 100, 1000)
