@@ -54,7 +54,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"image rejected as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
-        raise BadImage(f"unsupported or unrecognised image format (accepted: {', '.join(FORMATS)})") from e
+        raise BadImage(f"unsupported image format or corrupt header (accepted: {', '.join(FORMATS)})") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise BadImage(f"corrupt or truncated image data: {e}") from e
 

@@ -1,0 +1,75 @@
+"""Shared helpers for the vision tests (images in every format, one gRPC Encode call); holds no tests itself."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import torch
+from PIL import Image
+
+from dvd.tensor_codec import decode_bf16
+from dvd.v1 import vision_pb2, vision_pb2_grpc
+
+
+def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Random pixels: any resampling difference shows up in the tiles."""
+    rng = np.random.default_rng(seed + 7919 * width + height)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}[mode]
+    arr = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
+
+
+def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save_args)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries one empty IDAT: a decompression bomb in 60 bytes."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@dataclass
+class Encoded:
+    tiles: list[vision_pb2.TileEmbedding] = field(default_factory=list)
+    summary: vision_pb2.EncodeSummary | None = None
+
+    def image_tiles(self, image_index: int) -> list[vision_pb2.TileEmbedding]:
+        return [t for t in self.tiles if t.image_index == image_index]
+
+    def tensor(self, tile: vision_pb2.TileEmbedding) -> torch.Tensor:
+        return decode_bf16(tile.data, tile.rows, tile.hidden_size)
+
+    def fingerprint(self) -> list[tuple[int, int, int, bool, bytes]]:
+        return [(t.image_index, t.tile_index, t.rows, t.compressed, t.data) for t in self.tiles]
+
+
+def request(images: list[bytes], vir: int = vision_pb2.VIR_MODE_UNSPECIFIED, max_tiles: int = 0,
+            request_id: str = "test") -> vision_pb2.EncodeRequest:
+    return vision_pb2.EncodeRequest(request_id=request_id, images=images,
+                                    options=vision_pb2.EncodeOptions(vir=vir, max_tiles=max_tiles))
+
+
+def collect(responses: object) -> Encoded:
+    out = Encoded()
+    for r in responses:  # type: ignore[attr-defined]
+        if r.HasField("tile"):
+            out.tiles.append(r.tile)
+        else:
+            out.summary = r.summary
+    return out
+
+
+def encode_sync(address: str, req: vision_pb2.EncodeRequest, timeout: float = 60) -> Encoded:
+    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 * 2**20)]) as ch:
+        return collect(vision_pb2_grpc.VisionServiceStub(ch).Encode(req, timeout=timeout))
