@@ -1,0 +1,305 @@
+"""The gateway against the real stack (vision server + vLLM language server on the tiny checkpoint), driven with
+the official `openai` client, sync and async. Extra routers share the session's `llm_tiny` engine."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from dvd.procs import Service, free_port, http_ok
+from dvd.v1 import llm_pb2, llm_pb2_grpc
+from tests.test_router_support import data_url, image_server, png_bytes, user_message
+
+KEY = "sk-e2e"
+RED, BLUE = png_bytes((320, 240), (220, 30, 30)), png_bytes((500, 300), (20, 40, 220))
+LONG = {"max_tokens": 6000, "extra_body": {"ignore_eos": True}}  # many seconds of decoding on CPU
+
+
+def start_router(name: str, llm: str, *args: str) -> tuple[Service, str]:
+    port = free_port()
+    svc = Service(name, [sys.executable, "-m", "router", "--port", str(port), "--llm", llm,
+                         "--health-interval", "0.5", *args])
+    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), timeout=60)
+    return svc, f"http://127.0.0.1:{port}/v1"
+
+
+def running_requests(llm: str) -> int:
+    with grpc.insecure_channel(llm) as channel:
+        stub = llm_pb2_grpc.LanguageServiceStub(channel)
+        return stub.Health(llm_pb2.LanguageHealthRequest(), timeout=5).running_requests
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)
+
+
+def metric(base_v1: str, name: str) -> float:
+    text = httpx.get(base_v1.removesuffix("/v1") + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.fixture(scope="module")
+def client(router_tiny: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=router_tiny, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def aclient(router_tiny: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=router_tiny, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[str]:
+    with image_server({"red.png": RED, "blue.png": BLUE, "junk.png": b"this is not an image"}) as (base, _):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def strict_router(llm_tiny: str) -> Iterator[str]:
+    """API key, private image URLs refused, one request at a time, no queue, a 3 s deadline."""
+    svc, base = start_router("router-strict", llm_tiny, "--api-key", KEY, "--max-concurrency", "1",
+                             "--max-queue", "0", "--request-timeout", "3")
+    yield base
+    svc.stop()
+
+
+# ---- happy paths ----
+
+def test_models(client: openai.OpenAI, model: str) -> None:
+    cards = client.models.list().data
+    assert [c.id for c in cards] == [model]
+
+
+def test_non_streaming_with_a_data_url_image(client: openai.OpenAI, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model, max_tokens=8, temperature=0,
+        messages=[user_message("What is in this image?", images=(data_url(RED),))])
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.model == model
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 256  # one tile is 256 tokens
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+async def test_streaming_matches_non_streaming(aclient: openai.AsyncOpenAI, model: str) -> None:
+    messages = [user_message("Describe it.", images=(data_url(BLUE),))]
+    whole = await aclient.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+    stream = await aclient.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                                   extra_body={"ignore_eos": True}, stream=True,
+                                                   stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-2].choices[0].finish_reason == "length"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert {c.id for c in chunks} == {chunks[0].id}
+
+
+def test_http_images_several_per_message_and_several_messages(client: openai.OpenAI, model: str,
+                                                              images: str) -> None:
+    def ask(messages: list[dict]) -> int:
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+        return reply.usage.prompt_tokens
+
+    one = ask([user_message("Compare.", images=(f"{images}/img/red.png",))])
+    conversation = [
+        {"role": "system", "content": "You compare pictures."},
+        user_message("Compare these.", images=(f"{images}/img/red.png", data_url(BLUE))),
+        {"role": "assistant", "content": "The first is red."},
+        user_message("And this one?", images=(f"{images}/redirect?to=/img/blue.png",)),
+    ]
+    assert ask(conversation) > 2 * one  # three images' tokens reached the model
+
+
+def test_several_choices_streamed(client: openai.OpenAI, model: str) -> None:
+    stream = client.chat.completions.create(model=model, n=2, max_tokens=5, temperature=1.0, seed=7,
+                                            extra_body={"ignore_eos": True}, stream=True,
+                                            messages=[user_message("Hi", images=(data_url(RED),))])
+    finished: dict[int, str] = {}
+    texts = {0: "", 1: ""}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished[c.index] = c.finish_reason
+    assert finished == {0: "length", 1: "length"}
+    assert all(texts.values())
+
+
+def test_max_tokens_stop_and_seed(client: openai.OpenAI, model: str) -> None:
+    kwargs = {"model": model, "messages": [user_message("Count.")], "temperature": 1.0, "seed": 3,
+              "max_completion_tokens": 6, "extra_body": {"ignore_eos": True}}
+    a, b = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    assert a.usage.completion_tokens == 6 and a.choices[0].finish_reason == "length"
+    assert a.choices[0].message.content == b.choices[0].message.content  # seeded sampling is reproducible
+    stop = a.choices[0].message.content[2:4]
+    if stop.strip():
+        c = client.chat.completions.create(**kwargs, stop=[stop])
+        assert c.choices[0].finish_reason == "stop" and stop not in c.choices[0].message.content
+
+
+# ---- errors ----
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_undecodable_image_is_400(client: openai.OpenAI, model: str, images: str, stream: bool) -> None:
+    for url in (data_url(b"definitely not a picture"), f"{images}/img/junk.png"):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=model, max_tokens=4, stream=stream,
+                                           messages=[user_message("?", images=(url,))])
+
+
+def test_bad_image_urls_are_400(client: openai.OpenAI, model: str, images: str) -> None:
+    for url, code in [("data:image/png;base64,***", "invalid_base64"), (f"{images}/missing.png", "image_fetch_failed"),
+                      ("file:///etc/passwd", "invalid_image_url")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, max_tokens=4, messages=[user_message("?", images=(url,))])
+        assert err.value.code == code and err.value.param == "messages[0].content[0].image_url.url"
+
+
+def test_unsupported_fields_and_unknown_model(client: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=[user_message("hi")], logprobs=True)
+    assert err.value.param == "logprobs"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=[user_message("hi")], extra_body={"best_of": 3})
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=[user_message("hi")])
+    assert missing.value.code == "model_not_found"
+
+
+def test_api_key_required(strict_router: str) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=strict_router, api_key="wrong", max_retries=0).models.list()
+    assert openai.OpenAI(base_url=strict_router, api_key=KEY, max_retries=0).models.list().data
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "10.0.0.1",
+                                  "169.254.169.254", "192.168.0.10", "[fd00::1]"])
+def test_private_image_urls_refused(strict_router: str, images: str, host: str) -> None:
+    strict = openai.OpenAI(base_url=strict_router, api_key=KEY, max_retries=0)
+    url = f"http://{host.format(port=images.rsplit(':', 1)[1])}/img/red.png"
+    with pytest.raises(openai.BadRequestError) as err:
+        strict.chat.completions.create(model=strict.models.list().data[0].id, max_tokens=2,
+                                       messages=[user_message("?", images=(url,))])
+    assert err.value.code == "image_url_forbidden"
+
+
+def test_over_the_limit_is_429_and_the_deadline_is_504(strict_router: str, llm_tiny: str) -> None:
+    strict = openai.OpenAI(base_url=strict_router, api_key=KEY, max_retries=0)
+    model = strict.models.list().data[0].id
+    messages = [user_message("Go on.")]
+    with strict.chat.completions.create(model=model, messages=messages, stream=True, **LONG) as busy:
+        next(iter(busy))
+        with pytest.raises(openai.RateLimitError) as err:
+            strict.chat.completions.create(model=model, messages=messages, max_tokens=2)
+        assert err.value.response.headers["retry-after"] == "1"
+    wait_until(lambda: metric(strict_router, "dvd_router_requests_in_flight") == 0)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as late:
+        strict.chat.completions.create(model=model, messages=messages, **LONG)
+    assert late.value.status_code == 504 and time.monotonic() - started < 10
+    wait_until(lambda: running_requests(llm_tiny) == 0)  # the deadline travelled down and aborted the work
+
+
+# ---- cancellation ----
+
+async def test_client_disconnect_mid_stream_aborts_the_request(aclient: openai.AsyncOpenAI, model: str,
+                                                                 router_tiny: str, llm_tiny: str) -> None:
+    stream = await aclient.chat.completions.create(model=model, stream=True,
+                                                   messages=[user_message("Talk.", images=(data_url(RED),))], **LONG)
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == 3:
+            break
+    assert running_requests(llm_tiny) == 1
+    await stream.close()
+    await asyncio.to_thread(wait_until, lambda: running_requests(llm_tiny) == 0, 15)
+    await asyncio.to_thread(wait_until, lambda: metric(router_tiny, "dvd_router_requests_in_flight") == 0, 5)
+
+
+def test_client_disconnect_without_streaming_aborts_the_request(router_tiny: str, model: str,
+                                                                llm_tiny: str) -> None:
+    body = {"model": model, "messages": [user_message("Talk.")], "max_tokens": 6000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{router_tiny}/chat/completions", json=body, timeout=httpx.Timeout(10, read=2))
+    wait_until(lambda: running_requests(llm_tiny) == 0, 15)
+
+
+# ---- replicas ----
+
+class FlakyLanguageServer(llm_pb2_grpc.LanguageServiceServicer):
+    """Healthy to health checks; Generate fails as UNAVAILABLE, after `tokens` deltas."""
+
+    def __init__(self, model: str, tokens: int) -> None:
+        self.model, self.tokens, self.calls = model, tokens, 0
+
+    def Health(self, request: llm_pb2.LanguageHealthRequest, context: grpc.ServicerContext
+               ) -> llm_pb2.LanguageHealthResponse:
+        return llm_pb2.LanguageHealthResponse(ready=True, model=self.model, max_model_len=16384)
+
+    def Generate(self, request: llm_pb2.GenerateRequest, context: grpc.ServicerContext
+                 ) -> Iterator[llm_pb2.GenerateResponse]:
+        self.calls += 1
+        for _ in range(self.tokens):
+            yield llm_pb2.GenerateResponse(choices=[llm_pb2.ChoiceDelta(index=0, text="x", token_ids=[1])])
+        context.abort(grpc.StatusCode.UNAVAILABLE, "replica going away")
+
+
+@pytest.fixture
+def flaky(model: str, request: pytest.FixtureRequest) -> Iterator[tuple[FlakyLanguageServer, str]]:
+    servicer = FlakyLanguageServer(model, tokens=request.param)
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    llm_pb2_grpc.add_LanguageServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.mark.parametrize("flaky", [0], indirect=True)
+def test_retry_on_another_replica_before_the_first_token(flaky: tuple[FlakyLanguageServer, str], llm_tiny: str,
+                                                         model: str) -> None:
+    servicer, address = flaky
+    svc, base = start_router("router-retry", f"{address},{llm_tiny}")
+    try:
+        reply = openai.OpenAI(base_url=base, api_key="-", max_retries=0).chat.completions.create(
+            model=model, messages=[user_message("hi")], max_tokens=3)
+        assert reply.choices[0].message.content
+        assert servicer.calls == 1  # tried first (listed first, equally idle), then retried on the real one
+    finally:
+        svc.stop()
+
+
+@pytest.mark.parametrize("flaky", [2], indirect=True)
+def test_no_retry_after_tokens_were_sent(flaky: tuple[FlakyLanguageServer, str], llm_tiny: str, model: str) -> None:
+    servicer, address = flaky
+    svc, base = start_router("router-noretry", f"{address},{llm_tiny}")
+    try:
+        stream = openai.OpenAI(base_url=base, api_key="-", max_retries=0).chat.completions.create(
+            model=model, messages=[user_message("hi")], max_tokens=3, stream=True)
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+        assert servicer.calls == 1
+    finally:
+        svc.stop()
