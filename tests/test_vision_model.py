@@ -1,0 +1,218 @@
+"""The vision model against vLLM's own InternVL vision path, the Flash router, and the weights loader.
+
+vLLM's reference runs in a subprocess (this file, run as a script): it needs vLLM's distributed state (world size
+1, gloo) and a VllmConfig context, process-global state that must not leak into the test session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def vllm_reference(ckpt: str, image_path: str, out_path: str, port: int) -> None:
+    """vLLM end to end: media loader -> InternVLImageProcessor -> InternVisionModel -> pixel_shuffle -> mlp1."""
+    import functools
+    import types
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.model_executor.models.internvl import InternVLChatModel
+    from vllm.multimodal.media.image import ImageMediaIO
+    from vllm.transformers_utils.processors.internvl import InternVLImageProcessor
+
+    cfg = AutoConfig.from_pretrained(ckpt, trust_remote_code=True)
+    image = ImageMediaIO().load_bytes(Path(image_path).read_bytes()).media
+    proc = InternVLImageProcessor(image_size=cfg.force_image_size, min_dynamic_patch=cfg.min_dynamic_patch,
+                                  max_dynamic_patch=cfg.max_dynamic_patch,
+                                  dynamic_image_size=cfg.dynamic_image_size, use_thumbnail=cfg.use_thumbnail)
+    pixels = proc(image)["pixel_values_flat"]
+    weights = load_file(str(Path(ckpt) / "model.safetensors"))
+    out: dict[str, torch.Tensor] = {"pixels": pixels}
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
+        initialize_model_parallel(1, 1)
+        for dtype in (torch.float32, torch.bfloat16):
+            # vLLM's own builders and forward, called on a stand-in for the full chat model (no language model).
+            ns = types.SimpleNamespace(downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version)
+            vit = InternVLChatModel._init_vision_model(ns, cfg, quant_config=None, prefix="vision_model").to(dtype)
+            vit.load_weights((k.removeprefix("vision_model."), v.to(dtype)) for k, v in weights.items()
+                             if k.startswith("vision_model."))
+            for m in vit.modules():  # what vLLM's loader does after loading (CPU GEMM dispatch)
+                qm = getattr(m, "quant_method", None)
+                if qm is not None and hasattr(qm, "process_weights_after_loading"):
+                    qm.process_weights_after_loading(m)
+            mlp1 = InternVLChatModel._init_mlp1(ns, cfg).to(dtype)
+            mlp1.load_state_dict({k.removeprefix("mlp1."): v.to(dtype) for k, v in weights.items()
+                                  if k.startswith("mlp1.")})
+            ns.vision_model, ns.mlp1 = vit.eval(), mlp1.eval()
+            ns.pixel_shuffle = functools.partial(InternVLChatModel.pixel_shuffle, ns)
+            with torch.inference_mode():
+                out[str(dtype)] = InternVLChatModel.extract_feature(ns, pixels.to(dtype))
+    torch.save(out, out_path)
+
+
+@pytest.fixture(scope="module")
+def vllm_ref(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    from dvd.procs import free_port
+    from tests.test_vision_helpers import encode, noise_image
+
+    tmp = tmp_path_factory.mktemp("vllm_ref")
+    data = encode(noise_image(900, 600), "JPEG", quality=92)  # 3x2 grid + thumbnail
+    (tmp / "image.jpg").write_bytes(data)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.run([sys.executable, __file__, str(tiny_ckpt), str(tmp / "image.jpg"), str(tmp / "ref.pt"),
+                           str(free_port())], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref = torch.load(tmp / "ref.pt")
+    return {"bytes": data, **ref}
+
+
+def _model(ckpt: Path, dtype: torch.dtype) -> object:
+    from vision_server.config import ModelConfig
+    from vision_server.model import build_model
+    from vision_server.weights import load_vision_weights
+
+    cfg = ModelConfig.from_checkpoint(ckpt)
+    return build_model(cfg, load_vision_weights(ckpt, cfg.flash), "cpu", dtype)
+
+
+def test_embeddings_equal_vllm_float32(tiny_ckpt: Path, vllm_ref: dict) -> None:
+    ref = vllm_ref[str(torch.float32)]
+    ours = _model(tiny_ckpt, torch.float32)(vllm_ref["pixels"]).emb256
+    assert ours.shape == ref.shape == (7, 256, 128)
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_embeddings_equal_vllm_bfloat16(tiny_ckpt: Path, vllm_ref: dict) -> None:
+    """Both in bf16 end to end: equal up to bf16 rounding noise accumulated over the layers."""
+    ref = vllm_ref[str(torch.bfloat16)].float()
+    ours = _model(tiny_ckpt, torch.bfloat16)(vllm_ref["pixels"]).emb256.float()
+    rel = (ours - ref).norm() / ref.norm()
+    assert rel < 1e-2, rel
+
+
+def test_service_bytes_match_vllm(vision_tiny: str, vllm_ref: dict) -> None:
+    """Image bytes through the running service vs vLLM's fp32 path rounded to bf16: at most one bf16 step apart."""
+    from tests.test_vision_helpers import encode_sync, request
+
+    got = encode_sync(vision_tiny, request([vllm_ref["bytes"]]))
+    ref = vllm_ref[str(torch.float32)]
+    assert len(got.tiles) == ref.shape[0]
+    ours = torch.stack([got.tensor(t) for t in got.tiles]).float()
+    ref_bf16 = ref.to(torch.bfloat16).float()
+    # One bf16 step, plus fp32 noise for values that cancel to near zero.
+    tol = ref_bf16.abs() * 2**-7 + 1e-5 * ref.abs().max()
+    assert ((ours - ref_bf16).abs() <= tol).all()
+    assert (ours == ref_bf16).float().mean() > 0.99
+
+
+def _official_router(tensors: dict[str, torch.Tensor], tokens: torch.Tensor, heads: int = 16) -> torch.Tensor:
+    """The official CrossAttentionPooling + Gating, written out with functional ops (attn2/norm2 three times)."""
+    import torch.nn.functional as F
+
+    def w(name: str) -> torch.Tensor:
+        return tensors[name].float()
+
+    def attn(k: int, q: torch.Tensor) -> torch.Tensor:
+        pre = f"pooling_before_gating.attn{k}."
+        out, _ = F.multi_head_attention_forward(
+            q.transpose(0, 1), tokens.transpose(0, 1), tokens.transpose(0, 1), q.shape[-1], heads,
+            w(pre + "in_proj_weight"), w(pre + "in_proj_bias"), None, None, False, 0.0, w(pre + "out_proj.weight"),
+            w(pre + "out_proj.bias"), training=False, need_weights=False,
+            key_padding_mask=torch.zeros(tokens.shape[:2], dtype=torch.bool))
+        return out.transpose(0, 1)
+
+    def ln(name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], w(name + ".weight"), w(name + ".bias"))
+
+    x = w("pooling_before_gating.query_token").unsqueeze(0).expand(tokens.shape[0], -1, -1)
+    x = ln("pooling_before_gating.norm1", attn(1, x))
+    for _ in range(3):
+        x = ln("pooling_before_gating.norm2", attn(2, x))
+    x = x.squeeze(1)
+    for b in range(1, 5):
+        pre = f"gating.block{b}."
+        h = F.linear(F.gelu(F.linear(x, w(pre + "0.weight"), w(pre + "0.bias"))), w(pre + "3.weight"),
+                     w(pre + "3.bias"))
+        x = x + ln(pre + "5", h)
+    logits = F.linear(ln("gating.gate.0", x), w("gating.gate.1.weight"), w("gating.gate.1.bias"))
+    return torch.softmax(logits, -1)[:, 0]
+
+
+def test_router_matches_official_formulation(tiny_flash_ckpt: Path) -> None:
+    from vision_server.weights import load_vision_weights
+
+    model = _model(tiny_flash_ckpt, torch.float32)
+    pixels = torch.randn(3, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        grid = model.features(pixels)
+        ours = model(pixels, with_router=True)
+    tensors = load_vision_weights(tiny_flash_ckpt, flash=True)
+    ref = _official_router(tensors, grid.reshape(3, -1, grid.shape[-1]))
+    torch.testing.assert_close(ours.p_compress, ref, rtol=1e-5, atol=1e-6)
+    assert ours.emb64 is not None and ours.emb64.shape == (3, 64, 128)
+
+
+def test_loader_reads_only_vision_tensors_from_shards(tiny_flash_ckpt: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from dvd.checkpoint import make_checkpoint
+    from vision_server import weights
+
+    sharded = make_checkpoint("tiny", tmp_path / "sharded", flash=True, shard_size_mb=0.5)
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 3
+    opened: list[str] = []
+    real_open = weights.safe_open
+
+    def spy(path: str, **kw: object) -> object:
+        opened.append(Path(path).name)
+        return real_open(path, **kw)
+
+    monkeypatch.setattr(weights, "safe_open", spy)
+    got = weights.load_vision_weights(sharded, flash=True)
+    monkeypatch.undo()
+
+    assert not any(k.startswith("language_model.") for k in got)
+    assert not any(k.startswith(("pooling_before_gating.attn3", "pooling_before_gating.norm4")) for k in got)
+    vision_shards = {f for k, f in weight_map.items() if weights.wanted(k, flash=True)}
+    assert set(opened) == vision_shards and len(vision_shards) < len(set(weight_map.values()))
+    single = weights.load_vision_weights(tiny_flash_ckpt, flash=True)
+    assert got.keys() == single.keys()
+    assert all(torch.equal(got[k], single[k]) for k in got)
+    plain = weights.load_vision_weights(sharded, flash=False)
+    assert not any(k.startswith(weights.FLASH_PREFIXES) for k in plain)
+    _model(sharded, torch.float32)  # loads strictly
+
+
+def test_unused_pooling_layers_are_accepted_and_ignored(tiny_flash_ckpt: Path) -> None:
+    """attn3/norm3/attn4/norm4 ship in Flash checkpoints; the official forward never runs them."""
+    from safetensors import safe_open
+
+    from vision_server.weights import load_vision_weights, shard_map
+
+    in_file = [k for names in shard_map(tiny_flash_ckpt).values() for k in names]
+    assert "pooling_before_gating.attn4.in_proj_weight" in in_file
+    tensors = load_vision_weights(tiny_flash_ckpt, flash=True)
+    assert not [k for k in tensors if k.startswith(("pooling_before_gating.attn3", "pooling_before_gating.norm3",
+                                                    "pooling_before_gating.attn4", "pooling_before_gating.norm4"))]
+    model = _model(tiny_flash_ckpt, torch.float32)
+    assert not hasattr(model.pooling_before_gating, "attn3")
+    with safe_open(str(tiny_flash_ckpt / "model.safetensors"), framework="pt") as f:
+        attn2 = f.get_tensor("pooling_before_gating.attn2.in_proj_weight").float()
+    assert torch.equal(model.pooling_before_gating.attn2.in_proj_weight, attn2)
+
+
+if __name__ == "__main__":
+    vllm_reference(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
