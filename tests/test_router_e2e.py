@@ -99,6 +99,8 @@ def test_non_streaming_with_a_data_url_image(client: openai.OpenAI, model: str) 
 
 async def test_streaming_matches_non_streaming(aclient: openai.AsyncOpenAI, model: str) -> None:
     messages = [user_message("Describe it.", images=(data_url(BLUE),))]
+    # Warm the prefix cache first: on CPU a cached prefix can compute the greedy path slightly differently.
+    await aclient.chat.completions.create(model=model, messages=messages, max_tokens=1)
     whole = await aclient.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
                                                   extra_body={"ignore_eos": True})
     stream = await aclient.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
