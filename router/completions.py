@@ -12,12 +12,13 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from dvd.v1 import llm_pb2
 from router.backends import BackendPool, NoBackendError
@@ -61,16 +62,16 @@ async def guarded(request: Request, work: Awaitable[T], deadline: float) -> T:
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
-        done, _ = await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-    if task in done:
+    if not task.cancelled():  # it finished, even if only just: its outcome (e.g. a taken slot) must not be lost
         return task.result()
-    if watcher in done:
+    if watcher.done() and not watcher.cancelled():
         raise ClientGone
     raise APIError(504, "request timed out", code="timeout")
 
@@ -104,48 +105,39 @@ class Completions:
 
     async def handle(self, request: Request) -> Response:
         deadline = asyncio.get_running_loop().time() + self.request_timeout
-        tracker = RequestTracker(self.metrics)
-        handed_over = False  # once the streaming response owns the slot and the stream
-        stream: AsyncIterator[llm_pb2.GenerateResponse] | None = None
-        admitted = False
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        held = _Held(self.limiter, RequestTracker(self.metrics, request_id))
+        handed_over = False  # a streaming response releases `held` once its last byte is out (or the client left)
         try:
             req = parse_chat_request(await read_body(request, self.max_body_bytes))
             self._check_model(req.model)
             await guarded(request, self.limiter.acquire(), deadline)
-            admitted = True
-            tracker.admitted()
-            request_id = f"chatcmpl-{uuid.uuid4().hex}"
+            held.admitted()
             images = await guarded(request, self.images.load_all(image_urls(req)), deadline)
-            stream = self.pool.generate(to_generate_request(req, images, request_id), deadline)
-            first = await guarded(request, anext(stream, None), deadline)
+            held.stream = self.pool.generate(to_generate_request(req, images, request_id), deadline)
+            first = await guarded(request, anext(held.stream, None), deadline)
             if first is None:
                 raise APIError(502, "the language server closed the stream without a response", code="empty_stream")
-            tracker.observe(first)
+            held.tracker.observe(first)
             if req.stream:
                 handed_over = True
-                return StreamingResponse(self._sse(req, request_id, first, stream, tracker),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+                return _EventStream(self._sse(req, request_id, first, held), held, request_id)
             builder = CompletionBuilder(request_id, req.model, req.n or 1)
             builder.feed(first)
-            await guarded(request, self._drain(stream, builder, tracker), deadline)
-            tracker.finish(200)
-            completion = builder.build(tracker.usage)
+            await guarded(request, self._drain(held.stream, builder, held.tracker), deadline)
+            held.tracker.finish(200)
+            completion = builder.build(held.tracker.usage)
             return JSONResponse(completion.model_dump(mode="json"), headers={"X-Request-Id": request_id})
         except ClientGone:
-            tracker.finish(499)
-            log.info("client disconnected; request cancelled")
+            held.tracker.finish(499)
             return Response(status_code=499)
         except Exception as exc:
             error = as_api_error(exc)
-            tracker.finish(error.status, error)
+            held.tracker.finish(error.status, error)
             raise error from exc
         finally:
             if not handed_over:
-                if stream is not None:
-                    await stream.aclose()
-                if admitted:
-                    self.limiter.release()
+                await held.release()
 
     @staticmethod
     async def _drain(stream: AsyncIterator[llm_pb2.GenerateResponse], builder: CompletionBuilder,
@@ -155,10 +147,10 @@ class Completions:
             builder.feed(response)
 
     async def _sse(self, req: ChatCompletionRequest, request_id: str, first: llm_pb2.GenerateResponse,
-                   stream: AsyncIterator[llm_pb2.GenerateResponse], tracker: RequestTracker) -> AsyncIterator[str]:
-        """SSE events; Starlette cancels this generator when the client disconnects, cancelling the gRPC call."""
+                   held: _Held) -> AsyncIterator[str]:
+        """SSE events. Starlette cancels this generator when the client disconnects; _EventStream cleans up."""
         chunks = ChunkBuilder(request_id, req.model, req.n or 1, req.include_usage)
-        status, error = 499, None
+        assert held.stream is not None
         try:
             for chunk in chunks.start():
                 yield f"data: {chunk.model_dump_json()}\n\n"
@@ -166,19 +158,53 @@ class Completions:
             while response is not None:
                 for chunk in chunks.feed(response):
                     yield f"data: {chunk.model_dump_json()}\n\n"
-                response = await anext(stream, None)
+                response = await anext(held.stream, None)
                 if response is not None:
-                    tracker.observe(response)
-            for chunk in chunks.end(tracker.usage):
+                    held.tracker.observe(response)
+            for chunk in chunks.end(held.tracker.usage):
                 yield f"data: {chunk.model_dump_json()}\n\n"
-            status = 200
+            held.tracker.finish(200)
         except (grpc.aio.AioRpcError, NoBackendError) as exc:
             # Headers are gone; OpenAI clients raise on an `error` event.
             error = as_api_error(exc)
-            status = error.status
+            held.tracker.finish(error.status, error)
             yield f"data: {json.dumps(error.body())}\n\n"
-        finally:
-            tracker.finish(status, error)
-            await stream.aclose()
-            self.limiter.release()
         yield "data: [DONE]\n\n"
+
+
+class _Held:
+    """What an admitted request holds (a limiter slot, the gRPC stream), released exactly once on any path."""
+
+    def __init__(self, limiter: Limiter, tracker: RequestTracker) -> None:
+        self.limiter, self.tracker = limiter, tracker
+        self.stream: AsyncGenerator[llm_pb2.GenerateResponse, None] | None = None
+        self._slot = False
+
+    def admitted(self) -> None:
+        self._slot = True
+        self.tracker.admitted()
+
+    async def release(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await stream.aclose()  # cancels the gRPC call if it is still running
+        if self._slot:
+            self._slot = False
+            self.limiter.release()
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that releases its request's resources however it ends: Starlette may cancel the body
+    before it even starts (client already gone), in which case the body's own cleanup would never run."""
+
+    def __init__(self, body: AsyncIterator[str], held: _Held, request_id: str) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+        self._held = held
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._held.tracker.finish(499)  # no-op when the body already recorded how it ended
+            await self._held.release()

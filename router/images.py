@@ -111,7 +111,12 @@ class ImageLoader:
 
     async def load_all(self, urls: Iterable[tuple[str, str]]) -> list[bytes]:
         """(url, param) pairs -> their bytes, fetched concurrently; the first failure names its `param`."""
-        return list(await asyncio.gather(*(self.load(url, param) for url, param in urls)))
+        tasks = [asyncio.ensure_future(self.load(url, param)) for url, param in urls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one failure ends the request: stop fetching the others
+                task.cancel()
 
     async def load(self, url: str, param: str = "messages") -> bytes:
         try:

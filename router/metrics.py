@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dvd.v1 import llm_pb2
 from router.errors import APIError
+
+log = logging.getLogger("router.requests")
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -38,8 +41,9 @@ class Metrics:
 class RequestTracker:
     """One request's timeline: feeds the histograms once, whichever way the request ends."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, request_id: str) -> None:
         self._m = metrics
+        self.request_id = request_id
         self._start = time.perf_counter()
         self._first: float | None = None
         self._last: float | None = None
@@ -65,13 +69,19 @@ class RequestTracker:
         if self._done:
             return
         self._done = True
+        elapsed = time.perf_counter() - self._start
         if self._admitted:
             self._m.in_flight.dec()
         self._m.requests.labels(status=str(status)).inc()
+        usage = self.usage or llm_pb2.Usage()
+        log.info("request finished", extra={
+            "request_id": self.request_id, "status": status, "code": error.code if error else "",
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "ttft_s": round(self._first - self._start, 4) if self._first else "", "e2e_s": round(elapsed, 4)})
         if error is not None:
             self._m.errors.labels(type=error.type, code=error.code or "").inc()
             return
-        self._m.e2e.observe(time.perf_counter() - self._start)
+        self._m.e2e.observe(elapsed)
         if self.usage is not None:
             self._m.prompt_tokens.inc(self.usage.prompt_tokens)
             self._m.generation_tokens.inc(self.usage.completion_tokens)
