@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -101,3 +102,10 @@ def test_config_from_cli_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     config = parse_args(["--llm", "h1:1,h2:2", "--llm", "h3:3", "--api-key", "c", "--max-queue", "0"])
     assert config.llm == ("h1:1", "h2:2", "h3:3") and config.api_keys == {"a", "b", "c"}
     assert config.max_queue == 0 and not config.allow_private_image_urls
+
+
+def test_dvd_local_reports_a_bad_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from router.local import main
+
+    assert main(["--model", str(tmp_path / "missing"), "--port", str(free_port())]) == 1
+    assert "could not start the stack" in capsys.readouterr().err
