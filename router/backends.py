@@ -113,7 +113,7 @@ class BackendPool:
         while True:
             backend = self.pick(tried)
             if backend is None:
-                raise NoBackendError("no language server is ready" + (" (all refused the request)" if tried else ""))
+                raise NoBackendError("no language server is ready")
             tried.add(backend.address)
             backend.outstanding += 1
             call = backend.stub.Generate(request, timeout=max(deadline - loop.time(), 0.001))
@@ -124,8 +124,8 @@ class BackendPool:
                     yield response
                 return
             except grpc.aio.AioRpcError as exc:
-                if sent_any or exc.code() not in RETRYABLE:
-                    raise
+                if sent_any or exc.code() not in RETRYABLE or self.pick(tried) is None:
+                    raise  # with nowhere else to go, the replica's own reason is the best answer
                 self._set_down(backend, f"{exc.code().name}: {exc.details()}")
                 log.warning("retrying on another backend", extra={"backend": backend.address,
                                                                    "request_id": request.request_id})

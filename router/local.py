@@ -12,7 +12,7 @@ import io
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ ENGINE_START_TIMEOUT = 600.0  # vLLM: ~45 s for the tiny model on 2 CPU cores, m
 @dataclass
 class Stack:
     model_dir: Path
+    model: str  # the served model name, what requests put in "model"
     base_url: str  # http://host:port/v1, what an OpenAI client takes
     vision_address: str
     llm_address: str
@@ -52,16 +53,26 @@ def has_cuda() -> bool:
 def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1", devices: str | None = None,
                 max_model_len: int = 16384, api_key: str | None = None, router_args: Sequence[str] = (),
                 llm_args: Sequence[str] = (), vision_args: Sequence[str] = (), sink: IO[str] | None = None,
-                log_dir: Path | None = None, timeout: float = ENGINE_START_TIMEOUT) -> Iterator[Stack]:
+                log_dir: Path | None = None, timeout: float = ENGINE_START_TIMEOUT,
+                cpus: Mapping[str, str] | None = None,
+                service_env: Mapping[str, Mapping[str, str]] | None = None) -> Iterator[Stack]:
     """Start vision -> language -> router, each waited on until ready; stop them all (reverse order) on exit.
 
     A service that dies or stays unready raises RuntimeError/TimeoutError carrying its last log lines.
+    `cpus` pins a service ("vision", "llm", "router") and every process it spawns to a CPU list ("0", "1-3")
+    with `taskset`, `service_env` adds environment variables per service: the benchmark uses both to split one
+    machine's cores between the services explicitly instead of letting them compete.
     """
     model_dir = resolve_model(str(model))  # generates a preset checkpoint on first use
+    # Clients name the model as the user did ("tiny"), or by the checkpoint directory's name.
+    served_name = model_dir.name if Path(str(model)).expanduser().is_dir() else str(model)
     devices = devices or ("cuda" if has_cuda() else "cpu")
     services: list[Service] = []
 
     def launch(name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+        pin = (cpus or {}).get(name)
+        argv = ["taskset", "-c", pin, *argv] if pin else argv
+        env = {**(env or {}), **(service_env or {}).get(name, {})}
         svc = Service(name, argv, env=env, sink=sink, log_file=log_dir / f"{name}.log" if log_dir else None)
         services.append(svc)
         return svc
@@ -77,14 +88,16 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
         engine_opts = [] if devices == "cpu" else ["--gpu-memory-utilization", "0.7"]
         llm = launch("llm", [PY, "-m", "llm_server", "--model", str(model_dir), "--host", "127.0.0.1",
                              "--port", llm_address.split(":")[1], "--vision", vision_address,
-                             "--max-model-len", str(max_model_len), *engine_opts, *llm_args], env=engine_env)
+                             "--max-model-len", str(max_model_len), "--served-model-name", served_name,
+                             *engine_opts, *llm_args], env=engine_env)
         vision.wait_ready(lambda: vision_health(vision_address), timeout=timeout)
         llm.wait_ready(lambda: llm_health(llm_address), timeout=timeout)
         router = launch("router", [PY, "-m", "router", "--host", host, "--port", str(port), "--llm", llm_address,
                                    *(["--api-key", api_key] if api_key else []), *router_args])
         probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         router.wait_ready(lambda: http_ok(f"http://{probe_host}:{port}/ready"), timeout=60)
-        yield Stack(model_dir, f"http://{probe_host}:{port}/v1", vision_address, llm_address, api_key, services)
+        yield Stack(model_dir, served_name, f"http://{probe_host}:{port}/v1", vision_address, llm_address, api_key,
+                    services)
     finally:
         for svc in reversed(services):
             svc.stop()
@@ -110,7 +123,7 @@ def run_demo(stack: Stack) -> str:
     from openai import OpenAI
 
     client = OpenAI(base_url=stack.base_url, api_key=stack.api_key or "not-needed")
-    model = client.models.list().data[0].id
+    model = stack.model
     question = "What is in this image?"
     reply = client.chat.completions.create(
         model=model, max_tokens=48, temperature=0,
@@ -144,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.demo:
                 print(run_demo(stack), flush=True)
                 return 0
-            print(f"dvd-local: serving {stack.model_dir.name} at {stack.base_url} (Ctrl-C to stop)", flush=True)
+            print(f"dvd-local: serving model {stack.model!r} ({stack.model_dir}) at {stack.base_url} (Ctrl-C to stop)",
+                  flush=True)
             while not stack.dead():
                 time.sleep(1.0)
             for svc in stack.dead():
