@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from router.schemas import ErrorDetail, ErrorResponse
+
 # OpenAI's `type` for each status we emit; `code` refines it.
 _TYPES = {
     400: "invalid_request_error",
@@ -47,7 +49,8 @@ class APIError(Exception):
         return _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
 
     def body(self) -> dict[str, dict[str, str | None]]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
 
     @classmethod
     def from_grpc(cls, error: grpc.aio.AioRpcError) -> APIError:
