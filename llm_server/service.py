@@ -132,9 +132,11 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         inputs: dict = {"prompt": prompt}
         embedding_bytes = 0
         embeddings: list[torch.Tensor] = []
+        vision_summary = vision_pb2.EncodeSummary()
         if conversation.images:
             encoded = await self.pool.encode(request_id, conversation.images, options)
             embeddings, embedding_bytes = encoded.embeddings, encoded.bytes_received
+            vision_summary = encoded.summary
             metrics.VISION_WAIT.observe(encoded.seconds)
             metrics.EMBEDDING_BYTES.inc(embedding_bytes)
         t_vision = time.perf_counter()
@@ -167,7 +169,11 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         t_end = time.perf_counter()
         timings = llm_pb2.StageTimings(vision_seconds=t_vision - t0,
                                        queue_seconds=(first_token_at or t_end) - t_vision,
-                                       embedding_bytes=embedding_bytes)
+                                       embedding_bytes=embedding_bytes,
+                                       vision_preprocess_seconds=vision_summary.preprocess_seconds,
+                                       vision_queue_seconds=vision_summary.queue_seconds,
+                                       vision_compute_seconds=vision_summary.compute_seconds,
+                                       decode_seconds=t_end - (first_token_at or t_end))
         log.info("request done", extra={"request_id": request_id, "images": len(embeddings),
                                         "visual_tokens": visual_tokens, "prompt_tokens": prompt_tokens,
                                         "completion_tokens": completion_tokens, "cached_tokens": cached,
