@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -60,9 +61,9 @@ def request(images: list[bytes], vir: int = vision_pb2.VIR_MODE_UNSPECIFIED, max
                                     options=vision_pb2.EncodeOptions(vir=vir, max_tiles=max_tiles))
 
 
-def collect(responses: object) -> Encoded:
+def collect(responses: Iterable[vision_pb2.EncodeResponse]) -> Encoded:
     out = Encoded()
-    for r in responses:  # type: ignore[attr-defined]
+    for r in responses:
         if r.HasField("tile"):
             out.tiles.append(r.tile)
         else:

@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--vir-absolute-threshold", type=float, default=None, help="override the checkpoint's value")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
     p.add_argument("--shutdown-grace-s", type=float, default=30.0)
+    p.add_argument("--preprocess-threads", type=int, default=2, help="threads decoding and tiling images")
     a = p.parse_args(argv)
     return ServerConfig(model=a.model, port=a.port, host=a.host, devices=resolve_devices(a.devices), dtype=a.dtype,
                         max_batch_tiles=a.max_batch_tiles, micro_batch_tiles=a.micro_batch_tiles,
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                         max_image_pixels=a.max_image_pixels, max_queue_tiles=a.max_queue_tiles,
                         vir_relative_threshold=a.vir_relative_threshold,
                         vir_absolute_threshold=a.vir_absolute_threshold, metrics_port=a.metrics_port,
-                        shutdown_grace_s=a.shutdown_grace_s)
+                        shutdown_grace_s=a.shutdown_grace_s, preprocess_threads=a.preprocess_threads)
 
 
 def resolve_devices(spec: str) -> tuple[str, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,6 @@ class ServerConfig:
     metrics_port: int = 0
     shutdown_grace_s: float = 30.0
     preprocess_threads: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def on_gpu(self) -> bool:
         return any(d.startswith("cuda") for d in self.devices)

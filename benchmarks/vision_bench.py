@@ -1,0 +1,232 @@
+"""Vision micro-benchmark: tiles/s through the gRPC vision service vs a plain forward loop of the same model.
+
+    python benchmarks/vision_bench.py                       # CPU, the `small` checkpoint, starts its own server
+    python benchmarks/vision_bench.py --device cuda --model /path/to/InternVL3_5-8B-Flash
+    python benchmarks/vision_bench.py --address host:port   # an already running server (same --model for the loop)
+
+ratio = service tiles/s / plain-loop tiles/s at the same micro-batch size: what decoding, tiling, batching, gRPC
+and the bf16 wire format cost on top of the model itself (target >= 0.9). On GPU it also prints the bf16 FLOP
+floor: the time a tile needs at the card's peak dense bf16 rate, and the model FLOP utilisation reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dvd.checkpoint import resolve_model  # noqa: E402
+from dvd.procs import Service, free_port, grpc_ready  # noqa: E402
+from dvd.v1 import vision_pb2, vision_pb2_grpc  # noqa: E402
+from vision_server.config import ModelConfig, ServerConfig  # noqa: E402
+from vision_server.model import build_model  # noqa: E402
+from vision_server.preprocess import preprocess  # noqa: E402
+from vision_server.weights import load_vision_weights  # noqa: E402
+
+# Dense bf16 peaks (no sparsity), by device-name substring.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def tile_flops(cfg: ModelConfig, with_router: bool) -> float:
+    """Multiply-adds x 2 of one tile: patch embedding, ViT layers, projector(s), router."""
+    d, m, h = cfg.vit_hidden, cfg.vit_mlp, cfg.llm_hidden
+    side = cfg.image_size // cfg.patch_size
+    n = side * side + 1
+    f = 2 * side * side * 3 * cfg.patch_size**2 * d
+    f += cfg.vit_layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
+    r = int(1 / cfg.downsample_ratio)
+    f += 2 * cfg.tokens_per_tile * (d * r * r * h + h * h)
+    if with_router and cfg.flash:
+        t = side * side
+        f += 2 * cfg.compressed_tokens_per_tile * (d * r**4 * 2 * h + 4 * h * h + 2 * h * h)
+        f += 4 * (2 * t * 2 * d * d + 4 * t * d + 4 * d * d)  # 4 pooling attentions (K/V over all tokens)
+        f += 4 * 2 * 8 * d * d + 4 * d  # gating blocks + gate
+    return float(f)
+
+
+def make_images(n: int, width: int, height: int) -> list[bytes]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        # Smooth content with noise: realistic JPEG sizes and decode times.
+        base = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((width, height), Image.BICUBIC)
+        arr = np.asarray(img).astype(np.int16) + rng.integers(-12, 12, (height, width, 3))
+        buf = io.BytesIO()
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+class PlainLoop:
+    """The model alone on the same tiles in full micro-batches, built once and measured per round."""
+
+    def __init__(self, cfg: ModelConfig, ckpt: Path, images: list[bytes], device: str, dtype: torch.dtype,
+                 micro_batch: int, with_router: bool, repeats: int) -> None:
+        self.model = build_model(cfg, load_vision_weights(ckpt, cfg.flash), device, dtype)
+        tiles = torch.cat([preprocess(d, image_size=cfg.image_size, min_num=1, max_num=cfg.max_dynamic_patch,
+                                      use_thumbnail=cfg.use_thumbnail, max_pixels=10**9).pixels for d in images])
+        self.batches = [tiles[i:i + micro_batch] for i in range(0, len(tiles) - micro_batch + 1, micro_batch)]
+        self.device, self.micro_batch, self.with_router, self.repeats = device, micro_batch, with_router, repeats
+        # On a worker thread like the server's device runner: on CPU the main thread ran this model ~2x slower
+        # (measured; glibc's main-thread heap hands big temporaries back to the OS, so every forward page-faults).
+        self.pool = ThreadPoolExecutor(max_workers=1)
+
+    def _run(self, batches: list[torch.Tensor]) -> None:
+        for b in batches:
+            out = self.model(b.to(self.device), with_router=self.with_router)
+            out.emb256.to(torch.bfloat16).cpu()
+            if out.emb64 is not None:
+                out.emb64.to(torch.bfloat16).cpu()
+
+    def _timed(self) -> float:
+        self._run(self.batches[:2])  # warm-up
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(self.repeats):
+            self._run(self.batches)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return self.repeats * len(self.batches) * self.micro_batch / (time.perf_counter() - t0)
+
+    def measure(self) -> float:
+        """Tiles/s of one round."""
+        return self.pool.submit(self._timed).result()
+
+
+async def service_run(address: str, images: list[bytes], per_request: int, concurrency: int, repeats: int,
+                      vir: int) -> tuple[float, list[float], int]:
+    """Encode all images `repeats` times with `concurrency` calls in flight: (tiles/s, latencies, compressed)."""
+    import grpc
+
+    reqs = [images[i:i + per_request] for i in range(0, len(images), per_request)] * repeats
+    latencies: list[float] = []
+    tiles = compressed = 0
+    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as ch:
+        stub = vision_pb2_grpc.VisionServiceStub(ch)
+
+        async def one(k: int, imgs: list[bytes]) -> None:
+            nonlocal tiles, compressed
+            t = time.perf_counter()
+            async for r in stub.Encode(vision_pb2.EncodeRequest(
+                    request_id=f"bench-{k}", images=imgs, options=vision_pb2.EncodeOptions(vir=vir))):
+                if r.HasField("tile"):
+                    tiles += 1
+                    compressed += r.tile.compressed
+            latencies.append(time.perf_counter() - t)
+
+        await asyncio.gather(*(one(-k - 1, reqs[0]) for k in range(2)))  # warm-up
+        tiles = compressed = 0
+        latencies.clear()
+        sem = asyncio.Semaphore(concurrency)
+
+        async def gated(k: int, imgs: list[bytes]) -> None:
+            async with sem:
+                await one(k, imgs)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(gated(k, r) for k, r in enumerate(reqs)))
+        return tiles / (time.perf_counter() - t0), latencies, compressed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="checkpoint directory or preset")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    p.add_argument("--address", default=None, help="use a running server instead of starting one")
+    p.add_argument("--micro-batch-tiles", type=int, default=0, help="0 = the server's device default")
+    p.add_argument("--max-batch-tiles", type=int, default=0)
+    p.add_argument("--image-size", default="896x448", help="WxH of the test images (896x448 = 3 tiles)")
+    p.add_argument("--images", type=int, default=16, help="distinct images")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=1, help="passes over the images per round")
+    p.add_argument("--rounds", type=int, default=3, help="measurements per side; the best one counts")
+    p.add_argument("--vir", choices=("auto", "off"), default="auto")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak of the GPU, if not auto-detected")
+    a = p.parse_args()
+
+    device = "cuda:0" if a.device == "cuda" else a.device
+    scfg = ServerConfig(model=a.model, devices=(device,), dtype=a.dtype, micro_batch_tiles=a.micro_batch_tiles,
+                        max_batch_tiles=a.max_batch_tiles)
+    micro = scfg.resolved_micro_batch()
+    dtype = torch.float32 if (a.dtype == "float32" or (a.dtype == "auto" and not scfg.on_gpu())) else torch.bfloat16
+    ckpt = resolve_model(a.model)
+    cfg = ModelConfig.from_checkpoint(ckpt)
+    w, h = (int(x) for x in a.image_size.split("x"))
+    images = make_images(a.images, w, h)
+    vir = vision_pb2.VIR_MODE_OFF if a.vir == "off" else vision_pb2.VIR_MODE_AUTO
+    with_router = cfg.flash and a.vir == "auto"
+    threads = torch.get_num_threads()
+    print(f"model={cfg.name} flash={cfg.flash} device={device} dtype={dtype} micro_batch={micro} "
+          f"threads={threads} images={a.images}x{a.image_size} concurrency={a.concurrency}", flush=True)
+
+    plain = PlainLoop(cfg, ckpt, images, device, dtype, micro, with_router, a.repeats)
+    svc = None
+    address = a.address
+    if address is None:
+        port = free_port()
+        argv = [sys.executable, "-m", "vision_server", "--model", str(ckpt), "--port", str(port), "--host",
+                "127.0.0.1", "--devices", device, "--dtype", a.dtype, "--micro-batch-tiles", str(micro),
+                "--max-batch-tiles", str(scfg.resolved_max_batch())]
+        env = {"OMP_NUM_THREADS": str(threads), "DVD_LOG_LEVEL": "WARNING"}
+        svc = Service("vision-bench", argv, env=env, sink=open(os.devnull, "w"))  # noqa: SIM115
+        address = f"127.0.0.1:{port}"
+        svc.wait_ready(lambda: grpc_ready(address, lambda s: s.Health(vision_pb2.VisionHealthRequest(),
+                                                                       timeout=2).ready,
+                                          vision_pb2_grpc.VisionServiceStub), timeout=300)
+    # Rounds alternate (the idle server costs nothing while the loop runs) and the best round of each side
+    # counts: on a shared machine the slower rounds measure the neighbours.
+    svc_runs: list[tuple[float, list[float], int]] = []
+    loop_runs: list[float] = []
+    try:
+        for _ in range(a.rounds):
+            loop_runs.append(plain.measure())
+            svc_runs.append(asyncio.run(service_run(address, images, a.images_per_request, a.concurrency,
+                                                    a.repeats, vir)))
+    finally:
+        if svc is not None:
+            svc.stop()
+    svc_tps, lat, compressed = max(svc_runs, key=lambda r: r[0])
+    loop_tps = max(loop_runs)
+    print(f"rounds  : service {' '.join(f'{r[0]:.2f}' for r in svc_runs)} | plain "
+          f"{' '.join(f'{r:.2f}' for r in loop_runs)} tiles/s")
+
+    lat.sort()
+    print(f"service : {svc_tps:8.2f} tiles/s  (request latency p50 {statistics.median(lat) * 1000:.0f} ms, "
+          f"p90 {lat[int(0.9 * (len(lat) - 1))] * 1000:.0f} ms, compressed tiles {compressed})")
+    print(f"plain   : {loop_tps:8.2f} tiles/s  (model forward loop, micro-batch {micro})")
+    print(f"ratio   : {svc_tps / loop_tps:8.3f}  (service efficiency; target >= 0.9)")
+    flops = tile_flops(cfg, with_router)
+    print(f"flops   : {flops / 1e9:8.2f} GFLOP per tile")
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        peak = a.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+        if peak:
+            floor_ms = flops / (peak * 1e12) * 1e3
+            print(f"floor   : {floor_ms:8.3f} ms per tile = {1e3 / floor_ms:.0f} tiles/s at {peak:.0f} bf16 TFLOPS "
+                  f"({name}); MFU service {svc_tps * flops / (peak * 1e12):.1%}, plain "
+                  f"{loop_tps * flops / (peak * 1e12):.1%}")
+        else:
+            print(f"floor   : unknown peak for {name}; pass --peak-tflops")
+
+
+if __name__ == "__main__":
+    main()
