@@ -1,0 +1,115 @@
+"""The batcher's scheduling (with a fake device) and the fixed-shape runner's invariance (with the tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from prometheus_client import generate_latest
+
+from vision_server.batcher import Batcher, DeviceRunner, TileResult
+from vision_server.metrics import Metrics
+
+
+class FakeRunner:
+    """Records batch sizes; each tile's result is its own pixel value, so mix-ups show."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.device = "fake"
+        self.delay = delay
+        self.batches: list[int] = []
+        self.executor = ThreadPoolExecutor(max_workers=1)
+
+    def run(self, pixels: list[torch.Tensor], with_router: list[bool]) -> list[TileResult]:
+        self.batches.append(len(pixels))
+        time.sleep(self.delay)
+        now = time.monotonic()
+        return [TileResult(p.flatten()[:1].clone(), None, None, now, now) for p in pixels]
+
+    def close(self) -> None:
+        self.executor.shutdown()
+
+
+def _tiles(n: int, start: int = 0) -> torch.Tensor:
+    return torch.arange(start, start + n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+
+
+async def test_batches_respect_max_batch_and_keep_tiles_apart() -> None:
+    runner = FakeRunner(delay=0.05)
+    batcher = Batcher([runner], max_batch=4, max_wait_s=0.01)  # type: ignore[list-item]
+    batcher.start()
+    futs = [batcher.submit(_tiles(n, 100 * k), False) for k, n in enumerate((3, 5, 2))]
+    results = [[(await f).emb256.item() for f in fs] for fs in futs]
+    await batcher.close()
+    assert results == [[0, 1, 2], [100, 101, 102, 103, 104], [200, 201]]
+    assert max(runner.batches) <= 4 and sum(runner.batches) == 10
+
+
+async def test_waits_for_company_but_not_longer_than_max_wait() -> None:
+    runner = FakeRunner()
+    batcher = Batcher([runner], max_batch=8, max_wait_s=0.2)  # type: ignore[list-item]
+    batcher.start()
+    first = batcher.submit(_tiles(1), False)
+    await asyncio.sleep(0.05)
+    second = batcher.submit(_tiles(2, 10), False)
+    t0 = time.monotonic()
+    await asyncio.gather(*first, *second)
+    assert runner.batches == [3]  # the late tiles joined the waiting one
+    assert time.monotonic() - t0 < 0.5
+    await batcher.close()
+
+
+async def test_cancelled_tiles_are_skipped() -> None:
+    runner = FakeRunner(delay=0.1)
+    batcher = Batcher([runner], max_batch=2, max_wait_s=0.0)  # type: ignore[list-item]
+    batcher.start()
+    keep = batcher.submit(_tiles(2), False)
+    drop = batcher.submit(_tiles(4, 50), False)
+    await asyncio.sleep(0.02)  # the first batch is running
+    for f in drop:
+        f.cancel()
+    await asyncio.gather(*keep)
+    await batcher.close()
+    assert runner.batches == [2]
+
+
+async def test_close_finishes_queued_work() -> None:
+    runner = FakeRunner(delay=0.02)
+    batcher = Batcher([runner], max_batch=2, max_wait_s=0.0)  # type: ignore[list-item]
+    batcher.start()
+    futs = batcher.submit(_tiles(5), False)
+    await batcher.close()
+    assert all(f.done() and not f.cancelled() for f in futs)
+
+
+def test_runner_is_invariant_to_batch_neighbours_and_position(tiny_flash_ckpt: Path) -> None:
+    """Same tile alone, first or last among others: identical bytes and probability (fixed-shape micro-batches)."""
+    from vision_server.config import ModelConfig
+    from vision_server.model import build_model
+    from vision_server.weights import load_vision_weights
+
+    cfg = ModelConfig.from_checkpoint(tiny_flash_ckpt)
+    runner = DeviceRunner(build_model(cfg, load_vision_weights(tiny_flash_ckpt, True), "cpu", torch.float32),
+                          "cpu", micro_batch=4)
+    tiles = list(torch.randn(6, 3, 448, 448, generator=torch.Generator().manual_seed(3)))
+    alone = runner.run(tiles[:1], [True])[0]
+    crowd = runner.run(tiles[1:4] + tiles[:1] + tiles[4:], [True] * 6)[3]
+    assert torch.equal(crowd.emb256, alone.emb256)
+    assert crowd.emb64 is not None and alone.emb64 is not None and torch.equal(crowd.emb64, alone.emb64)
+    assert torch.equal(crowd.p_compress, alone.p_compress)
+    runner.close()
+
+
+def test_metrics_exposition() -> None:
+    m = Metrics()
+    m.bind_queue(lambda: 7)
+    m.observe_batch(4, 0.1)
+    m.observe_vir([True, False, False, True])
+    text = generate_latest(m.registry).decode()
+    assert "vision_tiles_total 4.0" in text
+    assert "vision_queue_tiles 7.0" in text
+    assert "vision_vir_compressed_share 0.5" in text
+    assert 'vision_batch_tiles_bucket{le="4.0"} 1.0' in text
