@@ -159,6 +159,18 @@ def test_max_tokens_stop_and_seed(client: openai.OpenAI, model: str) -> None:
         assert c.choices[0].finish_reason == "stop" and stop not in c.choices[0].message.content
 
 
+def test_tile_budget_reaches_the_vision_server(client: openai.OpenAI, model: str) -> None:
+    def prompt_tokens(**extra: object) -> int:
+        reply = client.chat.completions.create(model=model, max_tokens=1, extra_body=extra or None,
+                                               messages=[user_message("?", images=(data_url(BLUE),))])
+        return reply.usage.prompt_tokens
+
+    default, one_tile = prompt_tokens(), prompt_tokens(max_dynamic_patch=1)
+    assert one_tile < default
+    assert prompt_tokens(mm_processor_kwargs={"max_dynamic_patch": 1}) == one_tile
+    assert prompt_tokens(vir="off", max_dynamic_patch=1) == one_tile  # no ViR on a non-Flash checkpoint
+
+
 # ---- errors ----
 
 @pytest.mark.parametrize("stream", [False, True])
