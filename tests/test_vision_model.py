@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def vllm_reference(ckpt: str, image_path: str, out_path: str, port: int) -> None:
-    """vLLM end to end: media loader -> InternVLImageProcessor -> InternVisionModel -> pixel_shuffle -> mlp1."""
+def vllm_reference(image_path: str, port: int, jobs: list[tuple[str, str]]) -> None:
+    """vLLM end to end for each (checkpoint, output) pair: media loader -> InternVLImageProcessor ->
+    InternVisionModel -> pixel_shuffle -> mlp1, in float32 and bfloat16."""
     import functools
     import types
 
@@ -31,52 +33,88 @@ def vllm_reference(ckpt: str, image_path: str, out_path: str, port: int) -> None
     from vllm.multimodal.media.image import ImageMediaIO
     from vllm.transformers_utils.processors.internvl import InternVLImageProcessor
 
-    cfg = AutoConfig.from_pretrained(ckpt, trust_remote_code=True)
-    image = ImageMediaIO().load_bytes(Path(image_path).read_bytes()).media
-    proc = InternVLImageProcessor(image_size=cfg.force_image_size, min_dynamic_patch=cfg.min_dynamic_patch,
-                                  max_dynamic_patch=cfg.max_dynamic_patch,
-                                  dynamic_image_size=cfg.dynamic_image_size, use_thumbnail=cfg.use_thumbnail)
-    pixels = proc(image)["pixel_values_flat"]
-    weights = load_file(str(Path(ckpt) / "model.safetensors"))
-    out: dict[str, torch.Tensor] = {"pixels": pixels}
     with set_current_vllm_config(VllmConfig()):
         init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                      distributed_init_method=f"tcp://127.0.0.1:{port}")
         initialize_model_parallel(1, 1)
-        for dtype in (torch.float32, torch.bfloat16):
-            # vLLM's own builders and forward, called on a stand-in for the full chat model (no language model).
-            ns = types.SimpleNamespace(downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version)
-            vit = InternVLChatModel._init_vision_model(ns, cfg, quant_config=None, prefix="vision_model").to(dtype)
-            vit.load_weights((k.removeprefix("vision_model."), v.to(dtype)) for k, v in weights.items()
-                             if k.startswith("vision_model."))
-            for m in vit.modules():  # what vLLM's loader does after loading (CPU GEMM dispatch)
-                qm = getattr(m, "quant_method", None)
-                if qm is not None and hasattr(qm, "process_weights_after_loading"):
-                    qm.process_weights_after_loading(m)
-            mlp1 = InternVLChatModel._init_mlp1(ns, cfg).to(dtype)
-            mlp1.load_state_dict({k.removeprefix("mlp1."): v.to(dtype) for k, v in weights.items()
-                                  if k.startswith("mlp1.")})
-            ns.vision_model, ns.mlp1 = vit.eval(), mlp1.eval()
-            ns.pixel_shuffle = functools.partial(InternVLChatModel.pixel_shuffle, ns)
-            with torch.inference_mode():
-                out[str(dtype)] = InternVLChatModel.extract_feature(ns, pixels.to(dtype))
-    torch.save(out, out_path)
+        for ckpt, out_path in jobs:
+            cfg = AutoConfig.from_pretrained(ckpt, trust_remote_code=True)
+            image = ImageMediaIO().load_bytes(Path(image_path).read_bytes()).media
+            proc = InternVLImageProcessor(image_size=cfg.force_image_size, min_dynamic_patch=cfg.min_dynamic_patch,
+                                          max_dynamic_patch=cfg.max_dynamic_patch,
+                                          dynamic_image_size=cfg.dynamic_image_size,
+                                          use_thumbnail=cfg.use_thumbnail)
+            pixels = proc(image)["pixel_values_flat"]
+            weights = load_file(str(Path(ckpt) / "model.safetensors"))
+            out: dict[str, torch.Tensor] = {"pixels": pixels}
+            for dtype in (torch.float32, torch.bfloat16):
+                # vLLM's own builders and forward, on a stand-in for the chat model (no language model).
+                ns = types.SimpleNamespace(downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version)
+                vit = InternVLChatModel._init_vision_model(ns, cfg, quant_config=None, prefix="vision_model")
+                vit = vit.to(dtype)
+                names = {n for n, _ in vit.named_parameters()}  # layers past select_layer are not built
+                loaded = vit.load_weights((k, v.to(dtype)) for k, v in
+                                          ((k.removeprefix("vision_model."), v) for k, v in weights.items())
+                                          if k in names)
+                assert loaded == names, names - loaded
+                for m in vit.modules():  # what vLLM's loader does after loading (CPU GEMM dispatch)
+                    qm = getattr(m, "quant_method", None)
+                    if qm is not None and hasattr(qm, "process_weights_after_loading"):
+                        qm.process_weights_after_loading(m)
+                mlp1 = InternVLChatModel._init_mlp1(ns, cfg).to(dtype)
+                mlp1.load_state_dict({k.removeprefix("mlp1."): v.to(dtype) for k, v in weights.items()
+                                      if k.startswith("mlp1.")})
+                ns.vision_model, ns.mlp1 = vit.eval(), mlp1.eval()
+                ns.pixel_shuffle = functools.partial(InternVLChatModel.pixel_shuffle, ns)
+                with torch.inference_mode():
+                    out[str(dtype)] = InternVLChatModel.extract_feature(ns, pixels.to(dtype))
+            torch.save(out, out_path)
+
+
+def make_vit6b_style(tiny: Path, out: Path) -> Path:
+    """The tiny checkpoint rewired the InternViT-6B way: RMSNorm, qk-normalisation, no qkv bias, and also
+    select_layer=-2 and pixel-shuffle v1, so every config switch of the model meets vLLM's implementation."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tiny.iterdir():
+        if f.suffix in (".json", ".py") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, out / f.name)
+    config = json.loads((tiny / "config.json").read_text())
+    config["vision_config"].update(norm_type="rms_norm", qk_normalization=True, qkv_bias=False)
+    config.update(select_layer=-2, ps_version="v1")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    gen = torch.Generator().manual_seed(6)
+    tensors = {}
+    for k, v in load_file(str(tiny / "model.safetensors")).items():
+        if k.startswith("language_model.") or k.endswith(("norm1.bias", "norm2.bias", "qkv.bias")):
+            continue
+        tensors[k] = v
+        if k.endswith("attn.proj.weight"):
+            d = v.shape[0]
+            for norm in ("q_norm", "k_norm"):
+                w = 1 + 0.2 * torch.randn(d, generator=gen)
+                tensors[k.replace("proj.weight", f"{norm}.weight")] = w.to(torch.bfloat16)
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
 
 
 @pytest.fixture(scope="module")
-def vllm_ref(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def vllm_refs(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """One subprocess (vLLM's import is the slow part) computes the references for both checkpoints."""
     from dvd.procs import free_port
     from tests.test_vision_helpers import encode, noise_image
 
     tmp = tmp_path_factory.mktemp("vllm_ref")
+    ckpts = {"tiny": tiny_ckpt, "vit6b-style": make_vit6b_style(tiny_ckpt, tmp / "vit6b-style")}
     data = encode(noise_image(900, 600), "JPEG", quality=92)  # 3x2 grid + thumbnail
     (tmp / "image.jpg").write_bytes(data)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    proc = subprocess.run([sys.executable, __file__, str(tiny_ckpt), str(tmp / "image.jpg"), str(tmp / "ref.pt"),
-                           str(free_port())], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    jobs = [f"{ckpt}={tmp / name}.pt" for name, ckpt in ckpts.items()]
+    proc = subprocess.run([sys.executable, __file__, str(tmp / "image.jpg"), str(free_port()), *jobs], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ref = torch.load(tmp / "ref.pt")
-    return {"bytes": data, **ref}
+    return {name: {"bytes": data, "ckpt": ckpt, **torch.load(tmp / f"{name}.pt")} for name, ckpt in ckpts.items()}
 
 
 def _model(ckpt: Path, dtype: torch.dtype) -> object:
@@ -88,25 +126,30 @@ def _model(ckpt: Path, dtype: torch.dtype) -> object:
     return build_model(cfg, load_vision_weights(ckpt, cfg.flash), "cpu", dtype)
 
 
-def test_embeddings_equal_vllm_float32(tiny_ckpt: Path, vllm_ref: dict) -> None:
+@pytest.mark.parametrize("variant", ["tiny", "vit6b-style"])
+def test_embeddings_equal_vllm_float32(vllm_refs: dict, variant: str) -> None:
+    vllm_ref = vllm_refs[variant]
     ref = vllm_ref[str(torch.float32)]
-    ours = _model(tiny_ckpt, torch.float32)(vllm_ref["pixels"]).emb256
+    ours = _model(vllm_ref["ckpt"], torch.float32)(vllm_ref["pixels"]).emb256
     assert ours.shape == ref.shape == (7, 256, 128)
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_embeddings_equal_vllm_bfloat16(tiny_ckpt: Path, vllm_ref: dict) -> None:
+@pytest.mark.parametrize("variant", ["tiny", "vit6b-style"])
+def test_embeddings_equal_vllm_bfloat16(vllm_refs: dict, variant: str) -> None:
     """Both in bf16 end to end: equal up to bf16 rounding noise accumulated over the layers."""
+    vllm_ref = vllm_refs[variant]
     ref = vllm_ref[str(torch.bfloat16)].float()
-    ours = _model(tiny_ckpt, torch.bfloat16)(vllm_ref["pixels"]).emb256.float()
+    ours = _model(vllm_ref["ckpt"], torch.bfloat16)(vllm_ref["pixels"]).emb256.float()
     rel = (ours - ref).norm() / ref.norm()
     assert rel < 1e-2, rel
 
 
-def test_service_bytes_match_vllm(vision_tiny: str, vllm_ref: dict) -> None:
+def test_service_bytes_match_vllm(vision_tiny: str, vllm_refs: dict) -> None:
     """Image bytes through the running service vs vLLM's fp32 path rounded to bf16: at most one bf16 step apart."""
     from tests.test_vision_helpers import encode_sync, request
 
+    vllm_ref = vllm_refs["tiny"]
     got = encode_sync(vision_tiny, request([vllm_ref["bytes"]]))
     ref = vllm_ref[str(torch.float32)]
     assert len(got.tiles) == ref.shape[0]
@@ -215,4 +258,4 @@ def test_unused_pooling_layers_are_accepted_and_ignored(tiny_flash_ckpt: Path) -
 
 
 if __name__ == "__main__":
-    vllm_reference(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    vllm_reference(sys.argv[1], int(sys.argv[2]), [tuple(job.split("=", 1)) for job in sys.argv[3:]])

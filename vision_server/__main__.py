@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 import grpc
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--vir-absolute-threshold", type=float, default=None, help="override the checkpoint's value")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
     p.add_argument("--shutdown-grace-s", type=float, default=30.0)
-    p.add_argument("--preprocess-threads", type=int, default=2, help="threads decoding and tiling images")
+    p.add_argument("--preprocess-threads", type=int, default=min(8, os.cpu_count() or 2),
+                   help="threads decoding and tiling images (Pillow releases the GIL while resizing)")
     a = p.parse_args(argv)
     return ServerConfig(model=a.model, port=a.port, host=a.host, devices=resolve_devices(a.devices), dtype=a.dtype,
                         max_batch_tiles=a.max_batch_tiles, micro_batch_tiles=a.micro_batch_tiles,
