@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# color_message: uvicorn's ANSI duplicate of the message.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
 class KeyValueFormatter(logging.Formatter):

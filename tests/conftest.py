@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dvd.checkpoint import resolve_model
-from dvd.procs import Service, free_port, grpc_ready, http_ok
+from dvd.procs import Service, free_port, http_ok, llm_health, vision_health
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -36,19 +36,12 @@ def tiny_flash_ckpt(checkpoint_root: Path) -> Path:
     return resolve_model("tiny-flash")
 
 
-def _vision_health(address: str) -> bool:
-    from dvd.v1 import vision_pb2, vision_pb2_grpc
-
-    return grpc_ready(address, lambda s: s.Health(vision_pb2.VisionHealthRequest(), timeout=2).ready,
-                      vision_pb2_grpc.VisionServiceStub)
-
-
 def start_vision(name: str, model: Path, *extra: str) -> tuple[Service, str]:
     port = free_port()
     svc = Service(name, [PY, "-m", "vision_server", "--model", str(model), "--port", str(port),
                          "--devices", "cpu", *extra], env={"OMP_NUM_THREADS": "1"})
     address = f"127.0.0.1:{port}"
-    svc.wait_ready(lambda: _vision_health(address), timeout=120)
+    svc.wait_ready(lambda: vision_health(address), timeout=120)
     return svc, address
 
 
@@ -68,25 +61,15 @@ def vision_tiny_flash(tiny_flash_ckpt: Path) -> Iterator[str]:
     svc.stop()
 
 
-def _llm_health(address: str) -> bool:
-    from dvd.v1 import llm_pb2, llm_pb2_grpc
-
-    return grpc_ready(address, lambda s: s.Health(llm_pb2.LanguageHealthRequest(), timeout=2).ready,
-                      llm_pb2_grpc.LanguageServiceStub)
-
-
 @pytest.fixture(scope="session")
-def llm_tiny(tiny_ckpt: Path, vision_tiny: str, vision_tiny_flash: str) -> Iterator[str]:
-    """Address of a language server on the tiny checkpoint, fed by the tiny vision server.
-
-    The Flash vision server shares the language weights (same seed, same tokenizer), so requests may also be
-    routed to it via `llm_tiny_flash`.
-    """
+def llm_tiny(tiny_ckpt: Path, vision_tiny: str) -> Iterator[str]:
+    """Address of a language server (served as `tiny`) on the tiny checkpoint, fed by the tiny vision server."""
     port = free_port()
     svc = Service("llm-tiny", [PY, "-m", "llm_server", "--model", str(tiny_ckpt), "--port", str(port),
-                               "--vision", vision_tiny, "--max-model-len", "16384"], env=ENGINE_ENV)
+                               "--vision", vision_tiny, "--max-model-len", "16384",
+                               "--served-model-name", "tiny"], env=ENGINE_ENV)
     address = f"127.0.0.1:{port}"
-    svc.wait_ready(lambda: _llm_health(address), timeout=VLLM_START_TIMEOUT)
+    svc.wait_ready(lambda: llm_health(address), timeout=VLLM_START_TIMEOUT)
     yield address
     svc.stop()
 
