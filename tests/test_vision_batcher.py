@@ -62,6 +62,16 @@ async def test_waits_for_company_but_not_longer_than_max_wait() -> None:
     await batcher.close()
 
 
+async def test_whole_micro_batches_first_remainder_next() -> None:
+    runner = FakeRunner(delay=0.05)
+    batcher = Batcher([runner], max_batch=8, max_wait_s=0.01, granularity=4)  # type: ignore[list-item]
+    batcher.start()
+    futs = batcher.submit(_tiles(6), False)
+    assert [(await f).emb256.item() for f in futs] == [0, 1, 2, 3, 4, 5]
+    await batcher.close()
+    assert runner.batches == [4, 2]  # the two extra tiles did not pad a second micro-batch in the first batch
+
+
 async def test_cancelled_tiles_are_skipped() -> None:
     runner = FakeRunner(delay=0.1)
     batcher = Batcher([runner], max_batch=2, max_wait_s=0.0)  # type: ignore[list-item]

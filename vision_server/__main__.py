@@ -97,7 +97,8 @@ async def serve(cfg: ServerConfig) -> None:
         absolute=model_cfg.vir_absolute_threshold if cfg.vir_absolute_threshold is None
         else cfg.vir_absolute_threshold)
     metrics = Metrics()
-    batcher = Batcher(runners, cfg.resolved_max_batch(), cfg.max_wait_ms / 1000, on_batch=metrics.observe_batch)
+    batcher = Batcher(runners, cfg.resolved_max_batch(), cfg.max_wait_ms / 1000, on_batch=metrics.observe_batch,
+                      granularity=cfg.resolved_micro_batch())
     metrics.bind_queue(lambda: batcher.queued_tiles)
     batcher.start()
     servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir)

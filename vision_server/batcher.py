@@ -88,9 +88,10 @@ class Batcher:
     """A shared queue of tiles and one worker per device pulling batches of up to `max_batch` tiles."""
 
     def __init__(self, runners: list[DeviceRunner], max_batch: int, max_wait_s: float,
-                 on_batch: BatchObserver | None = None) -> None:
+                 on_batch: BatchObserver | None = None, granularity: int = 1) -> None:
         self.runners = runners
-        self.max_batch = max_batch
+        self.granularity = max(1, granularity)
+        self.max_batch = max(max_batch, self.granularity)
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         self._pending: deque[TileJob] = deque()
@@ -148,8 +149,13 @@ class Batcher:
             self._live()
             if not self._pending:
                 return []
+        # Padding wastes compute: with at least one full micro-batch waiting, take whole micro-batches only and
+        # leave the rest at the head of the queue (it goes first next time, padded only once it is alone).
+        take = min(len(self._pending), self.max_batch)
+        if take >= self.granularity:
+            take -= take % self.granularity
         batch: list[TileJob] = []
-        while self._pending and len(batch) < self.max_batch:
+        while self._pending and len(batch) < take:
             job = self._pending.popleft()
             if not job.future.done():
                 batch.append(job)
