@@ -88,7 +88,7 @@ def test_cancelled_client_does_not_hurt_the_server(vision_tiny: str) -> None:
 
 def _busy(address: str, target: vision_pb2.EncodeRequest, n_others: int) -> Encoded:
     """`target` submitted in the middle of a crowd of other requests; returns the target's result."""
-    others = [request([encode(noise_image(300 + 211 * k, 900 - 97 * k, seed=20 + k), "PNG")] * (1 + k % 2),
+    others = [request([encode(noise_image(300 + 211 * k, 900 - 97 * k, seed=20 + k), "JPEG")] * (1 + k % 2),
                       request_id=f"other-{k}") for k in range(n_others)]
     with ThreadPoolExecutor(max_workers=n_others + 1) as pool:
         before = [pool.submit(encode_sync, address, r) for r in others[: n_others // 2]]
@@ -106,8 +106,7 @@ def test_batching_never_changes_a_result(fixture: str, request_fixture: pytest.F
     target = request([encode(noise_image(1100, 700, seed=9), "PNG"), encode(noise_image(500, 900, seed=8), "WEBP"),
                       GOOD], request_id="target")
     alone = encode_sync(address, target)
-    for n_others in (3, 6):
-        assert _busy(address, target, n_others).fingerprint() == alone.fingerprint()
+    assert _busy(address, target, 5).fingerprint() == alone.fingerprint()
     if fixture == "vision_tiny_flash":
         assert any(t.compressed for t in alone.tiles) and not all(t.compressed for t in alone.tiles)
 

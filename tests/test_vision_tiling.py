@@ -29,7 +29,7 @@ def test_tiles_equal_vllm(width: int, height: int) -> None:
 
 
 @pytest.mark.parametrize(("max_num", "min_num", "thumb"), [(1, 1, True), (2, 1, True), (6, 1, False), (6, 2, True),
-                                                          (24, 1, True), (40, 1, False)])
+                                                          (24, 1, True)])
 @pytest.mark.parametrize(("width", "height"), [(1, 1), (1200, 500), (500, 1200), (2000, 1500), (90, 4000)])
 def test_tiles_equal_vllm_max_num(width: int, height: int, max_num: int, min_num: int, thumb: bool) -> None:
     image = noise_image(width, height, seed=max_num)
