@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dvd.checkpoint import resolve_model  # noqa: E402
-from dvd.procs import Service, free_port, grpc_ready  # noqa: E402
+from dvd.procs import Service, free_port, vision_health  # noqa: E402
 from dvd.v1 import vision_pb2, vision_pb2_grpc  # noqa: E402
 from vision_server.config import ModelConfig, ServerConfig  # noqa: E402
 from vision_server.model import build_model  # noqa: E402
@@ -189,9 +189,7 @@ def main() -> None:
         env = {"OMP_NUM_THREADS": str(threads), "DVD_LOG_LEVEL": "WARNING"}
         svc = Service("vision-bench", argv, env=env, sink=open(os.devnull, "w"))  # noqa: SIM115
         address = f"127.0.0.1:{port}"
-        svc.wait_ready(lambda: grpc_ready(address, lambda s: s.Health(vision_pb2.VisionHealthRequest(),
-                                                                       timeout=2).ready,
-                                          vision_pb2_grpc.VisionServiceStub), timeout=300)
+        svc.wait_ready(lambda: vision_health(address), timeout=300)
     # Rounds alternate (the idle server costs nothing while the loop runs) and the best round of each side
     # counts: on a shared machine the slower rounds measure the neighbours.
     svc_runs: list[tuple[float, list[float], int]] = []
