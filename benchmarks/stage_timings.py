@@ -12,17 +12,13 @@ import argparse
 import asyncio
 import contextlib
 import statistics
-import sys
-from pathlib import Path
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from dvd.logs import setup_logging
+from dvd.media import image_bytes
 from dvd.procs import free_port
 from dvd.v1 import llm_pb2, llm_pb2_grpc
-from tests.media import image_bytes
 
 FIELDS = ("vision_preprocess_seconds", "vision_queue_seconds", "vision_compute_seconds", "vision_seconds",
           "queue_seconds", "decode_seconds")
