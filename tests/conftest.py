@@ -17,6 +17,7 @@ PY = sys.executable
 # vLLM on CPU reserves most of the machine unless told otherwise; several engines share 2 cores here.
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
 VLLM_START_TIMEOUT = 300
+METRICS_URLS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
@@ -64,14 +65,34 @@ def vision_tiny_flash(tiny_flash_ckpt: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def llm_tiny(tiny_ckpt: Path, vision_tiny: str) -> Iterator[str]:
     """Address of a language server (served as `tiny`) on the tiny checkpoint, fed by the tiny vision server."""
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     svc = Service("llm-tiny", [PY, "-m", "llm_server", "--model", str(tiny_ckpt), "--port", str(port),
-                               "--vision", vision_tiny, "--max-model-len", "16384",
-                               "--served-model-name", "tiny"], env=ENGINE_ENV)
+                               "--vision", vision_tiny, "--max-model-len", "16384", "--served-model-name", "tiny",
+                               "--metrics-port", str(metrics_port)], env=ENGINE_ENV)
+    address = f"127.0.0.1:{port}"
+    svc.wait_ready(lambda: llm_health(address), timeout=VLLM_START_TIMEOUT)
+    METRICS_URLS[address] = f"http://127.0.0.1:{metrics_port}/metrics"
+    yield address
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def llm_tiny_flash(tiny_flash_ckpt: Path, vision_tiny_flash: str) -> Iterator[str]:
+    """DvD + ViR: a language server on the Flash checkpoint, fed by the Flash vision server."""
+    port = free_port()
+    svc = Service("llm-tiny-flash", [PY, "-m", "llm_server", "--model", str(tiny_flash_ckpt), "--port", str(port),
+                                     "--vision", vision_tiny_flash, "--max-model-len", "16384",
+                                     "--served-model-name", "tiny-flash"], env=ENGINE_ENV)
     address = f"127.0.0.1:{port}"
     svc.wait_ready(lambda: llm_health(address), timeout=VLLM_START_TIMEOUT)
     yield address
     svc.stop()
+
+
+@pytest.fixture(scope="session")
+def llm_tiny_metrics(llm_tiny: str) -> str:
+    """The Prometheus URL of `llm_tiny`."""
+    return METRICS_URLS[llm_tiny]
 
 
 @pytest.fixture(scope="session")

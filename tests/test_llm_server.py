@@ -222,3 +222,64 @@ def test_sampling_params_follow_the_request() -> None:
         sampling_params(llm_pb2.SamplingParams(max_tokens=950), {}, 100, 1000)
     with pytest.raises(PromptError):
         sampling_params(llm_pb2.SamplingParams(temperature=-1.0), {}, 100, 1000)
+
+
+async def test_metrics_cover_vision_wait_bytes_and_vllm(llm_tiny: str, llm_tiny_metrics: str) -> None:
+    import httpx
+
+    await generate(llm_tiny, [image(image_bytes(500, 400, seed=41)), text("metrics?")], max_tokens=2)
+    body = httpx.get(llm_tiny_metrics, timeout=10).text
+    samples = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.splitlines()
+               if line and not line.startswith("#")}
+    assert samples["dvd_llm_vision_wait_seconds_count"] >= 1
+    assert samples["dvd_llm_embedding_bytes_total"] >= 256 * 128 * 2
+    assert any(name.startswith("vllm:") for name in samples), "vLLM's own metrics are not exposed"
+
+
+async def test_vision_pool_retries_when_a_server_dies_mid_request(vision_tiny: str, tiny_ckpt) -> None:
+    """The first-choice server is killed while it works; the request completes on the other one."""
+    from tests.conftest import start_vision
+
+    doomed, doomed_address = start_vision("vision-doomed", tiny_ckpt)
+    images = [image_bytes(1792, 1344, seed=60 + i) for i in range(4)]  # 4 x 13 tiles: seconds of work
+    pool = VisionPool((doomed_address, vision_tiny), hidden_size=128, timeout_s=120)
+    await pool.start()
+    try:
+        task = asyncio.create_task(pool.encode("r-die", images, vision_pb2.EncodeOptions()))
+        await asyncio.sleep(0.5)
+        doomed.proc.kill()
+        encoded = await task
+        reference = VisionPool((vision_tiny,), hidden_size=128, timeout_s=120)
+        await reference.start()
+        try:
+            expected = await reference.encode("r-ref", images, vision_pb2.EncodeOptions())
+        finally:
+            await reference.close()
+    finally:
+        await pool.close()
+        doomed.stop()
+    assert encoded.server == vision_tiny
+    assert all(torch.equal(a, b) for a, b in zip(encoded.embeddings, expected.embeddings, strict=True))
+
+
+async def test_flash_router_end_to_end(llm_tiny_flash: str) -> None:
+    """DvD + ViR: compressed tiles (64 rows) and full tiles (256) mixed in one request reach vLLM intact."""
+
+    async def visual_tokens(vir: int, images: list[bytes]) -> tuple[int, int]:
+        req = llm_pb2.GenerateRequest(
+            messages=[llm_pb2.ChatMessage(role="user", content=[*(image(b) for b in images), text("Describe.")])],
+            sampling=llm_pb2.SamplingParams(max_tokens=4, temperature=0.0), vision=llm_pb2.VisionOptions(vir=vir))
+        async with grpc.aio.insecure_channel(llm_tiny_flash) as channel:
+            msgs = [m async for m in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req)]
+        return msgs[-1].usage.visual_tokens, msgs[-1].usage.completion_tokens
+
+    images = [image_bytes(1344, 896, seed=81), image_bytes(896, 896, seed=82)]  # 6+1 and 4+1 tiles
+    tiles = 7 + 5
+    full, generated = await visual_tokens(vision_pb2.VIR_MODE_OFF, images)
+    assert (full, generated) == (tiles * 256, 4)
+    auto, generated = await visual_tokens(vision_pb2.VIR_MODE_AUTO, images)
+    compressed = (full - auto) // (256 - 64)
+    assert generated == 4 and (full - auto) % (256 - 64) == 0
+    assert 0 < compressed < tiles, f"the router compressed {compressed} of {tiles} tiles"
+    assert (await visual_tokens(vision_pb2.VIR_MODE_AUTO, images))[0] == auto  # deterministic
+    assert (await visual_tokens(vision_pb2.VIR_MODE_AUTO, [image_bytes(448, 448)]))[0] == 256  # one tile: never
