@@ -61,7 +61,7 @@ def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: in
         if p.HasField(name):
             kw[name] = getattr(p, name)
     room = max_model_len - prompt_tokens
-    kw["max_tokens"] = min(p.max_tokens, room) if p.HasField("max_tokens") else kw.get("max_tokens", room)
+    kw["max_tokens"] = min(p.max_tokens if p.HasField("max_tokens") else kw.get("max_tokens", room), room)
     if p.HasField("max_tokens") and p.max_tokens > room:
         raise PromptError(f"max_tokens={p.max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the model's "
                           f"context of {max_model_len} tokens")
