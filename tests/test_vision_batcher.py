@@ -123,3 +123,18 @@ def test_metrics_exposition() -> None:
     assert "vision_queue_tiles 7.0" in text
     assert "vision_vir_compressed_share 0.5" in text
     assert 'vision_batch_tiles_bucket{le="4.0"} 1.0' in text
+
+
+async def test_one_worker_per_device_shares_the_queue() -> None:
+    """`--devices cuda:0,cuda:1`: both devices pull from one queue, and every tile still gets its own result."""
+    runners = [FakeRunner(delay=0.05), FakeRunner(delay=0.05)]
+    batcher = Batcher(runners, max_batch=2, max_wait_s=0.0)  # type: ignore[arg-type]
+    batcher.start()
+    futs = [batcher.submit(_tiles(n, 100 * k), False) for k, n in enumerate((4, 3, 5))]
+    results = [[(await f).emb256.item() for f in fs] for fs in futs]
+    await batcher.close()
+    for r in runners:
+        r.close()
+    assert results == [[0, 1, 2, 3], [100, 101, 102], [200, 201, 202, 203, 204]]
+    assert all(r.batches for r in runners), f"a device sat idle: {[r.batches for r in runners]}"
+    assert sum(sum(r.batches) for r in runners) == 12
