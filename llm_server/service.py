@@ -18,7 +18,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server import metrics
 from llm_server.prompt import PromptError, count_prompt_tokens, parse_messages, render_prompt
-from llm_server.vision_pool import VisionInputError, VisionPool, VisionUnavailableError
+from llm_server.vision_pool import VisionInputError, VisionPool, VisionTimeoutError, VisionUnavailableError
 
 log = logging.getLogger("llm_server.service")
 
@@ -113,6 +113,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         except VisionUnavailableError as e:
             status = "unavailable"
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except VisionTimeoutError as e:
+            status = "deadline_exceeded"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except grpc.aio.AioRpcError as e:  # a vision call that was cancelled or ran out of time
             status = e.code().name.lower()
             await context.abort(e.code(), e.details() or "vision call failed")

@@ -26,6 +26,10 @@ class VisionUnavailableError(RuntimeError):
     """No vision server could encode the request."""
 
 
+class VisionTimeoutError(TimeoutError):
+    """The vision pool did not finish the request within its deadline."""
+
+
 class VisionProtocolError(RuntimeError):
     """A vision server sent a stream that does not add up (wrong sizes, order, counts)."""
 
@@ -132,6 +136,8 @@ class VisionPool:
                     raise VisionInputError(e.details() or "invalid image") from e
                 if e.code() == grpc.StatusCode.CANCELLED:
                     raise
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the whole budget is spent: no retry
+                    raise VisionTimeoutError(f"vision encoding took longer than {self.timeout_s:.0f}s") from e
                 backend.healthy = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
                 errors.append(f"{backend.address}: {e.code().name} {e.details()}")
             except VisionProtocolError as e:
@@ -139,6 +145,8 @@ class VisionPool:
                 errors.append(f"{backend.address}: {e}")
             log.warning("vision server failed; trying another", extra={"request_id": request_id,
                                                                           "error": errors[-1]})
+        if time.monotonic() >= deadline:
+            raise VisionTimeoutError(f"vision encoding took longer than {self.timeout_s:.0f}s")
         detail = "; ".join(errors) if errors else "no vision server configured or reachable"
         raise VisionUnavailableError(f"no vision server could encode the images ({detail})")
 

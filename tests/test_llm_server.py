@@ -12,7 +12,7 @@ import torch
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server.prompt import PromptError
 from llm_server.service import EmbeddingError, sampling_params, validate_embeddings
-from llm_server.vision_pool import VisionPool, VisionUnavailableError
+from llm_server.vision_pool import VisionPool, VisionTimeoutError, VisionUnavailableError
 from tests.media import data_url, image_bytes
 
 pytestmark = pytest.mark.timeout(600)
@@ -283,3 +283,13 @@ async def test_flash_router_end_to_end(llm_tiny_flash: str) -> None:
     assert 0 < compressed < tiles, f"the router compressed {compressed} of {tiles} tiles"
     assert (await visual_tokens(vision_pb2.VIR_MODE_AUTO, images))[0] == auto  # deterministic
     assert (await visual_tokens(vision_pb2.VIR_MODE_AUTO, [image_bytes(448, 448)]))[0] == 256  # one tile: never
+
+
+async def test_vision_pool_deadline_is_a_timeout_not_a_retry(vision_tiny: str) -> None:
+    pool = VisionPool((vision_tiny,), hidden_size=128, timeout_s=0.05)
+    await pool.start()
+    try:
+        with pytest.raises(VisionTimeoutError):
+            await pool.encode("r-slow", [image_bytes(1792, 1344, seed=s) for s in range(3)], vision_pb2.EncodeOptions())
+    finally:
+        await pool.close()
