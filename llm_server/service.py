@@ -18,7 +18,13 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server import metrics
 from llm_server.prompt import PromptError, count_prompt_tokens, parse_messages, render_prompt
-from llm_server.vision_pool import VisionInputError, VisionPool, VisionTimeoutError, VisionUnavailableError
+from llm_server.vision_pool import (
+    VisionBusyError,
+    VisionInputError,
+    VisionPool,
+    VisionTimeoutError,
+    VisionUnavailableError,
+)
 
 log = logging.getLogger("llm_server.service")
 
@@ -110,9 +116,12 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             status = "invalid"
             log.info("rejected request", extra={"request_id": request_id, "reason": str(e)})
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except VisionUnavailableError as e:
-            status = "unavailable"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except VisionBusyError as e:
+            status = "vision_busy"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except VisionUnavailableError as e:  # the pool, not this replica: the router must not retry elsewhere
+            status = "vision_unavailable"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except VisionTimeoutError as e:
             status = "deadline_exceeded"
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))

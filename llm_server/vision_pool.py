@@ -26,6 +26,10 @@ class VisionUnavailableError(RuntimeError):
     """No vision server could encode the request."""
 
 
+class VisionBusyError(VisionUnavailableError):
+    """Every vision server refused the request because its queue is full (back-pressure, retry later)."""
+
+
 class VisionTimeoutError(TimeoutError):
     """The vision pool did not finish the request within its deadline."""
 
@@ -124,6 +128,7 @@ class VisionPool:
         deadline = time.monotonic() + self.timeout_s
         tried: set[str] = set()
         errors: list[str] = []
+        busy = 0
         while (backend := self._pick(tried)) is not None:
             tried.add(backend.address)
             remaining = deadline - time.monotonic()
@@ -138,6 +143,7 @@ class VisionPool:
                     raise
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the whole budget is spent: no retry
                     raise VisionTimeoutError(f"vision encoding took longer than {self.timeout_s:.0f}s") from e
+                busy += e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 backend.healthy = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
                 errors.append(f"{backend.address}: {e.code().name} {e.details()}")
             except VisionProtocolError as e:
@@ -148,6 +154,8 @@ class VisionPool:
         if time.monotonic() >= deadline:
             raise VisionTimeoutError(f"vision encoding took longer than {self.timeout_s:.0f}s")
         detail = "; ".join(errors) if errors else "no vision server configured or reachable"
+        if errors and busy == len(errors):
+            raise VisionBusyError(f"every vision server is at capacity ({detail})")
         raise VisionUnavailableError(f"no vision server could encode the images ({detail})")
 
     async def _encode_on(self, b: VisionBackend, request_id: str, images: list[bytes],

@@ -35,7 +35,9 @@ def create_app(config: RouterConfig) -> FastAPI:
     limiter = Limiter(config.max_concurrency, config.max_queue)
     images = ImageLoader(FetchLimits(max_bytes=config.max_image_bytes, timeout=config.image_fetch_timeout,
                                      max_redirects=config.max_image_redirects,
-                                     allow_private=config.allow_private_image_urls))
+                                     allow_private=config.allow_private_image_urls,
+                                     max_images=config.max_images_per_request,
+                                     max_total_bytes=config.max_image_total_bytes))
     completions = Completions(pool, images, limiter, metrics, max_body_bytes=config.max_body_bytes,
                               request_timeout=config.request_timeout)
     metrics.waiting.set_function(lambda: limiter.waiting)

@@ -18,6 +18,7 @@ from typing import TypeVar
 import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from dvd.v1 import llm_pb2
@@ -128,7 +129,7 @@ class Completions:
             held.tracker.finish(200)
             completion = builder.build(held.tracker.usage)
             return JSONResponse(completion.model_dump(mode="json"), headers={"X-Request-Id": request_id})
-        except ClientGone:
+        except (ClientGone, ClientDisconnect):  # the client left (possibly mid-upload): nobody to answer
             held.tracker.finish(499)
             return Response(status_code=499)
         except Exception as exc:

@@ -23,6 +23,8 @@ class RouterConfig:
     image_fetch_timeout: float = 10.0
     max_image_bytes: int = 20 * MIB
     max_image_redirects: int = 3
+    max_images_per_request: int = 16
+    max_image_total_bytes: int = 128 * MIB
     request_timeout: float = 600.0
     health_interval: float = 2.0
 
@@ -51,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
     p.add_argument("--image-fetch-timeout", type=float, default=RouterConfig.image_fetch_timeout,
                    help="seconds for one http(s) image, redirects included")
     p.add_argument("--max-image-bytes", type=int, default=RouterConfig.max_image_bytes)
+    p.add_argument("--max-images-per-request", type=int, default=RouterConfig.max_images_per_request)
+    p.add_argument("--max-image-total-bytes", type=int, default=RouterConfig.max_image_total_bytes,
+                   help="all images of one request together")
     p.add_argument("--request-timeout", type=float, default=RouterConfig.request_timeout,
                    help="seconds from request to last token; 504 after")
     p.add_argument("--health-interval", type=float, default=RouterConfig.health_interval)
@@ -63,4 +68,6 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
                         allow_private_image_urls=a.allow_private_image_urls, max_body_bytes=a.max_body_bytes,
                         max_concurrency=a.max_concurrency, max_queue=a.max_queue,
                         image_fetch_timeout=a.image_fetch_timeout, max_image_bytes=a.max_image_bytes,
+                        max_images_per_request=a.max_images_per_request,
+                        max_image_total_bytes=a.max_image_total_bytes,
                         request_timeout=a.request_timeout, health_interval=a.health_interval)

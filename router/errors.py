@@ -27,6 +27,7 @@ GRPC_TO_HTTP = {
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.FAILED_PRECONDITION: 503,  # the vision pool cannot serve right now
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.CANCELLED: 499,
 }
@@ -55,4 +56,5 @@ class APIError(Exception):
     @classmethod
     def from_grpc(cls, error: grpc.aio.AioRpcError) -> APIError:
         status = GRPC_TO_HTTP.get(error.code(), 500)
-        return cls(status, error.details() or error.code().name, code=error.code().name.lower())
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        return cls(status, error.details() or error.code().name, code=error.code().name.lower(), headers=headers)

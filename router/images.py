@@ -30,6 +30,10 @@ class FetchLimits:
     timeout: float = 10.0
     max_redirects: int = 3
     allow_private: bool = False
+    # Per request: caps what one body can make the gateway fetch and hold, below the language server's 256 MiB.
+    max_images: int = 16
+    max_total_bytes: int = 128 * 1024 * 1024
+    concurrency: int = 4
 
 
 class ImageError(APIError):
@@ -110,8 +114,25 @@ class ImageLoader:
         await self._client.aclose()
 
     async def load_all(self, urls: Iterable[tuple[str, str]]) -> list[bytes]:
-        """(url, param) pairs -> their bytes, fetched concurrently; the first failure names its `param`."""
-        tasks = [asyncio.ensure_future(self.load(url, param)) for url, param in urls]
+        """(url, param) pairs -> their bytes, a few at a time; the first failure names its `param`."""
+        urls = list(urls)
+        if len(urls) > self.limits.max_images:
+            raise ImageError(f"{len(urls)} images in one request; at most {self.limits.max_images} are accepted",
+                             code="too_many_images")
+        slots = asyncio.Semaphore(self.limits.concurrency)
+        loaded = 0
+
+        async def one(url: str, param: str) -> bytes:
+            nonlocal loaded
+            async with slots:
+                data = await self.load(url, param)
+            loaded += len(data)
+            if loaded > self.limits.max_total_bytes:
+                raise ImageError(f"the request's images exceed {self.limits.max_total_bytes} bytes in total",
+                                 code="images_too_large")
+            return data
+
+        tasks = [asyncio.ensure_future(one(url, param)) for url, param in urls]
         try:
             return list(await asyncio.gather(*tasks))
         finally:

@@ -80,6 +80,7 @@ class RequestTracker:
             "ttft_s": round(self._first - self._start, 4) if self._first else "", "e2e_s": round(elapsed, 4)})
         if error is not None:
             self._m.errors.labels(type=error.type, code=error.code or "").inc()
+        if status != 200:  # latency and token figures describe completed requests only
             return
         self._m.e2e.observe(elapsed)
         if self.usage is not None:

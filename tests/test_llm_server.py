@@ -12,7 +12,7 @@ import torch
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server.prompt import PromptError
 from llm_server.service import EmbeddingError, sampling_params, validate_embeddings
-from llm_server.vision_pool import VisionPool, VisionTimeoutError, VisionUnavailableError
+from llm_server.vision_pool import VisionBusyError, VisionPool, VisionTimeoutError, VisionUnavailableError
 from tests.media import data_url, image_bytes
 
 pytestmark = pytest.mark.timeout(600)
@@ -293,3 +293,20 @@ async def test_vision_pool_deadline_is_a_timeout_not_a_retry(vision_tiny: str) -
             await pool.encode("r-slow", [image_bytes(1792, 1344, seed=s) for s in range(3)], vision_pb2.EncodeOptions())
     finally:
         await pool.close()
+
+
+async def test_full_vision_queue_is_back_pressure(tiny_ckpt) -> None:
+    """A vision server refuses work it could not queue before decoding it; the pool reports "busy", not "down"."""
+    from tests.conftest import start_vision
+
+    small, address = start_vision("vision-small-queue", tiny_ckpt, "--max-queue-tiles", "8")
+    pool = VisionPool((address,), hidden_size=128, timeout_s=30)
+    await pool.start()
+    try:
+        with pytest.raises(VisionBusyError, match="queue is full"):  # 2 images x (12 + 1) tiles could not fit
+            await pool.encode("r-big", [image_bytes(448, 448)] * 2, vision_pb2.EncodeOptions())
+        ok = await pool.encode("r-ok", [image_bytes(448, 448)], vision_pb2.EncodeOptions(max_tiles=1))
+        assert ok.embeddings[0].shape == (256, 128)
+    finally:
+        await pool.close()
+        small.stop()

@@ -200,3 +200,18 @@ async def test_every_redirect_hop_is_checked_and_the_checked_address_is_used() -
             with pytest.raises(ImageError) as err:
                 await _load(loopback_only(), f"{base}/redirect?to={target}")
             assert err.value.code == "image_url_forbidden", err.value.message
+
+
+async def test_per_request_image_count_and_total_size_are_capped() -> None:
+    url = data_url(IMG)
+    loader = ImageLoader(FetchLimits(max_images=3, max_total_bytes=2 * len(IMG) + 1))
+    try:
+        assert await loader.load_all([(url, "a"), (url, "b")]) == [IMG, IMG]
+        with pytest.raises(ImageError, match="at most 3") as too_many:
+            await loader.load_all([(url, "m")] * 4)
+        assert too_many.value.status == 400 and too_many.value.code == "too_many_images"
+        with pytest.raises(ImageError, match="in total") as too_big:
+            await loader.load_all([(url, "m")] * 3)
+        assert too_big.value.code == "images_too_large"
+    finally:
+        await loader.aclose()

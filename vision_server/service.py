@@ -50,6 +50,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.pool = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
         self.ready = False
         self.inflight = 0
+        self.preprocessing_tiles = 0  # worst-case tiles of requests still being decoded
 
     # -- validation ---------------------------------------------------------------------------------------------
     def _check(self, request: vision_pb2.EncodeRequest) -> int:
@@ -102,7 +103,18 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         status = "ok"
         try:
             max_num = self._check(request)
-            tiled = await self._preprocess(list(request.images), max_num)
+            # Reserve the worst case before decoding, so that many large requests cannot all hold their decoded
+            # pixels at once while the queue-full check below waits for preprocessing to finish.
+            bound = len(request.images) * (max_num + 1)
+            if self.batcher.queued_tiles + self.preprocessing_tiles + bound > self.cfg.max_queue_tiles:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"vision queue is full ({self.batcher.queued_tiles} tiles waiting, "
+                                   f"{self.preprocessing_tiles} being decoded)")
+            self.preprocessing_tiles += bound
+            try:
+                tiled = await self._preprocess(list(request.images), max_num)
+            finally:
+                self.preprocessing_tiles -= bound
             t_pre = time.monotonic() - t0
             n_tiles = sum(t.pixels.shape[0] for t in tiled)
             if self.batcher.queued_tiles + n_tiles > self.cfg.max_queue_tiles:
