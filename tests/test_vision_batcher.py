@@ -138,3 +138,15 @@ async def test_one_worker_per_device_shares_the_queue() -> None:
     assert results == [[0, 1, 2, 3], [100, 101, 102], [200, 201, 202, 203, 204]]
     assert all(r.batches for r in runners), f"a device sat idle: {[r.batches for r in runners]}"
     assert sum(sum(r.batches) for r in runners) == 12
+
+
+async def test_queue_depth_ignores_cancelled_tiles() -> None:
+    """Balancers and the queue-full check see only wanted work, even when cancelled tiles sit mid-queue."""
+    batcher = Batcher([FakeRunner()], max_batch=4, max_wait_s=0.0)  # type: ignore[list-item]
+    batcher.submit(_tiles(2), False)
+    cancelled = batcher.submit(_tiles(3, 10), False)
+    batcher.submit(_tiles(1, 20), False)
+    assert batcher.queued_tiles == 6
+    for f in cancelled:
+        f.cancel()
+    assert batcher.queued_tiles == 3

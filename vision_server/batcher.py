@@ -101,7 +101,8 @@ class Batcher:
 
     @property
     def queued_tiles(self) -> int:
-        return len(self._pending)
+        """Tiles still wanted: cancelled ones behind live ones are not work (they are dropped when reached)."""
+        return sum(not job.future.done() for job in self._pending)
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work(r), name=f"batcher-{r.device}") for r in self.runners]
