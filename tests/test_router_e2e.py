@@ -79,6 +79,14 @@ def strict_router(llm_tiny: str) -> Iterator[str]:
     svc.stop()
 
 
+@pytest.fixture(scope="module")
+def single_slot_router(llm_tiny: str) -> Iterator[str]:
+    """One request at a time, no queue, the default deadline (a short one could free the slot mid-test)."""
+    svc, base = start_router("router-single-slot", llm_tiny, "--max-concurrency", "1", "--max-queue", "0")
+    yield base
+    svc.stop()
+
+
 # ---- happy paths ----
 
 def test_models(client: openai.OpenAI, model: str) -> None:
@@ -217,16 +225,19 @@ def test_private_image_urls_refused(strict_router: str, images: str, host: str) 
     assert err.value.code == "image_url_forbidden"
 
 
-def test_over_the_limit_is_429_and_the_deadline_is_504(strict_router: str, llm_tiny: str) -> None:
-    strict = openai.OpenAI(base_url=strict_router, api_key=KEY, max_retries=0)
-    model = strict.models.list().data[0].id
+def test_over_the_limit_is_429_and_the_deadline_is_504(single_slot_router: str, strict_router: str,
+                                                       llm_tiny: str) -> None:
+    single = openai.OpenAI(base_url=single_slot_router, api_key="none", max_retries=0)
+    model = single.models.list().data[0].id
     messages = [user_message("Go on.")]
-    with strict.chat.completions.create(model=model, messages=messages, stream=True, **LONG) as busy:
+    with single.chat.completions.create(model=model, messages=messages, stream=True, **LONG) as busy:
         next(iter(busy))
         with pytest.raises(openai.RateLimitError) as err:
-            strict.chat.completions.create(model=model, messages=messages, max_tokens=2)
+            single.chat.completions.create(model=model, messages=messages, max_tokens=2)
         assert err.value.response.headers["retry-after"] == "1"
-    wait_until(lambda: metric(strict_router, "dvd_router_requests_in_flight") == 0)
+    wait_until(lambda: metric(single_slot_router, "dvd_router_requests_in_flight") == 0)
+    wait_until(lambda: running_requests(llm_tiny) == 0)
+    strict = openai.OpenAI(base_url=strict_router, api_key=KEY, max_retries=0)
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as late:
         strict.chat.completions.create(model=model, messages=messages, **LONG)
