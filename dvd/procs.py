@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
@@ -32,7 +33,7 @@ class Service:
                  sink: IO[str] | None = None, log_file: Path | None = None) -> None:
         self.name = name
         self.argv = list(argv)
-        self.tail: list[str] = []
+        self.tail: deque[str] = deque(maxlen=200)
         self._sink = sink if sink is not None else sys.stderr
         self._log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -44,13 +45,17 @@ class Service:
     def _copy_output(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.tail = [*self.tail[-199:], line.rstrip("\n")]
+            self.tail.append(line.rstrip("\n"))
             if self._log:
                 self._log.write(line)
                 self._log.flush()
             if self._sink:
                 with contextlib.suppress(ValueError):
                     self._sink.write(f"[{self.name}] {line}")
+
+    def last_lines(self, n: int) -> str:
+        """The service's last `n` output lines, for error messages."""
+        return "\n".join(list(self.tail)[-n:])
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -61,12 +66,12 @@ class Service:
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} before it was ready:\n"
-                                   + "\n".join(self.tail[-40:]))
+                                   + self.last_lines(40))
             with contextlib.suppress(Exception):
                 if probe():
                     return
             time.sleep(0.5)
-        raise TimeoutError(f"{self.name} was not ready after {timeout:.0f}s:\n" + "\n".join(self.tail[-40:]))
+        raise TimeoutError(f"{self.name} was not ready after {timeout:.0f}s:\n" + self.last_lines(40))
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the whole process group (vLLM spawns workers), then SIGKILL what is left."""

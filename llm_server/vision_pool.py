@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -55,8 +55,6 @@ class VisionBackend:
     healthy: bool = False
     queued_tiles: int = 0
     outstanding: int = 0
-    hidden_size: int = 0
-    failures: int = field(default=0)
 
     @property
     def load(self) -> float:
@@ -110,7 +108,7 @@ class VisionPool:
             return
         if not b.healthy and h.ready:
             log.info("vision server ready", extra={"server": b.address, "model": h.model, "flash": h.flash})
-        b.healthy, b.queued_tiles, b.hidden_size = h.ready, h.queued_tiles, h.hidden_size
+        b.healthy, b.queued_tiles = h.ready, h.queued_tiles
 
     async def _health_loop(self) -> None:
         while True:

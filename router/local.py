@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             while not stack.dead():
                 time.sleep(1.0)
             for svc in stack.dead():
-                print(f"dvd-local: {svc.name} exited with code {svc.proc.returncode}:\n" + "\n".join(svc.tail[-20:]),
+                print(f"dvd-local: {svc.name} exited with code {svc.proc.returncode}:\n" + svc.last_lines(20),
                       file=sys.stderr)
             return 1
     except KeyboardInterrupt:
