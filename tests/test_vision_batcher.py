@@ -1,4 +1,4 @@
-"""The batcher's scheduling (with a fake device) and the fixed-shape runner's invariance (with the tiny model)."""
+"""The batcher's scheduling (with a fake device) and the runner's batch invariance (with the tiny model)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 from prometheus_client import generate_latest
 
@@ -27,7 +28,7 @@ class FakeRunner:
         self.batches.append(len(pixels))
         time.sleep(self.delay)
         now = time.monotonic()
-        return [TileResult(p.flatten()[:1].clone(), None, None, now, now) for p in pixels]
+        return [TileResult(p.flatten()[:1].clone(), None, now, now) for p in pixels]
 
     def close(self) -> None:
         self.executor.shutdown()
@@ -95,21 +96,47 @@ async def test_close_finishes_queued_work() -> None:
     assert all(f.done() and not f.cancelled() for f in futs)
 
 
-def test_runner_is_invariant_to_batch_neighbours_and_position(tiny_flash_ckpt: Path) -> None:
-    """Same tile alone, first or last among others: identical bytes and probability (fixed-shape micro-batches)."""
+def _tiny_flash_runner(ckpt: Path, micro_batch: int = 0) -> DeviceRunner:
     from vision_server.config import ModelConfig
     from vision_server.model import build_model
     from vision_server.weights import load_vision_weights
 
-    cfg = ModelConfig.from_checkpoint(tiny_flash_ckpt)
-    runner = DeviceRunner(build_model(cfg, load_vision_weights(tiny_flash_ckpt, True), "cpu", torch.float32),
-                          "cpu", micro_batch=4)
+    cfg = ModelConfig.from_checkpoint(ckpt)
+    return DeviceRunner(build_model(cfg, load_vision_weights(ckpt, True), "cpu", torch.float32), "cpu", micro_batch)
+
+
+@pytest.mark.parametrize("micro_batch", [0, 4], ids=["variable", "padded"])
+def test_runner_is_invariant_to_batch_neighbours_and_position(tiny_flash_ckpt: Path, micro_batch: int) -> None:
+    """Same tile alone, first or last among others, with or without router neighbours: identical bytes and
+    probability, and both projectors after the decision give the reference model's rows."""
+    runner = _tiny_flash_runner(tiny_flash_ckpt, micro_batch)
     tiles = list(torch.randn(6, 3, 448, 448, generator=torch.Generator().manual_seed(3)))
     alone = runner.run(tiles[:1], [True])[0]
-    crowd = runner.run(tiles[1:4] + tiles[:1] + tiles[4:], [True] * 6)[3]
-    assert torch.equal(crowd.emb256, alone.emb256)
-    assert crowd.emb64 is not None and alone.emb64 is not None and torch.equal(crowd.emb64, alone.emb64)
-    assert torch.equal(crowd.p_compress, alone.p_compress)
+    crowd = runner.run(tiles[1:4] + tiles[:1] + tiles[4:], [False, True, False, True, True, False])
+    assert alone.emb256 is None and alone.grid is not None and crowd[3].grid is not None
+    assert torch.equal(crowd[3].p_compress, alone.p_compress)
+    for compressed in (False, True):
+        one = runner.project([alone.grid], compressed)[0]
+        several = runner.project([crowd[1].grid, crowd[3].grid, crowd[4].grid], compressed)[1]
+        assert torch.equal(several, one)
+    plain_alone = runner.run(tiles[:1], [False])[0]
+    plain_crowd = runner.run(tiles[1:4] + tiles[:1] + tiles[4:], [True, False, False, False, True, False])[3]
+    assert plain_alone.emb256 is not None and torch.equal(plain_crowd.emb256, plain_alone.emb256)
+    ref = runner.model(torch.stack(tiles[:1]), with_router=True)
+    assert torch.equal(plain_alone.emb256, ref.emb256[0].to(torch.bfloat16))
+    assert torch.equal(runner.project([alone.grid], True)[0], ref.emb64[0].to(torch.bfloat16))
+    assert torch.equal(alone.p_compress, ref.p_compress[0])
+    runner.close()
+
+
+def test_startup_check_proves_variable_groups_and_catches_batch_dependence(tiny_flash_ckpt: Path) -> None:
+    """`--batching auto` relies on this check: true for the real kernels here, false when a tile's result
+    depends on how many tiles share its forward."""
+    runner = _tiny_flash_runner(tiny_flash_ckpt)
+    assert runner.batch_invariant(4)
+    features = runner.model.features
+    runner.model.features = lambda x: features(x) * (1 + 1e-3 * (x.shape[0] > 2))  # type: ignore[method-assign]
+    assert not runner.batch_invariant(4)
     runner.close()
 
 

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 
 import grpc
 import torch
@@ -34,10 +35,16 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--devices", default="cpu", help="cpu, cuda (all GPUs) or cuda:0,cuda:1,...")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--max-batch-tiles", type=int, default=0, help="tiles per batch (0 = device default)")
+    p.add_argument("--max-batch-tiles", type=int, default=0, help="tiles per forward at most (0 = 8 on CPU, 32 on GPU)")
+    p.add_argument("--batching", choices=("auto", "variable", "padded"), default="auto",
+                   help="variable: each forward runs on exactly the waiting tiles; padded: on fixed zero-padded "
+                        "micro-batches; auto: variable where a start-up check proves it gives every tile the bytes "
+                        "it gets alone, padded otherwise. Results never depend on batching except with variable "
+                        "on a device where the check fails")
     p.add_argument("--micro-batch-tiles", type=int, default=0,
-                   help="fixed forward shape in tiles (0 = 4 on CPU, 8 on GPU); results never depend on batching")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a tile may wait for company")
+                   help="padded batching's fixed forward shape in tiles (0 = 4 on CPU, 8 on GPU)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a tile may wait for company before a free device starts (0 = never waits)")
     p.add_argument("--max-images", type=int, default=16)
     p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
     p.add_argument("--max-image-pixels", type=int, default=64_000_000, help="decompression bomb guard")
@@ -50,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="threads decoding and tiling images (Pillow releases the GIL while resizing)")
     a = p.parse_args(argv)
     return ServerConfig(model=a.model, port=a.port, host=a.host, devices=resolve_devices(a.devices), dtype=a.dtype,
-                        max_batch_tiles=a.max_batch_tiles, micro_batch_tiles=a.micro_batch_tiles,
+                        max_batch_tiles=a.max_batch_tiles, batching=a.batching,
+                        micro_batch_tiles=a.micro_batch_tiles,
                         max_wait_ms=a.max_wait_ms, max_images=a.max_images, max_image_bytes=a.max_image_bytes,
                         max_image_pixels=a.max_image_pixels, max_queue_tiles=a.max_queue_tiles,
                         vir_relative_threshold=a.vir_relative_threshold,
@@ -79,12 +87,20 @@ def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
     runners = []
     for device in cfg.devices:
         model = build_model(model_cfg, tensors, device, dtype)
-        runner = DeviceRunner(model, device, cfg.resolved_micro_batch())
+        runner = DeviceRunner(model, device)
         runner.warmup(with_router=model_cfg.flash)
+        padded = cfg.batching == "padded"
+        if cfg.batching == "auto":
+            t0 = time.monotonic()
+            padded = not runner.batch_invariant(cfg.resolved_max_batch())
+            log.info("batch invariance checked", extra={"device": device, "variable_groups_exact": not padded,
+                                                         "seconds": round(time.monotonic() - t0, 2)})
+        if padded:
+            runner.micro_batch = cfg.resolved_micro_batch()
         runners.append(runner)
     log.info("model ready", extra={"model": model_cfg.name, "flash": model_cfg.flash, "devices": ",".join(cfg.devices),
-                                   "dtype": str(dtype), "micro_batch": cfg.resolved_micro_batch(),
-                                   "max_batch": cfg.resolved_max_batch()})
+                                   "dtype": str(dtype), "max_batch": cfg.resolved_max_batch(),
+                                   "micro_batch": ",".join(str(r.micro_batch or "variable") for r in runners)})
     return model_cfg, runners
 
 
@@ -98,7 +114,7 @@ async def serve(cfg: ServerConfig) -> None:
         else cfg.vir_absolute_threshold)
     metrics = Metrics()
     batcher = Batcher(runners, cfg.resolved_max_batch(), cfg.max_wait_ms / 1000, on_batch=metrics.observe_batch,
-                      granularity=cfg.resolved_micro_batch())
+                      granularity=max(r.micro_batch for r in runners))
     metrics.bind_queue(lambda: batcher.queued_tiles)
     batcher.start()
     servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir)

@@ -1,10 +1,20 @@
 """Dynamic batching of tiles from concurrent requests, without letting the batch change any tile's numbers.
 
-Every forward runs on exactly `micro_batch` tiles (short groups are zero-padded), so each tile always meets the
-same kernels with the same shapes whatever else is queued: BLAS/cuDNN pick algorithms (and summation orders) by
-shape, and a fixed shape is what makes a request's bytes identical alone or inside a busy batch. Tiles never
-interact inside the model (attention is per tile), so padding and neighbours cannot leak into a result.
-The ViR decision is not taken here: it needs all tiles of a request, which may land in different batches.
+Tiles never interact inside the model (attention is per tile), so a batch can only change a tile's bytes through
+the kernels it meets: BLAS/oneDNN/cuBLAS pick algorithms (and summation orders) by shape. Two ways to keep a
+request's bytes identical alone or inside a busy batch:
+
+- `variable` groups: a forward runs on exactly the tiles that are waiting, no padding. Every batched op works on
+  rows of at least one whole tile (1025 ViT tokens, 256 or 64 projector rows) and a tile's rows meet the same
+  reduction whatever the row count; the ops with one row per tile (the ViR router's query and gating) run one
+  tile at a time. `auto` proves this on the device at start-up (every group size up to the largest batch, every
+  position, bit for bit) and falls back to `padded` where it does not hold.
+- `padded` micro-batches: every forward runs on exactly `micro_batch` tiles (short groups are zero-padded), so
+  shapes never change; it computes padding whenever fewer tiles wait.
+
+The ViR decision is not taken here: it needs all tiles of a request, which may land in different batches. Router
+tiles therefore come back as ViT features plus the router's probability, and are projected later by `project()`
+with only the projector the decision picked.
 """
 
 from __future__ import annotations
@@ -27,11 +37,12 @@ log = logging.getLogger("vision_server.batcher")
 
 @dataclass
 class TileResult:
-    emb256: torch.Tensor  # (256, H) bf16 on CPU
-    emb64: torch.Tensor | None  # (64, H) bf16 on CPU
+    emb256: torch.Tensor | None  # (256, H) bf16 on CPU; None for router tiles (projected after the decision)
     p_compress: torch.Tensor | None  # 0-d, in the model dtype (the decision compares in that dtype, as upstream)
     compute_start: float
     compute_end: float
+    grid: torch.Tensor | None = None  # router tiles: (side, side, D) ViT features, on the device
+    runner: DeviceRunner | None = None  # where `grid` lives
 
 
 @dataclass
@@ -43,39 +54,89 @@ class TileJob:
 
 
 class DeviceRunner:
-    """One model copy on one device, fed fixed-shape micro-batches from a single thread."""
+    """One model copy on one device, fed from a single thread; `micro_batch` > 0 pads every forward to that shape."""
 
-    def __init__(self, model: VisionModel, device: str, micro_batch: int) -> None:
+    def __init__(self, model: VisionModel, device: str, micro_batch: int = 0) -> None:
         self.model = model
         self.device = device
         self.micro_batch = micro_batch
         self.dtype = next(model.parameters()).dtype
-        side = model.cfg.image_size
-        self._shape = (micro_batch, 3, side, side)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vision-{device}")
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """`fn` over the leading dimension: in one call, or in zero-padded fixed micro-batches."""
+        mb = self.micro_batch
+        if mb <= 0:
+            return fn(x)
+        outs = []
+        for lo in range(0, x.shape[0], mb):
+            part = x[lo:lo + mb]
+            k = part.shape[0]
+            if k < mb:
+                part = torch.cat([part, part.new_zeros((mb - k, *part.shape[1:]))])
+            outs.append(fn(part)[:k])
+        return torch.cat(outs)
+
+    @torch.inference_mode()
     def run(self, pixels: list[torch.Tensor], with_router: list[bool]) -> list[TileResult]:
         """Tiles in, per-tile results out, in order; runs on the runner's own thread."""
+        start = time.monotonic()
+        model = self.model
+        grid = self._apply(model.features, torch.stack(pixels).to(self.device, non_blocking=True))
+        plain = [i for i, r in enumerate(with_router) if not r]
+        emb = self._to_host(self._apply(lambda g: model.project(g, compressed=False), grid[plain])) if plain else []
         out: list[TileResult] = []
-        for lo in range(0, len(pixels), self.micro_batch):
-            chunk = pixels[lo:lo + self.micro_batch]
-            router = any(with_router[lo:lo + self.micro_batch])
-            x = torch.zeros(self._shape, dtype=torch.float32)
-            x[:len(chunk)] = torch.stack(chunk)
-            start = time.monotonic()
-            res = self.model(x.to(self.device, non_blocking=True), with_router=router, n_valid=len(chunk))
-            e256 = res.emb256[:len(chunk)].to(torch.bfloat16).cpu()
-            e64 = res.emb64[:len(chunk)].to(torch.bfloat16).cpu() if res.emb64 is not None else None
-            p = res.p_compress[:len(chunk)].cpu() if res.p_compress is not None else None
-            end = time.monotonic()
-            for i in range(len(chunk)):
-                out.append(TileResult(e256[i], e64[i] if e64 is not None else None,
-                                      p[i] if p is not None else None, start, end))
+        k = 0
+        for i, router in enumerate(with_router):
+            if router:  # one tile per router call: its GEMMs have one row per tile (see VisionModel.route)
+                g = grid[i:i + 1]
+                out.append(TileResult(None, model.route(g, 1)[0].cpu(), start, 0.0, grid=g, runner=self))
+            else:
+                out.append(TileResult(emb[k], None, start, 0.0))
+                k += 1
+        end = time.monotonic()
+        for r in out:
+            r.compute_end = end
         return out
+
+    @torch.inference_mode()
+    def project(self, grids: list[torch.Tensor], compressed: bool) -> list[torch.Tensor]:
+        """Router tiles after the decision: (1, side, side, D) features -> bf16 rows on the host, one per tile."""
+        x = torch.cat(grids)
+        return list(self._to_host(self._apply(lambda g: self.model.project(g, compressed=compressed), x)))
+
+    @staticmethod
+    def _to_host(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16).cpu()
 
     def warmup(self, with_router: bool) -> None:
         side = self.model.cfg.image_size
-        self.run([torch.zeros(3, side, side)], [with_router])
+        res = self.run([torch.zeros(3, side, side)] * 2, [with_router, False])
+        if res[0].grid is not None:
+            self.project([res[0].grid], compressed=True)
+            self.project([res[0].grid], compressed=False)
+
+    def batch_invariant(self, max_batch: int) -> bool:
+        """Whether unpadded groups of every size up to `max_batch` give each tile, at every position, the same
+        bytes as a forward of that tile alone (both projectors on Flash checkpoints)."""
+        side = self.model.cfg.image_size
+        tiles = list(torch.randn(max_batch, 3, side, side, generator=torch.Generator().manual_seed(0)))
+        flash = self.model.cfg.flash
+
+        def outputs(group: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+            res = self.run(group, [False] * len(group))
+            rows: list[tuple[torch.Tensor, ...]] = [(r.emb256,) for r in res]  # type: ignore[misc]
+            if flash:
+                grids = [r.grid for r in self.run(group, [True] * len(group))]
+                rows = [(*row, e) for row, e in zip(rows, self.project(grids, True), strict=True)]  # type: ignore
+            return rows
+
+        alone = [outputs([t])[0] for t in tiles]
+        for n in range(2, max_batch + 1):
+            for got, ref in zip(outputs(tiles[:n]), alone, strict=False):
+                if not all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)):
+                    return False
+        return True
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

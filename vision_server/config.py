@@ -99,8 +99,9 @@ class ServerConfig:
     devices: tuple[str, ...] = ("cpu",)
     dtype: str = "auto"
     max_batch_tiles: int = 0  # 0 = device default
-    micro_batch_tiles: int = 0  # 0 = device default; the fixed compute shape that keeps results batch-invariant
-    max_wait_ms: float = 5.0
+    batching: str = "auto"  # auto | variable | padded: how batches keep results batch-invariant (batcher.py)
+    micro_batch_tiles: int = 0  # padded batching's fixed forward shape; 0 = device default
+    max_wait_ms: float = 0.0  # a free device starts at once; > 0 lets a tile wait for company (padded batching)
     max_images: int = 16
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = 64_000_000
@@ -115,13 +116,12 @@ class ServerConfig:
         return any(d.startswith("cuda") for d in self.devices)
 
     def resolved_micro_batch(self) -> int:
-        """Measured on 2 CPU cores: one tile per forward ran at ~1/2 to 1/5 of the per-tile speed of four."""
+        """The padded forward shape (only used with padded batching)."""
         if self.micro_batch_tiles > 0:
             return self.micro_batch_tiles
         return 8 if self.on_gpu() else 4
 
     def resolved_max_batch(self) -> int:
-        mb = self.resolved_micro_batch()
         if self.max_batch_tiles > 0:
-            return max(self.max_batch_tiles, 1)
-        return 4 * mb if self.on_gpu() else 8
+            return self.max_batch_tiles
+        return 32 if self.on_gpu() else 8

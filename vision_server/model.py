@@ -182,12 +182,38 @@ class CrossAttentionPooling(nn.Module):
         self.attn2 = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
 
+    @staticmethod
+    def _keys_values(attn: nn.MultiheadAttention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> per-head K and V, (B, heads, T, D/heads): the expensive half of an attention call."""
+        d, h = attn.embed_dim, attn.num_heads
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        bsz, t, _ = tokens.shape
+        k = F.linear(tokens, w[d:2 * d], b[d:2 * d] if b is not None else None)
+        v = F.linear(tokens, w[2 * d:], b[2 * d:] if b is not None else None)
+        return (k.view(bsz, t, h, d // h).transpose(1, 2), v.view(bsz, t, h, d // h).transpose(1, 2))
+
+    @staticmethod
+    def _attend(attn: nn.MultiheadAttention, query: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """nn.MultiheadAttention's maths for a (B, 1, D) query over precomputed K/V."""
+        d, h = attn.embed_dim, attn.num_heads
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(query, w[:d], b[:d] if b is not None else None)
+        q = q.view(q.shape[0], 1, h, d // h).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1])
+        return attn.out_proj(out.transpose(1, 2).reshape(q.shape[0], 1, d))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) tokens (every tile has the same T, so no padding mask) -> (B, D)."""
+        """(B, T, D) tokens (every tile has the same T, so no padding mask) -> (B, D).
+
+        attn2 runs three times over the same tokens, so its keys and values are projected once: the router
+        then costs about half of four full attention calls, with the same maths.
+        """
         out = self.query_token.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        out = self.norm1(self.attn1(out, tokens, tokens, need_weights=False)[0])
+        out = self.norm1(self._attend(self.attn1, out, self._keys_values(self.attn1, tokens)))
+        kv2 = self._keys_values(self.attn2, tokens)
         for _ in range(3):
-            out = self.norm2(self.attn2(out, tokens, tokens, need_weights=False)[0])
+            out = self.norm2(self._attend(self.attn2, out, kv2))
         return out.squeeze(1)
 
 
@@ -271,7 +297,11 @@ class VisionModel(nn.Module):
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, with_router: bool = False,  # type: ignore[override]
                 n_valid: int | None = None) -> TileOutputs:
-        """`n_valid` leading tiles are real (the rest pad a fixed shape); the router skips the padding."""
+        """Every output at once (the reference path): `n_valid` leading tiles are real, the router skips the rest.
+
+        The server does not use it: it projects router tiles only after the request-wide decision, with the one
+        projector each tile needs (see DeviceRunner).
+        """
         grid = self.features(pixels)
         emb256 = self.project(grid, compressed=False)
         if not (with_router and self.cfg.flash):

@@ -151,21 +151,25 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         """Tiles in order as soon as they are ready; with the router on, only after the request-wide decision."""
         flat = [f for fs in per_image for f in fs]
         compress: list[bool] = [False] * len(flat)
+        projected: list[torch.Tensor] = []
+        proj_end = 0.0
         if router:
             results = await asyncio.gather(*flat)
             p = torch.stack([r.p_compress for r in results if r.p_compress is not None])
             compress = decide_compression(p, self.vir.relative, self.vir.absolute)
             self.metrics.observe_vir(compress)
+            projected = await self._project(results, compress)
+            proj_end = time.monotonic()
         hidden = self.model_cfg.llm_hidden
         summaries = [vision_pb2.ImageSummary(num_tiles=len(fs), width=t.width, height=t.height)
                      for t, fs in zip(tiled, per_image, strict=True)]
-        first_start, last_end, k = float("inf"), 0.0, 0
+        first_start, last_end, k = float("inf"), proj_end, 0
         for img, fs in enumerate(per_image):
             for tile_index, fut in enumerate(fs):
                 res = await fut
                 first_start, last_end = min(first_start, res.compute_start), max(last_end, res.compute_end)
                 small = compress[k]
-                emb = res.emb64 if small else res.emb256
+                emb = projected[k] if router else res.emb256
                 assert emb is not None
                 k += 1
                 summaries[img].num_tokens += emb.shape[0]
@@ -179,6 +183,26 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             compute_seconds=max(0.0, last_end - first_start)))
         log.info("encoded", extra={"request_id": request_id, "tiles": len(flat), "compressed": sum(compress),
                                    "images": len(tiled), "seconds": round(time.monotonic() - t0, 4)})
+
+    async def _project(self, results: list[TileResult], compress: list[bool]) -> list[torch.Tensor]:
+        """Each router tile through the one projector its decision needs, on the device that holds its features."""
+        loop = asyncio.get_running_loop()
+        out: list[torch.Tensor | None] = [None] * len(results)
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, (r, small) in enumerate(zip(results, compress, strict=True)):
+            groups.setdefault((id(r.runner), small), []).append(i)
+        max_batch = self.batcher.max_batch
+        for (_, small), idx in groups.items():
+            runner = results[idx[0]].runner
+            assert runner is not None
+            for lo in range(0, len(idx), max_batch):
+                part = idx[lo:lo + max_batch]
+                grids = [results[i].grid for i in part]
+                embs = await loop.run_in_executor(runner.executor, runner.project, grids, small)
+                for i, e in zip(part, embs, strict=True):
+                    out[i] = e
+                    results[i].grid = None  # device memory goes back as soon as the rows are on the host
+        return [e for e in out if e is not None]
 
     async def Health(self, request: vision_pb2.VisionHealthRequest,
                      context: grpc.aio.ServicerContext) -> vision_pb2.VisionHealthResponse:
