@@ -14,6 +14,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from dvd.logs import setup_logging
 from dvd.v1 import llm_pb2_grpc
 from llm_server.config import parse_args
+from llm_server.embedding_cache import EmbeddingCache
 from llm_server.service import LanguageService
 from llm_server.vision_pool import VisionPool
 
@@ -50,7 +51,8 @@ async def serve() -> None:
         from prometheus_client import start_http_server
 
         start_http_server(config.metrics_port)
-    service = LanguageService(engine, pool, served_name, vision_parameters=n_vision)
+    service = LanguageService(engine, pool, served_name, vision_parameters=n_vision,
+                              cache=EmbeddingCache(config.embedding_cache_bytes))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 2**20)])
     llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
     server.add_insecure_port(f"{config.host}:{config.port}")

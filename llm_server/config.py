@@ -18,6 +18,7 @@ class LlmServerConfig:
     vision_health_interval_s: float
     metrics_port: int
     grace_s: float
+    embedding_cache_bytes: int
 
 
 def build_parser() -> FlexibleArgumentParser:
@@ -33,6 +34,9 @@ def build_parser() -> FlexibleArgumentParser:
     group.add_argument("--vision-timeout", type=float, default=120.0, help="deadline of one Encode call, seconds")
     group.add_argument("--vision-health-interval", type=float, default=2.0)
     group.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
+    group.add_argument("--embedding-cache-gb", type=float, default=2.0,
+                       help="host memory for embeddings of recently seen images (0 = off): a resent image costs "
+                            "no vision call and no transfer")
     group.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
     AsyncEngineArgs.add_cli_args(parser)
     parser.set_defaults(trust_remote_code=True)
@@ -49,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LlmServerConfig, AsyncEng
         vision_health_interval_s=args.vision_health_interval,
         metrics_port=args.metrics_port,
         grace_s=args.grace,
+        embedding_cache_bytes=int(args.embedding_cache_gb * 2**30),
     )
     return config, engine_args_for_dvd(args)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -17,6 +16,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server import metrics
+from llm_server.embedding_cache import EmbeddingCache, embedding_keys
 from llm_server.prompt import PromptError, count_prompt_tokens, parse_messages, render_prompt
 from llm_server.vision_pool import (
     VisionBusyError,
@@ -33,29 +33,26 @@ class EmbeddingError(ValueError):
     """Image embeddings that would break the engine: rejected before they reach it."""
 
 
-def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidden_size: int) -> None:
+def check_embedding(i: int, e: torch.Tensor, hidden_size: int) -> None:
     """Everything vLLM would otherwise discover inside the EngineCore, where one bad request kills all."""
+    if not isinstance(e, torch.Tensor) or e.dim() != 2:
+        shape = tuple(getattr(e, "shape", ()))
+        raise EmbeddingError(f"image {i}: embeddings must be a 2-D tensor, got shape {shape}")
+    if e.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise EmbeddingError(f"image {i}: unsupported embedding dtype {e.dtype}")
+    if e.shape[1] != hidden_size:
+        raise EmbeddingError(f"image {i}: hidden size {e.shape[1]} != the language model's {hidden_size}")
+    if e.shape[0] == 0:
+        raise EmbeddingError(f"image {i}: no embedding rows")
+    if not torch.isfinite(e).all():
+        raise EmbeddingError(f"image {i}: embeddings contain NaN or infinity")
+
+
+def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidden_size: int) -> None:
     if len(embeddings) != placeholders:
         raise EmbeddingError(f"{len(embeddings)} image embeddings for {placeholders} <image> placeholders")
     for i, e in enumerate(embeddings):
-        if not isinstance(e, torch.Tensor) or e.dim() != 2:
-            shape = tuple(getattr(e, "shape", ()))
-            raise EmbeddingError(f"image {i}: embeddings must be a 2-D tensor, got shape {shape}")
-        if e.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise EmbeddingError(f"image {i}: unsupported embedding dtype {e.dtype}")
-        if e.shape[1] != hidden_size:
-            raise EmbeddingError(f"image {i}: hidden size {e.shape[1]} != the language model's {hidden_size}")
-        if e.shape[0] == 0:
-            raise EmbeddingError(f"image {i}: no embedding rows")
-        if not torch.isfinite(e).all():
-            raise EmbeddingError(f"image {i}: embeddings contain NaN or infinity")
-
-
-def image_uuid(data: bytes, options: vision_pb2.EncodeOptions) -> str:
-    """Content hash of an image plus the options that shape its embedding: the key of vLLM's prefix cache."""
-    h = hashlib.sha256(data)
-    h.update(f"|vir={options.vir}|tiles={options.max_tiles}".encode())
-    return h.hexdigest()
+        check_embedding(i, e, hidden_size)
 
 
 def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: int,
@@ -83,9 +80,11 @@ def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: in
 
 
 class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
-    def __init__(self, engine: AsyncLLM, pool: VisionPool, model_name: str, vision_parameters: int = -1) -> None:
+    def __init__(self, engine: AsyncLLM, pool: VisionPool, model_name: str, vision_parameters: int = -1,
+                 cache: EmbeddingCache | None = None) -> None:
         self.engine = engine
         self.pool = pool
+        self.cache = cache if cache is not None else EmbeddingCache(0)
         self.model_name = model_name
         self.vision_parameters = vision_parameters
         self.tokenizer = engine.get_tokenizer()
@@ -93,6 +92,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.hidden_size = self.model_config.hf_text_config.hidden_size
         self.max_model_len = self.model_config.max_model_len
         self.default_sampling = self.model_config.get_diff_sampling_param()
+        # Flash checkpoints decide ViR per request: an image's rows then depend on the images beside it.
+        self.request_wide_vir = bool(getattr(self.model_config.hf_config, "flash_mode", False))
         self.ready = True
 
     async def Health(self, request: llm_pb2.LanguageHealthRequest, context) -> llm_pb2.LanguageHealthResponse:
@@ -144,15 +145,26 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         inputs: dict = {"prompt": prompt}
         embedding_bytes = 0
         embeddings: list[torch.Tensor] = []
+        keys: list[str] = []
         vision_summary = vision_pb2.EncodeSummary()
         if conversation.images:
-            encoded = await self.pool.encode(request_id, conversation.images, options)
-            embeddings, embedding_bytes = encoded.embeddings, encoded.bytes_received
-            vision_summary = encoded.summary
-            metrics.VISION_WAIT.observe(encoded.seconds)
-            metrics.EMBEDDING_BYTES.inc(embedding_bytes)
+            images = conversation.images
+
+            async def encode(indices: list[int]) -> list[torch.Tensor]:
+                nonlocal embedding_bytes, vision_summary
+                encoded = await self.pool.encode(request_id, [images[i] for i in indices], options)
+                embedding_bytes, vision_summary = encoded.bytes_received, encoded.summary
+                metrics.VISION_WAIT.observe(encoded.seconds)
+                metrics.EMBEDDING_BYTES.inc(embedding_bytes)
+                for i, e in zip(indices, encoded.embeddings, strict=True):
+                    check_embedding(i, e, self.hidden_size)  # once, before the cache keeps it
+                return [e.to(self.model_config.dtype) for e in encoded.embeddings]
+
+            keys = embedding_keys(images, options, self.request_wide_vir)
+            embeddings = await self.cache.lookup(keys, encode)
         t_vision = time.perf_counter()
-        validate_embeddings(embeddings, len(conversation.images), self.hidden_size)
+        if len(embeddings) != len(conversation.images):
+            raise EmbeddingError(f"{len(embeddings)} image embeddings for {len(conversation.images)} images")
         visual_tokens = sum(e.shape[0] for e in embeddings)
         prompt_tokens = count_prompt_tokens(self.tokenizer, prompt, [e.shape[0] for e in embeddings])
         if prompt_tokens >= self.max_model_len:
@@ -160,8 +172,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                               f"model's context of {self.max_model_len} tokens")
         params = sampling_params(request.sampling, self.default_sampling, prompt_tokens, self.max_model_len)
         if embeddings:
-            inputs["multi_modal_data"] = {"image": [e.to(self.model_config.dtype) for e in embeddings]}
-            inputs["multi_modal_uuids"] = {"image": [image_uuid(b, options) for b in conversation.images]}
+            inputs["multi_modal_data"] = {"image": embeddings}
+            inputs["multi_modal_uuids"] = {"image": keys}
             metrics.VISUAL_TOKENS.inc(visual_tokens)
 
         completion_tokens = 0

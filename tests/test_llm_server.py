@@ -83,6 +83,32 @@ async def test_repeated_image_hits_the_prefix_cache(llm_tiny: str) -> None:
     assert final.usage.cached_prompt_tokens >= 256
 
 
+def _cache_lookups(metrics_url: str) -> dict[str, float]:
+    import httpx
+
+    out = {"hit": 0.0, "miss": 0.0, "shared": 0.0}
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("dvd_llm_embedding_cache_lookups_total{"):
+            out[line.split('result="')[1].split('"')[0]] = float(line.split(" ")[-1])
+    return out
+
+
+async def test_resent_image_costs_no_vision_call(llm_tiny: str, llm_tiny_metrics: str) -> None:
+    """Concurrent requests for one new image share one vision call; a resend is served from the cache."""
+    parts = [image(image_bytes(700, 500, seed=4242)), text("What is this?")]
+    before = _cache_lookups(llm_tiny_metrics)
+    first = await asyncio.gather(*(generate(llm_tiny, parts) for _ in range(3)))
+    mid = _cache_lookups(llm_tiny_metrics)
+    assert mid["miss"] - before["miss"] == 1
+    assert (mid["hit"] - before["hit"]) + (mid["shared"] - before["shared"]) == 2
+    rows = first[0][1].usage.visual_tokens
+    assert sum(f.timings.embedding_bytes for _, f in first) == rows * 128 * 2  # one transfer for three requests
+    tokens, final = await generate(llm_tiny, parts)
+    assert final.timings.embedding_bytes == 0 and final.usage.visual_tokens == rows
+    assert tokens == first[0][0]
+    assert _cache_lookups(llm_tiny_metrics)["hit"] - mid["hit"] == 1
+
+
 @pytest.mark.parametrize("sizes", [[(448, 448)], [(1000, 600)], [(300, 1200)], [(640, 480), (256, 1024)],
                                    [(1344, 896), (500, 500), (2000, 300)]],
                          ids=["square", "wide", "tall", "two-images", "three-images"])

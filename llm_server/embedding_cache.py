@@ -1,0 +1,111 @@
+"""Content-addressed image embeddings: a resent image (every turn of a chat resends it) costs no vision call.
+
+An LRU within a byte budget, keyed by what shapes an embedding (see `embedding_keys`). Concurrent requests for
+one new image share one vision call: the first one encodes it, the others wait for its result and, if that call
+fails (its client went away, the pool refused it), try again on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+
+import torch
+
+from dvd.v1 import vision_pb2
+from llm_server import metrics
+
+Encoder = Callable[[list[int]], Awaitable[list[torch.Tensor]]]
+
+
+def embedding_keys(images: Sequence[bytes], options: vision_pb2.EncodeOptions, request_wide: bool) -> list[str]:
+    """One key per image: its content hash plus the options that shape its embedding.
+
+    With ViR the compression decision is a quantile over every tile of the request, so on Flash checkpoints an
+    image's rows also depend on the other images it came with: then their hashes are part of the key. The keys
+    are also vLLM's multi-modal UUIDs, so its prefix cache never mixes two different embeddings of one image.
+    """
+    digests = [hashlib.sha256(b).hexdigest() for b in images]
+    suffix = f"|vir={options.vir}|tiles={options.max_tiles}"
+    if request_wide and options.vir != vision_pb2.VIR_MODE_OFF and len(images) > 1:
+        suffix += "|with=" + ",".join(digests)
+    return [hashlib.sha256((d + suffix).encode()).hexdigest() for d in digests]
+
+
+class EmbeddingCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[torch.Tensor | None]] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        emb = self._entries.get(key)
+        if emb is not None:
+            self._entries.move_to_end(key)
+        return emb
+
+    def _put(self, key: str, emb: torch.Tensor) -> None:
+        size = emb.numel() * emb.element_size()
+        if size > self.max_bytes or key in self._entries:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+            metrics.EMBEDDING_CACHE_EVICTIONS.inc()
+        self._entries[key] = emb
+        self.bytes += size
+        metrics.EMBEDDING_CACHE_BYTES.set(self.bytes)
+        metrics.EMBEDDING_CACHE_ENTRIES.set(len(self._entries))
+
+    async def lookup(self, keys: Sequence[str], encode: Encoder) -> list[torch.Tensor]:
+        """Embeddings for every key: cached ones at once, the missing ones through one `encode(indices)` call."""
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        while True:
+            missing: list[int] = []
+            owned: dict[str, asyncio.Future[torch.Tensor | None]] = {}
+            waits: dict[int, asyncio.Future[torch.Tensor | None]] = {}
+            for i, key in enumerate(keys):
+                if out[i] is not None:
+                    continue
+                if (emb := self._get(key)) is not None:
+                    out[i] = emb
+                    metrics.EMBEDDING_CACHE_LOOKUPS.labels(result="hit").inc()
+                elif key in owned:  # the same image twice in one request: the vision server sees both
+                    missing.append(i)
+                elif key in self._inflight:
+                    waits[i] = self._inflight[key]
+                    metrics.EMBEDDING_CACHE_LOOKUPS.labels(result="shared").inc()
+                else:
+                    owned[key] = self._inflight[key] = asyncio.get_running_loop().create_future()
+                    missing.append(i)
+                    metrics.EMBEDDING_CACHE_LOOKUPS.labels(result="miss").inc()
+            if missing:
+                await self._encode_owned(keys, missing, owned, encode, out)
+            for i, fut in waits.items():
+                out[i] = await asyncio.shield(fut)  # None: the owner's call failed, so ask again below
+            if all(e is not None for e in out):
+                return out  # type: ignore[return-value]
+
+    async def _encode_owned(self, keys: Sequence[str], missing: list[int],
+                            owned: dict[str, asyncio.Future[torch.Tensor | None]], encode: Encoder,
+                            out: list[torch.Tensor | None]) -> None:
+        try:
+            embs = await encode(missing)
+            for i, emb in zip(missing, embs, strict=True):
+                out[i] = emb
+                if keys[i] in owned and self.max_bytes > 0:
+                    self._put(keys[i], emb)
+                fut = owned.get(keys[i])
+                if fut is not None and not fut.done():
+                    fut.set_result(emb)
+        finally:
+            for key, fut in owned.items():
+                self._inflight.pop(key, None)
+                if not fut.done():
+                    fut.set_result(None)
