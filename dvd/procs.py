@@ -20,6 +20,23 @@ from pathlib import Path
 from typing import IO
 
 
+def usable_cpus() -> str:
+    """This process's CPUs as a taskset/vLLM list ("0,1")."""
+    return ",".join(map(str, sorted(os.sched_getaffinity(0))))
+
+
+def cpu_engine_env(cpus: str | None = None, kv_gib: int = 2) -> dict[str, str]:
+    """vLLM on CPU: a fixed KV budget, and its OpenMP threads bound to `cpus` (default: every usable CPU).
+
+    vLLM's own `auto` binding keeps one core for its scheduler process, which on 2 cores halves the model's
+    compute; binding every CPU lets the language engine and the vision server share the machine, each taking
+    the cores the other leaves idle. The API and scheduler processes keep one thread so that they do not spin
+    against the model's threads.
+    """
+    return {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_OMP_THREADS_BIND": cpus or usable_cpus(),
+            "OMP_NUM_THREADS": "1"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

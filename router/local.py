@@ -20,7 +20,7 @@ from types import FrameType
 from typing import IO
 
 from dvd.checkpoint import resolve_model
-from dvd.procs import Service, free_port, http_ok, llm_health, vision_health
+from dvd.procs import Service, cpu_engine_env, free_port, http_ok, llm_health, vision_health
 
 PY = sys.executable
 ENGINE_START_TIMEOUT = 600.0  # vLLM: ~45 s for the tiny model on 2 CPU cores, minutes for real weights
@@ -84,7 +84,8 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
         vision = launch("vision", [PY, "-m", "vision_server", "--model", str(model_dir), "--host", "127.0.0.1",
                                    "--port", vision_address.split(":")[1], "--devices", devices, *vision_args])
         # On CPU vLLM would otherwise reserve most of the memory; on a GPU it shares the card with the vision server.
-        engine_env = {"VLLM_CPU_KVCACHE_SPACE": "2"} if devices == "cpu" else {}
+        # On CPU the engine and the vision server share every core (each takes what the other leaves idle).
+        engine_env = cpu_engine_env(kv_gib=2) if devices == "cpu" else {}
         engine_opts = [] if devices == "cpu" else ["--gpu-memory-utilization", "0.7"]
         llm = launch("llm", [PY, "-m", "llm_server", "--model", str(model_dir), "--host", "127.0.0.1",
                              "--port", llm_address.split(":")[1], "--vision", vision_address,
