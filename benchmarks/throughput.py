@@ -9,6 +9,10 @@ generated image per request, `ignore_eos` with a fixed `max_tokens`), with the s
 and concurrency (or Poisson arrival rate). Each configuration's services start once and serve every resolution.
 On one CPU machine the services of a configuration share the cores, so the split is explicit (`--cpu-split`) and
 recorded with the results: see CPU_SPLIT_NOTE.
+
+`--workload multiturn` sends conversations as chat clients do (every turn resends the history, the image included);
+`--goodput` counts the requests that meet latency targets, as `vllm bench serve --goodput`; every cell also reports
+the model FLOPs of a request (benchmarks/flops.py), vision and language, to relate a run to the paper's regime.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -39,17 +43,26 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.flops import language_flops, llm_config, tiles_per_image, vision_tile_flops  # noqa: E402
 from dvd.checkpoint import resolve_model  # noqa: E402
 from dvd.logs import setup_logging  # noqa: E402
 from dvd.media import data_url, image_bytes  # noqa: E402
 from dvd.procs import Service, free_port, http_ok  # noqa: E402
 from router.local import ENGINE_START_TIMEOUT, start_stack  # noqa: E402
+from vision_server.config import ModelConfig  # noqa: E402
 
 log = logging.getLogger("benchmarks.throughput")
 
 CONFIGS = ("baseline", "dvd", "dvd-vir")
 LABELS = {"baseline": "baseline (vLLM colocated)", "dvd": "DvD", "dvd-vir": "DvD + ViR"}
 PROMPT = "Describe this image in detail."
+WORKLOADS = ("single", "multiturn")
+# Later turns of a multi-turn conversation ask these in order (and wrap around): short, as users follow up.
+FOLLOW_UPS = ("What colours dominate it?", "Describe the left side.", "What is in the background?",
+              "Is there any text in it?", "Summarise it in one sentence.")
+# vLLM's `bench serve --goodput` metrics; targets are in milliseconds.
+GOODPUT_LABELS = {"ttft": "TTFT", "tpot": "TPOT", "e2el": "E2EL"}
+DEFAULT_GOODPUT = ("ttft:2000", "tpot:100")
 # InternVL wraps each image's embedding rows as `<img>` + rows + `</img>`; the template ends the image line with "\n".
 # The text comes before the image, so that newline sits between two special tokens and is exactly one token.
 IMAGE_WRAPPER_TOKENS = 3
@@ -71,19 +84,84 @@ class RequestResult:
     index: int
     ok: bool
     start: float
+    conversation: int = 0  # single-turn: every request is its own conversation (= index)
+    turn: int = 0  # 0-based position in its conversation
     ttft: float | None = None
     latency: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    visual_tokens: int | None = None
+    visual_tokens: int | None = None  # None where the prompt's text tokens are unknown (later turns)
     token_times: list[float] = field(default_factory=list)  # arrival of each content chunk, from `start`
     error: str | None = None
+    text: str = ""  # the streamed content: the assistant message of the conversation's next turn
 
     @property
     def tpot(self) -> float | None:
         if self.ttft is None or self.latency is None or not self.completion_tokens or self.completion_tokens < 2:
             return None
         return (self.latency - self.ttft) / (self.completion_tokens - 1)
+
+    def metric(self, key: str) -> float | None:
+        """A goodput metric in seconds: ttft, tpot or e2el (end-to-end latency)."""
+        return {"ttft": self.ttft, "tpot": self.tpot, "e2el": self.latency}[key]
+
+
+def parse_goodput(pairs: Sequence[str]) -> dict[str, float]:
+    """`KEY:MS` pairs as `vllm bench serve --goodput` takes them (keys ttft, tpot, e2el; milliseconds)."""
+    targets: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, ms = pair.partition(":")
+        try:
+            value = float(ms)
+        except ValueError:
+            value = math.nan
+        if not sep or key not in GOODPUT_LABELS or not value >= 0 or math.isinf(value):
+            raise ValueError(f"goodput target {pair!r}: want KEY:MS with KEY in {', '.join(GOODPUT_LABELS)} "
+                             "and MS >= 0")
+        targets[key] = value
+    return targets
+
+
+def is_good(r: RequestResult, targets: Mapping[str, float]) -> bool:
+    """vLLM's goodput rule: the request succeeded and meets every target (metric <= target)."""
+    if not r.ok:
+        return False
+    for key, ms in targets.items():
+        value = r.metric(key)
+        if value is None or value * 1e3 > ms:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """What one configuration's checkpoint computes per request (benchmarks/flops.py), from its config.json.
+
+    Counts are of the request as sent, without caches: a multi-turn request resends the image and the history, and
+    a server whose prefix or encoder cache hits computes less than this.
+    """
+
+    checkpoint: str
+    tile_gflops: float  # one tile through the ViT and projector (and ViR's router for the Flash configuration)
+    tiles: dict[int, int]  # tiles per image, by resolution
+    llm: dict[str, Any]  # the decoder's config (llm_config)
+
+    @staticmethod
+    def from_checkpoint(ckpt: Path, resolutions: Sequence[int], with_router: bool) -> FlopsModel:
+        cfg = ModelConfig.from_checkpoint(ckpt)
+        raw = json.loads((ckpt / "config.json").read_text())
+        return FlopsModel(str(ckpt), vision_tile_flops(cfg, with_router) / 1e9,
+                          {r: tiles_per_image(cfg, r, r) for r in resolutions}, dict(llm_config(raw)))
+
+    def vision_gflops(self, resolution: int) -> float:
+        """One image per request; the baseline runs the same ViT in its own process."""
+        return self.tiles[resolution] * self.tile_gflops
+
+    def language_gflops(self, results: Sequence[RequestResult]) -> float | None:
+        """Mean over the requests of each one's decoder FLOPs (prompts grow turn by turn in a conversation)."""
+        xs = [language_flops(self.llm, r.prompt_tokens, r.completion_tokens) for r in results
+              if r.prompt_tokens is not None and r.completion_tokens is not None]
+        return statistics.fmean(xs) / 1e9 if xs else None
 
 
 @dataclass
@@ -96,6 +174,8 @@ class Cell:
     results: list[RequestResult]
     text_prompt_tokens: int
     loadavg_before: tuple[float, float, float]
+    goodput: dict[str, float] = field(default_factory=dict)  # targets in ms
+    flops: FlopsModel | None = field(default=None, repr=False)
 
     def ok(self) -> list[RequestResult]:
         return [r for r in self.results if r.ok]
@@ -103,6 +183,8 @@ class Cell:
     def summary(self) -> dict[str, Any]:
         ok = self.ok()
         vis = [r.visual_tokens for r in ok if r.visual_tokens is not None]
+        prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+        good = sum(is_good(r, self.goodput) for r in self.results)
         return {
             "config": self.config, "resolution": self.resolution, "requests": len(self.results),
             "failed": len(self.results) - len(ok), "duration_s": self.duration,
@@ -111,6 +193,11 @@ class Cell:
             "ttft_p50_s": pct([r.ttft for r in ok], 50), "ttft_p99_s": pct([r.ttft for r in ok], 99),
             "tpot_p50_s": pct([r.tpot for r in ok], 50), "tpot_p99_s": pct([r.tpot for r in ok], 99),
             "visual_tokens_per_image": statistics.fmean(vis) if vis else None,
+            "goodput_rps": good / self.duration if self.duration > 0 else 0.0,
+            "goodput_share": good / len(self.results) if self.results else 0.0,
+            "prompt_tokens_mean": statistics.fmean(prompts) if prompts else None,
+            "vision_gflops_per_request": self.flops.vision_gflops(self.resolution) if self.flops else None,
+            "language_gflops_per_request": self.flops.language_gflops(ok) if self.flops else None,
         }
 
 
@@ -128,7 +215,9 @@ def pct(values: Sequence[float | None], q: float) -> float | None:
 
 @dataclass(frozen=True)
 class Workload:
-    """The same requests for every configuration: one seeded image per request, so no cache can hit."""
+    """The same requests for every configuration: one seeded image per conversation, so no cache can hit across
+    conversations. `single` is a one-turn conversation per request; `multiturn` has `turns` turns per conversation.
+    """
 
     resolutions: tuple[int, ...]
     num_requests: int
@@ -137,6 +226,8 @@ class Workload:
     request_rate: float  # requests/s (Poisson arrivals); inf = all at once, bounded by concurrency
     image_format: str
     seed: int
+    kind: str = "single"
+    turns: int = 1  # requests per conversation; num_requests counts conversations
 
     def image_url(self, resolution: int, index: int) -> str:
         fmt = self.image_format.upper()
@@ -163,11 +254,19 @@ class Workload:
         return out
 
 
-def chat_body(model: str, image: str | None, max_tokens: int) -> dict[str, Any]:
+def chat_body(model: str, image: str | None, max_tokens: int, answers: Sequence[str] = ()) -> dict[str, Any]:
+    """The request of turn len(answers): as chat clients send it, the whole history again, the image included.
+
+    Turn 0 is the prompt with the image; each earlier answer follows as an assistant message, then a follow-up.
+    """
     content: list[dict[str, Any]] = [{"type": "text", "text": PROMPT}]
     if image is not None:
         content.append({"type": "image_url", "image_url": {"url": image}})
-    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+    messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+    for k, answer in enumerate(answers):
+        messages += [{"role": "assistant", "content": answer},
+                     {"role": "user", "content": [{"type": "text", "text": FOLLOW_UPS[k % len(FOLLOW_UPS)]}]}]
+    return {"model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
 
@@ -195,7 +294,9 @@ async def send(client: httpx.AsyncClient, base_url: str, body: dict[str, Any], i
                     res.error = str(chunk["error"])[:300]
                     return res
                 usage = chunk.get("usage") or usage
-                if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or ()):
+                text = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or ())
+                if text:
+                    res.text += text
                     now = time.perf_counter() - start
                     res.token_times.append(now)
                     if res.ttft is None:
@@ -234,39 +335,57 @@ async def text_prompt_tokens(client: httpx.AsyncClient, base_url: str, model: st
 
 
 async def run_cell(client: httpx.AsyncClient, base_url: str, model: str, wl: Workload, resolution: int,
-                   images: list[str], config: str, text_tokens: int) -> Cell:
-    """Warm up once, then send the resolution's requests at the workload's concurrency or rate."""
+                   images: list[str], config: str, text_tokens: int, goodput: dict[str, float],
+                   flops: FlopsModel | None) -> Cell:
+    """Warm up once, then send the resolution's conversations at the workload's concurrency or rate.
+
+    Turns within a conversation are sequential (each needs the previous answer); only turn 0's prompt is the
+    calibrated text plus one image, so later turns get no visual token count.
+    """
     warm = await send(client, base_url, chat_body(model, wl.warmup_image(resolution), wl.output_len), -1,
                       time.perf_counter(), text_tokens)
     if not warm.ok:
         log.warning("warm-up request failed", extra={"config": config, "resolution": resolution,
                                                      "error": warm.error})
     gate = asyncio.Semaphore(wl.concurrency)
-    bar = tqdm(total=len(images), desc=f"{config} {resolution}px", unit="req", leave=False, file=sys.stderr)
+    bar = tqdm(total=len(images) * wl.turns, desc=f"{config} {resolution}px", unit="req", leave=False, file=sys.stderr)
     loadavg = os.getloadavg()
     t0 = time.perf_counter()
 
-    async def one(i: int, offset: float) -> RequestResult:
+    async def conversation(c: int, offset: float) -> list[RequestResult]:
         await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+        out: list[RequestResult] = []
         async with gate:
-            r = await send(client, base_url, chat_body(model, images[i], wl.output_len), i, t0, text_tokens)
-        bar.update(1)
-        if not r.ok:
-            log.warning("request failed", extra={"config": config, "resolution": resolution, "index": i,
-                                                 "error": r.error})
-        return r
+            for k in range(wl.turns):
+                i = c * wl.turns + k
+                if out and not out[-1].ok:  # the history lacks an answer: the rest of the conversation is lost
+                    r = RequestResult(index=i, ok=False, start=time.perf_counter() - t0,
+                                      error=f"not sent: turn {k - 1} failed")
+                else:
+                    body = chat_body(model, images[c], wl.output_len, [x.text for x in out])
+                    # Visual tokens = prompt - calibrated text - wrapper holds for turn 0's prompt only: later ones
+                    # add the answers and follow-ups, whose token counts depend on how the server tokenises them.
+                    r = await send(client, base_url, body, i, t0, text_tokens if k == 0 else None)
+                r.conversation, r.turn = c, k
+                out.append(r)
+                bar.update(1)
+                if not r.ok:
+                    log.warning("request failed", extra={"config": config, "resolution": resolution, "index": i,
+                                                         "conversation": c, "turn": k, "error": r.error})
+        return out
 
-    results = await asyncio.gather(*(one(i, off) for i, off in enumerate(wl.arrivals())))
+    convs = await asyncio.gather(*(conversation(c, off) for c, off in enumerate(wl.arrivals())))
     duration = time.perf_counter() - t0
     bar.close()
-    cell = Cell(config, resolution, duration, list(results), text_tokens, loadavg)
+    cell = Cell(config, resolution, duration, [r for conv in convs for r in conv], text_tokens, loadavg, goodput,
+                flops)
     s = cell.summary()
     log.info("cell done", extra={k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()})
     return cell
 
 
-async def drive(base_url: str, config: str, wl: Workload, images: dict[int, list[str]],
-                api_key: str | None) -> list[Cell]:
+async def drive(base_url: str, config: str, wl: Workload, images: dict[int, list[str]], api_key: str | None,
+                goodput: dict[str, float], flops: FlopsModel | None) -> list[Cell]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=wl.concurrency + 4, max_keepalive_connections=wl.concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0, connect=30.0), limits=limits,
@@ -274,7 +393,7 @@ async def drive(base_url: str, config: str, wl: Workload, images: dict[int, list
         model = await served_model(client, base_url)
         text_tokens = await text_prompt_tokens(client, base_url, model)
         log.info("serving", extra={"config": config, "model": model, "text_prompt_tokens": text_tokens})
-        return [await run_cell(client, base_url, model, wl, res, images[res], config, text_tokens)
+        return [await run_cell(client, base_url, model, wl, res, images[res], config, text_tokens, goodput, flops)
                 for res in wl.resolutions]
 
 
@@ -399,8 +518,39 @@ def fmt(v: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
 
 
-def tables(summaries: list[dict[str, Any]], configs: Sequence[str], resolutions: Sequence[int]) -> str:
-    """Table 18's shape (req/s and speed-up over the baseline), then every metric per cell."""
+def gflop(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def goodput_label(targets: Mapping[str, float]) -> str:
+    return " and ".join(f"{GOODPUT_LABELS[k]}<={v:g} ms" for k, v in targets.items()) or "no latency target"
+
+
+def workload_title(wl: Workload) -> str:
+    return "single-turn requests" if wl.kind == "single" else f"{wl.turns}-turn conversations"
+
+
+def flops_note(summaries: list[dict[str, Any]], configs: Sequence[str]) -> str:
+    """The vision/language FLOP ratio per request: the quantity to hold against the paper's 38B setting."""
+    parts = []
+    for c in configs:
+        ratios = [f"{s['resolution']} px {s['vision_gflops_per_request'] / s['language_gflops_per_request']:.3g}"
+                  for s in summaries if s["config"] == c and s["vision_gflops_per_request"] is not None
+                  and s["language_gflops_per_request"]]
+        if ratios:
+            parts.append(f"{LABELS.get(c, c)} {', '.join(ratios)}")
+    if not parts:
+        return "No FLOP counts: no configuration had a checkpoint to read them from."
+    return ("Vision / language model FLOPs per request here (dense, no caches): " + "; ".join(parts) + "; this "
+            "ratio, not the absolute FLOPs, is what to hold against the paper's 38B setting (benchmarks/flops.py "
+            "computes it from that checkpoint's config.json for the same resolutions and prompts): the larger it is, "
+            "the larger the share of a colocated engine's work that DvD moves to its vision pool.")
+
+
+def tables(summaries: list[dict[str, Any]], configs: Sequence[str], resolutions: Sequence[int],
+           goodput: Mapping[str, float]) -> str:
+    """Table 18's shape (req/s and speed-up over the baseline), goodput in the same shape, then every metric per
+    cell and the FLOP ratio."""
     by = {(s["config"], s["resolution"]): s for s in summaries}
     head = "| configuration | " + " | ".join(f"{r} px" for r in resolutions) + " |"
     lines = ["Request throughput (req/s, speed-up over baseline)", "", head,
@@ -416,8 +566,17 @@ def tables(summaries: list[dict[str, Any]], configs: Sequence[str], resolutions:
                   if base and base["throughput_rps"] > 0 and c != "baseline" else "")
             cells.append(f"{s['throughput_rps']:.3f}{up}")
         lines.append(f"| {LABELS.get(c, c)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Goodput (req/s meeting {goodput_label(goodput)}; share of requests)", "", head,
+              "|---|" + "---|" * len(resolutions)]
+    for c in configs:
+        cells = []
+        for r in resolutions:
+            s = by.get((c, r))
+            cells.append("-" if s is None else f"{s['goodput_rps']:.3f} ({s['goodput_share']:.0%})")
+        lines.append(f"| {LABELS.get(c, c)} | " + " | ".join(cells) + " |")
     lines += ["", "| configuration | px | req/s | speed-up | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | "
-              "output tok/s | visual tokens / image | failed / requests |", "|---|---|---|---|---|---|---|---|---|"]
+              "output tok/s | visual tokens / image | goodput req/s (share) | vision / language GFLOP per request | "
+              "failed / requests |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
         for r in resolutions:
             s = by.get((c, r))
@@ -429,7 +588,10 @@ def tables(summaries: list[dict[str, Any]], configs: Sequence[str], resolutions:
                 f"| {LABELS.get(c, c)} | {r} | {s['throughput_rps']:.3f} | {up} | "
                 f"{fmt(s['ttft_p50_s'], 1e3, 0)} / {fmt(s['ttft_p99_s'], 1e3, 0)} | "
                 f"{fmt(s['tpot_p50_s'], 1e3, 1)} / {fmt(s['tpot_p99_s'], 1e3, 1)} | {s['output_tok_s']:.1f} | "
-                f"{fmt(s['visual_tokens_per_image'], 1, 1)} | {s['failed']} / {s['requests']} |")
+                f"{fmt(s['visual_tokens_per_image'], 1, 1)} | {s['goodput_rps']:.3f} ({s['goodput_share']:.0%}) | "
+                f"{gflop(s['vision_gflops_per_request'])} / {gflop(s['language_gflops_per_request'])} | "
+                f"{s['failed']} / {s['requests']} |")
+    lines += ["", flops_note(summaries, configs)]
     return "\n".join(lines)
 
 
@@ -471,11 +633,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="small", help="non-Flash checkpoint (baseline and DvD): preset or directory")
     p.add_argument("--flash-model", default="small-flash", help="Flash checkpoint (DvD + ViR): preset or directory")
     p.add_argument("--resolutions", default="448,896,1344", help="square image sides in pixels, comma separated")
-    p.add_argument("--num-requests", type=int, default=12, help="measured requests per resolution")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at most")
+    p.add_argument("--num-requests", type=int, default=12,
+                   help="measured requests per resolution (conversations with --workload multiturn)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests (multiturn: conversations) in flight at most")
     p.add_argument("--request-rate", type=float, default=math.inf,
-                   help="Poisson arrivals in req/s (inf: all requests at once, bounded by --concurrency)")
+                   help="Poisson arrivals in req/s (inf: all requests at once, bounded by --concurrency); "
+                        "multiturn: conversation starts")
     p.add_argument("--output-len", type=int, default=16, help="max_tokens, with ignore_eos")
+    p.add_argument("--workload", default="single", choices=WORKLOADS,
+                   help="single: one image and prompt per request; multiturn: conversations of --turns turns, each "
+                        "resending the history (image included) with the previous answer and a follow-up question")
+    p.add_argument("--turns", type=int, default=3, help="turns per conversation with --workload multiturn")
+    p.add_argument("--goodput", nargs="+", default=list(DEFAULT_GOODPUT), metavar="KEY:MS",
+                   help="latency targets (keys ttft, tpot, e2el; milliseconds) a good request meets, as "
+                        "`vllm bench serve --goodput`")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
     p.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
                    help="benchmark a running deployment for configuration NAME (base URL ending in /v1) "
@@ -500,6 +671,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"unknown configuration {c!r} (choose from {', '.join(CONFIGS)})")
     if args.num_requests < 1 or args.concurrency < 1 or args.output_len < 2:
         p.error("--num-requests and --concurrency must be >= 1, --output-len >= 2 (TPOT needs two tokens)")
+    if args.turns < 1:
+        p.error("--turns must be >= 1")
+    try:
+        args.goodput = parse_goodput(args.goodput)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -516,19 +693,36 @@ def serve(config: str, args: argparse.Namespace, out: Path) -> Iterator[str]:
             yield url
 
 
+def flops_model(config: str, args: argparse.Namespace) -> FlopsModel | None:
+    """The configuration's checkpoint; for --endpoint configurations --model / --flash-model stand for what is served.
+
+    ViR's router runs only in the Flash configuration; the baseline computes the same ViT as DvD, in its own process.
+    """
+    name = args.flash_model if config == "dvd-vir" else args.model
+    try:
+        return FlopsModel.from_checkpoint(resolve_model(name), args.resolutions, with_router=config == "dvd-vir")
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("no FLOP counts for this configuration", extra={"config": config, "model": name,
+                                                                    "error": str(exc)})
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bars
     args = parse_args(argv)
     out: Path = args.out or REPO / "results" / f"throughput-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
+    multiturn = args.workload == "multiturn"
     wl = Workload(args.resolutions, args.num_requests, args.output_len, args.concurrency, args.request_rate,
-                  args.image_format, args.seed)
+                  args.image_format, args.seed, args.workload, args.turns if multiturn else 1)
     record: dict[str, Any] = {
         "command": [sys.executable, *sys.argv] if argv is None else ["throughput.py", *argv],
         "started": datetime.now().isoformat(timespec="seconds"), "machine": machine(),
         "workload": {**asdict(wl), "request_rate": None if math.isinf(wl.request_rate) else wl.request_rate,
-                     "prompt": PROMPT, "image_wrapper_tokens": IMAGE_WRAPPER_TOKENS},
+                     "prompt": PROMPT, "image_wrapper_tokens": IMAGE_WRAPPER_TOKENS,
+                     "follow_ups": list(FOLLOW_UPS) if multiturn else []},
+        "goodput_targets_ms": args.goodput,
         "models": {"baseline": args.model, "dvd": args.model, "dvd-vir": args.flash_model},
         "endpoints": args.endpoints, "cpu_split": {**args.cpu_split.describe(), "note": CPU_SPLIT_NOTE},
         "configs": {}, "summaries": [],
@@ -542,25 +736,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     for config in args.configs:
         t_start = time.perf_counter()
         log.info("starting configuration", extra={"config": config, "endpoint": args.endpoints.get(config)})
+        flops = flops_model(config, args)
         with serve(config, args, out) as base_url:
             startup = time.perf_counter() - t_start
             log.info("configuration ready", extra={"config": config, "url": base_url, "startup_s": round(startup, 1)})
             cells = asyncio.run(drive(base_url, config, wl, images,
-                                      args.api_key if config in args.endpoints else None))
+                                      args.api_key if config in args.endpoints else None, args.goodput, flops))
         record["configs"][config] = {
             "url": base_url, "startup_s": startup, "started_by_benchmark": config not in args.endpoints,
-            "cells": [{**asdict(c), "results": [{**asdict(r), "tpot": r.tpot} for r in c.results]} for c in cells]}
+            "flops": asdict(flops) if flops else None,
+            "cells": [{**{k: v for k, v in asdict(c).items() if k != "flops"},
+                       "results": [{**asdict(r), "tpot": r.tpot} for r in c.results]} for c in cells]}
         record["summaries"] += [c.summary() for c in cells]
     record["wall_s"] = time.perf_counter() - t_all
-    md = tables(record["summaries"], args.configs, args.resolutions)
+    md = tables(record["summaries"], args.configs, args.resolutions, args.goodput)
     m = record["machine"]
     where = (f"{m['cpu_model']}, {m['usable_cpus']} CPUs, {m['memory_gib']} GiB"
              + (f", {', '.join(m['gpus'])}" if m["gpus"] else ", no GPU"))
-    setup = (f"{args.num_requests} requests per resolution, concurrency {args.concurrency}"
+    setup = ((f"{args.num_requests} conversations x {wl.turns} turns per resolution (a turn is a request), "
+              f"concurrency {args.concurrency} conversations" if multiturn else
+              f"{args.num_requests} requests per resolution, concurrency {args.concurrency}")
              + ("" if math.isinf(args.request_rate) else f", Poisson {args.request_rate} req/s")
              + f", {args.output_len} output tokens, model {args.model} / {args.flash_model}")
     (out / "results.json").write_text(json.dumps(record, indent=1))
-    (out / "results.md").write_text(f"# Throughput ({where})\n\n{setup}; CPU split: "
+    (out / "results.md").write_text(f"# Throughput, {workload_title(wl)} ({where})\n\n{setup}; CPU split: "
                                     f"{json.dumps(args.cpu_split.describe())}\n\n{md}\n\n{CPU_SPLIT_NOTE}\n")
     plot(record["summaries"], args.configs, args.resolutions, out / "throughput.png", f"{where}\n{setup}")
     print(f"\n{md}\n\n{where}; {setup}\nresults: {out} (results.json, results.md, throughput.png); "

@@ -25,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.flops import vision_tile_flops  # noqa: E402
 from dvd.checkpoint import resolve_model  # noqa: E402
 from dvd.procs import Service, free_port, vision_health  # noqa: E402
 from dvd.v1 import vision_pb2, vision_pb2_grpc  # noqa: E402
@@ -35,23 +36,6 @@ from vision_server.weights import load_vision_weights  # noqa: E402
 
 # Dense bf16 peaks (no sparsity), by device-name substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
-
-
-def tile_flops(cfg: ModelConfig, with_router: bool) -> float:
-    """Multiply-adds x 2 of one tile: patch embedding, ViT layers, projector(s), router."""
-    d, m, h = cfg.vit_hidden, cfg.vit_mlp, cfg.llm_hidden
-    side = cfg.image_size // cfg.patch_size
-    n = side * side + 1
-    f = 2 * side * side * 3 * cfg.patch_size**2 * d
-    f += cfg.vit_layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
-    r = int(1 / cfg.downsample_ratio)
-    f += 2 * cfg.tokens_per_tile * (d * r * r * h + h * h)
-    if with_router and cfg.flash:
-        t = side * side
-        f += 2 * cfg.compressed_tokens_per_tile * (d * r**4 * 2 * h + 4 * h * h + 2 * h * h)
-        f += 4 * (2 * t * 2 * d * d + 4 * t * d + 4 * d * d)  # 4 pooling attentions (K/V over all tokens)
-        f += 4 * 2 * 8 * d * d + 4 * d  # gating blocks + gate
-    return float(f)
 
 
 def make_images(n: int, width: int, height: int) -> list[bytes]:
@@ -212,7 +196,7 @@ def main() -> None:
           f"p90 {lat[int(0.9 * (len(lat) - 1))] * 1000:.0f} ms, compressed tiles {compressed})")
     print(f"plain   : {loop_tps:8.2f} tiles/s  (model forward loop, micro-batch {micro})")
     print(f"ratio   : {svc_tps / loop_tps:8.3f}  (service efficiency; target >= 0.9)")
-    flops = tile_flops(cfg, with_router)
+    flops = vision_tile_flops(cfg, with_router)
     print(f"flops   : {flops / 1e9:8.2f} GFLOP per tile")
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))

@@ -8,7 +8,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from benchmarks.flops import language_flops, tiles_per_image, vision_tile_flops
+from benchmarks.throughput import FOLLOW_UPS, PROMPT, Cell, FlopsModel, RequestResult, chat_body, is_good, parse_goodput
+from dvd.checkpoint import PRESETS, build_config
+from vision_server.config import ModelConfig
+from vision_server.preprocess import tile_image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,29 +33,68 @@ def test_throughput_harness_against_running_endpoints(tmp_path: Path, colocated_
     out = tmp_path / "throughput"
     stdout = run_script("benchmarks/throughput.py", "--configs", "baseline,dvd", "--endpoint",
                         f"baseline={colocated_tiny}", "--endpoint", f"dvd={router_tiny}", "--resolutions", "448",
-                        "--num-requests", "2", "--concurrency", "2", "--output-len", "4", "--out", str(out))
+                        "--num-requests", "2", "--concurrency", "2", "--output-len", "4", "--model", "tiny",
+                        "--out", str(out))
     assert "| baseline (vLLM colocated) |" in stdout and "| DvD |" in stdout
 
     record = json.loads((out / "results.json").read_text())
     assert record["machine"]["logical_cpus"] >= 1 and record["machine"]["cpu_model"]
     assert record["workload"]["num_requests"] == 2 and record["workload"]["output_len"] == 4
+    assert record["workload"]["kind"] == "single" and record["workload"]["turns"] == 1
+    assert record["goodput_targets_ms"] == {"ttft": 2000.0, "tpot": 100.0}
     assert "vision_cpus" in record["cpu_split"]
     assert {s["config"] for s in record["summaries"]} == {"baseline", "dvd"}
     for s in record["summaries"]:
         assert s["resolution"] == 448 and s["requests"] == 2 and s["failed"] == 0
         assert s["throughput_rps"] > 0 and s["ttft_p50_s"] > 0 and s["tpot_p50_s"] > 0
         assert s["visual_tokens_per_image"] == 256  # one 448 px tile, no thumbnail, no ViR
+        assert 0 <= s["goodput_share"] <= 1 and 0 <= s["goodput_rps"] <= s["throughput_rps"]
+        assert s["vision_gflops_per_request"] > 0 and s["language_gflops_per_request"] > 0
+    vision = {s["config"]: s["vision_gflops_per_request"] for s in record["summaries"]}
+    assert vision["baseline"] == vision["dvd"]  # the same ViT, one tile
     for config in ("baseline", "dvd"):
         cell = record["configs"][config]["cells"][0]
         assert not record["configs"][config]["started_by_benchmark"]
+        assert record["configs"][config]["flops"]["tiles"] == {"448": 1}
         assert len(cell["results"]) == 2
         for r in cell["results"]:
             assert r["ok"] and r["completion_tokens"] == 4 and r["visual_tokens"] == 256
             assert 0 < r["ttft"] <= r["latency"] and r["token_times"]
+            assert r["turn"] == 0 and r["conversation"] == r["index"] and r["text"]
 
     md = (out / "results.md").read_text()
     assert "448 px" in md and "DvD" in md and "| 0 / 2 |" in md
+    assert md.startswith("# Throughput, single-turn requests")
+    assert "Goodput (req/s meeting TTFT<=2000 ms and TPOT<=100 ms" in md
+    assert "vision / language GFLOP per request" in md and "Vision / language model FLOPs per request here" in md
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_throughput_harness_multiturn(tmp_path: Path, router_tiny: str) -> None:
+    out = tmp_path / "multiturn"
+    stdout = run_script("benchmarks/throughput.py", "--configs", "dvd", "--endpoint", f"dvd={router_tiny}",
+                        "--resolutions", "448", "--workload", "multiturn", "--turns", "2", "--num-requests", "1",
+                        "--output-len", "4", "--model", "tiny", "--out", str(out))
+    assert "| DvD |" in stdout and "1 conversations x 2 turns" in stdout
+
+    record = json.loads((out / "results.json").read_text())
+    assert record["workload"]["kind"] == "multiturn" and record["workload"]["turns"] == 2
+    assert record["workload"]["follow_ups"] == list(FOLLOW_UPS)
+    [s] = record["summaries"]
+    assert s["requests"] == 2 and s["failed"] == 0 and s["throughput_rps"] > 0
+    assert "goodput_rps" in s and 0 <= s["goodput_share"] <= 1
+    assert s["visual_tokens_per_image"] == 256  # from turn 0 only
+    assert s["vision_gflops_per_request"] > 0 and s["language_gflops_per_request"] > 0
+    results = record["configs"]["dvd"]["cells"][0]["results"]
+    assert [(r["conversation"], r["turn"], r["index"]) for r in results] == [(0, 0, 0), (0, 1, 1)]
+    assert all(r["ok"] and r["completion_tokens"] == 4 for r in results)
+    assert results[0]["visual_tokens"] == 256 and results[1]["visual_tokens"] is None
+    # Turn 1 resends turn 0's prompt and image plus the answer and a follow-up question.
+    assert results[1]["prompt_tokens"] > results[0]["prompt_tokens"] + 4
+    assert results[1]["start"] >= results[0]["start"] + results[0]["latency"] - 1e-6  # turns are sequential
+
+    md = (out / "results.md").read_text()
+    assert md.startswith("# Throughput, 2-turn conversations") and "| 0 / 2 |" in md
 
 
 def test_transfer_benchmark_tiny(tmp_path: Path) -> None:
@@ -56,3 +105,93 @@ def test_transfer_benchmark_tiny(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["tiles"] == 8 and result["bytes"] == 8 * 256 * 64 * 2
     assert result["grpc_bytes_per_s"] > 0 and result["memcpy_bytes_per_s"] > 0 and result["ratio"] > 0
+
+
+# ------------------------------------------------------------------------------------------- pure pieces, no services
+
+def timed(ttft: float, tpot: float, tokens: int = 16, ok: bool = True) -> RequestResult:
+    return RequestResult(index=0, ok=ok, start=0.0, ttft=ttft, latency=ttft + tpot * (tokens - 1),
+                         completion_tokens=tokens)
+
+
+def test_goodput_targets_and_classification() -> None:
+    targets = parse_goodput(["ttft:2000", "tpot:100"])
+    assert targets == {"ttft": 2000.0, "tpot": 100.0}
+    assert is_good(timed(1.0, 0.05), targets)
+    assert is_good(timed(2.0, 0.1), targets)  # on the target counts, as vLLM (metric <= target)
+    assert not is_good(timed(2.5, 0.05), targets)  # TTFT missed
+    assert not is_good(timed(1.0, 0.2), targets)  # TPOT missed
+    assert not is_good(timed(1.0, 0.05, ok=False), targets)  # a failed request is never good
+    assert not is_good(timed(1.0, 0.05), {"e2el": 1000.0})  # 1.0 + 15 x 0.05 = 1.75 s end to end
+    assert is_good(timed(1.0, 0.05), {"e2el": 1750.0 + 1e-6})
+    assert is_good(timed(9.0, 9.0), {})  # no target: every successful request
+    for bad in ("foo:1", "ttft", "ttft:-1", "tpot:x", "e2el:inf"):
+        with pytest.raises(ValueError):
+            parse_goodput([bad])
+
+    results = [timed(1.0, 0.05), timed(3.0, 0.05), timed(1.0, 0.05, ok=False), timed(0.5, 0.01)]
+    s = Cell("dvd", 448, 2.0, results, 10, (0.0, 0.0, 0.0), targets).summary()
+    assert s["goodput_rps"] == pytest.approx(1.0) and s["goodput_share"] == pytest.approx(0.5)
+    assert s["throughput_rps"] == pytest.approx(1.5)
+    assert s["vision_gflops_per_request"] is None and s["language_gflops_per_request"] is None  # no checkpoint
+
+
+def test_language_flops_by_hand() -> None:
+    llm = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "intermediate_size": 16, "vocab_size": 10}
+    # head_dim 8 / 2 = 4: q and o 8 x 8, k and v 8 x 4, gated MLP 3 x 8 x 16.
+    params = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8 + 3 * 8 * 16
+    positions = 5 + 3 - 1  # 5 prompt tokens, 3 generated: the last one is never fed back
+    attention = sum(4 * 8 * (i + 1) for i in range(positions))
+    expected = 2 * params * positions + 2 * 8 * 10 * 3 + attention
+    assert language_flops(llm, 5, 3) == expected == 9440
+    assert language_flops({"llm_config": llm}, 5, 3) == expected  # InternVL's nesting
+    wide = language_flops(llm | {"head_dim": 8}, 5, 3)  # q_dim 16: more projection and attention work
+    assert wide == 2 * positions * (8 * 16 * 2 + 8 * 8 * 2 + 3 * 8 * 16) + 2 * 8 * 10 * 3 + 4 * 16 * 28
+    assert language_flops(llm, 6, 3) > language_flops(llm, 5, 3) < language_flops(llm, 5, 4)
+
+
+def write_config(root: Path, flash: bool, **overrides: int) -> ModelConfig:
+    root.mkdir()
+    preset = replace(PRESETS["tiny"], **overrides)
+    raw = build_config(preset, 2048, flash, {"<|endoftext|>": 0, "<|im_end|>": 1})
+    (root / "config.json").write_text(json.dumps(raw))
+    return ModelConfig.from_checkpoint(root)
+
+
+def test_vision_flops_grow_with_tiles_router_and_size(tmp_path: Path) -> None:
+    plain, flash = write_config(tmp_path / "plain", False), write_config(tmp_path / "flash", True)
+    deeper = write_config(tmp_path / "deeper", False, vit_layers=4)
+    assert vision_tile_flops(flash, True) > vision_tile_flops(flash, False) == vision_tile_flops(plain, False)
+    assert vision_tile_flops(plain, True) == vision_tile_flops(plain, False)  # no router without Flash weights
+    assert vision_tile_flops(deeper, False) > vision_tile_flops(plain, False)
+    # Tiles per square image: the grid preprocess picks plus the thumbnail, checked against the tiler itself.
+    tiles = [tiles_per_image(plain, side, side) for side in (448, 896, 1344)]
+    assert tiles == [1, 5, 10]
+    for side, n in zip((448, 896, 1344), tiles, strict=True):
+        tiled = tile_image(Image.new("RGB", (side, side)), image_size=plain.image_size, min_num=1,
+                           max_num=plain.max_tiles, use_thumbnail=plain.use_thumbnail)
+        assert tiled.pixels.shape[0] == n
+    model = FlopsModel.from_checkpoint(tmp_path / "flash", (448, 896, 1344), with_router=True)
+    per_request = [model.vision_gflops(r) for r in (448, 896, 1344)]
+    assert per_request == sorted(per_request) and per_request[0] == pytest.approx(vision_tile_flops(flash, True) / 1e9)
+    ok = RequestResult(index=0, ok=True, start=0.0, prompt_tokens=300, completion_tokens=4)
+    assert model.language_gflops([ok]) == pytest.approx(language_flops(model.llm, 300, 4) / 1e9)
+
+
+def test_multiturn_request_bodies() -> None:
+    image = "data:image/jpeg;base64,AAAA"
+    first = chat_body("m", image, 4)
+    assert first == chat_body("m", image, 4, [])  # turn 0 is the single-turn request
+    assert [m["role"] for m in first["messages"]] == ["user"]
+    body = chat_body("m", image, 4, ["answer one", "answer two"])
+    msgs = body["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
+    assert msgs[0] == first["messages"][0]  # the image resent, in the first user message only
+    with_image = [i for i, m in enumerate(msgs) if isinstance(m["content"], list)
+                  and any(p["type"] == "image_url" for p in m["content"])]
+    assert with_image == [0] and msgs[0]["content"][1]["image_url"]["url"] == image
+    assert msgs[0]["content"][0]["text"] == PROMPT
+    assert [msgs[1]["content"], msgs[3]["content"]] == ["answer one", "answer two"]
+    assert [msgs[2]["content"][0]["text"], msgs[4]["content"][0]["text"]] == list(FOLLOW_UPS[:2])
+    assert body["max_tokens"] == 4 and body["stream"] and body["ignore_eos"]
