@@ -54,7 +54,9 @@ class Service:
         self._sink = sink if sink is not None else sys.stderr
         self._log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(self.argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        # The child dies with this process (dvd/die_with_parent.py), even when this process is SIGKILLed.
+        guarded = [sys.executable, "-m", "dvd.die_with_parent", str(os.getpid()), *self.argv]
+        self.proc = subprocess.Popen(guarded, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, bufsize=1, start_new_session=True)
         self._pump = threading.Thread(target=self._copy_output, name=f"log-{name}", daemon=True)
         self._pump.start()
