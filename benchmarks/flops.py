@@ -14,19 +14,23 @@ from vision_server.config import ModelConfig
 from vision_server.preprocess import choose_grid, target_ratios
 
 
-def vision_tile_flops(cfg: ModelConfig, with_router: bool) -> float:
-    """Multiply-adds x 2 of one tile: patch embedding, ViT layers, projector(s), router."""
+def vision_tile_flops(cfg: ModelConfig, with_router: bool, compressed: bool = False) -> float:
+    """Multiply-adds x 2 of one tile as the vision server computes it: patch embedding, ViT layers, the router
+    (Flash, ViR on) and the one projector the tile needs (mlp2 for a compressed tile, mlp1 otherwise)."""
     d, m, h = cfg.vit_hidden, cfg.vit_mlp, cfg.llm_hidden
     side = cfg.image_size // cfg.patch_size
     n = side * side + 1
     f = 2 * side * side * 3 * cfg.patch_size**2 * d
     f += cfg.vit_layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
     r = int(1 / cfg.downsample_ratio)
-    f += 2 * cfg.tokens_per_tile * (d * r * r * h + h * h)
+    if compressed and cfg.flash:
+        f += 2 * cfg.compressed_tokens_per_tile * (d * r**4 * 2 * h + 4 * h * h + 2 * h * h)
+    else:
+        f += 2 * cfg.tokens_per_tile * (d * r * r * h + h * h)
     if with_router and cfg.flash:
         t = side * side
-        f += 2 * cfg.compressed_tokens_per_tile * (d * r**4 * 2 * h + 4 * h * h + 2 * h * h)
-        f += 4 * (2 * t * 2 * d * d + 4 * t * d + 4 * d * d)  # 4 pooling attentions (K/V over all tokens)
+        f += 2 * (2 * t * 2 * d * d)  # keys and values over all tokens: attn1 once, attn2 once (reused 3 times)
+        f += 4 * (4 * t * d + 4 * d * d)  # 4 one-query attentions: scores, values, q and out projections
         f += 4 * 2 * 8 * d * d + 4 * d  # gating blocks + gate
     return float(f)
 

@@ -47,7 +47,7 @@ from benchmarks.flops import language_flops, llm_config, tiles_per_image, vision
 from dvd.checkpoint import resolve_model  # noqa: E402
 from dvd.logs import setup_logging  # noqa: E402
 from dvd.media import data_url, image_bytes  # noqa: E402
-from dvd.procs import Service, free_port, http_ok  # noqa: E402
+from dvd.procs import Service, cpu_engine_env, free_port, http_ok, usable_cpus  # noqa: E402
 from router.local import ENGINE_START_TIMEOUT, start_stack  # noqa: E402
 from vision_server.config import ModelConfig  # noqa: E402
 
@@ -67,14 +67,15 @@ DEFAULT_GOODPUT = ("ttft:2000", "tpot:100")
 # The text comes before the image, so that newline sits between two special tokens and is exactly one token.
 IMAGE_WRAPPER_TOKENS = 3
 CPU_SPLIT_NOTE = (
-    "CPU-only numbers measure the serving system, not GPU speed-ups. With --cpu-split the DvD services get disjoint "
-    "cores (vision on one set, the language engine on another) while the baseline engine gets all of them, so both "
-    "use the same hardware; the router and this client float. What transfers to GPU deployments: whether the "
-    "pipeline overlaps vision and language work, per-request overheads of the extra hop (gRPC, bf16 wire format), "
-    "the visual token counts and ViR's share of compressed tiles, and failure-free operation under load. What does "
-    "not: absolute req/s, TTFT and TPOT, and the size of the speed-up, which on GPUs depends on the ViT/LLM compute "
-    "ratio, GPU count per pool, batch sizes and the interconnect (the paper's DvD adds GPUs for the vision pool; here "
-    "the cores are split, so the baseline gets the whole machine for whichever stage is the bottleneck).")
+    "CPU-only numbers measure the serving system, not GPU speed-ups. Every configuration gets the same cores. With "
+    "--cpu-split shared (the default) the DvD vision server and language engine both run on all of them, so the "
+    "stage with work takes the cores the other leaves idle, as the baseline engine does inside one process; with "
+    "VISION:LLM lists they get disjoint cores. The router and this client float. What transfers to GPU "
+    "deployments: whether the pipeline overlaps vision and language work, per-request overheads of the extra hop "
+    "(gRPC, bf16 wire format), the visual token counts and ViR's share of compressed tiles, the embedding cache on "
+    "resent images, and failure-free operation under load. What does not: absolute req/s, TTFT and TPOT, and the "
+    "size of the speed-up, which on GPUs depends on the ViT/LLM compute ratio, GPU count per pool, batch sizes and "
+    "the interconnect (the paper's DvD adds GPUs for the vision pool; here both designs share one machine).")
 
 
 @dataclass
@@ -401,29 +402,30 @@ async def drive(base_url: str, config: str, wl: Workload, images: dict[int, list
 
 @dataclass(frozen=True)
 class CpuSplit:
-    """Which cores each service may use; None = no pinning (every process floats over the whole machine)."""
+    """Which cores each service may use; None = no pinning (the process floats over the whole machine)."""
 
     vision: str | None
     llm: str | None
     baseline: str | None
+    mode: str = "split"  # split (disjoint lists), shared (vision and language on every core), none (no binding)
 
     @staticmethod
     def parse(spec: str) -> CpuSplit:
+        every = usable_cpus()
         if spec == "none":
-            return CpuSplit(None, None, None)
+            return CpuSplit(None, None, None, "none")
+        if spec == "shared":
+            return CpuSplit(None, every, every, "shared")
         vision, _, llm = spec.partition(":")
         if not vision or not llm:
-            raise argparse.ArgumentTypeError(f"--cpu-split wants VISION_CPUS:LLM_CPUS or none, got {spec!r}")
-        return CpuSplit(vision, llm, cpu_list_str(sorted(os.sched_getaffinity(0))))
+            raise argparse.ArgumentTypeError(f"--cpu-split wants shared, none or VISION_CPUS:LLM_CPUS, got {spec!r}")
+        return CpuSplit(vision, llm, every)
 
     def describe(self) -> dict[str, Any]:
-        return {"vision_cpus": self.vision, "llm_cpus": self.llm, "baseline_cpus": self.baseline,
-                "vision_threads": count_cpus(self.vision), "llm_omp_threads": count_cpus(self.llm),
-                "baseline_omp_threads": count_cpus(self.baseline), "router_and_client": "unpinned"}
-
-
-def cpu_list_str(ids: Sequence[int]) -> str:
-    return ",".join(map(str, ids))
+        return {"mode": self.mode, "vision_cpus": self.vision or "all (unpinned)", "llm_cpus": self.llm,
+                "baseline_cpus": self.baseline, "vision_threads": count_cpus(self.vision or usable_cpus()),
+                "llm_omp_threads": count_cpus(self.llm), "baseline_omp_threads": count_cpus(self.baseline),
+                "router_and_client": "unpinned"}
 
 
 def count_cpus(spec: str | None) -> int | None:
@@ -437,17 +439,18 @@ def count_cpus(spec: str | None) -> int | None:
     return n
 
 
-def engine_env(cpus: str | None, kv_gib: int) -> dict[str, str]:
-    """vLLM on CPU: a fixed KV budget, and OpenMP threads bound to exactly the engine's cores when pinned.
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it bf16 GEMMs are emulated and
+    several times slower than float32 (measured: 1.1 vs 7.9 tiles/s for the `small` ViT on an AVX2-only EPYC)."""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
 
-    vLLM sets the model worker's OMP_NUM_THREADS/OMP_PLACES from VLLM_CPU_OMP_THREADS_BIND; the API and scheduler
-    processes keep one thread so that they do not spin against it. Unpinned, vLLM's `auto` binding keeps one core
-    for its scheduler process, which on 2 cores halves the model's compute.
-    """
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
-    if cpus is not None:
-        env |= {"VLLM_CPU_OMP_THREADS_BIND": cpus, "OMP_NUM_THREADS": "1"}
-    return env
+
+def engine_env(cpus: str | None, kv_gib: int) -> dict[str, str]:
+    """vLLM on CPU bound to `cpus` (dvd.procs.cpu_engine_env); None keeps vLLM's own `auto` binding."""
+    return cpu_engine_env(cpus, kv_gib) if cpus is not None else {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
 
 
 @contextlib.contextmanager
@@ -456,7 +459,7 @@ def baseline_server(model: Path, split: CpuSplit, args: argparse.Namespace, log_
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--trust-remote-code",
             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
-            *args.baseline_arg]
+            "--dtype", args.dtype, *args.baseline_arg]
     if split.baseline:
         argv = ["taskset", "-c", split.baseline, *argv]
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -473,14 +476,15 @@ def baseline_server(model: Path, split: CpuSplit, args: argparse.Namespace, log_
 
 @contextlib.contextmanager
 def dvd_stack(model: Path, split: CpuSplit, args: argparse.Namespace, log_dir: Path) -> Iterator[str]:
-    """The DvD stack via router.local.start_stack, vision and language engine on their own cores."""
-    cpus = {k: v for k, v in (("vision", split.vision), ("llm", split.llm)) if v is not None}
+    """The DvD stack via router.local.start_stack, vision and language engine on the split's cores."""
+    cpus = {k: v for k, v in (("vision", split.vision), ("llm", split.llm)) if v is not None and split.mode == "split"}
     service_env = {"llm": engine_env(split.llm, args.kv_cache_gib)}
     if split.vision is not None:
         service_env["vision"] = {"OMP_NUM_THREADS": str(count_cpus(split.vision))}
     with open(os.devnull, "w") as quiet, start_stack(
             model, free_port(), devices="cpu", max_model_len=args.max_model_len, sink=quiet, log_dir=log_dir,
-            cpus=cpus, service_env=service_env, vision_args=args.vision_arg, llm_args=args.llm_arg) as stack:
+            cpus=cpus, service_env=service_env, vision_args=["--dtype", args.dtype, *args.vision_arg],
+            llm_args=["--dtype", args.dtype, *args.llm_arg]) as stack:
         yield stack.base_url
 
 
@@ -653,8 +657,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "instead of starting it; repeatable")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key for --endpoint servers")
     p.add_argument("--out", type=Path, default=None, help="results directory (default results/throughput-<time>)")
-    p.add_argument("--cpu-split", default="0:1", type=CpuSplit.parse,
-                   help="VISION_CPUS:LLM_CPUS for DvD (the baseline engine gets every usable CPU), or none")
+    p.add_argument("--cpu-split", default="shared", type=CpuSplit.parse,
+                   help="shared: DvD's vision server and language engine both use every CPU (the baseline engine "
+                        "too); VISION_CPUS:LLM_CPUS: disjoint cores for DvD; none: no binding at all")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="compute dtype of every engine (baseline vLLM, DvD's language engine and vision server), the "
+                        "same for all so that the comparison is of serving designs, not of precisions; auto: "
+                        "bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), float32 otherwise")
     p.add_argument("--image-format", default="JPEG", choices=("JPEG", "PNG"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=int, default=16384)
@@ -664,6 +673,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--vision-arg", action="append", default=[], help="extra option for vision_server")
     args = p.parse_args(argv)
     args.resolutions = tuple(int(r) for r in args.resolutions.split(","))
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if native_bf16() else "float32"
     args.configs = tuple(c for c in args.configs.split(",") if c)
     args.endpoints = dict(e.split("=", 1) for e in args.endpoint)
     for c in (*args.configs, *args.endpoints):
@@ -722,7 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workload": {**asdict(wl), "request_rate": None if math.isinf(wl.request_rate) else wl.request_rate,
                      "prompt": PROMPT, "image_wrapper_tokens": IMAGE_WRAPPER_TOKENS,
                      "follow_ups": list(FOLLOW_UPS) if multiturn else []},
-        "goodput_targets_ms": args.goodput,
+        "goodput_targets_ms": args.goodput, "dtype": args.dtype,
         "models": {"baseline": args.model, "dvd": args.model, "dvd-vir": args.flash_model},
         "endpoints": args.endpoints, "cpu_split": {**args.cpu_split.describe(), "note": CPU_SPLIT_NOTE},
         "configs": {}, "summaries": [],
@@ -757,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"concurrency {args.concurrency} conversations" if multiturn else
               f"{args.num_requests} requests per resolution, concurrency {args.concurrency}")
              + ("" if math.isinf(args.request_rate) else f", Poisson {args.request_rate} req/s")
-             + f", {args.output_len} output tokens, model {args.model} / {args.flash_model}")
+             + f", {args.output_len} output tokens, model {args.model} / {args.flash_model}, {args.dtype} everywhere")
     (out / "results.json").write_text(json.dumps(record, indent=1))
     (out / "results.md").write_text(f"# Throughput, {workload_title(wl)} ({where})\n\n{setup}; CPU split: "
                                     f"{json.dumps(args.cpu_split.describe())}\n\n{md}\n\n{CPU_SPLIT_NOTE}\n")

@@ -4,9 +4,14 @@
     python benchmarks/vision_bench.py --device cuda --model /path/to/InternVL3_5-8B-Flash
     python benchmarks/vision_bench.py --address host:port   # an already running server (same --model for the loop)
 
-ratio = service tiles/s / plain-loop tiles/s at the same micro-batch size: what decoding, tiling, batching, gRPC
-and the bf16 wire format cost on top of the model itself (target >= 0.9). On GPU it also prints the bf16 FLOP
-floor: the time a tile needs at the card's peak dense bf16 rate, and the model FLOP utilisation reached.
+Two ratios, each measured side by side in one run (rounds alternate; the best round of each side counts):
+- saturated: service tiles/s under concurrent requests / the plain forward loop's tiles/s at its best batch size
+  (1, 2, 4 and the server's largest batch are tried): what decoding, tiling, batching, gRPC and the bf16 wire
+  format cost on top of the model itself (target >= 0.95).
+- lone: one single-tile request at a time, its latency / one bare single-tile forward (target <= 1.2): what a
+  request pays when nothing else is queued (no padding, no waiting for company).
+The plain loop does the service's work: ViT, the router on Flash checkpoints, one projector per tile. On GPU it
+also prints the bf16 FLOP floor: the time a tile needs at the card's peak dense bf16 rate, and the MFU reached.
 """
 
 from __future__ import annotations
@@ -58,40 +63,75 @@ def make_images(n: int, width: int, height: int) -> list[bytes]:
 
 
 class PlainLoop:
-    """The model alone on the same tiles in full micro-batches, built once and measured per round."""
+    """The model alone on the same tiles, built once, on a worker thread like the server's device runner (on CPU
+    the main thread ran this model ~2x slower: glibc's main-thread heap hands big temporaries back to the OS)."""
 
     def __init__(self, cfg: ModelConfig, ckpt: Path, images: list[bytes], device: str, dtype: torch.dtype,
-                 micro_batch: int, with_router: bool, repeats: int) -> None:
+                 with_router: bool, repeats: int) -> None:
         self.model = build_model(cfg, load_vision_weights(ckpt, cfg.flash), device, dtype)
-        tiles = torch.cat([preprocess(d, image_size=cfg.image_size, min_num=1, max_num=cfg.max_dynamic_patch,
-                                      use_thumbnail=cfg.use_thumbnail, max_pixels=10**9).pixels for d in images])
-        self.batches = [tiles[i:i + micro_batch] for i in range(0, len(tiles) - micro_batch + 1, micro_batch)]
-        self.device, self.micro_batch, self.with_router, self.repeats = device, micro_batch, with_router, repeats
-        # On a worker thread like the server's device runner: on CPU the main thread ran this model ~2x slower
-        # (measured; glibc's main-thread heap hands big temporaries back to the OS, so every forward page-faults).
+        self.tiles = torch.cat([preprocess(d, image_size=cfg.image_size, min_num=1, max_num=cfg.max_dynamic_patch,
+                                           use_thumbnail=cfg.use_thumbnail, max_pixels=10**9).pixels for d in images])
+        self.device, self.with_router, self.repeats = device, with_router and cfg.flash, repeats
         self.pool = ThreadPoolExecutor(max_workers=1)
 
-    def _run(self, batches: list[torch.Tensor]) -> None:
-        for b in batches:
-            out = self.model(b.to(self.device), with_router=self.with_router)
-            out.emb256.to(torch.bfloat16).cpu()
-            if out.emb64 is not None:
-                out.emb64.to(torch.bfloat16).cpu()
+    @torch.inference_mode()
+    def _forward(self, b: torch.Tensor, router: bool = True) -> None:
+        grid = self.model.features(b.to(self.device))
+        if router and self.with_router:
+            self.model.route(grid, grid.shape[0])
+        self.model.project(grid, compressed=False).to(torch.bfloat16).cpu()
 
-    def _timed(self) -> float:
-        self._run(self.batches[:2])  # warm-up
+    def _sync(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
+
+    def _throughput(self, batch: int) -> float:
+        batches = [self.tiles[i:i + batch] for i in range(0, len(self.tiles) - batch + 1, batch)]
+        for b in batches[:2]:  # warm-up
+            self._forward(b)
+        self._sync()
         t0 = time.perf_counter()
         for _ in range(self.repeats):
-            self._run(self.batches)
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return self.repeats * len(self.batches) * self.micro_batch / (time.perf_counter() - t0)
+            for b in batches:
+                self._forward(b)
+        self._sync()
+        return self.repeats * len(batches) * batch / (time.perf_counter() - t0)
 
-    def measure(self) -> float:
-        """Tiles/s of one round."""
-        return self.pool.submit(self._timed).result()
+    def _single_ms(self, n: int) -> float:
+        one = self.tiles[:1]
+        self._forward(one, router=False)  # a lone tile is never compressed: the service skips the router too
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self._forward(one, router=False)
+            self._sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    def throughput(self, batch: int) -> float:
+        """Tiles/s of one round at `batch` tiles per forward."""
+        return self.pool.submit(self._throughput, batch).result()
+
+    def single_ms(self, n: int) -> float:
+        """Median time of a bare single-tile forward (to bf16 rows on the host)."""
+        return self.pool.submit(self._single_ms, n).result()
+
+
+async def lone_run(address: str, image: bytes, n: int, vir: int) -> float:
+    """Median latency (ms) of `n` single-image requests sent one after another."""
+    import grpc
+
+    times = []
+    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as ch:
+        stub = vision_pb2_grpc.VisionServiceStub(ch)
+        for k in range(n + 1):
+            t = time.perf_counter()
+            async for _ in stub.Encode(vision_pb2.EncodeRequest(request_id=f"lone-{k}", images=[image],
+                                                                options=vision_pb2.EncodeOptions(vir=vir))):
+                pass
+            if k:  # the first one warms the channel up
+                times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
 
 
 async def service_run(address: str, images: list[bytes], per_request: int, concurrency: int, repeats: int,
@@ -135,7 +175,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     p.add_argument("--address", default=None, help="use a running server instead of starting one")
-    p.add_argument("--micro-batch-tiles", type=int, default=0, help="0 = the server's device default")
+    p.add_argument("--batching", choices=("auto", "variable", "padded"), default="auto",
+                   help="the server's batching (vision_server --batching)")
+    p.add_argument("--lone-requests", type=int, default=10, help="single-tile requests per round for the lone ratio")
     p.add_argument("--max-batch-tiles", type=int, default=0)
     p.add_argument("--image-size", default="896x448", help="WxH of the test images (896x448 = 3 tiles)")
     p.add_argument("--images", type=int, default=16, help="distinct images")
@@ -148,28 +190,31 @@ def main() -> None:
     a = p.parse_args()
 
     device = "cuda:0" if a.device == "cuda" else a.device
-    scfg = ServerConfig(model=a.model, devices=(device,), dtype=a.dtype, micro_batch_tiles=a.micro_batch_tiles,
-                        max_batch_tiles=a.max_batch_tiles)
-    micro = scfg.resolved_micro_batch()
+    scfg = ServerConfig(model=a.model, devices=(device,), dtype=a.dtype, max_batch_tiles=a.max_batch_tiles,
+                        batching=a.batching)
+    max_batch = scfg.resolved_max_batch()
     dtype = torch.float32 if (a.dtype == "float32" or (a.dtype == "auto" and not scfg.on_gpu())) else torch.bfloat16
     ckpt = resolve_model(a.model)
     cfg = ModelConfig.from_checkpoint(ckpt)
     w, h = (int(x) for x in a.image_size.split("x"))
     images = make_images(a.images, w, h)
+    lone_image = make_images(1, cfg.image_size, cfg.image_size)[0]  # exactly one tile
     vir = vision_pb2.VIR_MODE_OFF if a.vir == "off" else vision_pb2.VIR_MODE_AUTO
     with_router = cfg.flash and a.vir == "auto"
     threads = torch.get_num_threads()
-    print(f"model={cfg.name} flash={cfg.flash} device={device} dtype={dtype} micro_batch={micro} "
-          f"threads={threads} images={a.images}x{a.image_size} concurrency={a.concurrency}", flush=True)
+    print(f"model={cfg.name} flash={cfg.flash} device={device} dtype={dtype} batching={a.batching} "
+          f"max_batch={max_batch} threads={threads} images={a.images}x{a.image_size} concurrency={a.concurrency}",
+          flush=True)
 
-    plain = PlainLoop(cfg, ckpt, images, device, dtype, micro, with_router, a.repeats)
+    plain = PlainLoop(cfg, ckpt, images, device, dtype, with_router, a.repeats)
+    batch_sizes = sorted({1, 2, 4, max_batch})
     svc = None
     address = a.address
     if address is None:
         port = free_port()
         argv = [sys.executable, "-m", "vision_server", "--model", str(ckpt), "--port", str(port), "--host",
-                "127.0.0.1", "--devices", device, "--dtype", a.dtype, "--micro-batch-tiles", str(micro),
-                "--max-batch-tiles", str(scfg.resolved_max_batch())]
+                "127.0.0.1", "--devices", device, "--dtype", a.dtype, "--batching", a.batching,
+                "--max-batch-tiles", str(max_batch)]
         env = {"OMP_NUM_THREADS": str(threads), "DVD_LOG_LEVEL": "WARNING"}
         svc = Service("vision-bench", argv, env=env, sink=open(os.devnull, "w"))  # noqa: SIM115
         address = f"127.0.0.1:{port}"
@@ -177,25 +222,35 @@ def main() -> None:
     # Rounds alternate (the idle server costs nothing while the loop runs) and the best round of each side
     # counts: on a shared machine the slower rounds measure the neighbours.
     svc_runs: list[tuple[float, list[float], int]] = []
-    loop_runs: list[float] = []
+    loop_runs: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    lone_runs: list[float] = []
+    single_runs: list[float] = []
     try:
         for _ in range(a.rounds):
-            loop_runs.append(plain.measure())
+            for b in batch_sizes:
+                loop_runs[b].append(plain.throughput(b))
             svc_runs.append(asyncio.run(service_run(address, images, a.images_per_request, a.concurrency,
                                                     a.repeats, vir)))
+            single_runs.append(plain.single_ms(a.lone_requests))
+            lone_runs.append(asyncio.run(lone_run(address, lone_image, a.lone_requests, vir)))
     finally:
         if svc is not None:
             svc.stop()
     svc_tps, lat, compressed = max(svc_runs, key=lambda r: r[0])
-    loop_tps = max(loop_runs)
-    print(f"rounds  : service {' '.join(f'{r[0]:.2f}' for r in svc_runs)} | plain "
-          f"{' '.join(f'{r:.2f}' for r in loop_runs)} tiles/s")
+    best = {b: max(r) for b, r in loop_runs.items()}
+    best_batch = max(best, key=lambda b: best[b])
+    loop_tps = best[best_batch]
+    lone_ms, single_ms = min(lone_runs), min(single_runs)
+    print(f"rounds  : service {' '.join(f'{r[0]:.2f}' for r in svc_runs)} tiles/s | plain "
+          + " | ".join(f"batch {b}: {' '.join(f'{x:.2f}' for x in r)}" for b, r in loop_runs.items()))
 
     lat.sort()
     print(f"service : {svc_tps:8.2f} tiles/s  (request latency p50 {statistics.median(lat) * 1000:.0f} ms, "
           f"p90 {lat[int(0.9 * (len(lat) - 1))] * 1000:.0f} ms, compressed tiles {compressed})")
-    print(f"plain   : {loop_tps:8.2f} tiles/s  (model forward loop, micro-batch {micro})")
-    print(f"ratio   : {svc_tps / loop_tps:8.3f}  (service efficiency; target >= 0.9)")
+    print(f"plain   : {loop_tps:8.2f} tiles/s  (model forward loop, best batch size {best_batch})")
+    print(f"ratio   : {svc_tps / loop_tps:8.3f}  (saturated service / plain loop; target >= 0.95)")
+    print(f"lone    : {lone_ms:8.1f} ms per single-tile request vs {single_ms:.1f} ms per bare single-tile forward: "
+          f"{lone_ms / single_ms:.2f}x (target <= 1.2)")
     flops = vision_tile_flops(cfg, with_router)
     print(f"flops   : {flops / 1e9:8.2f} GFLOP per tile")
     if device.startswith("cuda"):
