@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--devices", default="cpu", help="cpu, cuda (all GPUs) or cuda:0,cuda:1,...")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--max-batch-tiles", type=int, default=0, help="tiles per forward at most (0 = 8 on CPU, 32 on GPU)")
+    p.add_argument("--max-batch-tiles", type=int, default=0,
+                   help="tiles per forward at most (0 = 4 on CPU, 32 on GPU)")
     p.add_argument("--batching", choices=("auto", "variable", "padded"), default="auto",
                    help="variable: each forward runs on exactly the waiting tiles; padded: on fixed zero-padded "
                         "micro-batches; auto: variable where a start-up check proves it gives every tile the bytes "
