@@ -144,6 +144,7 @@ class FlopsModel:
 
     checkpoint: str
     tile_gflops: float  # one tile through the ViT and projector (and ViR's router for the Flash configuration)
+    plain_tile_gflops: float  # without the router: a single-tile image skips it (one tile is never compressed)
     tiles: dict[int, int]  # tiles per image, by resolution
     llm: dict[str, Any]  # the decoder's config (llm_config)
 
@@ -151,12 +152,13 @@ class FlopsModel:
     def from_checkpoint(ckpt: Path, resolutions: Sequence[int], with_router: bool) -> FlopsModel:
         cfg = ModelConfig.from_checkpoint(ckpt)
         raw = json.loads((ckpt / "config.json").read_text())
-        return FlopsModel(str(ckpt), vision_tile_flops(cfg, with_router) / 1e9,
+        return FlopsModel(str(ckpt), vision_tile_flops(cfg, with_router) / 1e9, vision_tile_flops(cfg, False) / 1e9,
                           {r: tiles_per_image(cfg, r, r) for r in resolutions}, dict(llm_config(raw)))
 
     def vision_gflops(self, resolution: int) -> float:
         """One image per request; the baseline runs the same ViT in its own process."""
-        return self.tiles[resolution] * self.tile_gflops
+        tiles = self.tiles[resolution]
+        return tiles * (self.tile_gflops if tiles > 1 else self.plain_tile_gflops)
 
     def language_gflops(self, results: Sequence[RequestResult]) -> float | None:
         """Mean over the requests of each one's decoder FLOPs (prompts grow turn by turn in a conversation)."""

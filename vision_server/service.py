@@ -178,11 +178,12 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                     image_index=img, tile_index=tile_index, num_tiles=len(fs), rows=emb.shape[0],
                     hidden_size=hidden, dtype=vision_pb2.DTYPE_BF16, data=encode_bf16(emb), compressed=small))
         queue_s = max(0.0, first_start - (t0 + t_pre))
+        # Logged before the last message: the client may close the stream as soon as it has the summary.
+        log.info("encoded", extra={"request_id": request_id, "tiles": len(flat), "compressed": sum(compress),
+                                   "images": len(tiled), "seconds": round(time.monotonic() - t0, 4)})
         yield vision_pb2.EncodeResponse(summary=vision_pb2.EncodeSummary(
             images=summaries, preprocess_seconds=t_pre, queue_seconds=queue_s,
             compute_seconds=max(0.0, last_end - first_start)))
-        log.info("encoded", extra={"request_id": request_id, "tiles": len(flat), "compressed": sum(compress),
-                                   "images": len(tiled), "seconds": round(time.monotonic() - t0, 4)})
 
     async def _project(self, results: list[TileResult], compress: list[bool]) -> list[torch.Tensor]:
         """Each router tile through the one projector its decision needs, on the device that holds its features."""
