@@ -177,6 +177,7 @@ def main() -> None:
     p.add_argument("--address", default=None, help="use a running server instead of starting one")
     p.add_argument("--batching", choices=("auto", "variable", "padded"), default="auto",
                    help="the server's batching (vision_server --batching)")
+    p.add_argument("--preprocess-threads", type=int, default=0, help="the server's decoding threads (0 = its default)")
     p.add_argument("--lone-requests", type=int, default=10, help="single-tile requests per round for the lone ratio")
     p.add_argument("--max-batch-tiles", type=int, default=0)
     p.add_argument("--image-size", default="896x448", help="WxH of the test images (896x448 = 3 tiles)")
@@ -214,7 +215,8 @@ def main() -> None:
         port = free_port()
         argv = [sys.executable, "-m", "vision_server", "--model", str(ckpt), "--port", str(port), "--host",
                 "127.0.0.1", "--devices", device, "--dtype", a.dtype, "--batching", a.batching,
-                "--max-batch-tiles", str(max_batch)]
+                "--max-batch-tiles", str(max_batch),
+                *(["--preprocess-threads", str(a.preprocess_threads)] if a.preprocess_threads else [])]
         env = {"OMP_NUM_THREADS": str(threads), "DVD_LOG_LEVEL": "WARNING"}
         svc = Service("vision-bench", argv, env=env, sink=open(os.devnull, "w"))  # noqa: SIM115
         address = f"127.0.0.1:{port}"
