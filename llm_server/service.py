@@ -48,10 +48,12 @@ def check_embedding(i: int, e: torch.Tensor, hidden_size: int) -> None:
         raise EmbeddingError(f"image {i}: embeddings contain NaN or infinity")
 
 
-def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidden_size: int) -> None:
+def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidden_size: int,
+                        numbers: list[int] | None = None) -> None:
+    """The count, then each tensor; `numbers` names the images by their place in the request."""
     if len(embeddings) != placeholders:
         raise EmbeddingError(f"{len(embeddings)} image embeddings for {placeholders} <image> placeholders")
-    for i, e in enumerate(embeddings):
+    for i, e in zip(numbers or range(placeholders), embeddings, strict=True):
         check_embedding(i, e, hidden_size)
 
 
@@ -156,15 +158,13 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                 embedding_bytes, vision_summary = encoded.bytes_received, encoded.summary
                 metrics.VISION_WAIT.observe(encoded.seconds)
                 metrics.EMBEDDING_BYTES.inc(embedding_bytes)
-                for i, e in zip(indices, encoded.embeddings, strict=True):
-                    check_embedding(i, e, self.hidden_size)  # once, before the cache keeps it
+                # Once, before the cache keeps them; cached embeddings are not checked again.
+                validate_embeddings(encoded.embeddings, len(indices), self.hidden_size, indices)
                 return [e.to(self.model_config.dtype) for e in encoded.embeddings]
 
             keys = embedding_keys(images, options, self.request_wide_vir)
             embeddings = await self.cache.lookup(keys, encode)
         t_vision = time.perf_counter()
-        if len(embeddings) != len(conversation.images):
-            raise EmbeddingError(f"{len(embeddings)} image embeddings for {len(conversation.images)} images")
         visual_tokens = sum(e.shape[0] for e in embeddings)
         prompt_tokens = count_prompt_tokens(self.tokenizer, prompt, [e.shape[0] for e in embeddings])
         if prompt_tokens >= self.max_model_len:

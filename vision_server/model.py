@@ -295,9 +295,8 @@ class VisionModel(nn.Module):
         return torch.cat(probs)[:, 0]
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, with_router: bool = False,  # type: ignore[override]
-                n_valid: int | None = None) -> TileOutputs:
-        """Every output at once (the reference path): `n_valid` leading tiles are real, the router skips the rest.
+    def forward(self, pixels: torch.Tensor, with_router: bool = False) -> TileOutputs:  # type: ignore[override]
+        """Every output at once (the reference path).
 
         The server does not use it: it projects router tiles only after the request-wide decision, with the one
         projector each tile needs (see DeviceRunner).
@@ -306,8 +305,7 @@ class VisionModel(nn.Module):
         emb256 = self.project(grid, compressed=False)
         if not (with_router and self.cfg.flash):
             return TileOutputs(emb256, None, None)
-        n = pixels.shape[0] if n_valid is None else n_valid
-        return TileOutputs(emb256, self.project(grid, compressed=True), self.route(grid, n))
+        return TileOutputs(emb256, self.project(grid, compressed=True), self.route(grid, pixels.shape[0]))
 
 
 def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> VisionModel:
