@@ -11,6 +11,7 @@ import signal
 import grpc
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from dvd.data_plane import tune_allocator
 from dvd.logs import setup_logging
 from dvd.v1 import llm_pb2_grpc
 from llm_server.config import parse_args
@@ -38,6 +39,7 @@ async def vision_parameters(engine: AsyncLLM) -> int:
 
 async def serve() -> None:
     config, engine_args = parse_args()
+    tune_allocator()
     engine = AsyncLLM.from_engine_args(engine_args)
     model_config = engine.model_config
     served_name = model_config.served_model_name or model_config.model
@@ -45,7 +47,8 @@ async def serve() -> None:
     log.info("engine ready", extra={"model": served_name, "max_model_len": model_config.max_model_len,
                                     "vision_parameters": n_vision})
     pool = VisionPool(config.vision, hidden_size=model_config.hf_text_config.hidden_size,
-                      timeout_s=config.vision_timeout_s, health_interval_s=config.vision_health_interval_s)
+                      timeout_s=config.vision_timeout_s, health_interval_s=config.vision_health_interval_s,
+                      transport=config.vision_transport, shm_budget_bytes=config.vision_shm_bytes)
     await pool.start()
     if config.metrics_port:
         from prometheus_client import start_http_server

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+from dvd.data_plane import TRANSPORTS
+
 
 @dataclass(frozen=True)
 class LlmServerConfig:
@@ -19,6 +21,8 @@ class LlmServerConfig:
     metrics_port: int
     grace_s: float
     embedding_cache_bytes: int
+    vision_transport: str
+    vision_shm_bytes: int
 
 
 def build_parser() -> FlexibleArgumentParser:
@@ -37,6 +41,12 @@ def build_parser() -> FlexibleArgumentParser:
     group.add_argument("--embedding-cache-gb", type=float, default=2.0,
                        help="host memory for embeddings of recently seen images (0 = off): a resent image costs "
                             "no vision call and no transfer")
+    group.add_argument("--vision-transport", choices=TRANSPORTS, default="auto",
+                       help="how embedding bytes travel from the vision servers: shm (shared memory, same host), "
+                            "tcp (the vision server's data port), grpc (inline, the fallback); auto = shm where the "
+                            "server shares this host's /dev/shm, else tcp where it has a data port, else grpc")
+    group.add_argument("--vision-shm-gb", type=float, default=1.0,
+                       help="shared memory for embeddings in flight from vision servers on this host")
     group.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
     AsyncEngineArgs.add_cli_args(parser)
     parser.set_defaults(trust_remote_code=True)
@@ -54,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[LlmServerConfig, AsyncEng
         metrics_port=args.metrics_port,
         grace_s=args.grace,
         embedding_cache_bytes=int(args.embedding_cache_gb * 2**30),
+        vision_transport=args.vision_transport,
+        vision_shm_bytes=int(args.vision_shm_gb * 2**30),
     )
     return config, engine_args_for_dvd(args)
 

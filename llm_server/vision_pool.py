@@ -7,15 +7,20 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import torch
 
-from dvd.tensor_codec import decode_bf16
+from dvd.tensor_codec import BF16_BYTES
 from dvd.v1 import vision_pb2, vision_pb2_grpc
+from llm_server.data_plane import DataPlaneError, ShmSlots, TileReceiver
 
 log = logging.getLogger("llm_server.vision_pool")
+
+TILE_ROWS = 256  # embedding rows of an uncompressed InternVL3.5 tile: sizes the shared-memory offer
+PIN_MEMORY = torch.cuda.is_available()  # page-locked receive buffers: the copy to the GPU needs no staging
 
 
 class VisionInputError(ValueError):
@@ -45,6 +50,7 @@ class EncodedImages:
     bytes_received: int
     seconds: float
     summary: vision_pb2.EncodeSummary
+    transports: set[str]  # where the tiles' bytes travelled: shm, tcp, grpc
 
 
 @dataclass
@@ -55,6 +61,14 @@ class VisionBackend:
     healthy: bool = False
     queued_tiles: int = 0
     outstanding: int = 0
+    data_port: int = 0
+    shm_domain: str = ""
+    max_tiles: int = 12
+
+    @property
+    def host(self) -> str:
+        host = self.address.rsplit(":", 1)[0]
+        return host[1:-1] if host.startswith("[") else host
 
     @property
     def load(self) -> float:
@@ -63,10 +77,13 @@ class VisionBackend:
 
 class VisionPool:
     def __init__(self, addresses: tuple[str, ...], hidden_size: int, timeout_s: float = 120.0,
-                 health_interval_s: float = 2.0) -> None:
+                 health_interval_s: float = 2.0, transport: str = "auto", shm_budget_bytes: int = 2**30) -> None:
         self.hidden_size = hidden_size
         self.timeout_s = timeout_s
         self.health_interval_s = health_interval_s
+        self.transport = transport
+        self.slots = ShmSlots(shm_budget_bytes if transport in ("auto", "shm") else 0)
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
         options = [("grpc.max_receive_message_length", 64 * 2**20)]
         self.backends = [
             VisionBackend(a, ch := grpc.aio.insecure_channel(a, options=options), vision_pb2_grpc.VisionServiceStub(ch))
@@ -85,6 +102,8 @@ class VisionPool:
                 await self._health_task
         for b in self.backends:
             await b.channel.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.slots.close()
 
     @property
     def ready_count(self) -> int:
@@ -109,6 +128,7 @@ class VisionPool:
         if not b.healthy and h.ready:
             log.info("vision server ready", extra={"server": b.address, "model": h.model, "flash": h.flash})
         b.healthy, b.queued_tiles = h.ready, h.queued_tiles
+        b.data_port, b.shm_domain, b.max_tiles = h.data_port, h.shm_domain, h.max_tiles or b.max_tiles
 
     async def _health_loop(self) -> None:
         while True:
@@ -144,7 +164,7 @@ class VisionPool:
                 busy += e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 backend.healthy = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
                 errors.append(f"{backend.address}: {e.code().name} {e.details()}")
-            except VisionProtocolError as e:
+            except (VisionProtocolError, DataPlaneError) as e:
                 backend.healthy = False
                 errors.append(f"{backend.address}: {e}")
             log.warning("vision server failed; trying another", extra={"request_id": request_id,
@@ -159,48 +179,76 @@ class VisionPool:
     async def _encode_on(self, b: VisionBackend, request_id: str, images: list[bytes],
                          options: vision_pb2.EncodeOptions, timeout: float) -> EncodedImages:
         t0 = time.perf_counter()
-        request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options)
-        tiles: list[list[torch.Tensor]] = [[] for _ in images]
+        tiles_bound = (options.max_tiles or b.max_tiles) + 1  # the thumbnail
+        receiver = await TileReceiver.open(
+            self.transport, self.executor, self.slots, b.shm_domain, b.host, b.data_port,
+            len(images) * tiles_bound * TILE_ROWS * self.hidden_size * BF16_BYTES, timeout)
+        request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options,
+                                           data_plane=receiver.offer())
+        embs: list[torch.Tensor | None] = [None] * len(images)
+        filled = [0] * len(images)  # rows received per image
+        counts = [0] * len(images)  # tiles received per image
+        transports: set[str] = set()
         received = 0
         b.outstanding += 1
         call = b.stub.Encode(request, timeout=timeout)
         try:
             async for msg in call:
                 if msg.HasField("summary"):
-                    return EncodedImages(self._check_summary(tiles, msg.summary), b.address, received,
-                                         time.perf_counter() - t0, msg.summary)
+                    return EncodedImages(self._check_summary(embs, filled, counts, msg.summary), b.address,
+                                         received, time.perf_counter() - t0, msg.summary, transports)
                 tile = msg.tile
-                self._check_tile(tile, tiles)
-                tiles[tile.image_index].append(decode_bf16(tile.data, tile.rows, tile.hidden_size))
-                received += len(tile.data)
-        except ValueError as e:
-            raise VisionProtocolError(str(e)) from e
+                self._check_tile(tile, embs, filled, counts)
+                i = tile.image_index
+                if embs[i] is None:  # one tensor per image, so tiles land in place and are never concatenated
+                    embs[i] = torch.empty((tile.image_rows, self.hidden_size), dtype=torch.bfloat16,
+                                          pin_memory=PIN_MEMORY)
+                emb = embs[i]
+                assert emb is not None
+                await receiver.receive(tile, emb[filled[i]:filled[i] + tile.rows])
+                filled[i] += tile.rows
+                counts[i] += 1
+                received += tile.nbytes
+                transports.add(vision_pb2.Transport.Name(tile.transport or vision_pb2.TRANSPORT_GRPC)
+                               .removeprefix("TRANSPORT_").lower())
         finally:
             b.outstanding -= 1
             call.cancel()
+            receiver.close()
         raise VisionProtocolError("the embedding stream ended without a summary")
 
-    def _check_tile(self, tile: vision_pb2.TileEmbedding, tiles: list[list[torch.Tensor]]) -> None:
+    def _check_tile(self, tile: vision_pb2.TileEmbedding, embs: list[torch.Tensor | None], filled: list[int],
+                    counts: list[int]) -> None:
         if tile.dtype != vision_pb2.DTYPE_BF16:
             raise VisionProtocolError(f"unsupported embedding dtype {tile.dtype}")
-        if tile.image_index >= len(tiles):
-            raise VisionProtocolError(f"tile for image {tile.image_index}, but the request has {len(tiles)} images")
-        if tile.tile_index != len(tiles[tile.image_index]):
-            raise VisionProtocolError(f"image {tile.image_index}: tile {tile.tile_index} arrived out of order")
+        if tile.image_index >= len(embs):
+            raise VisionProtocolError(f"tile for image {tile.image_index}, but the request has {len(embs)} images")
+        i = tile.image_index
+        if tile.tile_index != counts[i]:
+            raise VisionProtocolError(f"image {i}: tile {tile.tile_index} arrived out of order")
         if tile.hidden_size != self.hidden_size:
             raise VisionProtocolError(
                 f"embedding hidden size {tile.hidden_size} != the language model's {self.hidden_size}")
+        emb = embs[i]
+        image_rows = tile.image_rows if emb is None else emb.shape[0]
+        if tile.rows == 0 or tile.image_rows != image_rows or filled[i] + tile.rows > image_rows:
+            raise VisionProtocolError(f"image {i}: tile {tile.tile_index} of {tile.rows} rows does not fit the "
+                                      f"image's {tile.image_rows} rows ({filled[i]} received)")
+        if tile.nbytes != tile.rows * tile.hidden_size * BF16_BYTES:
+            raise VisionProtocolError(f"image {i}: tile {tile.tile_index} declares {tile.nbytes} bytes for "
+                                      f"{tile.rows} x {tile.hidden_size} bf16")
 
     @staticmethod
-    def _check_summary(tiles: list[list[torch.Tensor]], summary: vision_pb2.EncodeSummary) -> list[torch.Tensor]:
-        if len(summary.images) != len(tiles):
-            raise VisionProtocolError(f"summary covers {len(summary.images)} images, expected {len(tiles)}")
+    def _check_summary(embs: list[torch.Tensor | None], filled: list[int], counts: list[int],
+                       summary: vision_pb2.EncodeSummary) -> list[torch.Tensor]:
+        if len(summary.images) != len(embs):
+            raise VisionProtocolError(f"summary covers {len(summary.images)} images, expected {len(embs)}")
         out = []
-        for i, (img_tiles, s) in enumerate(zip(tiles, summary.images, strict=True)):
-            if not img_tiles or len(img_tiles) != s.num_tiles:
-                raise VisionProtocolError(f"image {i}: got {len(img_tiles)} tiles, summary says {s.num_tiles}")
-            emb = torch.cat(img_tiles)
-            if emb.shape[0] != s.num_tokens:
-                raise VisionProtocolError(f"image {i}: got {emb.shape[0]} rows, summary says {s.num_tokens}")
+        for i, (emb, s) in enumerate(zip(embs, summary.images, strict=True)):
+            if emb is None or counts[i] != s.num_tiles:
+                raise VisionProtocolError(f"image {i}: got {counts[i]} tiles, summary says {s.num_tiles}")
+            if filled[i] != emb.shape[0] or emb.shape[0] != s.num_tokens:
+                raise VisionProtocolError(f"image {i}: got {filled[i]} of {emb.shape[0]} rows, summary says "
+                                          f"{s.num_tokens}")
             out.append(emb)
         return out

@@ -14,10 +14,12 @@ import grpc
 import torch
 
 from dvd.checkpoint import resolve_model
+from dvd.data_plane import tune_allocator
 from dvd.logs import setup_logging
 from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import Batcher, DeviceRunner
 from vision_server.config import ModelConfig, ServerConfig
+from vision_server.data_plane import DataListener
 from vision_server.metrics import Metrics
 from vision_server.model import build_model
 from vision_server.preprocess import install_image_limits
@@ -32,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--model", required=True, help="checkpoint directory or preset (tiny, tiny-flash, small, ...)")
     p.add_argument("--port", type=int, default=50061)
     p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--data-port", type=int, default=0,
+                   help="TCP port embedding bytes are sent from to language servers on other hosts (0 = any free "
+                        "port, advertised through Health; -1 = no TCP data plane). Same host: shared memory")
     p.add_argument("--devices", default="cpu", help="cpu, cuda (all GPUs) or cuda:0,cuda:1,...")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto = bfloat16 on GPU, float32 on CPU")
@@ -57,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--preprocess-threads", type=int, default=min(8, os.cpu_count() or 2),
                    help="threads decoding and tiling images (Pillow releases the GIL while resizing)")
     a = p.parse_args(argv)
-    return ServerConfig(model=a.model, port=a.port, host=a.host, devices=resolve_devices(a.devices), dtype=a.dtype,
+    return ServerConfig(model=a.model, port=a.port, host=a.host, data_port=a.data_port,
+                        devices=resolve_devices(a.devices), dtype=a.dtype,
                         max_batch_tiles=a.max_batch_tiles, batching=a.batching,
                         micro_batch_tiles=a.micro_batch_tiles,
                         max_wait_ms=a.max_wait_ms, max_images=a.max_images, max_image_bytes=a.max_image_bytes,
@@ -107,6 +113,7 @@ def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
 
 async def serve(cfg: ServerConfig) -> None:
     install_image_limits(cfg.max_image_pixels)
+    tune_allocator()
     model_cfg, runners = await asyncio.to_thread(load, cfg)
     vir = VirSettings(
         relative=model_cfg.vir_relative_threshold if cfg.vir_relative_threshold is None
@@ -118,7 +125,11 @@ async def serve(cfg: ServerConfig) -> None:
                       granularity=max(r.micro_batch for r in runners))
     metrics.bind_queue(lambda: batcher.queued_tiles)
     batcher.start()
-    servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir)
+    listener = None
+    if cfg.data_port >= 0:
+        listener = DataListener()
+        await listener.start(cfg.host, cfg.data_port)
+    servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir, listener)
     max_msg = cfg.max_images * cfg.max_image_bytes + 2**20
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_msg),
                                       ("grpc.max_send_message_length", -1)])
@@ -131,6 +142,7 @@ async def serve(cfg: ServerConfig) -> None:
         metrics.serve(cfg.metrics_port, cfg.host)
     servicer.ready = True
     log.info("serving", extra={"address": f"{cfg.host}:{bound}", "metrics_port": cfg.metrics_port,
+                               "data_port": listener.port if listener else None,
                                "vir_relative": vir.relative, "vir_absolute": vir.absolute})
 
     stop = asyncio.Event()
@@ -144,6 +156,8 @@ async def serve(cfg: ServerConfig) -> None:
     await server.stop(cfg.shutdown_grace_s)
     await batcher.close()
     servicer.close()
+    if listener is not None:
+        await listener.close()
     log.info("stopped")
 
 

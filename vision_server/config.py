@@ -96,6 +96,7 @@ class ServerConfig:
     model: str
     port: int = 50061
     host: str = "0.0.0.0"
+    data_port: int = 0  # TCP data plane; 0 = any free port (advertised in Health); -1 = off
     devices: tuple[str, ...] = ("cpu",)
     dtype: str = "auto"
     max_batch_tiles: int = 0  # 0 = device default

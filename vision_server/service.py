@@ -13,10 +13,11 @@ from functools import partial
 import grpc
 import torch
 
-from dvd.tensor_codec import encode_bf16
+from dvd.data_plane import shm_domain
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from vision_server.batcher import Batcher, TileResult
 from vision_server.config import ModelConfig, ServerConfig
+from vision_server.data_plane import DataListener, ShmMaps, TileSender
 from vision_server.metrics import Metrics
 from vision_server.preprocess import BadImage, Tiled, preprocess
 from vision_server.vir import decide_compression
@@ -41,13 +42,17 @@ class VirSettings:
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     def __init__(self, cfg: ServerConfig, model_cfg: ModelConfig, batcher: Batcher, metrics: Metrics,
-                 vir: VirSettings) -> None:
+                 vir: VirSettings, listener: DataListener | None = None) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.batcher = batcher
         self.metrics = metrics
         self.vir = vir
         self.pool = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
+        self.data_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
+        self.listener = listener
+        self.shm_maps = ShmMaps()
+        self.shm_domain = shm_domain()
         self.ready = False
         self.inflight = 0
         self.preprocessing_tiles = 0  # worst-case tiles of requests still being decoded
@@ -100,6 +105,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.inflight += 1
         self.metrics.inflight.inc()
         futures: list[asyncio.Future[TileResult]] = []
+        sender: TileSender | None = None
         status = "ok"
         try:
             max_num = self._check(request)
@@ -124,7 +130,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             router = (self.model_cfg.flash and request.options.vir != vision_pb2.VIR_MODE_OFF and n_tiles > 1)
             per_image = [self.batcher.submit(t.pixels, router) for t in tiled]
             futures = [f for fs in per_image for f in fs]
-            async for msg in self._stream(request.request_id, tiled, per_image, router, t_pre, t0):
+            sender = await TileSender.open(request.data_plane, self.data_executor, self.listener, self.shm_maps)
+            async for msg in self._stream(request.request_id, tiled, per_image, router, t_pre, t0, sender):
                 yield msg
         except RequestError as e:
             status = e.code.name.lower()
@@ -141,13 +148,16 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         finally:
             for f in futures:
                 f.cancel()  # no-op for finished tiles; queued ones are skipped by the batcher
+            if sender is not None:
+                sender.close()
             self.inflight -= 1
             self.metrics.inflight.dec()
             self.metrics.requests.labels(status=status).inc()
             self.metrics.request_seconds.observe(time.monotonic() - t0)
 
     async def _stream(self, request_id: str, tiled: list[Tiled], per_image: list[list[asyncio.Future[TileResult]]],
-                      router: bool, t_pre: float, t0: float) -> AsyncIterator[vision_pb2.EncodeResponse]:
+                      router: bool, t_pre: float, t0: float,
+                      sender: TileSender) -> AsyncIterator[vision_pb2.EncodeResponse]:
         """Tiles in order as soon as they are ready; with the router on, only after the request-wide decision."""
         flat = [f for fs in per_image for f in fs]
         compress: list[bool] = [False] * len(flat)
@@ -163,6 +173,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         hidden = self.model_cfg.llm_hidden
         summaries = [vision_pb2.ImageSummary(num_tiles=len(fs), width=t.width, height=t.height)
                      for t, fs in zip(tiled, per_image, strict=True)]
+        rows = self._image_rows(per_image, compress)
         first_start, last_end, k = float("inf"), proj_end, 0
         for img, fs in enumerate(per_image):
             for tile_index, fut in enumerate(fs):
@@ -174,9 +185,12 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 k += 1
                 summaries[img].num_tokens += emb.shape[0]
                 summaries[img].num_compressed_tiles += int(small)
-                yield vision_pb2.EncodeResponse(tile=vision_pb2.TileEmbedding(
+                tile = vision_pb2.TileEmbedding(
                     image_index=img, tile_index=tile_index, num_tiles=len(fs), rows=emb.shape[0],
-                    hidden_size=hidden, dtype=vision_pb2.DTYPE_BF16, data=encode_bf16(emb), compressed=small))
+                    hidden_size=hidden, dtype=vision_pb2.DTYPE_BF16, compressed=small, image_rows=rows[img])
+                await sender.describe(tile, emb)
+                yield vision_pb2.EncodeResponse(tile=tile)
+                await sender.follow(tile, emb)
         queue_s = max(0.0, first_start - (t0 + t_pre))
         # Logged before the last message: the client may close the stream as soon as it has the summary.
         log.info("encoded", extra={"request_id": request_id, "tiles": len(flat), "compressed": sum(compress),
@@ -184,6 +198,15 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         yield vision_pb2.EncodeResponse(summary=vision_pb2.EncodeSummary(
             images=summaries, preprocess_seconds=t_pre, queue_seconds=queue_s,
             compute_seconds=max(0.0, last_end - first_start)))
+
+    def _image_rows(self, per_image: list[list[asyncio.Future[TileResult]]], compress: list[bool]) -> list[int]:
+        """Rows of each image, known before its first tile is sent (the ViR decision is request-wide)."""
+        full, small = self.model_cfg.tokens_per_tile, self.model_cfg.compressed_tokens_per_tile
+        out, k = [], 0
+        for fs in per_image:
+            out.append(sum(small if c else full for c in compress[k:k + len(fs)]))
+            k += len(fs)
+        return out
 
     async def _project(self, results: list[TileResult], compress: list[bool]) -> list[torch.Tensor]:
         """Each router tile through the one projector its decision needs, on the device that holds its features."""
@@ -211,7 +234,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             ready=self.ready, model=self.model_cfg.name, hidden_size=self.model_cfg.llm_hidden,
             flash=self.model_cfg.flash, queued_tiles=self.batcher.queued_tiles,
             inflight_requests=self.inflight, devices=[r.device for r in self.batcher.runners],
-            max_tiles=self.model_cfg.max_tiles)
+            max_tiles=self.model_cfg.max_tiles, data_port=self.listener.port if self.listener else 0,
+            shm_domain=self.shm_domain)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.data_executor.shutdown(wait=False, cancel_futures=True)
+        self.shm_maps.close()

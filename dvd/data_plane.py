@@ -1,0 +1,72 @@
+"""The embedding data plane's shared rules: who may use shared memory, how a TCP data connection introduces itself,
+how a tile's bytes are viewed without a copy, and the allocator setting both services need.
+
+gRPC is the control plane (request, one descriptor per tile, errors, cancellation); the tile bytes travel one way,
+vision -> language, on the transport the vision server picks from what the client offered (docs/data_plane.md):
+shared memory on one host, a TCP connection to the vision server's data port across hosts, inline gRPC bytes as the
+fallback. A later RDMA transport (NIXL/UCX) is one more `Transport` value, one more offer in `DataPlaneOffer` and one
+more branch in the two `TileSender`/`TileReceiver` classes; nothing else in the request path knows the transport.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("dvd.data_plane")
+
+TICKET_BYTES = 16  # what a TCP data connection sends first: the ticket of the Encode call it serves
+SHM_DIR = Path("/dev/shm")
+SHM_NAME = re.compile(r"dvd-\d+-[0-9a-f]{32}")  # the only names a vision server opens: never a path
+TRANSPORTS = ("auto", "shm", "tcp", "grpc")
+# Raw transports send the tensor's own bytes: the wire format (little-endian bf16) is the host's on x86 and ARM.
+RAW_BYTES_OK = sys.byteorder == "little"
+
+
+def shm_domain() -> str:
+    """Identity of this process's /dev/shm: two processes with equal domains can open each other's segments.
+
+    Boot id (one kernel) plus the tmpfs mount's device and inode (one IPC namespace: containers get their own
+    /dev/shm unless they share the host's). Empty when there is no usable /dev/shm."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        st = SHM_DIR.stat()
+    except OSError:
+        return ""
+    if not os.access(SHM_DIR, os.W_OK) or not RAW_BYTES_OK:
+        return ""
+    return f"{boot}/{st.st_dev}/{st.st_ino}"
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 tensor over the same memory (no copy)."""
+    if not t.is_contiguous():
+        raise ValueError("byte_view needs a contiguous tensor")
+    return t.reshape(-1).view(torch.uint8)
+
+
+def tune_allocator() -> None:
+    """Keep multi-MiB buffers in glibc's heap instead of a fresh mmap each time.
+
+    By default glibc maps every buffer above its (adaptive, <= 32 MiB) threshold with mmap and unmaps it on free, so
+    each 2 MiB tile or 26 MiB image costs ~1,000 page faults per 4 MiB on arrival; on the machines measured that
+    halved the gRPC path's rate. Equivalent to MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824.
+    A no-op outside glibc."""
+    name = ctypes.util.find_library("c")
+    if not name or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (mallopt(m_mmap_threshold, 32 * 2**20) and mallopt(m_trim_threshold, 2**30)):
+        log.warning("mallopt refused the allocator settings")

@@ -1,0 +1,232 @@
+"""Receiving side of the data plane: shared-memory segments offered to a vision server on this host, a TCP data
+connection to one on another, and the one copy of each tile into the image's preallocated tensor.
+
+Copies per received byte before vLLM gets it: one on every transport (segment -> tensor, socket -> tensor with
+`recv_into`, protobuf bytes -> tensor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import secrets
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dvd.data_plane import RAW_BYTES_OK, SHM_DIR, SHM_NAME, TICKET_BYTES, byte_view, shm_domain
+from dvd.v1 import vision_pb2
+
+log = logging.getLogger("llm_server.data_plane")
+
+CONNECT_TIMEOUT_S = 2.0
+
+
+class DataPlaneError(RuntimeError):
+    """Tile bytes that did not arrive as described (a server that died mid-tile, a descriptor out of bounds)."""
+
+
+@dataclass
+class ShmSlot:
+    name: str
+    fd: int
+    size: int
+    mm: mmap.mmap
+
+
+class ShmSlots:
+    """Reusable shared-memory segments, one per Encode call in flight, within a byte budget.
+
+    Segments are allocated up front (posix_fallocate), so a full /dev/shm is an error here, at creation, never a
+    SIGBUS in the vision server; and reused, so their pages are faulted in once. Each holds a shared flock for its
+    lifetime: a segment whose lock can be taken exclusively has no owner left (its process died) and is removed."""
+
+    def __init__(self, budget_bytes: int, keep_free: int = 4) -> None:
+        self.budget_bytes = budget_bytes
+        self.keep_free = keep_free
+        self.domain = shm_domain() if budget_bytes > 0 else ""
+        self._free: list[ShmSlot] = []
+        self._used = 0
+        if self.domain:
+            remove_orphan_segments()
+
+    def acquire(self, nbytes: int) -> ShmSlot | None:
+        """A segment of at least `nbytes`, or None (over budget, /dev/shm full): the caller uses another transport."""
+        fits = [s for s in self._free if s.size >= nbytes]
+        if fits:
+            slot = min(fits, key=lambda s: s.size)
+            self._free.remove(slot)
+            return slot
+        size = 1 << max(20, (nbytes - 1).bit_length())  # powers of two from 1 MiB: few sizes, often reused
+        while self._used + size > self.budget_bytes and self._free:
+            self._destroy(self._free.pop(0))
+        if self._used + size > self.budget_bytes:
+            return None
+        try:
+            slot = self._create(size)
+        except OSError as e:
+            log.warning("cannot create a shared-memory segment; using another transport",
+                        extra={"bytes": size, "error": str(e)})
+            return None
+        self._used += size
+        return slot
+
+    def release(self, slot: ShmSlot) -> None:
+        self._free.append(slot)
+        while len(self._free) > self.keep_free:
+            self._destroy(self._free.pop(0))
+
+    def _create(self, size: int) -> ShmSlot:
+        name = f"dvd-{os.getpid()}-{secrets.token_hex(16)}"
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            os.posix_fallocate(fd, 0, size)
+            return ShmSlot(name, fd, size, mmap.mmap(fd, size))
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(SHM_DIR / name)
+            raise
+
+    def _destroy(self, slot: ShmSlot) -> None:
+        self._used -= slot.size
+        with contextlib.suppress(OSError):
+            os.unlink(SHM_DIR / slot.name)
+        with contextlib.suppress(BufferError):
+            slot.mm.close()
+        os.close(slot.fd)
+
+    def close(self) -> None:
+        while self._free:
+            self._destroy(self._free.pop())
+
+
+def remove_orphan_segments() -> int:
+    """Delete segments left by dead processes (SIGKILL skips every cleanup); live owners hold their locks."""
+    removed = 0
+    for path in SHM_DIR.glob("dvd-*"):
+        if not SHM_NAME.fullmatch(path.name):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed orphaned shared-memory segments", extra={"count": removed})
+    return removed
+
+
+class TileReceiver:
+    """One Encode attempt's receiving end: what to offer the server, and each tile's bytes into its place."""
+
+    def __init__(self, executor: ThreadPoolExecutor, slots: ShmSlots | None = None, slot: ShmSlot | None = None,
+                 conn: socket.socket | None = None, ticket: bytes = b"") -> None:
+        self.executor = executor
+        self.ticket = ticket
+        self.slots = slots
+        self.slot = slot
+        self.conn = conn
+        self.shm_end = 0  # bytes of the segment already read: tiles arrive at increasing offsets
+
+    @classmethod
+    async def open(cls, mode: str, executor: ThreadPoolExecutor, slots: ShmSlots, server_domain: str,
+                   host: str, data_port: int, max_bytes: int, timeout: float) -> TileReceiver:
+        """The best transport `mode` allows for this server: shared memory when it shares our /dev/shm, TCP when
+        it has a data port, inline gRPC otherwise (and whenever the better one cannot be set up)."""
+        if mode in ("auto", "shm") and RAW_BYTES_OK and slots.domain and server_domain == slots.domain:
+            slot = slots.acquire(max_bytes)
+            if slot is not None:
+                return cls(executor, slots=slots, slot=slot)
+        if mode in ("auto", "tcp") and RAW_BYTES_OK and data_port:
+            loop = asyncio.get_running_loop()
+            ticket = secrets.token_bytes(TICKET_BYTES)
+            try:
+                conn = await loop.run_in_executor(executor, _connect, host, data_port, ticket, timeout)
+            except OSError as e:
+                log.warning("data connection failed; receiving inline",
+                            extra={"server": f"{host}:{data_port}", "error": str(e)})
+            else:
+                return cls(executor, conn=conn, ticket=ticket)
+        return cls(executor)
+
+    def offer(self) -> vision_pb2.DataPlaneOffer:
+        if self.slot is not None:
+            return vision_pb2.DataPlaneOffer(shm=vision_pb2.ShmTarget(name=self.slot.name, size=self.slot.size))
+        if self.conn is not None:
+            return vision_pb2.DataPlaneOffer(tcp_ticket=self.ticket)
+        return vision_pb2.DataPlaneOffer()
+
+    async def receive(self, tile: vision_pb2.TileEmbedding, dst: torch.Tensor) -> None:
+        """Copy the tile's bytes into `dst` (a contiguous slice of the image's tensor), wherever they travel."""
+        out = byte_view(dst)
+        if tile.nbytes != out.numel():
+            raise DataPlaneError(f"tile of {tile.rows} rows declares {tile.nbytes} bytes, expected {out.numel()}")
+        transport = tile.transport or vision_pb2.TRANSPORT_GRPC
+        if transport == vision_pb2.TRANSPORT_GRPC:
+            if len(tile.data) != out.numel():
+                raise DataPlaneError(f"tile carries {len(tile.data)} bytes, expected {out.numel()}")
+            out.numpy()[:] = np.frombuffer(tile.data, dtype=np.uint8)
+        elif transport == vision_pb2.TRANSPORT_SHM and self.slot is not None:
+            if tile.offset != self.shm_end or tile.offset + tile.nbytes > self.slot.size:
+                raise DataPlaneError(f"tile at segment offset {tile.offset}+{tile.nbytes} is out of order or "
+                                     f"bounds (next {self.shm_end}, size {self.slot.size})")
+            src = torch.frombuffer(self.slot.mm, dtype=torch.uint8, count=tile.nbytes, offset=tile.offset)
+            out.copy_(src)
+            del src
+            self.shm_end += tile.nbytes
+        elif transport == vision_pb2.TRANSPORT_TCP and self.conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self.executor, _recv_exactly, self.conn, out)
+        else:
+            raise DataPlaneError(f"tile sent over transport {transport}, which this request did not offer")
+
+    def close(self) -> None:
+        if self.slot is not None and self.slots is not None:
+            self.slots.release(self.slot)
+            self.slot = None
+        if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.shutdown(socket.SHUT_RDWR)  # wakes a receive still blocked in its thread
+            self.conn.close()
+            self.conn = None
+
+
+def _connect(host: str, port: int, ticket: bytes, timeout: float) -> socket.socket:
+    """A data connection that has introduced itself; it only receives from here on."""
+    conn = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    try:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(ticket)
+        conn.settimeout(timeout)
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+def _recv_exactly(conn: socket.socket, out: torch.Tensor) -> None:
+    view = memoryview(out.numpy())
+    got = 0
+    while got < len(view):
+        try:
+            n = conn.recv_into(view[got:], len(view) - got, socket.MSG_WAITALL)
+        except OSError as e:  # timeout, reset, or closed under us by a cancelled call
+            raise DataPlaneError(f"data connection failed after {got} of {len(view)} bytes of a tile: {e}") from e
+        if n == 0:
+            raise DataPlaneError(f"data connection closed after {got} of {len(view)} bytes of a tile")
+        got += n

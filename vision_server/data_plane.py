@@ -1,0 +1,265 @@
+"""Sending side of the data plane: the TCP data port, the clients' shared-memory segments, one sender per request.
+
+Each tile is copied once on its way out: into the client's shared-memory segment, into the kernel's socket buffer,
+or into the protobuf `data` field on the gRPC fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from dvd.data_plane import RAW_BYTES_OK, SHM_DIR, SHM_NAME, TICKET_BYTES, byte_view
+from dvd.tensor_codec import encode_bf16
+from dvd.v1 import vision_pb2
+
+log = logging.getLogger("vision_server.data_plane")
+
+CLAIM_TIMEOUT_S = 2.0      # an Encode call waits this long for its data connection, then sends inline
+UNCLAIMED_TTL_S = 30.0     # a data connection nobody claims is closed after this
+MAX_PENDING = 256          # connections waiting to be claimed, at most
+SEND_TIMEOUT_S = 120.0     # a client that stops reading is cut off after this
+
+
+class DataListener:
+    """The TCP data port. A connection sends its 16-byte ticket, then only receives; the Encode call that carries
+    the same ticket claims it and writes its tiles' bytes to it."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._sock: socket.socket | None = None
+        self._pending: dict[bytes, tuple[socket.socket, float]] = {}
+        self._waiters: dict[bytes, asyncio.Future[socket.socket]] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self._sock, self.port = sock, sock.getsockname()[1]
+        self._spawn(self._accept_loop())
+        return self.port
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            if len(self._pending) >= MAX_PENDING:
+                self._expire(time.monotonic())
+            if len(self._pending) >= MAX_PENDING:
+                conn.close()
+                continue
+            self._spawn(self._introduce(conn))
+
+    async def _introduce(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        ticket = b""
+        try:
+            while len(ticket) < TICKET_BYTES:
+                chunk = await asyncio.wait_for(loop.sock_recv(conn, TICKET_BYTES - len(ticket)), CLAIM_TIMEOUT_S)
+                if not chunk:
+                    raise ConnectionError("closed before its ticket")
+                ticket += chunk
+        except (OSError, TimeoutError, ConnectionError):
+            conn.close()
+            return
+        conn.setblocking(True)
+        conn.settimeout(SEND_TIMEOUT_S)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        waiter = self._waiters.pop(ticket, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(conn)
+        else:
+            self._pending[ticket] = (conn, time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        for ticket, (conn, since) in list(self._pending.items()):
+            if now - since > UNCLAIMED_TTL_S:
+                del self._pending[ticket]
+                conn.close()
+
+    async def claim(self, ticket: bytes) -> socket.socket | None:
+        """The connection that introduced itself with `ticket`, or None when none arrives in time."""
+        self._expire(time.monotonic())
+        if ticket in self._pending:
+            return self._pending.pop(ticket)[0]
+        waiter: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = waiter
+        try:
+            return await asyncio.wait_for(waiter, CLAIM_TIMEOUT_S)
+        except TimeoutError:
+            return None
+        finally:
+            self._waiters.pop(ticket, None)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._sock is not None:
+            self._sock.close()
+        for conn, _ in self._pending.values():
+            conn.close()
+        self._pending.clear()
+
+
+@dataclass
+class _Mapping:
+    inode: int
+    size: int
+    mm: mmap.mmap
+
+
+class ShmMaps:
+    """The clients' segments, mapped once and reused: a fresh mapping of a 26 MiB image costs more page faults
+    than the copy itself. Entries whose name is gone or points at another file are dropped."""
+
+    def __init__(self, capacity: int = 64, sweep_every_s: float = 5.0) -> None:
+        self.capacity = capacity
+        self.sweep_every_s = sweep_every_s
+        self._maps: OrderedDict[str, _Mapping] = OrderedDict()
+        self._last_sweep = time.monotonic()
+
+    def open(self, name: str, size: int) -> tuple[mmap.mmap, int] | None:
+        """The mapping of segment `name` and how many bytes of it may be written; None when it cannot be used."""
+        if not SHM_NAME.fullmatch(name):
+            return None
+        self._sweep()
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            cached = self._maps.get(name)
+            if cached is not None and cached.inode == st.st_ino and cached.size == st.st_size:
+                self._maps.move_to_end(name)
+                return cached.mm, min(size, cached.size)
+            if st.st_size == 0:
+                return None
+            mm = mmap.mmap(fd, st.st_size)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        self._drop(name)
+        self._maps[name] = _Mapping(st.st_ino, st.st_size, mm)
+        while len(self._maps) > self.capacity:
+            self._drop(next(iter(self._maps)))
+        return mm, min(size, st.st_size)
+
+    def _drop(self, name: str) -> None:
+        m = self._maps.pop(name, None)
+        if m is not None:
+            with contextlib.suppress(BufferError):  # a send still holds a view: the GC closes it afterwards
+                m.mm.close()
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < self.sweep_every_s:
+            return
+        self._last_sweep = now
+        for name, m in list(self._maps.items()):
+            try:
+                alive = (SHM_DIR / name).stat().st_ino == m.inode
+            except OSError:
+                alive = False
+            if not alive:
+                self._drop(name)
+
+    def close(self) -> None:
+        for name in list(self._maps):
+            self._drop(name)
+
+
+class TileSender:
+    """One Encode call's way of delivering tile bytes. `describe` fills a tile's descriptor (and, for shared
+    memory and gRPC, places its bytes) before the descriptor is sent; `follow` sends TCP bytes after it, so a
+    client never waits for bytes whose descriptor it has not read."""
+
+    def __init__(self, executor: ThreadPoolExecutor, shm: tuple[mmap.mmap, int] | None = None,
+                 conn: socket.socket | None = None) -> None:
+        self.executor = executor
+        self.shm = shm
+        self.conn = conn
+        self.offset = 0
+
+    @classmethod
+    async def open(cls, offer: vision_pb2.DataPlaneOffer, executor: ThreadPoolExecutor,
+                   listener: DataListener | None, maps: ShmMaps) -> TileSender:
+        target = offer.WhichOneof("target") if RAW_BYTES_OK else None
+        if target == "shm":
+            shm = maps.open(offer.shm.name, offer.shm.size)
+            if shm is None:
+                log.warning("shared-memory segment unusable; sending inline", extra={"segment": offer.shm.name})
+            return cls(executor, shm=shm)
+        if target == "tcp_ticket" and listener is not None:
+            conn = await listener.claim(offer.tcp_ticket)
+            if conn is None:
+                log.warning("data connection did not arrive; sending inline")
+            return cls(executor, conn=conn)
+        return cls(executor)
+
+    @property
+    def transport(self) -> int:
+        if self.shm is not None:
+            return vision_pb2.TRANSPORT_SHM
+        if self.conn is not None:
+            return vision_pb2.TRANSPORT_TCP
+        return vision_pb2.TRANSPORT_GRPC
+
+    async def describe(self, tile: vision_pb2.TileEmbedding, emb: torch.Tensor) -> None:
+        emb = emb.to(device="cpu", dtype=torch.bfloat16).contiguous()
+        tile.nbytes = emb.numel() * emb.element_size()
+        if self.shm is not None and self.offset + tile.nbytes <= self.shm[1]:
+            mm, offset = self.shm[0], self.offset
+            await asyncio.get_running_loop().run_in_executor(self.executor, _write_shm, mm, offset, emb)
+            tile.transport, tile.offset = vision_pb2.TRANSPORT_SHM, offset
+            self.offset += tile.nbytes
+        elif self.conn is not None:
+            tile.transport = vision_pb2.TRANSPORT_TCP
+        else:  # gRPC, or a tile that does not fit the client's segment
+            tile.transport, tile.data = vision_pb2.TRANSPORT_GRPC, encode_bf16(emb)
+
+    async def follow(self, tile: vision_pb2.TileEmbedding, emb: torch.Tensor) -> None:
+        if tile.transport == vision_pb2.TRANSPORT_TCP:
+            assert self.conn is not None
+            emb = emb.to(device="cpu", dtype=torch.bfloat16).contiguous()
+            await asyncio.get_running_loop().run_in_executor(self.executor, _send_all, self.conn, emb)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.shutdown(socket.SHUT_RDWR)
+            self.conn.close()
+            self.conn = None
+
+
+def _write_shm(mm: mmap.mmap, offset: int, emb: torch.Tensor) -> None:
+    src = byte_view(emb)
+    torch.frombuffer(mm, dtype=torch.uint8, count=src.numel(), offset=offset).copy_(src)
+
+
+def _send_all(conn: socket.socket, emb: torch.Tensor) -> None:
+    conn.sendall(memoryview(byte_view(emb).numpy()))
