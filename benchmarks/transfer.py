@@ -1,14 +1,14 @@
-"""Embedding transfer micro-benchmark: bytes/s of the vision service's gRPC tile stream vs a plain memory copy.
+"""Embedding transfer benchmark: each data-plane path between two processes vs a DRAM-bound memory copy.
 
-    python benchmarks/transfer.py                         # hidden 4096 (InternVL3.5-8B), 256 rows per tile, bf16
-    python benchmarks/transfer.py --hidden 5120 --streams 4
+    python benchmarks/transfer.py                          # hidden 4096 (InternVL3.5-8B), 2 MiB tiles, every path
+    python benchmarks/transfer.py --paths shm,tcp --streams 4 --out results/transfer
 
-A server process streams `EncodeResponse` messages carrying `TileEmbedding`s exactly as vision_server sends them
-(256 rows x hidden, raw little-endian bf16, same proto, same channel options), without running a model, to a
-client in this process over loopback; the client receives and views each tile as a tensor like llm_server does.
-The memory copy moves the same number of bytes tile by tile on the same machine. ratio = gRPC / memcpy tells how
-much of the machine's memory bandwidth one hop of the DvD pipeline costs; on GPU nodes the transfer crosses a NIC
-instead of loopback, so read it as the software ceiling of the path, not as a network figure.
+A server process runs the vision service's wire side without a model: the real `TileSender` (shared memory, TCP
+data port, inline gRPC) sends 13-tile images (a 1344 px image: 12 tiles + thumbnail) of 256 x hidden bf16 rows.
+This process receives them with the real `VisionPool`, exactly as llm_server does (control on gRPC, bytes on the
+chosen path, one preallocated tensor per image), and drops them. `memcpy` copies a buffer larger than the last-level
+cache (--copy-mib) with one thread, so it measures memory, not cache. ratio = path / memcpy. CPU seconds per GiB
+count both processes. Writes JSON + markdown + a PNG with --out.
 """
 
 from __future__ import annotations
@@ -18,101 +18,179 @@ import asyncio
 import json
 import logging
 import os
+import platform
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dvd.data_plane import shm_domain  # noqa: E402
 from dvd.logs import setup_logging  # noqa: E402
 from dvd.procs import Service, free_port, vision_health  # noqa: E402
-from dvd.tensor_codec import BF16_BYTES, decode_bf16  # noqa: E402
+from dvd.runtime import freeze_heap, tune_allocator  # noqa: E402
+from dvd.tensor_codec import BF16_BYTES  # noqa: E402
 from dvd.v1 import vision_pb2, vision_pb2_grpc  # noqa: E402
+from llm_server.vision_pool import VisionPool  # noqa: E402
+from vision_server.data_plane import DataListener, ShmMaps, TileSender  # noqa: E402
 
 log = logging.getLogger("benchmarks.transfer")
 ROWS = 256  # embedding rows of one uncompressed InternVL tile
+TILES_PER_IMAGE = 13
+PATHS = ("shm", "tcp", "grpc")
+TARGETS = {"shm": 0.3, "tcp": 0.2, "grpc": 0.08}  # issue 10's floors, as fractions of memcpy
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
 class TileStreamer(vision_pb2_grpc.VisionServiceServicer):
-    """The vision service's wire behaviour without the model: `options.max_tiles` tiles of one prebuilt payload."""
+    """The vision service's Encode stream without the model: one image of `options.max_tiles` + 1 tiles."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, listener: DataListener, per_message: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.hidden = hidden
-        payload = np.random.default_rng(0).integers(0, 2**16, ROWS * hidden, dtype=np.uint16).tobytes()
-        self.tile = vision_pb2.TileEmbedding(rows=ROWS, hidden_size=hidden, dtype=vision_pb2.DTYPE_BF16,
-                                             data=payload)
+        self.per_message = per_message
+        self.listener = listener
+        self.maps = ShmMaps()
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
+        gen = torch.Generator().manual_seed(0)
+        self.tile = torch.randn(ROWS, hidden, generator=gen).to(torch.bfloat16)  # as the projector leaves it
 
     async def Encode(self, request: vision_pb2.EncodeRequest,
                      context: object) -> AsyncIterator[vision_pb2.EncodeResponse]:
-        n = request.options.max_tiles
-        for i in range(n):
-            tile = vision_pb2.TileEmbedding()
-            tile.CopyFrom(self.tile)  # a fresh message per tile, as the real server builds one per tile
-            tile.tile_index, tile.num_tiles = i, n
-            yield vision_pb2.EncodeResponse(tile=tile)
-        yield vision_pb2.EncodeResponse(summary=vision_pb2.EncodeSummary(
-            images=[vision_pb2.ImageSummary(num_tiles=n, num_tokens=n * ROWS)]))
+        n = request.options.max_tiles + 1
+        sender = await TileSender.open(request.data_plane, self.executor, self.listener, self.maps)
+        try:
+            for lo in range(0, n, self.per_message):  # the server's batches: every tile of one finishes together
+                msg = vision_pb2.EncodeResponse()
+                for i in range(lo, min(n, lo + self.per_message)):
+                    msg.tiles.add(tile_index=i, num_tiles=n, rows=ROWS, hidden_size=self.hidden,
+                                  dtype=vision_pb2.DTYPE_BF16, image_rows=n * ROWS)
+                wire = await sender.place(msg.tiles, [self.tile] * len(msg.tiles))
+                if lo + self.per_message >= n:
+                    msg.summary.CopyFrom(vision_pb2.EncodeSummary(
+                        images=[vision_pb2.ImageSummary(num_tiles=n, num_tokens=n * ROWS)]))
+                yield msg
+                await sender.follow(msg.tiles, wire)
+        finally:
+            sender.close()
 
     async def Health(self, request: vision_pb2.VisionHealthRequest,
                      context: object) -> vision_pb2.VisionHealthResponse:
-        return vision_pb2.VisionHealthResponse(ready=True, model="transfer-bench", hidden_size=self.hidden)
+        return vision_pb2.VisionHealthResponse(ready=True, model="transfer-bench", hidden_size=self.hidden,
+                                               max_tiles=TILES_PER_IMAGE - 1, data_port=self.listener.port,
+                                               shm_domain=shm_domain())
 
 
-async def serve(port: int, hidden: int) -> None:
+async def serve(port: int, hidden: int, per_message: int) -> None:
     import grpc
 
+    tune_allocator()
+    listener = DataListener()
+    await listener.start("127.0.0.1", 0)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(TileStreamer(hidden), server)
+    vision_pb2_grpc.add_VisionServiceServicer_to_server(TileStreamer(hidden, listener, per_message), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    log.info("tile streamer ready", extra={"port": port, "hidden": hidden})
+    freeze_heap()
+    log.info("tile streamer ready", extra={"port": port, "data_port": listener.port, "hidden": hidden})
     await server.wait_for_termination()
 
 
-async def receive(address: str, tiles: int, streams: int, hidden: int, bar: tqdm) -> tuple[int, float]:
-    """`streams` concurrent Encode streams of `tiles` tiles each: (bytes received, seconds)."""
-    import grpc
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = vision_pb2_grpc.VisionServiceStub(channel)
 
-        async def one(k: int) -> int:
-            got = 0
-            request = vision_pb2.EncodeRequest(request_id=f"transfer-{k}",
-                                               options=vision_pb2.EncodeOptions(max_tiles=tiles))
-            async for msg in stub.Encode(request):
-                if msg.HasField("tile"):
-                    t = msg.tile
-                    # What llm_server does with each tile: the shared codec's (rows, hidden) bf16 tensor.
-                    got += decode_bf16(t.data, t.rows, t.hidden_size).numel() * BF16_BYTES
-                    bar.update(1)
-            return got
+async def receive(address: str, path: str, images: int, streams: int, hidden: int, server_pid: int,
+                  bar: tqdm) -> dict:
+    """`images` images over `streams` concurrent Encode calls through the real pool, on one path."""
+    pool = VisionPool((address,), hidden_size=hidden, transport=path)
+    await pool.start()
+    options = vision_pb2.EncodeOptions(max_tiles=TILES_PER_IMAGE - 1)
+    used: set[str] = set()
 
-        await one(-1)  # warm-up: connection, first allocations
-        bar.reset(total=tiles * streams)
+    async def worker(k: int, count: int) -> int:
+        got = 0
+        for j in range(count):
+            encoded = await pool.encode(f"{path}-{k}-{j}", [b"not an image"], options)
+            used.update(encoded.transports)
+            got += sum(e.numel() * BF16_BYTES for e in encoded.embeddings)
+            bar.update(1)
+        return got
+
+    try:
+        await worker(-1, 2)  # warm-up: connections, segments, first allocations
+        share = [images // streams + (k < images % streams) for k in range(streams)]
+        cpu0, server0 = time.process_time(), cpu_seconds(server_pid)
         t0 = time.perf_counter()
-        sizes = await asyncio.gather(*(one(k) for k in range(streams)))
-        return sum(sizes), time.perf_counter() - t0
+        sizes = await asyncio.gather(*(worker(k, n) for k, n in enumerate(share)))
+        seconds = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0 + cpu_seconds(server_pid) - server0
+    finally:
+        await pool.close()
+    nbytes = sum(sizes)
+    return {"path": path, "transports_used": sorted(used), "bytes": nbytes, "seconds": seconds,
+            "bytes_per_s": nbytes / seconds, "cpu_seconds_per_gib": cpu / (nbytes / 2**30)}
 
 
-def memcpy_rate(tile_bytes: int, tiles: int, repeats: int = 3) -> float:
-    """Bytes/s of copying the same tiles one by one into a preallocated buffer (best of `repeats`)."""
-    src = np.random.default_rng(1).integers(0, 2**16, tile_bytes // 2, dtype=np.uint16)
-    dst = np.empty_like(src)
+def memcpy_rate(mib: int, repeats: int = 3) -> float:
+    """Bytes/s of one thread copying a `mib` MiB buffer into another already faulted in (best of `repeats`)."""
+    src = np.random.default_rng(1).integers(0, 255, mib * 2**20, dtype=np.uint8)
+    dst = np.ones_like(src)
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for _ in range(tiles):
-            np.copyto(dst, src)
-        best = max(best, tiles * tile_bytes / (time.perf_counter() - t0))
+        np.copyto(dst, src)
+        best = max(best, src.nbytes / (time.perf_counter() - t0))
     return best
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_report(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transfer.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Embedding transfer ({result['cpu']}, {os.cpu_count()} CPUs)", "",
+             f"Tiles of {ROWS} x {result['hidden']} bf16 ({result['tile_bytes'] / 2**20:.1f} MiB), "
+             f"{TILES_PER_IMAGE} per image, {result['images']} images per path over {result['streams']} stream(s). "
+             f"memcpy: {result['memcpy_bytes_per_s'] / 2**30:.2f} GiB/s ({result['copy_mib']} MiB, one thread).", "",
+             "| path | GiB/s | x memcpy | target | CPU s/GiB (both processes) |", "|---|---|---|---|---|"]
+    for r in result["paths"]:
+        lines.append(f"| {r['path']} | {r['bytes_per_s'] / 2**30:.2f} | {r['ratio']:.3f} | >= {TARGETS[r['path']]} | "
+                     f"{r['cpu_seconds_per_gib']:.2f} |")
+    (out / "transfer.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r["path"] for r in result["paths"]]
+    ax.bar(names, [r["ratio"] for r in result["paths"]], color="#4c72b0")
+    ax.scatter(names, [TARGETS[n] for n in names], color="#c44e52", marker="_", s=900, label="target", zorder=3)
+    ax.set_ylabel("x DRAM-bound memcpy")
+    ax.set_title(f"Embedding data plane, hidden {result['hidden']}\n{result['cpu']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "transfer.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,43 +198,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096, help="language hidden size (InternVL3.5-8B: 4096)")
-    p.add_argument("--tiles", type=int, default=200, help="tiles per stream")
-    p.add_argument("--streams", type=int, default=1, help="concurrent Encode streams")
-    p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    p.add_argument("--images", type=int, default=24, help=f"images ({TILES_PER_IMAGE} tiles each) per path")
+    p.add_argument("--streams", type=int, default=1, help="concurrent Encode calls")
+    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated: shm, tcp, grpc")
+    p.add_argument("--tiles-per-message", type=int, default=4,
+                   help="tiles finished together (the vision server's CPU batch is 4, its GPU batch up to 32)")
+    p.add_argument("--copy-mib", type=int, default=512, help="memcpy reference buffer (above the last-level cache)")
+    p.add_argument("--out", type=Path, default=None, help="write transfer.json, transfer.md, transfer.png here")
     p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)  # internal: the server process
     args = p.parse_args(argv)
     if args.serve is not None:
-        asyncio.run(serve(args.serve, args.hidden))
+        asyncio.run(serve(args.serve, args.hidden, args.tiles_per_message))
         return 0
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if unknown := set(paths) - set(PATHS):
+        p.error(f"unknown path(s): {', '.join(sorted(unknown))}")
 
+    tune_allocator()
+    freeze_heap()
     port = free_port()
     address = f"127.0.0.1:{port}"
+    results = []
     with open(os.devnull, "w") as quiet:
-        server = Service("tile-streamer", [sys.executable, __file__, "--serve", str(port), "--hidden",
-                                           str(args.hidden)], env={"OMP_NUM_THREADS": "1"}, sink=quiet)
+        argv = [sys.executable, __file__, "--serve", str(port), "--hidden", str(args.hidden),
+                "--tiles-per-message", str(args.tiles_per_message)]
+        server = Service("tile-streamer", argv, env={"OMP_NUM_THREADS": "1"}, sink=quiet)
         try:
             server.wait_ready(lambda: vision_health(address), timeout=60)
-            with tqdm(total=args.tiles, desc="tiles", unit="tile", file=sys.stderr, leave=False) as bar:
-                nbytes, seconds = asyncio.run(receive(address, args.tiles, args.streams, args.hidden, bar))
+            for path in paths:
+                with tqdm(total=args.images + 2, desc=path, unit="image", file=sys.stderr, leave=False) as bar:
+                    results.append(asyncio.run(receive(address, path, args.images, args.streams, args.hidden,
+                                                       server.proc.pid, bar)))
         finally:
             server.stop()
-    tile_bytes = ROWS * args.hidden * 2
-    grpc_bps = nbytes / seconds
-    copy_bps = memcpy_rate(tile_bytes, args.tiles * args.streams)
-    result = {"hidden": args.hidden, "rows": ROWS, "tile_bytes": tile_bytes, "tiles": args.tiles * args.streams,
-              "streams": args.streams, "bytes": nbytes, "grpc_seconds": seconds, "grpc_bytes_per_s": grpc_bps,
-              "grpc_tiles_per_s": args.tiles * args.streams / seconds, "memcpy_bytes_per_s": copy_bps,
-              "ratio": grpc_bps / copy_bps}
-    log.info("transfer", extra={k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()})
-    print(f"tile: {ROWS} x {args.hidden} bf16 = {tile_bytes / 2**20:.2f} MiB; {result['tiles']} tiles over "
-          f"{args.streams} stream(s)\n"
-          f"gRPC loopback stream: {grpc_bps / 2**30:.2f} GiB/s ({result['grpc_tiles_per_s']:.0f} tiles/s, "
-          f"{1e3 * tile_bytes / grpc_bps:.2f} ms per tile)\n"
-          f"memory copy:          {copy_bps / 2**30:.2f} GiB/s\n"
-          f"ratio gRPC / memcpy:  {result['ratio']:.3f}", flush=True)
+    copy_bps = memcpy_rate(args.copy_mib)
+    for r in results:
+        r["ratio"] = r["bytes_per_s"] / copy_bps
+        r["target"] = TARGETS[r["path"]]
+        log.info("transfer", extra={k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    tile_bytes = ROWS * args.hidden * BF16_BYTES
+    result = {"cpu": cpu_model(), "cpus": os.cpu_count(), "hidden": args.hidden, "rows": ROWS,
+              "tile_bytes": tile_bytes, "images": args.images, "streams": args.streams, "copy_mib": args.copy_mib,
+              "memcpy_bytes_per_s": copy_bps, "paths": results}
+    print(f"{cpu_model()}; tile {ROWS} x {args.hidden} bf16 = {tile_bytes / 2**20:.2f} MiB, {TILES_PER_IMAGE} per "
+          f"image, {args.images} images per path, {args.streams} stream(s)\n"
+          f"memcpy ({args.copy_mib} MiB, one thread): {copy_bps / 2**30:.2f} GiB/s")
+    for r in results:
+        print(f"{r['path']:>5}: {r['bytes_per_s'] / 2**30:6.2f} GiB/s  {r['ratio']:.3f}x memcpy (target >= "
+              f"{r['target']})  {r['cpu_seconds_per_gib']:.2f} CPU s/GiB  via {','.join(r['transports_used'])}",
+              flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_report(args.out, result)
     return 0
 
 

@@ -150,9 +150,8 @@ async def service_run(address: str, images: list[bytes], per_request: int, concu
             t = time.perf_counter()
             async for r in stub.Encode(vision_pb2.EncodeRequest(
                     request_id=f"bench-{k}", images=imgs, options=vision_pb2.EncodeOptions(vir=vir))):
-                if r.HasField("tile"):
-                    tiles += 1
-                    compressed += r.tile.compressed
+                tiles += len(r.tiles)
+                compressed += sum(t.compressed for t in r.tiles)
             latencies.append(time.perf_counter() - t)
 
         await asyncio.gather(*(one(-k - 1, reqs[0]) for k in range(2)))  # warm-up

@@ -11,8 +11,8 @@ import signal
 import grpc
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from dvd.data_plane import tune_allocator
 from dvd.logs import setup_logging
+from dvd.runtime import freeze_heap, tune_allocator
 from dvd.v1 import llm_pb2_grpc
 from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
@@ -60,6 +60,7 @@ async def serve() -> None:
     llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
     server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
+    freeze_heap()
     log.info("language service listening", extra={"address": f"{config.host}:{config.port}",
                                                   "vision": ",".join(config.vision)})
     stop = asyncio.Event()

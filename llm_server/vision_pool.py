@@ -15,12 +15,11 @@ import torch
 
 from dvd.tensor_codec import BF16_BYTES
 from dvd.v1 import vision_pb2, vision_pb2_grpc
-from llm_server.data_plane import DataPlaneError, ShmSlots, TileReceiver
+from llm_server.data_plane import DataPlaneError, ShmSlots, TileReceiver, image_buffer
 
 log = logging.getLogger("llm_server.vision_pool")
 
 TILE_ROWS = 256  # embedding rows of an uncompressed InternVL3.5 tile: sizes the shared-memory offer
-PIN_MEMORY = torch.cuda.is_available()  # page-locked receive buffers: the copy to the GPU needs no staging
 
 
 class VisionInputError(ValueError):
@@ -194,23 +193,24 @@ class VisionPool:
         call = b.stub.Encode(request, timeout=timeout)
         try:
             async for msg in call:
+                items = []
+                for tile in msg.tiles:
+                    self._check_tile(tile, embs, filled, counts)
+                    i = tile.image_index
+                    if embs[i] is None:  # one tensor per image: tiles land in place, never concatenated
+                        embs[i] = image_buffer(tile.image_rows, self.hidden_size)
+                    emb = embs[i]
+                    assert emb is not None
+                    items.append((tile, emb[filled[i]:filled[i] + tile.rows]))
+                    filled[i] += tile.rows
+                    counts[i] += 1
+                    received += tile.nbytes
+                    transports.add(vision_pb2.Transport.Name(tile.transport or vision_pb2.TRANSPORT_GRPC)
+                                   .removeprefix("TRANSPORT_").lower())
+                await receiver.receive(items)
                 if msg.HasField("summary"):
                     return EncodedImages(self._check_summary(embs, filled, counts, msg.summary), b.address,
                                          received, time.perf_counter() - t0, msg.summary, transports)
-                tile = msg.tile
-                self._check_tile(tile, embs, filled, counts)
-                i = tile.image_index
-                if embs[i] is None:  # one tensor per image, so tiles land in place and are never concatenated
-                    embs[i] = torch.empty((tile.image_rows, self.hidden_size), dtype=torch.bfloat16,
-                                          pin_memory=PIN_MEMORY)
-                emb = embs[i]
-                assert emb is not None
-                await receiver.receive(tile, emb[filled[i]:filled[i] + tile.rows])
-                filled[i] += tile.rows
-                counts[i] += 1
-                received += tile.nbytes
-                transports.add(vision_pb2.Transport.Name(tile.transport or vision_pb2.TRANSPORT_GRPC)
-                               .removeprefix("TRANSPORT_").lower())
         finally:
             b.outstanding -= 1
             call.cancel()

@@ -64,9 +64,8 @@ def request(images: list[bytes], vir: int = vision_pb2.VIR_MODE_UNSPECIFIED, max
 def collect(responses: Iterable[vision_pb2.EncodeResponse]) -> Encoded:
     out = Encoded()
     for r in responses:
-        if r.HasField("tile"):
-            out.tiles.append(r.tile)
-        else:
+        out.tiles.extend(r.tiles)
+        if r.HasField("summary"):
             out.summary = r.summary
     return out
 

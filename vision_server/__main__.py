@@ -14,8 +14,8 @@ import grpc
 import torch
 
 from dvd.checkpoint import resolve_model
-from dvd.data_plane import tune_allocator
 from dvd.logs import setup_logging
+from dvd.runtime import freeze_heap, tune_allocator
 from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import Batcher, DeviceRunner
 from vision_server.config import ModelConfig, ServerConfig
@@ -140,6 +140,7 @@ async def serve(cfg: ServerConfig) -> None:
     await server.start()
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port, cfg.host)
+    freeze_heap()
     servicer.ready = True
     log.info("serving", extra={"address": f"{cfg.host}:{bound}", "metrics_port": cfg.metrics_port,
                                "data_port": listener.port if listener else None,

@@ -14,9 +14,11 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dvd.data_plane import RAW_BYTES_OK, SHM_DIR, SHM_NAME, TICKET_BYTES, byte_view
@@ -194,9 +196,9 @@ class ShmMaps:
 
 
 class TileSender:
-    """One Encode call's way of delivering tile bytes. `describe` fills a tile's descriptor (and, for shared
-    memory and gRPC, places its bytes) before the descriptor is sent; `follow` sends TCP bytes after it, so a
-    client never waits for bytes whose descriptor it has not read."""
+    """One Encode call's way of delivering tile bytes. `place` fills a message's tile descriptors and, for shared
+    memory and gRPC, places their bytes before the message is sent; `follow` sends TCP bytes after it, so a client
+    never waits for bytes whose descriptor it has not read. One thread hop per message, not per tile."""
 
     def __init__(self, executor: ThreadPoolExecutor, shm: tuple[mmap.mmap, int] | None = None,
                  conn: socket.socket | None = None) -> None:
@@ -221,32 +223,30 @@ class TileSender:
             return cls(executor, conn=conn)
         return cls(executor)
 
-    @property
-    def transport(self) -> int:
-        if self.shm is not None:
-            return vision_pb2.TRANSPORT_SHM
-        if self.conn is not None:
-            return vision_pb2.TRANSPORT_TCP
-        return vision_pb2.TRANSPORT_GRPC
+    async def place(self, tiles: Sequence[vision_pb2.TileEmbedding], embs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Fill the descriptors; returns the tensors as they go on the wire (bf16, host, contiguous)."""
+        wire = [e.to(device="cpu", dtype=torch.bfloat16).contiguous() for e in embs]
+        writes: list[tuple[int, torch.Tensor]] = []
+        for tile, emb in zip(tiles, wire, strict=True):
+            tile.nbytes = emb.numel() * emb.element_size()
+            if self.shm is not None and self.offset + tile.nbytes <= self.shm[1]:
+                tile.transport, tile.offset = vision_pb2.TRANSPORT_SHM, self.offset
+                writes.append((self.offset, emb))
+                self.offset += tile.nbytes
+            elif self.conn is not None:
+                tile.transport = vision_pb2.TRANSPORT_TCP
+            else:  # gRPC, or a tile that does not fit the client's segment
+                tile.transport, tile.data = vision_pb2.TRANSPORT_GRPC, encode_bf16(emb)
+        if writes:
+            assert self.shm is not None
+            await asyncio.get_running_loop().run_in_executor(self.executor, _write_shm, self.shm[0], writes)
+        return wire
 
-    async def describe(self, tile: vision_pb2.TileEmbedding, emb: torch.Tensor) -> None:
-        emb = emb.to(device="cpu", dtype=torch.bfloat16).contiguous()
-        tile.nbytes = emb.numel() * emb.element_size()
-        if self.shm is not None and self.offset + tile.nbytes <= self.shm[1]:
-            mm, offset = self.shm[0], self.offset
-            await asyncio.get_running_loop().run_in_executor(self.executor, _write_shm, mm, offset, emb)
-            tile.transport, tile.offset = vision_pb2.TRANSPORT_SHM, offset
-            self.offset += tile.nbytes
-        elif self.conn is not None:
-            tile.transport = vision_pb2.TRANSPORT_TCP
-        else:  # gRPC, or a tile that does not fit the client's segment
-            tile.transport, tile.data = vision_pb2.TRANSPORT_GRPC, encode_bf16(emb)
-
-    async def follow(self, tile: vision_pb2.TileEmbedding, emb: torch.Tensor) -> None:
-        if tile.transport == vision_pb2.TRANSPORT_TCP:
+    async def follow(self, tiles: Sequence[vision_pb2.TileEmbedding], wire: list[torch.Tensor]) -> None:
+        sends = [emb for tile, emb in zip(tiles, wire, strict=True) if tile.transport == vision_pb2.TRANSPORT_TCP]
+        if sends:
             assert self.conn is not None
-            emb = emb.to(device="cpu", dtype=torch.bfloat16).contiguous()
-            await asyncio.get_running_loop().run_in_executor(self.executor, _send_all, self.conn, emb)
+            await asyncio.get_running_loop().run_in_executor(self.executor, _send_all, self.conn, sends)
 
     def close(self) -> None:
         if self.conn is not None:
@@ -256,10 +256,12 @@ class TileSender:
             self.conn = None
 
 
-def _write_shm(mm: mmap.mmap, offset: int, emb: torch.Tensor) -> None:
-    src = byte_view(emb)
-    torch.frombuffer(mm, dtype=torch.uint8, count=src.numel(), offset=offset).copy_(src)
+def _write_shm(mm: mmap.mmap, writes: list[tuple[int, torch.Tensor]]) -> None:
+    for offset, emb in writes:
+        src = byte_view(emb).numpy()
+        np.copyto(np.frombuffer(mm, dtype=np.uint8, count=src.size, offset=offset), src)
 
 
-def _send_all(conn: socket.socket, emb: torch.Tensor) -> None:
-    conn.sendall(memoryview(byte_view(emb).numpy()))
+def _send_all(conn: socket.socket, embs: list[torch.Tensor]) -> None:
+    for emb in embs:
+        conn.sendall(memoryview(byte_view(emb).numpy()))

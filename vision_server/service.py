@@ -24,6 +24,8 @@ from vision_server.vir import decide_compression
 
 log = logging.getLogger("vision_server.service")
 
+MAX_TILES_PER_MESSAGE = 8  # descriptors (and, on the gRPC fallback, bytes: 16 MiB at hidden 4096) per message
+
 
 class RequestError(Exception):
     """A request the server refuses, with the gRPC status to answer."""
@@ -174,30 +176,38 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         summaries = [vision_pb2.ImageSummary(num_tiles=len(fs), width=t.width, height=t.height)
                      for t, fs in zip(tiled, per_image, strict=True)]
         rows = self._image_rows(per_image, compress)
+        flat_tiles = [(img, tile_index, len(fs)) for img, fs in enumerate(per_image) for tile_index in range(len(fs))]
         first_start, last_end, k = float("inf"), proj_end, 0
-        for img, fs in enumerate(per_image):
-            for tile_index, fut in enumerate(fs):
-                res = await fut
+        while k < len(flat):
+            await flat[k]
+            msg = vision_pb2.EncodeResponse()
+            embs: list[torch.Tensor] = []
+            # Every tile already finished goes in this message (a batch finishes together): fewer messages.
+            while k < len(flat) and flat[k].done() and len(embs) < MAX_TILES_PER_MESSAGE:
+                res = flat[k].result()
                 first_start, last_end = min(first_start, res.compute_start), max(last_end, res.compute_end)
-                small = compress[k]
+                img, tile_index, num_tiles = flat_tiles[k]
                 emb = projected[k] if router else res.emb256
                 assert emb is not None
-                k += 1
                 summaries[img].num_tokens += emb.shape[0]
-                summaries[img].num_compressed_tiles += int(small)
-                tile = vision_pb2.TileEmbedding(
-                    image_index=img, tile_index=tile_index, num_tiles=len(fs), rows=emb.shape[0],
-                    hidden_size=hidden, dtype=vision_pb2.DTYPE_BF16, compressed=small, image_rows=rows[img])
-                await sender.describe(tile, emb)
-                yield vision_pb2.EncodeResponse(tile=tile)
-                await sender.follow(tile, emb)
-        queue_s = max(0.0, first_start - (t0 + t_pre))
-        # Logged before the last message: the client may close the stream as soon as it has the summary.
-        log.info("encoded", extra={"request_id": request_id, "tiles": len(flat), "compressed": sum(compress),
-                                   "images": len(tiled), "seconds": round(time.monotonic() - t0, 4)})
-        yield vision_pb2.EncodeResponse(summary=vision_pb2.EncodeSummary(
-            images=summaries, preprocess_seconds=t_pre, queue_seconds=queue_s,
-            compute_seconds=max(0.0, last_end - first_start)))
+                summaries[img].num_compressed_tiles += int(compress[k])
+                msg.tiles.add(image_index=img, tile_index=tile_index, num_tiles=num_tiles, rows=emb.shape[0],
+                              hidden_size=hidden, dtype=vision_pb2.DTYPE_BF16, compressed=compress[k],
+                              image_rows=rows[img])
+                embs.append(emb)
+                k += 1
+            wire = await sender.place(msg.tiles, embs)  # fills the descriptors in place: no message copies
+            if k == len(flat):
+                queue_s = max(0.0, first_start - (t0 + t_pre))
+                msg.summary.CopyFrom(vision_pb2.EncodeSummary(
+                    images=summaries, preprocess_seconds=t_pre, queue_seconds=queue_s,
+                    compute_seconds=max(0.0, last_end - first_start)))
+                # Logged before the last message: the client may close the stream once it has the summary.
+                log.info("encoded", extra={"request_id": request_id, "tiles": len(flat),
+                                           "compressed": sum(compress), "images": len(tiled),
+                                           "seconds": round(time.monotonic() - t0, 4)})
+            yield msg
+            await sender.follow(msg.tiles, wire)
 
     def _image_rows(self, per_image: list[list[asyncio.Future[TileResult]]], compress: list[bool]) -> list[int]:
         """Rows of each image, known before its first tile is sent (the ViR decision is request-wide)."""
