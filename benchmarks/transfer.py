@@ -122,7 +122,7 @@ async def receive(address: str, path: str, images: int, streams: int, hidden: in
         got = 0
         for j in range(count):
             encoded = await pool.encode(f"{path}-{k}-{j}", [b"not an image"], options)
-            used.update(encoded.transports)
+            used.update(encoded.bytes_by_transport)
             got += sum(e.numel() * BF16_BYTES for e in encoded.embeddings)
             bar.update(1)
         return got

@@ -157,7 +157,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                 encoded = await self.pool.encode(request_id, [images[i] for i in indices], options)
                 embedding_bytes, vision_summary = encoded.bytes_received, encoded.summary
                 metrics.VISION_WAIT.observe(encoded.seconds)
-                metrics.EMBEDDING_BYTES.inc(embedding_bytes)
+                for transport, n in encoded.bytes_by_transport.items():
+                    metrics.EMBEDDING_BYTES.labels(transport=transport).inc(n)
                 # Once, before the cache keeps them; cached embeddings are not checked again.
                 validate_embeddings(encoded.embeddings, len(indices), self.hidden_size, indices)
                 return [e.to(self.model_config.dtype) for e in encoded.embeddings]

@@ -19,6 +19,7 @@ from llm_server.data_plane import DataPlaneError, ShmSlots, TileReceiver, image_
 
 log = logging.getLogger("llm_server.vision_pool")
 
+TRANSPORT_NAMES = {vision_pb2.TRANSPORT_SHM: "shm", vision_pb2.TRANSPORT_TCP: "tcp", vision_pb2.TRANSPORT_GRPC: "grpc"}
 TILE_ROWS = 256  # embedding rows of an uncompressed InternVL3.5 tile: sizes the shared-memory offer
 
 
@@ -49,7 +50,7 @@ class EncodedImages:
     bytes_received: int
     seconds: float
     summary: vision_pb2.EncodeSummary
-    transports: set[str]  # where the tiles' bytes travelled: shm, tcp, grpc
+    bytes_by_transport: dict[str, int]  # where the tiles' bytes travelled: shm, tcp, grpc
 
 
 @dataclass
@@ -187,7 +188,7 @@ class VisionPool:
         embs: list[torch.Tensor | None] = [None] * len(images)
         filled = [0] * len(images)  # rows received per image
         counts = [0] * len(images)  # tiles received per image
-        transports: set[str] = set()
+        by_transport: dict[str, int] = {}
         received = 0
         b.outstanding += 1
         call = b.stub.Encode(request, timeout=timeout)
@@ -205,12 +206,12 @@ class VisionPool:
                     filled[i] += tile.rows
                     counts[i] += 1
                     received += tile.nbytes
-                    transports.add(vision_pb2.Transport.Name(tile.transport or vision_pb2.TRANSPORT_GRPC)
-                                   .removeprefix("TRANSPORT_").lower())
+                    name = TRANSPORT_NAMES.get(tile.transport, "grpc")
+                    by_transport[name] = by_transport.get(name, 0) + tile.nbytes
                 await receiver.receive(items)
                 if msg.HasField("summary"):
                     return EncodedImages(self._check_summary(embs, filled, counts, msg.summary), b.address,
-                                         received, time.perf_counter() - t0, msg.summary, transports)
+                                         received, time.perf_counter() - t0, msg.summary, by_transport)
         finally:
             b.outstanding -= 1
             call.cancel()

@@ -1,0 +1,291 @@
+"""The embedding data plane on real servers: every transport end to end, its faults, and its protocol checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+import torch
+
+from dvd.data_plane import SHM_DIR, shm_domain
+from dvd.procs import Service, free_port, llm_health
+from dvd.v1 import vision_pb2, vision_pb2_grpc
+from llm_server.data_plane import ShmSlots, remove_orphan_segments
+from llm_server.vision_pool import EncodedImages, VisionPool, VisionUnavailableError
+from tests.conftest import ENGINE_ENV, PY, VLLM_START_TIMEOUT, start_vision
+from tests.media import data_url, image_bytes
+from tests.test_llm_server import generate, image, text
+from vision_server.data_plane import DataListener, ShmMaps, TileSender
+
+pytestmark = pytest.mark.timeout(600)
+TRANSPORTS = ("grpc", "tcp", "shm")
+
+
+def own_segments() -> set[str]:
+    return {p.name for p in SHM_DIR.glob(f"dvd-{os.getpid()}-*")}
+
+
+async def encode_with(address: str, transport: str, images: list[bytes], **pool_args: object) -> EncodedImages:
+    pool = VisionPool((address,), hidden_size=128, timeout_s=60, transport=transport, **pool_args)  # type: ignore[arg-type]
+    await pool.start()
+    try:
+        return await pool.encode(f"dp-{transport}", images, vision_pb2.EncodeOptions())
+    finally:
+        await pool.close()
+
+
+def same_bytes(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b, strict=True))
+
+
+async def test_every_transport_delivers_the_same_bytes(vision_tiny_flash: str) -> None:
+    """Compressed (64-row) and full (256-row) tiles, several images: identical tensors on every path."""
+    images = [image_bytes(1000, 700, seed=81), image_bytes(448, 448, seed=82), image_bytes(300, 900, seed=83)]
+    got = {t: await encode_with(vision_tiny_flash, t, images) for t in (*TRANSPORTS, "auto")}
+    for t in TRANSPORTS:
+        assert set(got[t].bytes_by_transport) == {t}, got[t].bytes_by_transport
+        assert got[t].bytes_received == sum(e.numel() * 2 for e in got[t].embeddings)
+    assert set(got["auto"].bytes_by_transport) == {"shm"}  # one host, one /dev/shm
+    assert sum(s.num_compressed_tiles for s in got["grpc"].summary.images) > 0  # the router did compress
+    for t in ("tcp", "shm", "auto"):
+        assert same_bytes(got[t].embeddings, got["grpc"].embeddings), t
+    assert not own_segments()  # every segment was removed when its pool closed
+
+
+async def test_auto_takes_tcp_without_shared_memory(vision_tiny: str) -> None:
+    encoded = await encode_with(vision_tiny, "auto", [image_bytes(600, 500, seed=84)], shm_budget_bytes=0)
+    assert set(encoded.bytes_by_transport) == {"tcp"}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_cancel_mid_stream_then_serve_again(vision_tiny: str, transport: str) -> None:
+    """A caller that goes away mid-transfer frees its data connection or segment; the server keeps serving."""
+    pool = VisionPool((vision_tiny,), hidden_size=128, timeout_s=60, transport=transport)
+    await pool.start()
+    try:
+        images = [image_bytes(1792, 1344, seed=85 + i) for i in range(3)]
+        task = asyncio.create_task(pool.encode("dp-cancel", images, vision_pb2.EncodeOptions()))
+        await asyncio.sleep(0.4)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.backends[0].outstanding == 0
+        again = await pool.encode("dp-after", [image_bytes(500, 500, seed=88)], vision_pb2.EncodeOptions())
+        assert set(again.bytes_by_transport) == {transport}
+    finally:
+        await pool.close()
+    assert not own_segments()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_failover_when_a_server_dies_mid_transfer(vision_tiny: str, tiny_ckpt: Path, transport: str) -> None:
+    """The first-choice server is killed while it streams; the request completes on the other one, same bytes."""
+    doomed, doomed_address = start_vision(f"vision-doomed-{transport}", tiny_ckpt)
+    images = [image_bytes(1792, 1344, seed=60 + i) for i in range(4)]  # 4 x 13 tiles: seconds of work
+    pool = VisionPool((doomed_address, vision_tiny), hidden_size=128, timeout_s=120, transport=transport)
+    await pool.start()
+    try:
+        task = asyncio.create_task(pool.encode("dp-die", images, vision_pb2.EncodeOptions()))
+        await asyncio.sleep(0.5)
+        doomed.proc.kill()
+        encoded = await task
+    finally:
+        await pool.close()
+        doomed.stop()
+    expected = await encode_with(vision_tiny, "grpc", images)
+    assert encoded.server == vision_tiny
+    assert set(encoded.bytes_by_transport) == {transport}
+    assert same_bytes(encoded.embeddings, expected.embeddings)
+
+
+def raw_encode(address: str, offer: vision_pb2.DataPlaneOffer) -> list[vision_pb2.TileEmbedding]:
+    req = vision_pb2.EncodeRequest(request_id="dp-raw", images=[image_bytes(448, 448, seed=89)], data_plane=offer)
+    with grpc.insecure_channel(address) as channel:
+        return [t for msg in vision_pb2_grpc.VisionServiceStub(channel).Encode(req, timeout=30) for t in msg.tiles]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "dvd-1-" + "0" * 32, "psm_12345678"])
+def test_server_writes_only_into_real_client_segments(vision_tiny: str, name: str) -> None:
+    """A path, a missing segment, or someone else's segment: the tiles come inline instead."""
+    tiles = raw_encode(vision_tiny, vision_pb2.DataPlaneOffer(shm=vision_pb2.ShmTarget(name=name, size=2**20)))
+    assert tiles and all(t.transport == vision_pb2.TRANSPORT_GRPC and len(t.data) == t.nbytes for t in tiles)
+
+
+def test_unclaimed_ticket_falls_back_inline(vision_tiny: str) -> None:
+    """A TCP ticket whose connection never arrives (a load balancer sent it elsewhere): inline after a short wait."""
+    tiles = raw_encode(vision_tiny, vision_pb2.DataPlaneOffer(tcp_ticket=secrets.token_bytes(16)))
+    assert tiles and all(t.transport == vision_pb2.TRANSPORT_GRPC and len(t.data) == t.nbytes for t in tiles)
+
+
+# -- protocol checks against a vision server that lies about its bytes -----------------------------------------------
+
+class LyingVision(vision_pb2_grpc.VisionServiceServicer):
+    """Speaks the data plane like the real server, then breaks it in one chosen way."""
+
+    def __init__(self, fault: str, listener: DataListener) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fault = fault
+        self.listener = listener
+        self.maps = ShmMaps()
+        self.executor = ThreadPoolExecutor(2)
+
+    async def Encode(self, request: vision_pb2.EncodeRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse]:
+        sender = await TileSender.open(request.data_plane, self.executor, self.listener, self.maps)
+        emb = torch.ones(256, 128, dtype=torch.bfloat16)
+        msg = vision_pb2.EncodeResponse()
+        for i in range(2):
+            msg.tiles.add(tile_index=i, num_tiles=2, rows=256, hidden_size=128, dtype=vision_pb2.DTYPE_BF16,
+                          image_rows=512)
+        wire = await sender.place(msg.tiles, [emb, emb])
+        if self.fault == "shm-offset":
+            msg.tiles[1].offset += 2
+        elif self.fault == "nbytes":
+            msg.tiles[1].nbytes -= 2
+        elif self.fault == "image-rows":
+            msg.tiles[1].image_rows = 1024
+        elif self.fault == "not-offered":
+            msg.tiles[1].transport = vision_pb2.TRANSPORT_SHM
+        msg.summary.images.add(num_tiles=2, num_tokens=512)
+        try:
+            yield msg
+            if self.fault == "tcp-short":
+                assert sender.conn is not None
+                sender.conn.sendall(b"\0" * 1000)
+                sender.close()  # the connection ends 1000 bytes into the first tile
+                await asyncio.sleep(5)
+            else:
+                await sender.follow(msg.tiles, wire)
+        finally:
+            sender.close()
+
+    async def Health(self, request: vision_pb2.VisionHealthRequest,
+                     context: grpc.aio.ServicerContext) -> vision_pb2.VisionHealthResponse:
+        return vision_pb2.VisionHealthResponse(ready=True, model="liar", hidden_size=128, max_tiles=12,
+                                               data_port=self.listener.port, shm_domain=shm_domain())
+
+
+@pytest.mark.parametrize(("fault", "transport", "message"), [
+    ("shm-offset", "shm", "out of order or bounds"),
+    ("nbytes", "grpc", "declares"),
+    ("image-rows", "tcp", "does not fit"),
+    ("not-offered", "tcp", "did not offer"),
+    ("tcp-short", "tcp", "closed after 1000"),
+])
+async def test_a_lying_server_is_a_protocol_error(fault: str, transport: str, message: str) -> None:
+    listener = DataListener()
+    await listener.start("127.0.0.1", 0)
+    server = grpc.aio.server()
+    vision_pb2_grpc.add_VisionServiceServicer_to_server(LyingVision(fault, listener), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pool = VisionPool((f"127.0.0.1:{port}",), hidden_size=128, timeout_s=20, transport=transport)
+    await pool.start()
+    try:
+        with pytest.raises(VisionUnavailableError, match=message):
+            await pool.encode("dp-liar", [b"image"], vision_pb2.EncodeOptions())
+        assert not pool.backends[0].healthy  # not tried again until its health check passes
+    finally:
+        await pool.close()
+        await server.stop(0)
+        await listener.close()
+    assert not own_segments()
+
+
+# -- shared-memory segments --------------------------------------------------------------------------------------------
+
+def test_segments_are_reused_within_their_budget() -> None:
+    slots = ShmSlots(budget_bytes=3 * 2**20)
+    try:
+        a = slots.acquire(2**20)
+        b = slots.acquire(2 * 2**20)
+        assert a is not None and b is not None
+        assert slots.acquire(2**20) is None  # over budget: the caller takes another transport
+        slots.release(a)
+        again = slots.acquire(1000)
+        assert again is not None and again.name == a.name  # reused, pages already in place
+        assert len(own_segments()) == 2
+        slots.release(again)
+        slots.release(b)
+    finally:
+        slots.close()
+    assert not own_segments()
+
+
+def test_segments_of_a_killed_process_are_removed() -> None:
+    """SIGKILL skips every cleanup; the next language server on the host removes what the dead one left."""
+    code = ("import sys, time; from llm_server.data_plane import ShmSlots; s = ShmSlots(2**22); "
+            "print(s.acquire(2**20).name, flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        name = child.stdout.readline().strip() if child.stdout else ""
+        assert (SHM_DIR / name).exists()
+        live = ShmSlots(2**22)
+        mine = live.acquire(2**20)
+        remove_orphan_segments()
+        assert (SHM_DIR / name).exists()  # its owner is alive: kept
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        assert remove_orphan_segments() >= 1
+        assert not (SHM_DIR / name).exists()
+        assert mine is not None and (SHM_DIR / mine.name).exists()  # a live owner's segment is never touched
+        live.release(mine)
+        live.close()
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+# -- the language server on each transport, against stock vLLM ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llm_by_transport(tiny_ckpt: Path, vision_tiny: str) -> Iterator[dict[str, tuple[str, str]]]:
+    """A language server forced onto TCP, the path of every two-node deployment (the default, shared memory, is
+    `llm_tiny`; inline gRPC delivers the same bytes as both, test_every_transport_delivers_the_same_bytes)."""
+    services, out = [], {}
+    try:
+        for transport in ("tcp",):
+            port, metrics_port = free_port(), free_port()
+            services.append(Service(f"llm-{transport}", [
+                PY, "-m", "llm_server", "--model", str(tiny_ckpt), "--port", str(port), "--vision", vision_tiny,
+                "--max-model-len", "16384", "--served-model-name", "tiny", "--metrics-port", str(metrics_port),
+                "--vision-transport", transport], env=ENGINE_ENV))
+            out[transport] = (f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
+        for svc, (address, _) in zip(services, out.values(), strict=True):
+            svc.wait_ready(lambda a=address: llm_health(a), timeout=VLLM_START_TIMEOUT)
+        yield out
+    finally:
+        for svc in services:
+            svc.stop()
+
+
+@pytest.mark.parametrize("transport", ["tcp"])
+async def test_tokens_equal_stock_vllm_across_hosts(llm_by_transport: dict[str, tuple[str, str]],
+                                                          colocated_tiny: str, transport: str) -> None:
+    address, metrics_url = llm_by_transport[transport]
+    images = [image_bytes(640, 480, seed=7300), image_bytes(256, 1024, seed=7301)]
+    question = "Describe the image in detail."
+    tokens, final = await generate(address, [*(image(b) for b in images), text(question)], max_tokens=24)
+    client = openai.AsyncOpenAI(base_url=colocated_tiny, api_key="none")
+    content = [*({"type": "image_url", "image_url": {"url": data_url(b)}} for b in images),
+               {"type": "text", "text": question}]
+    ref = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                               max_tokens=24, temperature=0, extra_body={"return_token_ids": True})
+    assert ref.choices[0].token_ids == tokens
+    body = httpx.get(metrics_url, timeout=10).text
+    sample = f'dvd_llm_embedding_bytes_total{{transport="{transport}"}}'
+    got = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.splitlines() if line.startswith(sample)}
+    assert got.get(sample, 0) >= final.timings.embedding_bytes > 0
