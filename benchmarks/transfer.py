@@ -199,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096, help="language hidden size (InternVL3.5-8B: 4096)")
     p.add_argument("--images", type=int, default=24, help=f"images ({TILES_PER_IMAGE} tiles each) per path")
-    p.add_argument("--streams", type=int, default=1, help="concurrent Encode calls")
+    p.add_argument("--streams", type=int, default=4,
+                   help="concurrent Encode calls (a busy language server has several images in flight)")
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated: shm, tcp, grpc")
     p.add_argument("--tiles-per-message", type=int, default=4,
                    help="tiles finished together (the vision server's CPU batch is 4, its GPU batch up to 32)")

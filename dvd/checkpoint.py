@@ -70,6 +70,13 @@ PRESETS: dict[str, Preset] = {
     # InternVL3.5-1B's proportions (vision is most of a request's prefill compute), small enough for 2 CPU cores.
     "small": Preset(vit_hidden=256, vit_layers=4, vit_heads=4, vit_mlp=1024, llm_hidden=512, llm_layers=4,
                     llm_heads=8, llm_kv_heads=2, llm_mlp=1536, vocab_target=4096),
+    # InternVL3.5-8B's vision half at its real size (InternViT-300M-448px: hidden 1024, 24 layers, 16 heads, MLP 4096;
+    # pixel shuffle 0.5; mlp1 into Qwen3-8B's hidden 4096; -flash adds mlp2 and the ViR router), for GPU and
+    # transfer figures at real tensor sizes. The language part is one Qwen3-8B-wide layer: enough to load, not a
+    # model to serve.
+    "vision8b": Preset(vit_hidden=1024, vit_layers=24, vit_heads=16, vit_mlp=4096, llm_hidden=4096, llm_layers=1,
+                       llm_heads=32, llm_kv_heads=8, llm_mlp=12288, vocab_target=4096, head_dim=128,
+                       max_position_embeddings=40960),
 }
 
 WORDS = ("the a an image picture photo shows cat dog tree house car road sky cloud sun water river mountain red "
@@ -289,7 +296,7 @@ def default_checkpoint_dir() -> Path:
 
 
 def resolve_model(model: str, seed: int = 0) -> Path:
-    """A preset name (`tiny`, `tiny-flash`, `small`, `small-flash`) or a checkpoint directory."""
+    """A preset name (`tiny`, `small`, `vision8b`, each also `-flash`) or a checkpoint directory."""
     preset, _, variant = model.partition("-")
     if preset in PRESETS and variant in ("", "flash"):
         out = default_checkpoint_dir() / f"{model}-seed{seed}"

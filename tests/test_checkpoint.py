@@ -107,3 +107,21 @@ def test_stock_vllm_loads_the_flash_variant(tiny_flash_ckpt: Path, tmp_path: Pat
     assert proc.returncode == 0 and result, proc.stderr[-3000:]
     prompt_len, generated = map(int, result[0].split()[1:])
     assert prompt_len > 3 * 256 and generated == 8
+
+
+def test_vision8b_has_internvl35_8b_vision_shapes(tmp_path: Path) -> None:
+    """The real-size preset: InternViT-300M (304M parameters), 256 tokens of hidden 4096 per tile through mlp1."""
+    import math
+
+    from dvd.checkpoint import build_config, weight_shapes
+    from vision_server.config import ModelConfig
+
+    p = PRESETS["vision8b"]
+    shapes = weight_shapes(p, 4096, flash=True)
+    vit = sum(math.prod(v) for k, v in shapes.items() if k.startswith("vision_model."))
+    assert abs(vit - 304e6) / 304e6 < 0.01
+    assert shapes["mlp1.1.weight"] == (4096, 4 * 1024) and shapes["mlp2.1.weight"] == (8192, 16 * 1024)
+    (tmp_path / "config.json").write_text(json.dumps(build_config(p, 4096, True, dict.fromkeys(SPECIAL_TOKENS, 0))))
+    cfg = ModelConfig.from_checkpoint(tmp_path)
+    assert (cfg.vit_hidden, cfg.vit_layers, cfg.vit_heads, cfg.vit_mlp) == (1024, 24, 16, 4096)
+    assert (cfg.llm_hidden, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, cfg.flash) == (4096, 256, 64, True)

@@ -263,32 +263,6 @@ async def test_metrics_cover_vision_wait_bytes_and_vllm(llm_tiny: str, llm_tiny_
     assert any(name.startswith("vllm:") for name in samples), "vLLM's own metrics are not exposed"
 
 
-async def test_vision_pool_retries_when_a_server_dies_mid_request(vision_tiny: str, tiny_ckpt) -> None:
-    """The first-choice server is killed while it works; the request completes on the other one."""
-    from tests.conftest import start_vision
-
-    doomed, doomed_address = start_vision("vision-doomed", tiny_ckpt)
-    images = [image_bytes(1792, 1344, seed=60 + i) for i in range(4)]  # 4 x 13 tiles: seconds of work
-    pool = VisionPool((doomed_address, vision_tiny), hidden_size=128, timeout_s=120)
-    await pool.start()
-    try:
-        task = asyncio.create_task(pool.encode("r-die", images, vision_pb2.EncodeOptions()))
-        await asyncio.sleep(0.5)
-        doomed.proc.kill()
-        encoded = await task
-        reference = VisionPool((vision_tiny,), hidden_size=128, timeout_s=120)
-        await reference.start()
-        try:
-            expected = await reference.encode("r-ref", images, vision_pb2.EncodeOptions())
-        finally:
-            await reference.close()
-    finally:
-        await pool.close()
-        doomed.stop()
-    assert encoded.server == vision_tiny
-    assert all(torch.equal(a, b) for a, b in zip(encoded.embeddings, expected.embeddings, strict=True))
-
-
 async def test_flash_router_end_to_end(llm_tiny_flash: str) -> None:
     """DvD + ViR: compressed tiles (64 rows) and full tiles (256) mixed in one request reach vLLM intact."""
 
