@@ -17,7 +17,6 @@ import grpc
 
 from dvd.logs import setup_logging
 from dvd.media import image_bytes
-from dvd.procs import free_port
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 
 FIELDS = ("vision_preprocess_seconds", "vision_queue_seconds", "vision_compute_seconds", "vision_seconds",
@@ -69,7 +68,7 @@ def main() -> None:
         if not address:
             from router.local import start_stack
 
-            address = stack.enter_context(start_stack(args.model, port=free_port(), sink=None)).llm_address
+            address = stack.enter_context(start_stack(args.model, port=0, sink=None)).llm_address
         asyncio.run(measure(address, sizes, args.repeats, args.output_len))
 
 

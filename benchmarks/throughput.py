@@ -484,7 +484,7 @@ def dvd_stack(model: Path, split: CpuSplit, args: argparse.Namespace, log_dir: P
     if split.vision is not None:
         service_env["vision"] = {"OMP_NUM_THREADS": str(count_cpus(split.vision))}
     with open(os.devnull, "w") as quiet, start_stack(
-            model, free_port(), devices="cpu", max_model_len=args.max_model_len, sink=quiet, log_dir=log_dir,
+            model, 0, devices="cpu", max_model_len=args.max_model_len, sink=quiet, log_dir=log_dir,
             cpus=cpus, service_env=service_env, vision_args=["--dtype", args.dtype, *args.vision_arg],
             llm_args=["--dtype", args.dtype, *args.llm_arg]) as stack:
         yield stack.base_url

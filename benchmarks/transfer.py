@@ -34,8 +34,8 @@ if str(REPO) not in sys.path:
 
 from dvd.data_plane import shm_domain  # noqa: E402
 from dvd.logs import setup_logging  # noqa: E402
-from dvd.procs import Service, free_port, vision_health  # noqa: E402
-from dvd.runtime import freeze_heap, tune_allocator  # noqa: E402
+from dvd.procs import Service, vision_health  # noqa: E402
+from dvd.runtime import freeze_heap, report_ports, tune_allocator  # noqa: E402
 from dvd.tensor_codec import BF16_BYTES  # noqa: E402
 from dvd.v1 import vision_pb2, vision_pb2_grpc  # noqa: E402
 from llm_server.vision_pool import VisionPool  # noqa: E402
@@ -97,9 +97,10 @@ async def serve(port: int, hidden: int, per_message: int) -> None:
     await listener.start("127.0.0.1", 0)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     vision_pb2_grpc.add_VisionServiceServicer_to_server(TileStreamer(hidden, listener, per_message), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     freeze_heap()
+    report_ports(grpc=bound)
     log.info("tile streamer ready", extra={"port": port, "data_port": listener.port, "hidden": hidden})
     await server.wait_for_termination()
 
@@ -217,14 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tune_allocator()
     freeze_heap()
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     results = []
     with open(os.devnull, "w") as quiet:
-        argv = [sys.executable, __file__, "--serve", str(port), "--hidden", str(args.hidden),
+        argv = [sys.executable, __file__, "--serve", "0", "--hidden", str(args.hidden),
                 "--tiles-per-message", str(args.tiles_per_message)]
         server = Service("tile-streamer", argv, env={"OMP_NUM_THREADS": "1"}, sink=quiet)
         try:
+            address = f"127.0.0.1:{server.wait_port('grpc', 60)}"
             server.wait_ready(lambda: vision_health(address), timeout=60)
             for path in paths:
                 with tqdm(total=args.images + 2, desc=path, unit="image", file=sys.stderr, leave=False) as bar:

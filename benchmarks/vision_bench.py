@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.flops import vision_tile_flops  # noqa: E402
 from dvd.checkpoint import resolve_model  # noqa: E402
-from dvd.procs import Service, free_port, vision_health  # noqa: E402
+from dvd.procs import Service, vision_health  # noqa: E402
 from dvd.v1 import vision_pb2, vision_pb2_grpc  # noqa: E402
 from vision_server.config import ModelConfig, ServerConfig  # noqa: E402
 from vision_server.model import build_model  # noqa: E402
@@ -211,14 +211,13 @@ def main() -> None:
     svc = None
     address = a.address
     if address is None:
-        port = free_port()
-        argv = [sys.executable, "-m", "vision_server", "--model", str(ckpt), "--port", str(port), "--host",
+        argv = [sys.executable, "-m", "vision_server", "--model", str(ckpt), "--port", "0", "--host",
                 "127.0.0.1", "--devices", device, "--dtype", a.dtype, "--batching", a.batching,
                 "--max-batch-tiles", str(max_batch),
                 *(["--preprocess-threads", str(a.preprocess_threads)] if a.preprocess_threads else [])]
         env = {"OMP_NUM_THREADS": str(threads), "DVD_LOG_LEVEL": "WARNING"}
         svc = Service("vision-bench", argv, env=env, sink=open(os.devnull, "w"))  # noqa: SIM115
-        address = f"127.0.0.1:{port}"
+        address = f"127.0.0.1:{svc.wait_port('grpc', 300)}"
         svc.wait_ready(lambda: vision_health(address), timeout=300)
     # Rounds alternate (the idle server costs nothing while the loop runs) and the best round of each side
     # counts: on a shared machine the slower rounds measure the neighbours.

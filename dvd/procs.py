@@ -7,17 +7,22 @@ the services exactly the same way.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
+
+from dvd.runtime import PORTS_ENV
 
 
 def usable_cpus() -> str:
@@ -38,6 +43,8 @@ def cpu_engine_env(cpus: str | None = None, kv_gib: int = 2) -> dict[str, str]:
 
 
 def free_port() -> int:
+    """A port free right now. Only for processes that cannot report the port they bind (stock vLLM): anything
+    else may take it before the service binds it. DvD's services take port 0 and report (`Service.wait_port`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -53,7 +60,9 @@ class Service:
         self.tail: deque[str] = deque(maxlen=200)
         self._sink = sink if sink is not None else sys.stderr
         self._log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed in stop()
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._ports_dir = Path(tempfile.mkdtemp(prefix="dvd-ports-"))
+        self.ports_file = self._ports_dir / "ports.json"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", PORTS_ENV: str(self.ports_file), **(env or {})}
         # The child dies with this process (dvd/die_with_parent.py), even when this process is SIGKILLed.
         guarded = [sys.executable, "-m", "dvd.die_with_parent", str(os.getpid()), *self.argv]
         self.proc = subprocess.Popen(guarded, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -92,6 +101,21 @@ class Service:
             time.sleep(0.5)
         raise TimeoutError(f"{self.name} was not ready after {timeout:.0f}s:\n" + self.last_lines(40))
 
+    def wait_port(self, name: str = "grpc", timeout: float = 600.0) -> int:
+        """The port the service reports it bound under `name` (it was started with port 0)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                ports = json.loads(self.ports_file.read_text())
+                if name in ports:
+                    return int(ports[name])
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} before it bound its "
+                                   f"{name} port:\n" + self.last_lines(40))
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} did not report its {name} port after {timeout:.0f}s:\n"
+                           + self.last_lines(40))
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the whole process group (vLLM spawns workers), then SIGKILL what is left."""
         if self.alive():
@@ -108,6 +132,7 @@ class Service:
         if self._log:
             self._log.close()
             self._log = None
+        shutil.rmtree(self._ports_dir, ignore_errors=True)
 
 
 def grpc_ready(address: str, health: Callable[[object], bool], stub_factory: Callable[[object], object]) -> bool:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import json
 import logging
 import os
 
 log = logging.getLogger("dvd.runtime")
+
+PORTS_ENV = "DVD_PORTS_FILE"  # set by a launcher (dvd/procs.py) that wants to learn the ports a service bound
 
 
 def tune_allocator() -> None:
@@ -40,3 +43,15 @@ def freeze_heap() -> None:
     gc.collect()
     gc.freeze()
 
+
+
+def report_ports(**ports: int) -> None:
+    """Tell the launcher which ports this service bound (it asked for port 0: no pre-picked port can be taken by
+    another process in between). A no-op unless the launcher set DVD_PORTS_FILE."""
+    path = os.environ.get(PORTS_ENV)
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(ports, f)
+    os.replace(tmp, path)  # the launcher never reads half a file

@@ -12,7 +12,7 @@ import grpc
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from dvd.logs import setup_logging
-from dvd.runtime import freeze_heap, tune_allocator
+from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.v1 import llm_pb2_grpc
 from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
@@ -58,10 +58,11 @@ async def serve() -> None:
                               cache=EmbeddingCache(config.embedding_cache_bytes))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 2**20)])
     llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
-    server.add_insecure_port(f"{config.host}:{config.port}")
+    bound = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     freeze_heap()
-    log.info("language service listening", extra={"address": f"{config.host}:{config.port}",
+    report_ports(grpc=bound)
+    log.info("language service listening", extra={"address": f"{config.host}:{bound}",
                                                   "vision": ",".join(config.vision)})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -33,7 +33,7 @@ def build_parser() -> FlexibleArgumentParser:
     )
     group = parser.add_argument_group("dvd")
     group.add_argument("--host", default="0.0.0.0")
-    group.add_argument("--port", type=int, default=50061)
+    group.add_argument("--port", type=int, default=50061, help="gRPC port (0 = any free port, reported to a launcher)")
     group.add_argument("--vision", default="", help="comma-separated vision server addresses (host:port)")
     group.add_argument("--vision-timeout", type=float, default=120.0, help="deadline of one Encode call, seconds")
     group.add_argument("--vision-health-interval", type=float, default=2.0)

@@ -20,7 +20,7 @@ from types import FrameType
 from typing import IO
 
 from dvd.checkpoint import resolve_model
-from dvd.procs import Service, cpu_engine_env, free_port, http_ok, llm_health, vision_health
+from dvd.procs import Service, cpu_engine_env, http_ok, llm_health, vision_health
 
 PY = sys.executable
 ENGINE_START_TIMEOUT = 600.0  # vLLM: ~45 s for the tiny model on 2 CPU cores, minutes for real weights
@@ -58,6 +58,7 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
                 service_env: Mapping[str, Mapping[str, str]] | None = None) -> Iterator[Stack]:
     """Start vision -> language -> router, each waited on until ready; stop them all (reverse order) on exit.
 
+    `port` is the router's HTTP port (0 = any free one: the Stack's base_url says which).
     A service that dies or stays unready raises RuntimeError/TimeoutError carrying its last log lines.
     `cpus` pins a service ("vision", "llm", "router") and every process it spawns to a CPU list ("0", "1-3")
     with `taskset`, `service_env` adds environment variables per service: the benchmark uses both to split one
@@ -80,21 +81,25 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        vision_address, llm_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        # Port 0 everywhere the launcher picks: each service binds any free port and reports it (no port picked
+        # here can be taken by another process before the service binds it).
         vision = launch("vision", [PY, "-m", "vision_server", "--model", str(model_dir), "--host", "127.0.0.1",
-                                   "--port", vision_address.split(":")[1], "--devices", devices, *vision_args])
+                                   "--port", "0", "--devices", devices, *vision_args])
+        vision_address = f"127.0.0.1:{vision.wait_port('grpc', timeout)}"
         # On CPU vLLM would otherwise reserve most of the memory; on a GPU it shares the card with the vision server.
         # On CPU the engine and the vision server share every core (each takes what the other leaves idle).
         engine_env = cpu_engine_env(kv_gib=2) if devices == "cpu" else {}
         engine_opts = [] if devices == "cpu" else ["--gpu-memory-utilization", "0.7"]
         llm = launch("llm", [PY, "-m", "llm_server", "--model", str(model_dir), "--host", "127.0.0.1",
-                             "--port", llm_address.split(":")[1], "--vision", vision_address,
+                             "--port", "0", "--vision", vision_address,
                              "--max-model-len", str(max_model_len), "--served-model-name", served_name,
                              *engine_opts, *llm_args], env=engine_env)
         vision.wait_ready(lambda: vision_health(vision_address), timeout=timeout)
+        llm_address = f"127.0.0.1:{llm.wait_port('grpc', timeout)}"
         llm.wait_ready(lambda: llm_health(llm_address), timeout=timeout)
         router = launch("router", [PY, "-m", "router", "--host", host, "--port", str(port), "--llm", llm_address,
                                    *(["--api-key", api_key] if api_key else []), *router_args])
+        port = router.wait_port("http", 60)
         probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         router.wait_ready(lambda: http_ok(f"http://{probe_host}:{port}/ready"), timeout=60)
         yield Stack(model_dir, served_name, f"http://{probe_host}:{port}/v1", vision_address, llm_address, api_key,
@@ -143,7 +148,7 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dvd-local", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="tiny, tiny-flash, small, small-flash or a checkpoint directory")
-    p.add_argument("--port", type=int, default=8000, help="the router's HTTP port")
+    p.add_argument("--port", type=int, default=8000, help="the router's HTTP port (0 = any free port)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--devices", default=None, help="vision devices: cpu, cuda, cuda:0,cuda:1 (default: cuda if any)")
     p.add_argument("--max-model-len", type=int, default=16384)

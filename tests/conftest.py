@@ -38,11 +38,19 @@ def tiny_flash_ckpt(checkpoint_root: Path) -> Path:
 
 
 def start_vision(name: str, model: Path, *extra: str) -> tuple[Service, str]:
-    port = free_port()
-    svc = Service(name, [PY, "-m", "vision_server", "--model", str(model), "--port", str(port),
+    svc = Service(name, [PY, "-m", "vision_server", "--model", str(model), "--port", "0", "--host", "127.0.0.1",
                          "--devices", "cpu", *extra], env={"OMP_NUM_THREADS": "1"})
-    address = f"127.0.0.1:{port}"
+    address = f"127.0.0.1:{svc.wait_port('grpc', 120)}"
     svc.wait_ready(lambda: vision_health(address), timeout=120)
+    return svc, address
+
+
+def start_llm(name: str, model: Path, vision: str, *extra: str) -> tuple[Service, str]:
+    """A language server on port 0 (no port race), served as `tiny`-style names given in `extra`."""
+    svc = Service(name, [PY, "-m", "llm_server", "--model", str(model), "--port", "0", "--host", "127.0.0.1",
+                         "--vision", vision, "--max-model-len", "16384", *extra], env=ENGINE_ENV)
+    address = f"127.0.0.1:{svc.wait_port('grpc', VLLM_START_TIMEOUT)}"
+    svc.wait_ready(lambda: llm_health(address), timeout=VLLM_START_TIMEOUT)
     return svc, address
 
 
@@ -65,12 +73,9 @@ def vision_tiny_flash(tiny_flash_ckpt: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def llm_tiny(tiny_ckpt: Path, vision_tiny: str) -> Iterator[str]:
     """Address of a language server (served as `tiny`) on the tiny checkpoint, fed by the tiny vision server."""
-    port, metrics_port = free_port(), free_port()
-    svc = Service("llm-tiny", [PY, "-m", "llm_server", "--model", str(tiny_ckpt), "--port", str(port),
-                               "--vision", vision_tiny, "--max-model-len", "16384", "--served-model-name", "tiny",
-                               "--metrics-port", str(metrics_port)], env=ENGINE_ENV)
-    address = f"127.0.0.1:{port}"
-    svc.wait_ready(lambda: llm_health(address), timeout=VLLM_START_TIMEOUT)
+    metrics_port = free_port()
+    svc, address = start_llm("llm-tiny", tiny_ckpt, vision_tiny, "--served-model-name", "tiny",
+                             "--metrics-port", str(metrics_port))
     METRICS_URLS[address] = f"http://127.0.0.1:{metrics_port}/metrics"
     yield address
     svc.stop()
@@ -79,12 +84,7 @@ def llm_tiny(tiny_ckpt: Path, vision_tiny: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def llm_tiny_flash(tiny_flash_ckpt: Path, vision_tiny_flash: str) -> Iterator[str]:
     """DvD + ViR: a language server on the Flash checkpoint, fed by the Flash vision server."""
-    port = free_port()
-    svc = Service("llm-tiny-flash", [PY, "-m", "llm_server", "--model", str(tiny_flash_ckpt), "--port", str(port),
-                                     "--vision", vision_tiny_flash, "--max-model-len", "16384",
-                                     "--served-model-name", "tiny-flash"], env=ENGINE_ENV)
-    address = f"127.0.0.1:{port}"
-    svc.wait_ready(lambda: llm_health(address), timeout=VLLM_START_TIMEOUT)
+    svc, address = start_llm("llm-tiny-flash", tiny_flash_ckpt, vision_tiny_flash, "--served-model-name", "tiny-flash")
     yield address
     svc.stop()
 
@@ -98,9 +98,9 @@ def llm_tiny_metrics(llm_tiny: str) -> str:
 @pytest.fixture(scope="session")
 def router_tiny(llm_tiny: str) -> Iterator[str]:
     """Base URL (`http://127.0.0.1:P/v1`) of the gateway in front of `llm_tiny`."""
-    port = free_port()
-    svc = Service("router-tiny", [PY, "-m", "router", "--port", str(port), "--llm", llm_tiny,
+    svc = Service("router-tiny", [PY, "-m", "router", "--port", "0", "--llm", llm_tiny,
                                   "--allow-private-image-urls"])
+    port = svc.wait_port("http", 60)
     svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), timeout=60)
     yield f"http://127.0.0.1:{port}/v1"
     svc.stop()

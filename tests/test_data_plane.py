@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from dvd.data_plane import SHM_DIR, shm_domain
-from dvd.procs import Service, free_port, llm_health
+from dvd.procs import free_port
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots, remove_orphan_segments
 from llm_server.vision_pool import EncodedImages, VisionPool, VisionUnavailableError
-from tests.conftest import ENGINE_ENV, PY, VLLM_START_TIMEOUT, start_vision
+from tests.conftest import start_llm, start_vision
 from tests.media import data_url, image_bytes
 from tests.test_llm_server import generate, image, text
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
@@ -258,14 +258,11 @@ def llm_by_transport(tiny_ckpt: Path, vision_tiny: str) -> Iterator[dict[str, tu
     services, out = [], {}
     try:
         for transport in ("tcp",):
-            port, metrics_port = free_port(), free_port()
-            services.append(Service(f"llm-{transport}", [
-                PY, "-m", "llm_server", "--model", str(tiny_ckpt), "--port", str(port), "--vision", vision_tiny,
-                "--max-model-len", "16384", "--served-model-name", "tiny", "--metrics-port", str(metrics_port),
-                "--vision-transport", transport], env=ENGINE_ENV))
-            out[transport] = (f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
-        for svc, (address, _) in zip(services, out.values(), strict=True):
-            svc.wait_ready(lambda a=address: llm_health(a), timeout=VLLM_START_TIMEOUT)
+            metrics_port = free_port()
+            svc, address = start_llm(f"llm-{transport}", tiny_ckpt, vision_tiny, "--served-model-name", "tiny",
+                                     "--metrics-port", str(metrics_port), "--vision-transport", transport)
+            services.append(svc)
+            out[transport] = (address, f"http://127.0.0.1:{metrics_port}/metrics")
         yield out
     finally:
         for svc in services:

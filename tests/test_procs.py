@@ -44,3 +44,46 @@ def test_child_dies_with_its_launcher(sig: signal.Signals) -> None:
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive, "the service outlived its launcher"
+
+
+def test_services_start_while_others_grab_ports(tiny_ckpt) -> None:
+    """Launchers never pick a port ahead of the service: each binds port 0 and reports it (dvd.runtime.report_ports),
+    so a neighbour grabbing ephemeral ports meanwhile (vLLM's engines do, while they start) cannot break a launch."""
+    import socket
+    import threading
+
+    import httpx
+
+    from dvd.procs import Service, vision_health
+    from tests.conftest import start_vision
+
+    grabbed: list[socket.socket] = []
+    stop = threading.Event()
+
+    def grab() -> None:
+        while not stop.is_set() and len(grabbed) < 2000:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            grabbed.append(s)
+            time.sleep(0.002)
+
+    neighbour = threading.Thread(target=grab, daemon=True)
+    neighbour.start()
+    vision = router = None
+    try:
+        vision, address = start_vision("vision-port-race", tiny_ckpt)
+        router = Service("router-port-race", [sys.executable, "-m", "router", "--port", "0", "--llm", "127.0.0.1:1"])
+        port = router.wait_port("http", 60)
+        assert vision_health(address)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        taken = {s.getsockname()[1] for s in grabbed}
+        assert len(taken) > 100 and int(address.rsplit(":", 1)[1]) not in taken and port not in taken
+    finally:
+        stop.set()
+        neighbour.join(5)
+        for svc in (vision, router):
+            if svc is not None:
+                svc.stop()
+        for s in grabbed:
+            s.close()

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from dvd.procs import Service, free_port, http_ok
+from dvd.procs import Service, http_ok
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 from tests.test_router_support import data_url, image_server, png_bytes, user_message
 
@@ -24,9 +24,9 @@ LONG = {"max_tokens": 6000, "extra_body": {"ignore_eos": True}}  # many seconds 
 
 
 def start_router(name: str, llm: str, *args: str) -> tuple[Service, str]:
-    port = free_port()
-    svc = Service(name, [sys.executable, "-m", "router", "--port", str(port), "--llm", llm,
+    svc = Service(name, [sys.executable, "-m", "router", "--port", "0", "--llm", llm,
                          "--health-interval", "0.5", *args])
+    port = svc.wait_port("http", 60)
     svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), timeout=60)
     return svc, f"http://127.0.0.1:{port}/v1"
 

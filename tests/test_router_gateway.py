@@ -21,10 +21,10 @@ MAX_BODY = 50_000
 @pytest.fixture(scope="module")
 def dead_router() -> Iterator[str]:
     """A router whose only backend address has nothing listening."""
-    port = free_port()
-    svc = Service("router-dead", [sys.executable, "-m", "router", "--port", str(port),
+    svc = Service("router-dead", [sys.executable, "-m", "router", "--port", "0",
                                   "--llm", f"127.0.0.1:{free_port()}", "--api-key", KEY,
                                   "--max-body-bytes", str(MAX_BODY), "--health-interval", "0.5"])
+    port = svc.wait_port("http", 60)
     svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=60)
     yield f"http://127.0.0.1:{port}"
     svc.stop()

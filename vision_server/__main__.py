@@ -15,7 +15,7 @@ import torch
 
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
-from dvd.runtime import freeze_heap, tune_allocator
+from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import Batcher, DeviceRunner
 from vision_server.config import ModelConfig, ServerConfig
@@ -32,7 +32,7 @@ log = logging.getLogger("vision_server")
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p = argparse.ArgumentParser(prog="python -m vision_server", description=__doc__)
     p.add_argument("--model", required=True, help="checkpoint directory or preset (tiny, tiny-flash, small, ...)")
-    p.add_argument("--port", type=int, default=50061)
+    p.add_argument("--port", type=int, default=50061, help="gRPC port (0 = any free port, reported to a launcher)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--data-port", type=int, default=0,
                    help="TCP port embedding bytes are sent from to language servers on other hosts (0 = any free "
@@ -142,6 +142,7 @@ async def serve(cfg: ServerConfig) -> None:
         metrics.serve(cfg.metrics_port, cfg.host)
     freeze_heap()
     servicer.ready = True
+    report_ports(grpc=bound, data=listener.port if listener else 0)
     log.info("serving", extra={"address": f"{cfg.host}:{bound}", "metrics_port": cfg.metrics_port,
                                "data_port": listener.port if listener else None,
                                "vir_relative": vir.relative, "vir_absolute": vir.absolute})
