@@ -98,13 +98,17 @@ def test_throughput_harness_multiturn(tmp_path: Path, router_tiny: str) -> None:
 
 
 def test_transfer_benchmark_tiny(tmp_path: Path) -> None:
-    out = tmp_path / "transfer.json"
-    stdout = run_script("benchmarks/transfer.py", "--hidden", "64", "--tiles", "4", "--streams", "2",
-                        "--out", str(out), timeout=180)
-    assert "ratio gRPC / memcpy" in stdout
-    result = json.loads(out.read_text())
-    assert result["tiles"] == 8 and result["bytes"] == 8 * 256 * 64 * 2
-    assert result["grpc_bytes_per_s"] > 0 and result["memcpy_bytes_per_s"] > 0 and result["ratio"] > 0
+    """Every path runs through the real sender and pool, each on the transport it names; the report is complete."""
+    stdout = run_script("benchmarks/transfer.py", "--hidden", "64", "--images", "3", "--streams", "2",
+                        "--copy-mib", "64", "--out", str(tmp_path), timeout=180)
+    assert "x memcpy" in stdout
+    result = json.loads((tmp_path / "transfer.json").read_text())
+    assert [r["path"] for r in result["paths"]] == ["shm", "tcp", "grpc"]
+    for r in result["paths"]:
+        assert r["transports_used"] == [r["path"]]
+        assert r["bytes"] == 3 * 13 * 256 * 64 * 2 and r["ratio"] > 0 and r["cpu_seconds_per_gib"] > 0
+    assert result["memcpy_bytes_per_s"] > 0
+    assert (tmp_path / "transfer.md").read_text().count("| shm |") == 1 and (tmp_path / "transfer.png").stat().st_size
 
 
 # ------------------------------------------------------------------------------------------- pure pieces, no services
