@@ -39,19 +39,16 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.flops import language_flops, llm_config, tiles_per_image, vision_tile_flops  # noqa: E402
-from dvd.checkpoint import resolve_model  # noqa: E402
-from dvd.logs import setup_logging  # noqa: E402
-from dvd.media import data_url, image_bytes  # noqa: E402
-from dvd.procs import Service, cpu_engine_env, free_port, http_ok, usable_cpus  # noqa: E402
-from router.local import ENGINE_START_TIMEOUT, start_stack  # noqa: E402
-from vision_server.config import ModelConfig  # noqa: E402
+from benchmarks.flops import language_flops, llm_config, tiles_per_image, vision_tile_flops
+from dvd.checkpoint import resolve_model
+from dvd.logs import setup_logging
+from dvd.media import data_url, image_bytes
+from dvd.procs import Service, cpu_engine_env, free_port, http_ok, usable_cpus
+from router.local import ENGINE_START_TIMEOUT, start_stack
+from vision_server.config import ModelConfig
 
 log = logging.getLogger("benchmarks.throughput")
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIGS = ("baseline", "dvd", "dvd-vir")
 LABELS = {"baseline": "baseline (vLLM colocated)", "dvd": "DvD", "dvd-vir": "DvD + ViR"}

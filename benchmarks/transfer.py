@@ -28,18 +28,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from dvd.data_plane import shm_domain  # noqa: E402
-from dvd.logs import setup_logging  # noqa: E402
-from dvd.procs import Service, vision_health  # noqa: E402
-from dvd.runtime import freeze_heap, report_ports, tune_allocator  # noqa: E402
-from dvd.tensor_codec import BF16_BYTES  # noqa: E402
-from dvd.v1 import vision_pb2, vision_pb2_grpc  # noqa: E402
-from llm_server.vision_pool import VisionPool  # noqa: E402
-from vision_server.data_plane import DataListener, ShmMaps, TileSender  # noqa: E402
+from dvd.data_plane import shm_domain
+from dvd.logs import setup_logging
+from dvd.procs import Service, vision_health
+from dvd.runtime import freeze_heap, report_ports, tune_allocator
+from dvd.tensor_codec import BF16_BYTES
+from dvd.v1 import vision_pb2, vision_pb2_grpc
+from llm_server.vision_pool import VisionPool
+from vision_server.data_plane import DataListener, ShmMaps, TileSender
 
 log = logging.getLogger("benchmarks.transfer")
 ROWS = 256  # embedding rows of one uncompressed InternVL tile

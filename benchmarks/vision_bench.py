@@ -27,17 +27,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.flops import vision_tile_flops  # noqa: E402
-from dvd.checkpoint import resolve_model  # noqa: E402
-from dvd.procs import Service, vision_health  # noqa: E402
-from dvd.v1 import vision_pb2, vision_pb2_grpc  # noqa: E402
-from vision_server.config import ModelConfig, ServerConfig  # noqa: E402
-from vision_server.model import build_model  # noqa: E402
-from vision_server.preprocess import preprocess  # noqa: E402
-from vision_server.weights import load_vision_weights  # noqa: E402
+from benchmarks.flops import vision_tile_flops
+from dvd.checkpoint import resolve_model
+from dvd.procs import Service, vision_health
+from dvd.v1 import vision_pb2, vision_pb2_grpc
+from vision_server.config import ModelConfig, ServerConfig
+from vision_server.model import build_model
+from vision_server.preprocess import preprocess
+from vision_server.weights import load_vision_weights
 
 # Dense bf16 peaks (no sparsity), by device-name substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
