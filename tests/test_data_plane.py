@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 import httpx
-import openai
 import pytest
 import torch
 
@@ -23,8 +22,8 @@ from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots, remove_orphan_segments
 from llm_server.vision_pool import EncodedImages, VisionPool, VisionUnavailableError
 from tests.conftest import start_llm, start_vision
-from tests.media import data_url, image_bytes
-from tests.test_llm_server import generate, image, text
+from tests.media import image_bytes
+from tests.test_llm_server import generate, image, stock_vllm_tokens, text
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
 
 pytestmark = pytest.mark.timeout(600)
@@ -276,12 +275,7 @@ async def test_tokens_equal_stock_vllm_across_hosts(llm_by_transport: dict[str, 
     images = [image_bytes(640, 480, seed=7300), image_bytes(256, 1024, seed=7301)]
     question = "Describe the image in detail."
     tokens, final = await generate(address, [*(image(b) for b in images), text(question)], max_tokens=24)
-    client = openai.AsyncOpenAI(base_url=colocated_tiny, api_key="none")
-    content = [*({"type": "image_url", "image_url": {"url": data_url(b)}} for b in images),
-               {"type": "text", "text": question}]
-    ref = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                               max_tokens=24, temperature=0, extra_body={"return_token_ids": True})
-    assert ref.choices[0].token_ids == tokens
+    assert await stock_vllm_tokens(colocated_tiny, images, question, max_tokens=24) == tokens
     body = httpx.get(metrics_url, timeout=10).text
     sample = f'dvd_llm_embedding_bytes_total{{transport="{transport}"}}'
     got = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.splitlines() if line.startswith(sample)}

@@ -45,6 +45,17 @@ async def generate(address: str, parts: list[llm_pb2.ContentPart], max_tokens: i
     return tokens, last
 
 
+async def stock_vllm_tokens(base_url: str, images: list[bytes], question: str, max_tokens: int) -> list[int]:
+    """Greedy token ids of stock vLLM's OpenAI server for one user message (images first), the reference."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="none")
+    content = [*({"type": "image_url", "image_url": {"url": data_url(b)}} for b in images),
+               {"type": "text", "text": question}]
+    ref = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                               max_tokens=max_tokens, temperature=0,
+                                               extra_body={"return_token_ids": True})
+    return list(ref.choices[0].token_ids or [])
+
+
 async def health(address: str) -> llm_pb2.LanguageHealthResponse:
     async with grpc.aio.insecure_channel(address) as channel:
         return await llm_pb2_grpc.LanguageServiceStub(channel).Health(llm_pb2.LanguageHealthRequest(), timeout=5)
@@ -119,12 +130,7 @@ async def test_tokens_equal_stock_vllm_colocated(llm_tiny: str, colocated_tiny: 
     images = [image_bytes(w, h, seed=7000 + 10 * len(sizes) + i) for i, (w, h) in enumerate(sizes)]
     question = "Describe the image in detail."
     dvd_tokens, _ = await generate(llm_tiny, [*(image(b) for b in images), text(question)], max_tokens=24)
-    client = openai.AsyncOpenAI(base_url=colocated_tiny, api_key="none")
-    content = [*({"type": "image_url", "image_url": {"url": data_url(b)}} for b in images),
-               {"type": "text", "text": question}]
-    ref = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                               max_tokens=24, temperature=0, extra_body={"return_token_ids": True})
-    assert ref.choices[0].token_ids == dvd_tokens
+    assert await stock_vllm_tokens(colocated_tiny, images, question, max_tokens=24) == dvd_tokens
 
 
 async def test_bad_requests_are_rejected_and_the_engine_keeps_serving(llm_tiny: str) -> None:
