@@ -15,10 +15,15 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
+def arm(sig: int = signal.SIGTERM) -> None:
+    """From now on this process gets `sig` when its parent dies (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+
+
 def main(argv: list[str]) -> None:
     parent, command = int(argv[0]), argv[1:]
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    arm()
     if os.getppid() != parent:  # the launcher died before the signal was armed
         sys.exit(f"dvd.die_with_parent: launcher {parent} is gone; not starting {command[0]}")
     os.execvp(command[0], command)

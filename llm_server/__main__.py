@@ -18,6 +18,7 @@ from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
 from llm_server.service import LanguageService
 from llm_server.vision_pool import VisionPool
+from llm_server.vllm_plugin import ENGINE_PARENT_ENV
 
 log = logging.getLogger("llm_server")
 VISION_PREFIXES = ("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", "gating.")
@@ -40,6 +41,7 @@ async def vision_parameters(engine: AsyncLLM) -> int:
 async def serve() -> None:
     config, engine_args = parse_args()
     tune_allocator()
+    os.environ[ENGINE_PARENT_ENV] = str(os.getpid())  # vLLM's engine processes die with this one (vllm_plugin.py)
     engine = AsyncLLM.from_engine_args(engine_args)
     model_config = engine.model_config
     served_name = model_config.served_model_name or model_config.model
@@ -76,10 +78,20 @@ async def serve() -> None:
     engine.shutdown()
 
 
+def _stop_while_starting(signum: int, _frame: object) -> None:
+    """A stop before serving begins: kill the engine processes with us. vLLM's EngineCore only notes a SIGTERM
+    while it starts and keeps waiting for its frontend, so a plain exit here would leave it running, orphaned."""
+    from vllm.utils.system_utils import kill_process_tree
+
+    log.warning("stopped while starting: killing the engine processes", extra={"signal": signum})
+    kill_process_tree(os.getpid())
+
+
 def main() -> None:
     # Lets collective_rpc ship _count_vision_parameters to our own engine workers (local IPC, same process tree).
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     setup_logging()
+    signal.signal(signal.SIGTERM, _stop_while_starting)  # serve() installs the graceful handler once it serves
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
 

@@ -87,3 +87,41 @@ def test_services_start_while_others_grab_ports(tiny_ckpt) -> None:
                 svc.stop()
         for s in grabbed:
             s.close()
+
+
+ENGINE_LAUNCHER = """
+import sys, time
+from dvd.procs import Service
+svc = Service("llm", [sys.executable, "-m", "llm_server", "--model", sys.argv[1], "--port", "0",
+                      "--vision", "127.0.0.1:1", "--max-model-len", "4096"],
+              env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}, sink=None)
+print(svc.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_launcher_leaves_no_engine_behind(tiny_ckpt) -> None:
+    """SIGKILL of a launcher while vLLM's engine is starting: the language server and EngineCore both go.
+
+    vLLM's EngineCore only notes a SIGTERM while it starts (it keeps waiting for its frontend): without the
+    language server's start-up handler it outlived everything, orphaned, for minutes."""
+    import psutil
+
+    launcher = subprocess.Popen([sys.executable, "-c", ENGINE_LAUNCHER, str(tiny_ckpt)], stdout=subprocess.PIPE,
+                                text=True)
+    assert launcher.stdout is not None
+    llm = psutil.Process(int(launcher.stdout.readline()))
+    family: list[psutil.Process] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not family:  # the engine process exists: start-up is under way
+        family = [c for c in llm.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())
+                  or "EngineCore" in c.name() + " ".join(c.cmdline())]
+        time.sleep(0.2)
+    assert family, "the language server never started its engine"
+    family = [llm, *llm.children(recursive=True)]
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(10)
+    _, alive = psutil.wait_procs(family, timeout=60)
+    for p in alive:
+        p.kill()
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
