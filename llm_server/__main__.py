@@ -11,6 +11,7 @@ import signal
 import grpc
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from dvd.health import Health
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.v1 import llm_pb2_grpc
@@ -38,6 +39,13 @@ async def vision_parameters(engine: AsyncLLM) -> int:
         return -1
 
 
+async def watch_health(health: Health, service: LanguageService, engine: AsyncLLM, every_s: float = 1.0) -> None:
+    """grpc.health.v1 follows the engine: NOT_SERVING once vLLM's engine has died, though the port stays open."""
+    while True:
+        await health.set(service.ready and not engine.errored)
+        await asyncio.sleep(every_s)
+
+
 async def serve() -> None:
     config, engine_args = parse_args()
     tune_allocator()
@@ -60,6 +68,7 @@ async def serve() -> None:
                               cache=EmbeddingCache(config.embedding_cache_bytes))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 2**20)])
     llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
+    health = Health(server, "dvd.v1.LanguageService")
     bound = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     freeze_heap()
@@ -70,9 +79,12 @@ async def serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch = asyncio.create_task(watch_health(health, service, engine), name="health")
     await stop.wait()
+    watch.cancel()
     log.info("shutting down: finishing in-flight calls", extra={"grace_s": config.grace_s})
     service.ready = False
+    await health.set(False)
     await server.stop(config.grace_s)
     await pool.close()
     engine.shutdown()

@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from dvd.checkpoint import resolve_model
+from dvd.health import Health
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.v1 import vision_pb2_grpc
@@ -134,6 +135,7 @@ async def serve(cfg: ServerConfig) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_msg),
                                       ("grpc.max_send_message_length", -1)])
     vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
+    health = Health(server, "dvd.v1.VisionService")
     bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     if not bound:
         raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
@@ -142,6 +144,7 @@ async def serve(cfg: ServerConfig) -> None:
         metrics.serve(cfg.metrics_port, cfg.host)
     freeze_heap()
     servicer.ready = True
+    await health.set(True)
     report_ports(grpc=bound, data=listener.port if listener else 0)
     log.info("serving", extra={"address": f"{cfg.host}:{bound}", "metrics_port": cfg.metrics_port,
                                "data_port": listener.port if listener else None,
@@ -155,6 +158,7 @@ async def serve(cfg: ServerConfig) -> None:
     # Graceful: refuse new calls, let in-flight ones finish (their tiles are still being batched), then stop.
     log.info("stopping", extra={"inflight": servicer.inflight, "queued_tiles": batcher.queued_tiles})
     servicer.ready = False
+    await health.set(False)
     await server.stop(cfg.shutdown_grace_s)
     await batcher.close()
     servicer.close()

@@ -1,0 +1,51 @@
+"""The standard gRPC health service (`grpc.health.v1.Health`) for both gRPC servers.
+
+Compose healthchecks, Kubernetes' native gRPC probes and `grpc_health_probe` all speak it. A server is SERVING only
+while it can really do its work: not while its model or engine is still loading, not while it drains, not once
+vLLM's engine has died (its port would stay open and a TCP probe would call it healthy).
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+
+class Health:
+    def __init__(self, server: grpc.aio.Server, service_name: str) -> None:
+        self.service_name = service_name
+        self.servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        self.serving: bool | None = None
+
+    async def set(self, serving: bool) -> None:
+        """Report the whole server ("") and its service by name; a no-op when nothing changed."""
+        if serving == self.serving:
+            return
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", self.service_name):
+            await self.servicer.set(name, status)
+
+
+def check(address: str, service: str = "", timeout: float = 2.0) -> bool:
+    """One blocking probe, as a healthcheck command runs it: True when `address` reports SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                          timeout=timeout)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m dvd.health HOST:PORT [SERVICE]`: exit 0 when SERVING (a healthcheck command for compose)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return 0 if check(args[0], args[1] if len(args) > 1 else "") else 1
+    except grpc.RpcError:
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
