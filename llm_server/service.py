@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import torch
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
+from vllm.logprobs import Logprob
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -75,10 +76,34 @@ def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: in
     if list(p.stop_token_ids):
         kw["stop_token_ids"] = list(p.stop_token_ids)
     kw["n"] = p.n or 1
+    if p.HasField("logprobs"):
+        kw["logprobs"] = p.logprobs
     try:
         return SamplingParams(output_kind=RequestOutputKind.DELTA, **kw)
     except (ValueError, TypeError, VLLMClientError) as e:
         raise PromptError(f"invalid sampling parameters: {e}") from e
+
+
+def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None, top: int | None,
+                   decode: Callable[[int], str]) -> list[llm_pb2.TokenLogprob]:
+    """vLLM's per-token logprobs as its OpenAI server reports them (`_create_chat_logprobs`): the sampled token's
+    decoded text and log-probability (floored at -9999), and the first `top` entries of the step's dict."""
+    if top is None or not steps:
+        return []
+
+    def entry(token_id: int, lp: Logprob) -> llm_pb2.TokenLogprob:
+        text = lp.decoded_token if lp.decoded_token is not None else decode(token_id)
+        return llm_pb2.TokenLogprob(token=text, logprob=max(lp.logprob, -9999.0))
+
+    out = []
+    for token_id, step in zip(token_ids, steps, strict=False):
+        if step is None or token_id not in step:
+            out.append(llm_pb2.TokenLogprob(token=decode(token_id), logprob=-9999.0))
+            continue
+        sampled = entry(token_id, step[token_id])
+        sampled.top.extend(entry(t, lp) for i, (t, lp) in enumerate(step.items()) if i < top)
+        out.append(sampled)
+    return out
 
 
 class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
@@ -97,6 +122,10 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         # Flash checkpoints decide ViR per request: an image's rows then depend on the images beside it.
         self.request_wide_vir = bool(getattr(self.model_config.hf_config, "flash_mode", False))
         self.ready = True
+
+    def _logprobs(self, token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None,
+                  top: int | None) -> list[llm_pb2.TokenLogprob]:
+        return token_logprobs(token_ids, steps, top, lambda t: self.tokenizer.decode([t]))
 
     async def Health(self, request: llm_pb2.LanguageHealthRequest, context) -> llm_pb2.LanguageHealthResponse:
         metrics.VISION_SERVERS_READY.set(self.pool.ready_count)
@@ -188,8 +217,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             deltas = []
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
-                deltas.append(llm_pb2.ChoiceDelta(index=o.index, text=o.text, token_ids=list(o.token_ids),
-                                                  finish_reason=o.finish_reason or ""))
+                deltas.append(llm_pb2.ChoiceDelta(
+                    index=o.index, text=o.text, token_ids=list(o.token_ids), finish_reason=o.finish_reason or "",
+                    logprobs=self._logprobs(o.token_ids, o.logprobs, params.logprobs)))
             yield llm_pb2.GenerateResponse(choices=deltas)
         t_end = time.perf_counter()
         timings = llm_pb2.StageTimings(vision_seconds=t_vision - t0,

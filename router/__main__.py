@@ -21,6 +21,7 @@ def main() -> None:
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
+    sock.listen(2048)  # connections made once the port is reported wait in the backlog until uvicorn accepts them
     report_ports(http=sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(create_app(config), log_config=None, timeout_graceful_shutdown=5))
     server.run(sockets=[sock])

@@ -123,7 +123,7 @@ class Completions:
             if req.stream:
                 handed_over = True
                 return _EventStream(self._sse(req, request_id, first, held), held, request_id)
-            builder = CompletionBuilder(request_id, req.model, req.n or 1)
+            builder = CompletionBuilder(request_id, req.model, req.n or 1, logprobs=bool(req.logprobs))
             builder.feed(first)
             await guarded(request, self._drain(held.stream, builder, held.tracker), deadline)
             held.tracker.finish(200)
@@ -150,7 +150,7 @@ class Completions:
     async def _sse(self, req: ChatCompletionRequest, request_id: str, first: llm_pb2.GenerateResponse,
                    held: _Held) -> AsyncIterator[str]:
         """SSE events. Starlette cancels this generator when the client disconnects; _EventStream cleans up."""
-        chunks = ChunkBuilder(request_id, req.model, req.n or 1, req.include_usage)
+        chunks = ChunkBuilder(request_id, req.model, req.n or 1, req.include_usage, logprobs=bool(req.logprobs))
         assert held.stream is not None
         try:
             for chunk in chunks.start():

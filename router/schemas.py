@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 
 MAX_DYNAMIC_PATCH = 40  # InternVL's tiler goes up to 40 tiles (max_num in its dynamic_preprocess)
 UINT32_MAX = 2**32 - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default --max-logprobs
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -133,8 +134,6 @@ def _none(value: Any) -> bool:
 
 # Declared OpenAI fields this server does not implement: the test for 'left at its default', and why not.
 _UNSUPPORTED_REQUEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "logprobs": (lambda v: not v, "is not supported"),
-    "top_logprobs": (lambda v: not v, "is not supported"),
     "tools": (lambda v: not v, "are not supported (no tool calling)"),
     "tool_choice": (lambda v: v in (None, "none"), "is not supported (no tool calling)"),
     "functions": (lambda v: not v, "are not supported (no tool calling)"),
@@ -170,7 +169,7 @@ class ChatCompletionRequest(_Request):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     user: str | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -200,6 +199,8 @@ class ChatCompletionRequest(_Request):
         _refuse_non_default(self, _UNSUPPORTED_REQUEST_FIELDS)
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed with 'stream': true")
+        if self.top_logprobs and not self.logprobs:
+            raise _unsupported("top_logprobs", "needs 'logprobs': true", param="top_logprobs")
         patches = {p for p in (self.max_dynamic_patch, self.dynamic_patch_kwarg) if p is not None}
         if len(patches) > 1:
             raise ValueError("'max_dynamic_patch' and 'mm_processor_kwargs.max_dynamic_patch' disagree")
@@ -215,6 +216,11 @@ class ChatCompletionRequest(_Request):
     def output_limit(self) -> int | None:
         """`max_completion_tokens` replaces the deprecated `max_tokens`; either works."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def logprobs_top(self) -> int | None:
+        """Alternatives per token to ask vLLM for; None when the client wants no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def include_usage(self) -> bool:
@@ -265,6 +271,20 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
@@ -274,7 +294,7 @@ class ResponseMessage(BaseModel):
 class Choice(BaseModel):
     index: int
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -304,7 +324,7 @@ class DeltaMessage(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 

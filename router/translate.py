@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from dvd.v1 import llm_pb2, vision_pb2
 from router.schemas import (
@@ -10,10 +10,13 @@ from router.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
     PromptTokensDetails,
     ResponseMessage,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -45,10 +48,22 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
     if req.output_limit is not None:
         optional["max_tokens"] = req.output_limit
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+    if req.logprobs_top is not None:
+        optional["logprobs"] = req.logprobs_top
     sampling = llm_pb2.SamplingParams(n=req.n or 1, stop=stop, stop_token_ids=req.stop_token_ids or [], **optional)
     vision = llm_pb2.VisionOptions(vir=_VIR[req.vir],
                                    max_dynamic_patch=req.max_dynamic_patch or req.dynamic_patch_kwarg or 0)
     return llm_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling, vision=vision)
+
+
+def to_logprobs(entries: Iterable[llm_pb2.TokenLogprob]) -> list[TokenLogprob]:
+    """OpenAI's token logprobs; `bytes` are the token's UTF-8 bytes, as vLLM's server gives them."""
+    def b(token: str) -> list[int]:
+        return list(token.encode("utf-8", errors="replace"))
+
+    return [TokenLogprob(token=e.token, logprob=e.logprob, bytes=b(e.token),
+                         top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=b(t.token)) for t in e.top])
+            for e in entries]
 
 
 def to_usage(usage: llm_pb2.Usage | None) -> Usage:
@@ -62,19 +77,23 @@ def to_usage(usage: llm_pb2.Usage | None) -> Usage:
 class CompletionBuilder:
     """Accumulates a whole response for `stream: false`; choices interleave when n > 1."""
 
-    def __init__(self, request_id: str, model: str, n: int) -> None:
+    def __init__(self, request_id: str, model: str, n: int, logprobs: bool = False) -> None:
         self.request_id, self.model = request_id, model
         self.texts = [""] * n
         self.finish: list[str | None] = [None] * n
+        self.logprobs: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if logprobs else None
 
     def feed(self, response: llm_pb2.GenerateResponse) -> None:
         for c in response.choices:
             self.texts[c.index] += c.text
+            if self.logprobs is not None:
+                self.logprobs[c.index].extend(to_logprobs(c.logprobs))
             if c.finish_reason:
                 self.finish[c.index] = c.finish_reason
 
     def build(self, usage: llm_pb2.Usage | None) -> ChatCompletion:
-        choices = [Choice(index=i, message=ResponseMessage(content=text), finish_reason=self.finish[i])
+        choices = [Choice(index=i, message=ResponseMessage(content=text), finish_reason=self.finish[i],
+                          logprobs=ChoiceLogprobs(content=self.logprobs[i]) if self.logprobs is not None else None)
                    for i, text in enumerate(self.texts)]
         return ChatCompletion(id=self.request_id, model=self.model, choices=choices, usage=to_usage(usage))
 
@@ -82,8 +101,9 @@ class CompletionBuilder:
 class ChunkBuilder:
     """Turns responses into OpenAI chunks: role first, content deltas, a finish chunk per choice, usage last."""
 
-    def __init__(self, request_id: str, model: str, n: int, include_usage: bool) -> None:
+    def __init__(self, request_id: str, model: str, n: int, include_usage: bool, logprobs: bool = False) -> None:
         self.request_id, self.model, self.n, self.include_usage = request_id, model, n, include_usage
+        self.logprobs = logprobs
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.request_id, model=self.model, choices=choices, usage=usage)
@@ -94,8 +114,9 @@ class ChunkBuilder:
 
     def feed(self, response: llm_pb2.GenerateResponse) -> Iterator[ChatCompletionChunk]:
         for c in response.choices:
-            if c.text:
-                yield self._chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=c.text))])
+            if c.text or (self.logprobs and c.logprobs):
+                logprobs = ChoiceLogprobs(content=to_logprobs(c.logprobs)) if self.logprobs else None
+                yield self._chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=c.text), logprobs=logprobs)])
             if c.finish_reason:
                 yield self._chunk([ChunkChoice(index=c.index, delta=DeltaMessage(), finish_reason=c.finish_reason)])
 

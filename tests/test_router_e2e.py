@@ -140,6 +140,31 @@ def test_http_images_several_per_message_and_several_messages(client: openai.Ope
     assert ask(conversation) > 2 * one  # three images' tokens reached the model
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_logprobs_equal_stock_vllm(aclient: openai.AsyncOpenAI, model: str, colocated_tiny: str,
+                                         stream: bool) -> None:
+    """logprobs + top_logprobs through DvD, as stock vLLM's OpenAI server reports them for the same request."""
+    messages = [user_message("Name the colour.", images=(data_url(png_bytes((448, 448), (30, 160, 90))),))]
+    args = {"max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 3, "extra_body": {"ignore_eos": True}}
+
+    async def entries(c: openai.AsyncOpenAI, name: str) -> list:
+        if not stream:
+            reply = await c.chat.completions.create(model=name, messages=messages, **args)
+            return reply.choices[0].logprobs.content
+        chunks = [x async for x in await c.chat.completions.create(model=name, messages=messages, stream=True, **args)]
+        return [e for x in chunks if x.choices and x.choices[0].logprobs for e in x.choices[0].logprobs.content]
+
+    ours = await entries(aclient, model)
+    ref = await entries(openai.AsyncOpenAI(base_url=colocated_tiny, api_key="none", max_retries=0), "tiny")
+    assert len(ours) == len(ref) == 6
+    for a, b in zip(ours, ref, strict=True):
+        assert (a.token, a.bytes) == (b.token, b.bytes)
+        assert a.logprob == pytest.approx(b.logprob, abs=0.05)
+        assert len(a.top_logprobs) == len(b.top_logprobs) == 3
+        assert a.top_logprobs[0].token == a.token  # greedy: the sampled token is the most likely one
+        assert [t.logprob for t in a.top_logprobs] == pytest.approx([t.logprob for t in b.top_logprobs], abs=0.05)
+
+
 def test_several_choices_streamed(client: openai.OpenAI, model: str) -> None:
     stream = client.chat.completions.create(model=model, n=2, max_tokens=5, temperature=1.0, seed=7,
                                             extra_body={"ignore_eos": True}, stream=True,
@@ -199,8 +224,8 @@ def test_bad_image_urls_are_400(client: openai.OpenAI, model: str, images: str) 
 
 def test_unsupported_fields_and_unknown_model(client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=model, messages=[user_message("hi")], logprobs=True)
-    assert err.value.param == "logprobs"
+        client.chat.completions.create(model=model, messages=[user_message("hi")], top_logprobs=2)
+    assert err.value.param == "top_logprobs"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=[user_message("hi")], extra_body={"best_of": 3})
     with pytest.raises(openai.NotFoundError) as missing:

@@ -63,7 +63,7 @@ def test_api_key(dead_router: str) -> None:
 
 
 def test_request_errors_come_before_availability(dead_router: str) -> None:
-    assert_error(chat(dead_router, logprobs=True), 400, "logprobs")
+    assert_error(chat(dead_router, top_logprobs=2), 400, "top_logprobs")
     assert_error(chat(dead_router, frobnicate=1), 400, "frobnicate")
     assert_error(chat(dead_router, temperature=-1), 400, "temperature")
     bad = httpx.post(f"{dead_router}/v1/chat/completions", content=b"{oops", timeout=10,

@@ -29,14 +29,15 @@ def body(**fields: object) -> bytes:
     {"ignore_eos": True, "min_tokens": 2, "top_k": 5, "repetition_penalty": 1.1, "min_p": 0.1, "stop_token_ids": [3]},
     {"mm_processor_kwargs": {"max_dynamic_patch": 4}, "vir": "off", "max_dynamic_patch": 4},
     {"logprobs": False, "tools": [], "tool_choice": "none", "logit_bias": {}, "best_of": None, "store": False},
+    {"logprobs": True}, {"logprobs": True, "top_logprobs": 20},
 ])
 def test_accepted_requests(fields: dict) -> None:
     parse_chat_request(body(**fields))
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format.type"),
