@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 
 from dvd.checkpoint import PRESETS, SPECIAL_TOKENS, make_checkpoint
-from tests.media import data_url, image_bytes
+from tests.helpers.media import data_url, image_bytes
 
 
 def digests(root: Path) -> dict[str, str]:

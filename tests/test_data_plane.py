@@ -22,8 +22,8 @@ from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots, remove_orphan_segments
 from llm_server.vision_pool import EncodedImages, VisionPool, VisionUnavailableError
 from tests.conftest import start_llm, start_vision
-from tests.media import image_bytes
-from tests.test_llm_server import generate, image, stock_vllm_tokens, text
+from tests.helpers.llm import generate, image, stock_vllm_tokens, text
+from tests.helpers.media import image_bytes
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
 
 pytestmark = pytest.mark.timeout(600)

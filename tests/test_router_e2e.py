@@ -16,7 +16,7 @@ import pytest
 
 from dvd.procs import Service, http_ok
 from dvd.v1 import llm_pb2, llm_pb2_grpc
-from tests.test_router_support import data_url, image_server, png_bytes, user_message
+from tests.helpers.router import data_url, image_server, png_bytes, user_message
 
 KEY = "sk-e2e"
 RED, BLUE = png_bytes((320, 240), (220, 30, 30)), png_bytes((500, 300), (20, 40, 220))

@@ -12,7 +12,7 @@ import pytest
 
 from dvd.procs import Service, free_port, http_ok
 from router.config import parse_args
-from tests.test_router_support import data_url, png_bytes, user_message
+from tests.helpers.router import data_url, png_bytes, user_message
 
 KEY = "sk-test-key"
 MAX_BODY = 50_000

@@ -11,7 +11,7 @@ from dvd.v1 import llm_pb2, vision_pb2
 from router.images import FetchLimits, ImageError, ImageLoader, decode_data_url, is_public_address, public_addresses
 from router.schemas import RequestError, parse_chat_request
 from router.translate import ChunkBuilder, CompletionBuilder, image_urls, to_generate_request
-from tests.test_router_support import data_url, image_server, png_bytes, user_message
+from tests.helpers.router import data_url, image_server, png_bytes, user_message
 
 IMG = png_bytes()
 

@@ -103,7 +103,7 @@ def make_vit6b_style(tiny: Path, out: Path) -> Path:
 def vllm_refs(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """One subprocess (vLLM's import is the slow part) computes the references for both checkpoints."""
     from dvd.procs import free_port
-    from tests.test_vision_helpers import encode, noise_image
+    from tests.helpers.vision import encode, noise_image
 
     tmp = tmp_path_factory.mktemp("vllm_ref")
     ckpts = {"tiny": tiny_ckpt, "vit6b-style": make_vit6b_style(tiny_ckpt, tmp / "vit6b-style")}
@@ -147,7 +147,7 @@ def test_embeddings_equal_vllm_bfloat16(vllm_refs: dict, variant: str) -> None:
 
 def test_service_bytes_match_vllm(vision_tiny: str, vllm_refs: dict) -> None:
     """Image bytes through the running service vs vLLM's fp32 path rounded to bf16: at most one bf16 step apart."""
-    from tests.test_vision_helpers import encode_sync, request
+    from tests.helpers.vision import encode_sync, request
 
     vllm_ref = vllm_refs["tiny"]
     got = encode_sync(vision_tiny, request([vllm_ref["bytes"]]))

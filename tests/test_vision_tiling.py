@@ -8,7 +8,7 @@ from PIL import Image
 from vllm.multimodal.media.image import ImageMediaIO
 from vllm.transformers_utils.processors.internvl import InternVLImageProcessor, image_to_pixel_values_internvl
 
-from tests.test_vision_helpers import encode, noise_image, png_header_only
+from tests.helpers.vision import encode, noise_image, png_header_only
 from vision_server.preprocess import BadImage, choose_grid, decode_image, target_ratios, tile_image
 
 SIZES = [(1, 1), (2, 3), (13, 7), (448, 448), (449, 447), (896, 448), (448, 896), (1344, 896), (500, 333),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dvd.v1 import vision_pb2
-from tests.test_vision_helpers import encode, encode_sync, noise_image, request
+from tests.helpers.vision import encode, encode_sync, noise_image, request
 from vision_server.vir import decide_compression
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import threading
 import time
@@ -11,6 +10,10 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
+from dvd.media import data_url
+
+__all__ = ["ImageHandler", "data_url", "image_server", "png_bytes", "user_message"]
+
 
 def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     from PIL import Image
@@ -18,10 +21,6 @@ def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (2
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def data_url(data: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
 def user_message(*parts: str | dict, images: tuple[str, ...] = ()) -> dict:
