@@ -1,5 +1,5 @@
 """The embedding data plane's shared rules: who may use shared memory, how a TCP data connection introduces itself,
-how a tile's bytes are viewed without a copy, and the allocator setting both services need.
+and how a tile's bytes are viewed without a copy.
 
 gRPC is the control plane (request, one descriptor per tile, errors, cancellation); the tile bytes travel one way,
 vision -> language, on the transport the vision server picks from what the client offered (docs/data_plane.md):
@@ -10,15 +10,12 @@ more branch in the two `TileSender`/`TileReceiver` classes; nothing else in the 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger("dvd.data_plane")
 
 TICKET_BYTES = 16  # what a TCP data connection sends first: the ticket of the Encode call it serves
 SHM_DIR = Path("/dev/shm")

@@ -44,7 +44,6 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-
 def report_ports(**ports: int) -> None:
     """Tell the launcher which ports this service bound (it asked for port 0: no pre-picked port can be taken by
     another process in between). A no-op unless the launcher set DVD_PORTS_FILE."""

@@ -47,10 +47,13 @@ class VisionProtocolError(RuntimeError):
 class EncodedImages:
     embeddings: list[torch.Tensor]  # one (tokens_i, hidden) bf16 tensor per image
     server: str
-    bytes_received: int
     seconds: float
     summary: vision_pb2.EncodeSummary
     bytes_by_transport: dict[str, int]  # where the tiles' bytes travelled: shm, tcp, grpc
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.bytes_by_transport.values())
 
 
 @dataclass
@@ -189,7 +192,6 @@ class VisionPool:
         filled = [0] * len(images)  # rows received per image
         counts = [0] * len(images)  # tiles received per image
         by_transport: dict[str, int] = {}
-        received = 0
         b.outstanding += 1
         call = b.stub.Encode(request, timeout=timeout)
         try:
@@ -205,13 +207,12 @@ class VisionPool:
                     items.append((tile, emb[filled[i]:filled[i] + tile.rows]))
                     filled[i] += tile.rows
                     counts[i] += 1
-                    received += tile.nbytes
                     name = TRANSPORT_NAMES.get(tile.transport, "grpc")
                     by_transport[name] = by_transport.get(name, 0) + tile.nbytes
                 await receiver.receive(items)
                 if msg.HasField("summary"):
                     return EncodedImages(self._check_summary(embs, filled, counts, msg.summary), b.address,
-                                         received, time.perf_counter() - t0, msg.summary, by_transport)
+                                         time.perf_counter() - t0, msg.summary, by_transport)
         finally:
             b.outstanding -= 1
             call.cancel()
