@@ -57,15 +57,15 @@ async def serve() -> None:
     log.info("engine ready", extra={"model": served_name, "max_model_len": model_config.max_model_len,
                                     "vision_parameters": n_vision})
     pool = VisionPool(config.vision, hidden_size=model_config.hf_text_config.hidden_size,
-                      timeout_s=config.vision_timeout_s, health_interval_s=config.vision_health_interval_s,
-                      transport=config.vision_transport, shm_budget_bytes=config.vision_shm_bytes)
+                      timeout_s=config.vision_timeout, health_interval_s=config.vision_health_interval,
+                      transport=config.vision_transport, shm_budget_bytes=int(config.vision_shm_gb * 2**30))
     await pool.start()
     if config.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(config.metrics_port)
     service = LanguageService(engine, pool, served_name, vision_parameters=n_vision,
-                              cache=EmbeddingCache(config.embedding_cache_bytes))
+                              cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30)))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 2**20)])
     llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
     health = Health(server, "dvd.v1.LanguageService")
@@ -82,10 +82,10 @@ async def serve() -> None:
     watch = asyncio.create_task(watch_health(health, service, engine), name="health")
     await stop.wait()
     watch.cancel()
-    log.info("shutting down: finishing in-flight calls", extra={"grace_s": config.grace_s})
+    log.info("shutting down: finishing in-flight calls", extra={"grace_s": config.shutdown_grace})
     service.ready = False
     await health.set(False)
-    await server.stop(config.grace_s)
+    await server.stop(config.shutdown_grace)
     await pool.close()
     engine.shutdown()
 

@@ -6,9 +6,9 @@ Ctrl-C / SIGTERM, or with `--demo` ask one image question through the official `
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
+import shlex
 import signal
 import sys
 import time
@@ -20,6 +20,7 @@ from types import FrameType
 from typing import IO
 
 from dvd.checkpoint import resolve_model
+from dvd.config import ROUTER_PORT, option, parse
 from dvd.procs import Service, cpu_engine_env, http_ok, llm_health, vision_health
 
 PY = sys.executable
@@ -145,21 +146,31 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@dataclass(frozen=True)
+class LocalConfig:
+    model: str = option("tiny", "tiny, tiny-flash, small, small-flash or a checkpoint directory")
+    port: int = option(ROUTER_PORT, "the router's HTTP port (0 = any free port)")
+    host: str = option("127.0.0.1", "address the router listens on")
+    devices: str | None = option(None, "vision devices: cpu, cuda, cuda:0,cuda:1 (default: cuda if any)")
+    max_model_len: int = option(16384, "the language engine's context length")
+    api_key: str | None = option(None, "Bearer key clients must send to the router")
+    vision_args: str = option("", "more vision server options, one string (e.g. --vision-args=\"--max-batch-tiles 8\")")
+    llm_args: str = option("", "more language server and vLLM options, one string "
+                               "(e.g. --llm-args=\"--reasoning-parser qwen3 --enable-auto-tool-choice\")")
+    router_args: str = option("", "more router options, one string")
+    log_dir: str | None = option(None, "also write each service's log to DIR/NAME.log")
+    demo: bool = option(False, "ask one image question, print the answer, shut down")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dvd-local", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="tiny, tiny-flash, small, small-flash or a checkpoint directory")
-    p.add_argument("--port", type=int, default=8000, help="the router's HTTP port (0 = any free port)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--devices", default=None, help="vision devices: cpu, cuda, cuda:0,cuda:1 (default: cuda if any)")
-    p.add_argument("--max-model-len", type=int, default=16384)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--log-dir", type=Path, default=None, help="also write each service's log to DIR/NAME.log")
-    p.add_argument("--demo", action="store_true", help="ask one image question, print the answer, shut down")
-    args = p.parse_args(argv)
+    args = parse(LocalConfig, argv, prog="dvd-local", description=__doc__.splitlines()[0])
     signal.signal(signal.SIGTERM, _terminate)
     try:
         with start_stack(args.model, args.port, host=args.host, devices=args.devices,
-                         max_model_len=args.max_model_len, api_key=args.api_key, log_dir=args.log_dir) as stack:
+                         max_model_len=args.max_model_len, api_key=args.api_key,
+                         log_dir=Path(args.log_dir) if args.log_dir else None,
+                         vision_args=shlex.split(args.vision_args), llm_args=shlex.split(args.llm_args),
+                         router_args=shlex.split(args.router_args)) as stack:
             if args.demo:
                 print(run_demo(stack), flush=True)
                 return 0

@@ -98,10 +98,17 @@ def test_metrics_count_outcomes(dead_router: str) -> None:
 
 
 def test_config_from_cli_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flags win over the environment, which wins over the dataclass defaults; lists split on commas."""
     monkeypatch.setenv("DVD_API_KEY", "a,b")
-    config = parse_args(["--llm", "h1:1,h2:2", "--llm", "h3:3", "--api-key", "c", "--max-queue", "0"])
-    assert config.llm == ("h1:1", "h2:2", "h3:3") and config.api_keys == {"a", "b", "c"}
-    assert config.max_queue == 0 and not config.allow_private_image_urls
+    monkeypatch.setenv("DVD_LLM", "env:1")
+    config = parse_args(["--llm", "h1:1,h2:2", "--llm", "h3:3", "--max-queue", "0"])
+    assert config.llm == ("h1:1", "h2:2", "h3:3") and config.api_keys == ("a", "b")
+    assert config.max_queue == 0 and not config.allow_private_image_urls and config.port == 8000
+    config = parse_args(["--api-key", "c", "--allow-private-image-urls"])
+    assert config.llm == ("env:1",) and config.api_keys == ("c",) and config.allow_private_image_urls
+    monkeypatch.delenv("DVD_LLM")
+    with pytest.raises(SystemExit):
+        parse_args([])
 
 
 def test_dvd_local_reports_a_bad_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import os
 import signal
 import time
 
@@ -14,6 +13,7 @@ import grpc
 import torch
 
 from dvd.checkpoint import resolve_model
+from dvd.config import parse
 from dvd.health import Health
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
@@ -31,53 +31,14 @@ log = logging.getLogger("vision_server")
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    p = argparse.ArgumentParser(prog="python -m vision_server", description=__doc__)
-    p.add_argument("--model", required=True, help="checkpoint directory or preset (tiny, tiny-flash, small, ...)")
-    p.add_argument("--port", type=int, default=50061, help="gRPC port (0 = any free port, reported to a launcher)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--data-port", type=int, default=0,
-                   help="TCP port embedding bytes are sent from to language servers on other hosts (0 = any free "
-                        "port, advertised through Health; -1 = no TCP data plane). Same host: shared memory")
-    p.add_argument("--devices", default="cpu", help="cpu, cuda (all GPUs) or cuda:0,cuda:1,...")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--max-batch-tiles", type=int, default=0,
-                   help="tiles per forward at most (0 = 4 on CPU, 32 on GPU)")
-    p.add_argument("--batching", choices=("auto", "variable", "padded"), default="auto",
-                   help="variable: each forward runs on exactly the waiting tiles; padded: on fixed zero-padded "
-                        "micro-batches; auto: variable where a start-up check proves it gives every tile the bytes "
-                        "it gets alone, padded otherwise. Results never depend on batching except with variable "
-                        "on a device where the check fails")
-    p.add_argument("--micro-batch-tiles", type=int, default=0,
-                   help="padded batching's fixed forward shape in tiles (0 = 4 on CPU, 8 on GPU)")
-    p.add_argument("--max-wait-ms", type=float, default=0.0,
-                   help="how long a tile may wait for company before a free device starts (0 = never waits)")
-    p.add_argument("--max-images", type=int, default=16)
-    p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
-    p.add_argument("--max-image-pixels", type=int, default=64_000_000, help="decompression bomb guard")
-    p.add_argument("--max-queue-tiles", type=int, default=4096, help="RESOURCE_EXHAUSTED beyond this backlog")
-    p.add_argument("--vir-relative-threshold", type=float, default=None, help="override the checkpoint's value")
-    p.add_argument("--vir-absolute-threshold", type=float, default=None, help="override the checkpoint's value")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
-    p.add_argument("--shutdown-grace-s", type=float, default=30.0)
-    p.add_argument("--preprocess-threads", type=int, default=min(8, os.cpu_count() or 2),
-                   help="threads decoding and tiling images (Pillow releases the GIL while resizing)")
-    a = p.parse_args(argv)
-    return ServerConfig(model=a.model, port=a.port, host=a.host, data_port=a.data_port,
-                        devices=resolve_devices(a.devices), dtype=a.dtype,
-                        max_batch_tiles=a.max_batch_tiles, batching=a.batching,
-                        micro_batch_tiles=a.micro_batch_tiles,
-                        max_wait_ms=a.max_wait_ms, max_images=a.max_images, max_image_bytes=a.max_image_bytes,
-                        max_image_pixels=a.max_image_pixels, max_queue_tiles=a.max_queue_tiles,
-                        vir_relative_threshold=a.vir_relative_threshold,
-                        vir_absolute_threshold=a.vir_absolute_threshold, metrics_port=a.metrics_port,
-                        shutdown_grace_s=a.shutdown_grace_s, preprocess_threads=a.preprocess_threads)
+    cfg = parse(ServerConfig, argv, prog="python -m vision_server", description=__doc__)
+    return dataclasses.replace(cfg, devices=resolve_devices(cfg.devices))
 
 
-def resolve_devices(spec: str) -> tuple[str, ...]:
-    if spec == "cuda":
+def resolve_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
+    if devices == ("cuda",):
         return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count())) or ("cuda:0",)
-    return tuple(d.strip() for d in spec.split(",") if d.strip())
+    return devices
 
 
 def resolve_dtype(cfg: ServerConfig) -> torch.dtype:
@@ -159,7 +120,7 @@ async def serve(cfg: ServerConfig) -> None:
     log.info("stopping", extra={"inflight": servicer.inflight, "queued_tiles": batcher.queued_tiles})
     servicer.ready = False
     await health.set(False)
-    await server.stop(cfg.shutdown_grace_s)
+    await server.stop(cfg.shutdown_grace)
     await batcher.close()
     servicer.close()
     if listener is not None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dvd.config import VISION_PORT, option
 
 
 @dataclass(frozen=True)
@@ -91,27 +94,34 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Serving options (the command line), independent of the checkpoint."""
+    """Serving options, independent of the checkpoint; also the command line (dvd.config)."""
 
-    model: str
-    port: int = 50061
-    host: str = "0.0.0.0"
-    data_port: int = 0  # TCP data plane; 0 = any free port (advertised in Health); -1 = off
-    devices: tuple[str, ...] = ("cpu",)
-    dtype: str = "auto"
-    max_batch_tiles: int = 0  # 0 = device default
-    batching: str = "auto"  # auto | variable | padded: how batches keep results batch-invariant (batcher.py)
-    micro_batch_tiles: int = 0  # padded batching's fixed forward shape; 0 = device default
-    max_wait_ms: float = 0.0  # a free device starts at once; > 0 lets a tile wait for company (padded batching)
-    max_images: int = 16
-    max_image_bytes: int = 20 * 2**20
-    max_image_pixels: int = 64_000_000
-    max_queue_tiles: int = 4096
-    vir_relative_threshold: float | None = None
-    vir_absolute_threshold: float | None = None
-    metrics_port: int = 0
-    shutdown_grace_s: float = 30.0
-    preprocess_threads: int = 2
+    model: str = option(help="checkpoint directory or preset (tiny, tiny-flash, small, ...)")
+    port: int = option(VISION_PORT, "gRPC port (0 = any free port, reported to a launcher)")
+    host: str = option("0.0.0.0", "address gRPC, the data port and metrics listen on")
+    data_port: int = option(
+        0, "TCP port embedding bytes are sent from to language servers on other hosts (0 = any "
+        "free port, advertised through Health; -1 = no TCP data plane). Same host: shared memory")
+    devices: tuple[str, ...] = option(("cpu",), "cpu, cuda (all GPUs) or cuda:0,cuda:1,...")
+    dtype: str = option("auto", "auto = bfloat16 on GPU, float32 on CPU", choices=("auto", "bfloat16", "float32"))
+    max_batch_tiles: int = option(0, "tiles per forward at most (0 = 4 on CPU, 32 on GPU)")
+    batching: str = option(
+        "auto", "variable: each forward runs on exactly the waiting tiles; padded: on fixed zero-padded "
+        "micro-batches; auto: variable where a start-up check proves it gives every tile the bytes it gets alone, "
+        "padded otherwise (batcher.py)", choices=("auto", "variable", "padded"))
+    micro_batch_tiles: int = option(0, "padded batching's fixed forward shape in tiles (0 = 4 on CPU, 8 on GPU)")
+    max_wait_ms: float = option(0.0, "how long a tile may wait for company before a free device starts "
+                                     "(0 = never waits)")
+    max_images: int = option(16, "images in one request")
+    max_image_bytes: int = option(20 * 2**20, "bytes of one encoded image")
+    max_image_pixels: int = option(64_000_000, "decompression bomb guard")
+    max_queue_tiles: int = option(4096, "RESOURCE_EXHAUSTED beyond this backlog")
+    vir_relative_threshold: float | None = option(None, "override the checkpoint's value")
+    vir_absolute_threshold: float | None = option(None, "override the checkpoint's value")
+    metrics_port: int = option(0, "Prometheus port (0 = off)")
+    shutdown_grace: float = option(30.0, "seconds in-flight calls get on shutdown")
+    preprocess_threads: int = option(factory=lambda: min(8, os.cpu_count() or 2),
+                                     help="threads decoding and tiling images (Pillow releases the GIL while resizing)")
 
     def on_gpu(self) -> bool:
         return any(d.startswith("cuda") for d in self.devices)

@@ -1,0 +1,114 @@
+"""One config pattern for every service: a frozen dataclass whose fields are the command line.
+
+Each field declared with `option()` becomes `--field-name` with the field's default, type and help; an `env`
+name gives the flag an environment fallback. `tuple[str, ...]` fields accept comma-separated values and may be
+repeated. Defaults live in the dataclass only, so the CLI, the tests and programmatic callers cannot disagree.
+The default ports of all services are here, in one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+# Default ports of the three services (README "Ports" lists these and the deployment files' choices).
+ROUTER_PORT = 8000  # OpenAI HTTP API (and /metrics)
+VISION_PORT = 50051  # vision server gRPC
+LLM_PORT = 50061  # language server gRPC
+
+C = TypeVar("C")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, env: str | None = None,
+           choices: Sequence[str] | None = None, factory: Callable[[], Any] | None = None,
+           flag: str | None = None) -> Any:
+    """A dataclass field that is also a command-line flag."""
+    meta = {"help": help, "env": env, "choices": choices, "flag": flag}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def split_list(values: Sequence[str] | str | None) -> tuple[str, ...]:
+    """`a,b` or repeated flags -> ('a', 'b'); blanks dropped."""
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = [values]
+    return tuple(part.strip() for v in values for part in v.split(",") if part.strip())
+
+
+def _base_type(hint: Any) -> Any:
+    """`float` of `float | None`."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return hint
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
+    """Add one flag per `option()` field of `cls`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        hint = _base_type(hints[f.name])
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        env = f.metadata["env"]
+        default = _default(f)
+        env_value = os.environ.get(env) if env else None
+        help_text = f.metadata["help"] + (f" (env {env})" if env else "")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text or None}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = env_value == "1" if env_value is not None else default
+        elif typing.get_origin(hint) is tuple:
+            kwargs["action"] = "append"
+            kwargs["default"] = None
+            kwargs["metavar"] = "A[,B...]"
+        else:
+            kwargs["type"] = hint
+            kwargs["choices"] = f.metadata["choices"]
+            if env_value is not None:
+                kwargs["default"] = hint(env_value)
+            elif default is dataclasses.MISSING:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = default
+        parser.add_argument(flag, **kwargs)
+
+
+def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
+    """The dataclass from parsed flags (tuple fields: flag values, else the env fallback, else the default)."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata or not hasattr(ns, f.name):
+            continue
+        value = getattr(ns, f.name)
+        if typing.get_origin(_base_type(hints[f.name])) is tuple:
+            env = f.metadata["env"]
+            if value is None and env and os.environ.get(env):
+                value = os.environ[env]
+            value = split_list(value) if value is not None else _default(f)
+        values[f.name] = value
+    return cls(**values)
+
+
+def parse(cls: type[C], argv: Sequence[str] | None = None, *, prog: str, description: str) -> C:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_options(parser, cls)
+    return from_namespace(cls, parser.parse_args(argv))
