@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from dvd.data_plane import shm_domain
 from dvd.logs import setup_logging
-from dvd.procs import Service, vision_health
+from dvd.procs import Service, grpc_serving
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.tensor_codec import BF16_BYTES
 from dvd.v1 import vision_pb2, vision_pb2_grpc
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = Service("tile-streamer", argv, env={"OMP_NUM_THREADS": "1"}, sink=quiet)
         try:
             address = f"127.0.0.1:{server.wait_port('grpc', 60)}"
-            server.wait_ready(lambda: vision_health(address), timeout=60)
+            server.wait_ready(lambda: grpc_serving(address), timeout=60)
             for path in paths:
                 with tqdm(total=args.images + 2, desc=path, unit="image", file=sys.stderr, leave=False) as bar:
                     results.append(asyncio.run(receive(address, path, args.images, args.streams, args.hidden,

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.flops import vision_tile_flops
 from dvd.checkpoint import resolve_model
-from dvd.procs import Service, vision_health
+from dvd.procs import Service, grpc_serving
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.model import build_model
@@ -215,7 +215,7 @@ def main() -> None:
         env = {"OMP_NUM_THREADS": str(threads), "DVD_LOG_LEVEL": "WARNING"}
         svc = Service("vision-bench", argv, env=env, sink=open(os.devnull, "w"))  # noqa: SIM115
         address = f"127.0.0.1:{svc.wait_port('grpc', 300)}"
-        svc.wait_ready(lambda: vision_health(address), timeout=300)
+        svc.wait_ready(lambda: grpc_serving(address), timeout=300)
     # Rounds alternate (the idle server costs nothing while the loop runs) and the best round of each side
     # counts: on a shared machine the slower rounds measure the neighbours.
     svc_runs: list[tuple[float, list[float], int]] = []

@@ -2,7 +2,8 @@
 
 Each field declared with `option()` becomes `--field-name` with the field's default, type and help; an `env`
 name gives the flag an environment fallback. `tuple[str, ...]` fields accept comma-separated values and may be
-repeated. Defaults live in the dataclass only, so the CLI, the tests and programmatic callers cannot disagree.
+repeated; a field whose type is such a dataclass brings that group's flags (options shared by services).
+Defaults live in the dataclass only, so the CLI, the tests and programmatic callers cannot disagree.
 The default ports of all services are here, in one table.
 """
 
@@ -63,9 +64,12 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
     """Add one flag per `option()` field of `cls`."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        hint = _base_type(hints[f.name])
+        if dataclasses.is_dataclass(hint):  # a group of options shared by services (dvd.security.InternalAuth)
+            add_options(parser, hint)
+            continue
         if "help" not in f.metadata:
             continue
-        hint = _base_type(hints[f.name])
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         env = f.metadata["env"]
         default = _default(f)
@@ -96,6 +100,9 @@ def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = from_namespace(hints[f.name], ns)
+            continue
         if "help" not in f.metadata or not hasattr(ns, f.name):
             continue
         value = getattr(ns, f.name)
@@ -108,7 +115,8 @@ def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
     return cls(**values)
 
 
-def parse(cls: type[C], argv: Sequence[str] | None = None, *, prog: str, description: str) -> C:
+def parse(cls: type[C], argv: Sequence[str] | None = None, *, prog: str | None = None,
+          description: str | None = None) -> C:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_options(parser, cls)
     return from_namespace(cls, parser.parse_args(argv))

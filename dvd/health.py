@@ -10,6 +10,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dvd.security import InternalAuth
+
 
 class Health:
     def __init__(self, server: grpc.aio.Server, service_name: str) -> None:
@@ -28,9 +30,10 @@ class Health:
             await self.servicer.set(name, status)
 
 
-def check(address: str, service: str = "", timeout: float = 2.0) -> bool:
-    """One blocking probe, as a healthcheck command runs it: True when `address` reports SERVING."""
-    with grpc.insecure_channel(address) as channel:
+def check(address: str, service: str = "", timeout: float = 2.0, auth: InternalAuth | None = None) -> bool:
+    """One blocking probe, as a healthcheck command runs it: True when `address` reports SERVING. TLS settings
+    come from the environment the service shares with its healthcheck (dvd.security)."""
+    with (auth or InternalAuth.from_env()).channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                           timeout=timeout)
     return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -20,9 +20,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from dvd.runtime import PORTS_ENV
+
+if TYPE_CHECKING:
+    from dvd.security import InternalAuth
 
 
 def usable_cpus() -> str:
@@ -135,31 +138,14 @@ class Service:
         shutil.rmtree(self._ports_dir, ignore_errors=True)
 
 
-def grpc_ready(address: str, health: Callable[[object], bool], stub_factory: Callable[[object], object]) -> bool:
-    """A one-shot gRPC health probe: build a channel, call `health(stub)`."""
-    import grpc
-
-    with grpc.insecure_channel(address) as channel:
-        return health(stub_factory(channel))
-
-
 def http_ok(url: str) -> bool:
     import httpx
 
     return httpx.get(url, timeout=2.0).status_code == 200
 
 
-def vision_health(address: str) -> bool:
-    """True when the vision server at `address` answers Health with ready."""
-    from dvd.v1 import vision_pb2, vision_pb2_grpc
+def grpc_serving(address: str, auth: InternalAuth | None = None) -> bool:
+    """True when the gRPC server at `address` reports SERVING (grpc.health.v1: model or engine ready)."""
+    from dvd.health import check
 
-    return grpc_ready(address, lambda s: s.Health(vision_pb2.VisionHealthRequest(), timeout=2).ready,
-                      vision_pb2_grpc.VisionServiceStub)
-
-
-def llm_health(address: str) -> bool:
-    """True when the language server at `address` answers Health with ready."""
-    from dvd.v1 import llm_pb2, llm_pb2_grpc
-
-    return grpc_ready(address, lambda s: s.Health(llm_pb2.LanguageHealthRequest(), timeout=2).ready,
-                      llm_pb2_grpc.LanguageServiceStub)
+    return check(address, auth=auth)

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 
-import grpc
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from dvd.health import Health
@@ -58,7 +57,8 @@ async def serve() -> None:
                                     "vision_parameters": n_vision})
     pool = VisionPool(config.vision, hidden_size=model_config.hf_text_config.hidden_size,
                       timeout_s=config.vision_timeout, health_interval_s=config.vision_health_interval,
-                      transport=config.vision_transport, shm_budget_bytes=int(config.vision_shm_gb * 2**30))
+                      transport=config.vision_transport, shm_budget_bytes=int(config.vision_shm_gb * 2**30),
+                      auth=config.internal)
     await pool.start()
     if config.metrics_port:
         from prometheus_client import start_http_server
@@ -66,10 +66,13 @@ async def serve() -> None:
         start_http_server(config.metrics_port)
     service = LanguageService(engine, pool, served_name, vision_parameters=n_vision,
                               cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30)))
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 2**20)])
+    server = config.internal.server(options=[("grpc.max_receive_message_length", 256 * 2**20)])
     llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
     health = Health(server, "dvd.v1.LanguageService")
-    bound = server.add_insecure_port(f"{config.host}:{config.port}")
+    await health.set(False)  # grpc.health.v1 answers SERVING for "" until told otherwise
+    bound = config.internal.add_port(server, f"{config.host}:{config.port}")
+    if not bound:
+        raise RuntimeError(f"could not bind {config.host}:{config.port}")
     await server.start()
     freeze_heap()
     report_ports(grpc=bound)

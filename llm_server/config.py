@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from dvd.config import LLM_PORT, add_options, from_namespace, option
 from dvd.data_plane import TRANSPORTS
+from dvd.security import InternalAuth
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class LlmServerConfig:
                                             "resent image costs no vision call and no transfer")
     metrics_port: int = option(0, "Prometheus port (0 = off)")
     shutdown_grace: float = option(10.0, "seconds in-flight calls get on shutdown")
+    internal: InternalAuth = field(default_factory=InternalAuth)
 
 
 def build_parser() -> FlexibleArgumentParser:

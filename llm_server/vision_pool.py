@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from dvd.security import InternalAuth
 from dvd.tensor_codec import BF16_BYTES
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import DataPlaneError, ShmSlots, TileReceiver, image_buffer
@@ -80,16 +81,20 @@ class VisionBackend:
 
 class VisionPool:
     def __init__(self, addresses: tuple[str, ...], hidden_size: int, timeout_s: float = 120.0,
-                 health_interval_s: float = 2.0, transport: str = "auto", shm_budget_bytes: int = 2**30) -> None:
+                 health_interval_s: float = 2.0, transport: str = "auto", shm_budget_bytes: int = 2**30,
+                 auth: InternalAuth | None = None) -> None:
         self.hidden_size = hidden_size
         self.timeout_s = timeout_s
         self.health_interval_s = health_interval_s
         self.transport = transport
+        auth = auth or InternalAuth()
+        # The TCP data plane carries raw bytes: under TLS `auto` keeps them on gRPC (or same-host shared memory).
+        self.tcp_allowed = transport == "tcp" or (transport == "auto" and not auth.tls)
         self.slots = ShmSlots(shm_budget_bytes if transport in ("auto", "shm") else 0)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
         options = [("grpc.max_receive_message_length", 64 * 2**20)]
         self.backends = [
-            VisionBackend(a, ch := grpc.aio.insecure_channel(a, options=options), vision_pb2_grpc.VisionServiceStub(ch))
+            VisionBackend(a, ch := auth.aio_channel(a, options), vision_pb2_grpc.VisionServiceStub(ch))
             for a in addresses
         ]
         self._health_task: asyncio.Task | None = None
@@ -184,7 +189,8 @@ class VisionPool:
         t0 = time.perf_counter()
         tiles_bound = (options.max_tiles or b.max_tiles) + 1  # the thumbnail
         receiver = await TileReceiver.open(
-            self.transport, self.executor, self.slots, b.shm_domain, b.host, b.data_port,
+            self.transport, self.executor, self.slots, b.shm_domain, b.host,
+            b.data_port if self.tcp_allowed else 0,
             len(images) * tiles_bound * TILE_ROWS * self.hidden_size * BF16_BYTES, timeout)
         request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options,
                                            data_plane=receiver.offer())

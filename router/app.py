@@ -31,7 +31,7 @@ def _error_response(error: APIError) -> JSONResponse:
 
 def create_app(config: RouterConfig) -> FastAPI:
     metrics = Metrics()
-    pool = BackendPool(config.llm, health_interval=config.health_interval)
+    pool = BackendPool(config.llm, health_interval=config.health_interval, auth=config.internal)
     limiter = Limiter(config.max_concurrency, config.max_queue)
     images = ImageLoader(FetchLimits(max_bytes=config.max_image_bytes, timeout=config.image_fetch_timeout,
                                      max_redirects=config.max_image_redirects,

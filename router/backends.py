@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from dvd.security import InternalAuth
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 
 log = logging.getLogger("router.backends")
@@ -42,8 +43,10 @@ class Backend:
 
 
 class BackendPool:
-    def __init__(self, addresses: tuple[str, ...], health_interval: float = 2.0, health_timeout: float = 2.0) -> None:
+    def __init__(self, addresses: tuple[str, ...], health_interval: float = 2.0, health_timeout: float = 2.0,
+                 auth: InternalAuth | None = None) -> None:
         self._addresses = addresses
+        self._auth = auth or InternalAuth()
         self._interval = health_interval
         self._timeout = health_timeout
         self.backends: list[Backend] = []
@@ -52,7 +55,7 @@ class BackendPool:
     async def start(self) -> None:
         """Channels must be created on the serving event loop, hence not in __init__."""
         for address in self._addresses:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._auth.aio_channel(address, CHANNEL_OPTIONS)
             self.backends.append(Backend(address, channel, llm_pb2_grpc.LanguageServiceStub(channel)))
         await self.check_all()
         self._task = asyncio.create_task(self._health_loop(), name="backend-health")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dvd.config import ROUTER_PORT, option, parse
+from dvd.security import InternalAuth
 
 MIB = 1024 * 1024
 
@@ -31,6 +32,7 @@ class RouterConfig:
     max_image_total_bytes: int = option(128 * MIB, "all images of one request together")
     request_timeout: float = option(600.0, "seconds from request to last token; 504 after")
     health_interval: float = option(2.0, "seconds between health checks of each language server")
+    internal: InternalAuth = field(default_factory=InternalAuth)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:

@@ -21,7 +21,7 @@ from typing import IO
 
 from dvd.checkpoint import resolve_model
 from dvd.config import ROUTER_PORT, option, parse
-from dvd.procs import Service, cpu_engine_env, http_ok, llm_health, vision_health
+from dvd.procs import Service, cpu_engine_env, grpc_serving, http_ok
 
 PY = sys.executable
 ENGINE_START_TIMEOUT = 600.0  # vLLM: ~45 s for the tiny model on 2 CPU cores, minutes for real weights
@@ -95,9 +95,9 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
                              "--port", "0", "--vision", vision_address,
                              "--max-model-len", str(max_model_len), "--served-model-name", served_name,
                              *engine_opts, *llm_args], env=engine_env)
-        vision.wait_ready(lambda: vision_health(vision_address), timeout=timeout)
+        vision.wait_ready(lambda: grpc_serving(vision_address), timeout=timeout)
         llm_address = f"127.0.0.1:{llm.wait_port('grpc', timeout)}"
-        llm.wait_ready(lambda: llm_health(llm_address), timeout=timeout)
+        llm.wait_ready(lambda: grpc_serving(llm_address), timeout=timeout)
         router = launch("router", [PY, "-m", "router", "--host", host, "--port", str(port), "--llm", llm_address,
                                    *(["--api-key", api_key] if api_key else []), *router_args])
         port = router.wait_port("http", 60)

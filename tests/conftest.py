@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from dvd.checkpoint import resolve_model
-from dvd.procs import Service, free_port, http_ok, llm_health, vision_health
+from dvd.procs import Service, free_port, grpc_serving, http_ok
+from dvd.security import InternalAuth
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -37,20 +38,23 @@ def tiny_flash_ckpt(checkpoint_root: Path) -> Path:
     return resolve_model("tiny-flash")
 
 
-def start_vision(name: str, model: Path, *extra: str) -> tuple[Service, str]:
+def start_vision(name: str, model: Path, *extra: str, env: dict[str, str] | None = None,
+                 auth: InternalAuth | None = None) -> tuple[Service, str]:
+    """A vision server on port 0; `env` adds variables (DVD_INTERNAL_TOKEN, ...), `auth` is what probes it."""
     svc = Service(name, [PY, "-m", "vision_server", "--model", str(model), "--port", "0", "--host", "127.0.0.1",
-                         "--devices", "cpu", *extra], env={"OMP_NUM_THREADS": "1"})
+                         "--devices", "cpu", *extra], env={"OMP_NUM_THREADS": "1", **(env or {})})
     address = f"127.0.0.1:{svc.wait_port('grpc', 120)}"
-    svc.wait_ready(lambda: vision_health(address), timeout=120)
+    svc.wait_ready(lambda: grpc_serving(address, auth), timeout=120)
     return svc, address
 
 
-def start_llm(name: str, model: Path, vision: str, *extra: str) -> tuple[Service, str]:
+def start_llm(name: str, model: Path, vision: str, *extra: str, env: dict[str, str] | None = None,
+              auth: InternalAuth | None = None) -> tuple[Service, str]:
     """A language server on port 0 (no port race), served as `tiny`-style names given in `extra`."""
     svc = Service(name, [PY, "-m", "llm_server", "--model", str(model), "--port", "0", "--host", "127.0.0.1",
-                         "--vision", vision, "--max-model-len", "16384", *extra], env=ENGINE_ENV)
+                         "--vision", vision, "--max-model-len", "16384", *extra], env={**ENGINE_ENV, **(env or {})})
     address = f"127.0.0.1:{svc.wait_port('grpc', VLLM_START_TIMEOUT)}"
-    svc.wait_ready(lambda: llm_health(address), timeout=VLLM_START_TIMEOUT)
+    svc.wait_ready(lambda: grpc_serving(address, auth), timeout=VLLM_START_TIMEOUT)
     return svc, address
 
 

@@ -54,7 +54,7 @@ def test_services_start_while_others_grab_ports(tiny_ckpt) -> None:
 
     import httpx
 
-    from dvd.procs import Service, vision_health
+    from dvd.procs import Service, grpc_serving
     from tests.conftest import start_vision
 
     grabbed: list[socket.socket] = []
@@ -75,7 +75,7 @@ def test_services_start_while_others_grab_ports(tiny_ckpt) -> None:
         vision, address = start_vision("vision-port-race", tiny_ckpt)
         router = Service("router-port-race", [sys.executable, "-m", "router", "--port", "0", "--llm", "127.0.0.1:1"])
         port = router.wait_port("http", 60)
-        assert vision_health(address)
+        assert grpc_serving(address)
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         taken = {s.getsockname()[1] for s in grabbed}
         assert len(taken) > 100 and int(address.rsplit(":", 1)[1]) not in taken and port not in taken

@@ -9,7 +9,6 @@ import logging
 import signal
 import time
 
-import grpc
 import torch
 
 from dvd.checkpoint import resolve_model
@@ -93,11 +92,12 @@ async def serve(cfg: ServerConfig) -> None:
         await listener.start(cfg.host, cfg.data_port)
     servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir, listener)
     max_msg = cfg.max_images * cfg.max_image_bytes + 2**20
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_msg),
-                                      ("grpc.max_send_message_length", -1)])
+    server = cfg.internal.server(options=[("grpc.max_receive_message_length", max_msg),
+                                          ("grpc.max_send_message_length", -1)])
     vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
     health = Health(server, "dvd.v1.VisionService")
-    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    await health.set(False)  # grpc.health.v1 answers SERVING for "" until told otherwise
+    bound = cfg.internal.add_port(server, f"{cfg.host}:{cfg.port}")
     if not bound:
         raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
     await server.start()

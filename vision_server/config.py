@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dvd.config import VISION_PORT, option
+from dvd.security import InternalAuth
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class ServerConfig:
     vir_absolute_threshold: float | None = option(None, "override the checkpoint's value")
     metrics_port: int = option(0, "Prometheus port (0 = off)")
     shutdown_grace: float = option(30.0, "seconds in-flight calls get on shutdown")
+    internal: InternalAuth = field(default_factory=InternalAuth)
     preprocess_threads: int = option(factory=lambda: min(8, os.cpu_count() or 2),
                                      help="threads decoding and tiling images (Pillow releases the GIL while resizing)")
 
