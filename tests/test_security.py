@@ -1,8 +1,9 @@
 """Security between the nodes: the internal token is checked before any handler runs, and mutual TLS works
-end to end (vision -> language -> router) with a CA generated here."""
+end to end (vision -> language -> router) with certificates from deploy/make-certs.sh."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,10 @@ from dvd.security import InternalAuth
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from tests.conftest import start_llm, start_vision
 from tests.helpers.router import data_url, png_bytes, user_message
-from tests.helpers.tls import make_pki
 from tests.helpers.vision import collect, request
 
 TOKEN = "internal-s3cret"
+REPO = Path(__file__).resolve().parent.parent
 PNG = png_bytes((300, 200))
 
 
@@ -27,6 +28,14 @@ def encode(auth: InternalAuth, address: str, images: list[bytes]) -> int:
     """Tiles returned by one Encode call over a channel built from `auth`."""
     with auth.channel(address) as channel:
         return len(collect(vision_pb2_grpc.VisionServiceStub(channel).Encode(request(images), timeout=60)).tiles)
+
+
+def make_pki(folder: Path) -> dict[str, str]:
+    """A CA and a node certificate from the deployment's own script; the InternalAuth environment for them."""
+    subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), str(folder)], check=True, capture_output=True,
+                   timeout=60)
+    return {"DVD_TLS_CERT": str(folder / "node.pem"), "DVD_TLS_KEY": str(folder / "node.key"),
+            "DVD_TLS_CA": str(folder / "ca.pem")}
 
 
 def code_of(call: object) -> grpc.StatusCode:
@@ -78,7 +87,7 @@ def test_mutual_tls_and_token_through_the_whole_stack(tiny_ckpt: Path, tmp_path:
         services.append(vision)
         assert encode(node, vision_address, [PNG]) > 0
         # A client that does not present a certificate signed by the CA never gets a connection.
-        stranger = make_pki(tmp_path / "stranger", "stranger")
+        stranger = make_pki(tmp_path / "stranger")
         rogue = InternalAuth(internal_token=TOKEN, tls_cert=stranger["DVD_TLS_CERT"],
                              tls_key=stranger["DVD_TLS_KEY"], tls_ca=pki["DVD_TLS_CA"])
         assert code_of(lambda: encode(rogue, vision_address, [PNG])) == grpc.StatusCode.UNAVAILABLE
