@@ -13,8 +13,9 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -295,8 +296,10 @@ def default_checkpoint_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "dvd" / "checkpoints"
 
 
-def resolve_model(model: str, seed: int = 0) -> Path:
-    """A preset name (`tiny`, `small`, `vision8b`, each also `-flash`) or a checkpoint directory."""
+def resolve_model(model: str, seed: int = 0, keep: Callable[[str], bool] | None = None) -> Path:
+    """A preset name (`tiny`, `small`, `vision8b`, each also `-flash`), a checkpoint directory, or a Hugging Face
+    repo id (`OpenGVLab/InternVL3_5-8B-Flash[@revision]`) fetched into the HF cache (HF_HOME, HF_TOKEN).
+    `keep(tensor_name)` limits a download to the shards holding tensors it wants (the vision server's)."""
     preset, _, variant = model.partition("-")
     if preset in PRESETS and variant in ("", "flash"):
         out = default_checkpoint_dir() / f"{model}-seed{seed}"
@@ -304,10 +307,36 @@ def resolve_model(model: str, seed: int = 0) -> Path:
             make_checkpoint(preset, out, flash=variant == "flash", seed=seed)
         return out
     path = Path(model).expanduser()
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{model!r} is neither a preset ({', '.join(PRESETS)}, with -flash) "
-                                "nor a directory with a config.json")
-    return path
+    if (path / "config.json").exists():
+        return path
+    if REPO_ID.fullmatch(model) and not path.exists():
+        return fetch_from_hub(model, keep)
+    raise FileNotFoundError(f"{model!r} is neither a preset ({', '.join(PRESETS)}, with -flash), a directory with "
+                            "a config.json, nor a Hugging Face repo id (org/name)")
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def fetch_from_hub(model: str, keep: Callable[[str], bool] | None = None) -> Path:
+    """The repo's snapshot directory in the HF cache: config, tokenizer and code files, then the weight shards
+    (only those holding a tensor `keep` wants). Offline (HF_HUB_OFFLINE=1) it resolves from the cache alone."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo_id, _, revision = model.partition("@")
+    log.info("fetching from the Hugging Face Hub", extra={"repo": repo_id, "revision": revision or "main"})
+    root = Path(snapshot_download(repo_id, revision=revision or None,
+                                  allow_patterns=["*.json", "*.py", "*.txt", "*.model", "*.tiktoken"]))
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        shards = sorted({f for name, f in weight_map.items() if keep is None or keep(name)})
+    else:
+        shards = ["model.safetensors"]
+    for shard in shards:
+        hf_hub_download(repo_id, shard, revision=revision or None)
+    log.info("checkpoint ready", extra={"path": str(root), "shards": len(shards)})
+    return root
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ from vision_server.metrics import Metrics
 from vision_server.model import build_model
 from vision_server.preprocess import install_image_limits
 from vision_server.service import VirSettings, VisionServicer
-from vision_server.weights import load_vision_weights
+from vision_server.weights import load_vision_weights, wanted
 
 log = logging.getLogger("vision_server")
 
@@ -48,7 +48,7 @@ def resolve_dtype(cfg: ServerConfig) -> torch.dtype:
 
 def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
     """Read the vision weights once, place one model copy per device and warm each up."""
-    ckpt = resolve_model(cfg.model)
+    ckpt = resolve_model(cfg.model, keep=lambda name: wanted(name, flash=True))  # a repo id: vision shards only
     model_cfg = ModelConfig.from_checkpoint(ckpt, name=cfg.model if "/" not in cfg.model else None)
     tensors = load_vision_weights(ckpt, model_cfg.flash)
     dtype = resolve_dtype(cfg)
