@@ -14,7 +14,7 @@ TARGET=${DVD_TARGET:-cpu}
 
 setup() {
   local stamp_file=$VENV/.dvd-setup-stamp stamp
-  stamp=$(cat requirements/*.txt pyproject.toml protos/dvd/v1/*.proto run.sh | sha256sum | cut -d' ' -f1)-$TARGET
+  stamp=$(cat requirements/*.txt pyproject.toml setup.py protos/dvd/v1/*.proto run.sh | sha256sum | cut -d' ' -f1)-$TARGET
   if [[ -f $stamp_file && $(cat "$stamp_file") == "$stamp" && -f dvd/v1/llm_pb2.py ]]; then
     return 0
   fi
