@@ -21,19 +21,11 @@ from llm_server.vision_pool import VisionPool
 from llm_server.vllm_plugin import ENGINE_PARENT_ENV
 
 log = logging.getLogger("llm_server")
-VISION_PREFIXES = ("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", "gating.")
-
-
-def _count_vision_parameters(worker) -> int:
-    """Runs inside each vLLM worker: parameters of the vision tower and projectors that were actually built."""
-    model = worker.model_runner.model
-    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(VISION_PREFIXES))
-
-
 async def vision_parameters(engine: AsyncLLM) -> int:
+    """Vision parameters the engine built, summed over its workers; -1 when they cannot be asked."""
     try:
-        return int(sum(await engine.collective_rpc(_count_vision_parameters, timeout=30)))
-    except Exception as e:  # informational only: never block serving on it
+        return int(sum(await engine.collective_rpc("dvd_vision_parameters", timeout=30)))
+    except Exception as e:  # informational only: never block serving on it (e.g. another worker extension is set)
         log.warning("could not count vision parameters in the engine", extra={"error": repr(e)})
         return -1
 
@@ -103,8 +95,6 @@ def _stop_while_starting(signum: int, _frame: object) -> None:
 
 
 def main() -> None:
-    # Lets collective_rpc ship _count_vision_parameters to our own engine workers (local IPC, same process tree).
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     setup_logging()
     signal.signal(signal.SIGTERM, _stop_while_starting)  # serve() installs the graceful handler once it serves
     with contextlib.suppress(KeyboardInterrupt):

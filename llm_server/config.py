@@ -11,6 +11,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from dvd.config import LLM_PORT, add_options, from_namespace, option
 from dvd.data_plane import TRANSPORTS
 from dvd.security import InternalAuth
+from llm_server.worker_extension import QUALNAME as WORKER_EXTENSION
 
 
 @dataclass(frozen=True)
@@ -57,4 +58,6 @@ def engine_args_for_dvd(args: argparse.Namespace) -> AsyncEngineArgs:
     engine_args.enable_mm_embeds = True
     # InternVL's tower serves images and videos: vLLM skips building it only when both limits are 0.
     engine_args.limit_mm_per_prompt = {"image": 0, "video": 0}
+    if not engine_args.worker_extension_cls:  # lets the server ask the workers what they built, by name
+        engine_args.worker_extension_cls = WORKER_EXTENSION
     return engine_args
