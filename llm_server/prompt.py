@@ -16,7 +16,11 @@ ROLES = ("system", "user", "assistant")
 
 
 class PromptError(ValueError):
-    """The conversation cannot be rendered (client error)."""
+    """The request cannot be served as asked (client error); `param` names the offending field, OpenAI-style."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -9,12 +10,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import torch
+from pydantic import TypeAdapter
 from vllm import SamplingParams
+from vllm.entrypoints.generate.base.protocol import AnyResponseFormat, structured_outputs_from_response_format
 from vllm.exceptions import VLLMClientError
 from vllm.logprobs import Logprob
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from dvd.errors import PARAM_KEY
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server import metrics
 from llm_server.embedding_cache import EmbeddingCache, embedding_keys
@@ -28,6 +32,8 @@ from llm_server.vision_pool import (
 )
 
 log = logging.getLogger("llm_server.service")
+
+RESPONSE_FORMAT: TypeAdapter[AnyResponseFormat] = TypeAdapter(AnyResponseFormat)
 
 
 class EmbeddingError(ValueError):
@@ -78,10 +84,45 @@ def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: in
     kw["n"] = p.n or 1
     if p.HasField("logprobs"):
         kw["logprobs"] = p.logprobs
+    if p.response_format or p.structured_outputs:
+        kw["structured_outputs"] = structured_outputs(p)
     try:
         return SamplingParams(output_kind=RequestOutputKind.DELTA, **kw)
     except (ValueError, TypeError, VLLMClientError) as e:
         raise PromptError(f"invalid sampling parameters: {e}") from e
+
+
+def structured_outputs(p: llm_pb2.SamplingParams) -> StructuredOutputsParams | None:
+    """vLLM's structured-output constraints from the request's `structured_outputs` and `response_format`, parsed
+    by vLLM's own types and combined by its own rule (response_format overrides), as its OpenAI server does."""
+    params = None
+    if p.structured_outputs:
+        try:
+            params = StructuredOutputsParams(**json.loads(p.structured_outputs))
+        except (TypeError, ValueError) as e:
+            raise PromptError(f"invalid structured_outputs: {e}", param="structured_outputs") from e
+    response_format = None
+    if p.response_format:
+        try:
+            response_format = RESPONSE_FORMAT.validate_json(p.response_format)
+        except ValueError as e:
+            raise PromptError(f"invalid response_format: {e}", param="response_format") from e
+    return structured_outputs_from_response_format(params, response_format)
+
+
+def param_metadata(param: str | None) -> tuple[tuple[str, str], ...]:
+    """The offending request field, for the gateway's OpenAI error `param` (llm.proto: trailing `dvd-param`)."""
+    return ((PARAM_KEY, param),) if param else ()
+
+
+def constraint_param(request: llm_pb2.GenerateRequest, error: Exception) -> str | None:
+    """vLLM rejects a bad schema or grammar without naming the field: name the one the request used."""
+    sampling = request.sampling
+    if not (sampling.response_format or sampling.structured_outputs):
+        return None
+    if not any(w in str(error).lower() for w in ("grammar", "schema", "json", "regex", "structured", "choice")):
+        return None
+    return "response_format" if sampling.response_format else "structured_outputs"
 
 
 def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None, top: int | None,
@@ -147,7 +188,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         except (PromptError, EmbeddingError, VisionInputError) as e:
             status = "invalid"
             log.info("rejected request", extra={"request_id": request_id, "reason": str(e)})
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e), param_metadata(getattr(e, "param", None)))
         except VisionBusyError as e:
             status = "vision_busy"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -162,7 +203,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             await context.abort(e.code(), e.details() or "vision call failed")
         except (ValueError, VLLMClientError) as e:  # vLLM's own input validation
             status = "invalid"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e),
+                                param_metadata(getattr(e, "parameter", None) or constraint_param(request, e)))
         finally:
             metrics.INFLIGHT.dec()
             metrics.REQUESTS.labels(status=status).inc()

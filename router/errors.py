@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from dvd.errors import PARAM_KEY
 from router.schemas import ErrorDetail, ErrorResponse
 
 # OpenAI's `type` for each status we emit; `code` refines it.
@@ -57,4 +58,6 @@ class APIError(Exception):
     def from_grpc(cls, error: grpc.aio.AioRpcError) -> APIError:
         status = GRPC_TO_HTTP.get(error.code(), 500)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
-        return cls(status, error.details() or error.code().name, code=error.code().name.lower(), headers=headers)
+        param = next((v for k, v in error.trailing_metadata() or () if k == PARAM_KEY), None)
+        return cls(status, error.details() or error.code().name, code=error.code().name.lower(), headers=headers,
+                   param=param if isinstance(param, str) else None)

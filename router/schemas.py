@@ -113,14 +113,24 @@ class StreamOptions(_Request):
         return self
 
 
+class JsonSchema(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # `schema` shadows a pydantic BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
-    type: str
-    json_schema: Any = None
+    """OpenAI's `response_format`; vLLM's structured-output backend in the language server enforces it."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> ResponseFormat:
-        if self.type != "text":
-            raise _unsupported(self.type, "response format is not supported (only 'text')", param="type")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _unsupported("json_schema", "is required when 'type' is 'json_schema'", param="json_schema")
         return self
 
 
@@ -189,6 +199,7 @@ class ChatCompletionRequest(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     stop_token_ids: list[int] | None = None
+    structured_outputs: dict[str, Any] | None = None  # json, regex, choice, grammar, ... (vLLM's own checks)
     mm_processor_kwargs: MMProcessorKwargs | None = None
     # DvD's own: the Flash checkpoints' Visual Resolution Router, and InternVL's tile budget per image.
     vir: Literal["auto", "off"] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 
 from dvd.v1 import llm_pb2, vision_pb2
@@ -50,6 +51,10 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
     if req.logprobs_top is not None:
         optional["logprobs"] = req.logprobs_top
+    if req.response_format is not None and req.response_format.type != "text":
+        optional["response_format"] = req.response_format.model_dump_json(by_alias=True, exclude_none=True)
+    if req.structured_outputs:
+        optional["structured_outputs"] = json.dumps(req.structured_outputs)
     sampling = llm_pb2.SamplingParams(n=req.n or 1, stop=stop, stop_token_ids=req.stop_token_ids or [], **optional)
     vision = llm_pb2.VisionOptions(vir=_VIR[req.vir],
                                    max_dynamic_patch=req.max_dynamic_patch or req.dynamic_patch_kwarg or 0)

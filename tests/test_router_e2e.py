@@ -4,6 +4,8 @@ the official `openai` client, sync and async. Extra routers share the session's 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -163,6 +165,58 @@ async def test_logprobs_equal_stock_vllm(aclient: openai.AsyncOpenAI, model: str
         assert len(a.top_logprobs) == len(b.top_logprobs) == 3
         assert a.top_logprobs[0].token == a.token  # greedy: the sampled token is the most likely one
         assert [t.logprob for t in a.top_logprobs] == pytest.approx([t.logprob for t in b.top_logprobs], abs=0.05)
+
+
+COLOUR_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["colour", "bright"],
+                 "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]},
+                                "bright": {"type": "boolean"}}}
+STRUCTURED = [
+    {"response_format": {"type": "json_schema",
+                         "json_schema": {"name": "colour", "schema": COLOUR_SCHEMA, "strict": True}}},
+    {"response_format": {"type": "json_object"}},
+    {"extra_body": {"structured_outputs": {"choice": ["red", "green", "blue"]}}},
+    {"extra_body": {"structured_outputs": {"regex": "(yes|no), [a-z]{2,6}"}}},
+]
+
+
+@pytest.mark.parametrize("constraint", STRUCTURED, ids=["json_schema", "json_object", "choice", "regex"])
+async def test_structured_outputs_equal_stock_vllm(aclient: openai.AsyncOpenAI, model: str, colocated_tiny: str,
+                                                   constraint: dict) -> None:
+    """vLLM's structured-output backend enforces the constraint in the language server: the same greedy text as
+    stock vLLM's OpenAI server, and text that obeys the constraint."""
+    messages = [user_message("Describe the colour as JSON.", images=(data_url(png_bytes((448, 448), (30, 160, 90))),))]
+    args = {"max_tokens": 48, "temperature": 0, **constraint}
+    ours = await aclient.chat.completions.create(model=model, messages=messages, **args)
+    ref_client = openai.AsyncOpenAI(base_url=colocated_tiny, api_key="none", max_retries=0)
+    ref = await ref_client.chat.completions.create(model="tiny", messages=messages, **args)
+    text = ours.choices[0].message.content
+    assert text == ref.choices[0].message.content
+    assert ours.choices[0].finish_reason == ref.choices[0].finish_reason
+    if ours.choices[0].finish_reason != "stop":
+        return  # cut by max_tokens: still the reference's text, just not finished
+    if "choice" in str(constraint):
+        assert text in ("red", "green", "blue")
+    elif "regex" in str(constraint):
+        assert re.fullmatch("(yes|no), [a-z]{2,6}", text)
+    else:
+        value = json.loads(text)
+        if "json_schema" in constraint.get("response_format", {}):
+            assert set(value) == {"colour", "bright"} and value["colour"] in ("red", "green", "blue")
+
+
+@pytest.mark.parametrize(("constraint", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format"),
+    ({"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, "structured_outputs"),
+    ({"extra_body": {"structured_outputs": {"no_such_constraint": 1}}}, "structured_outputs"),
+])
+def test_bad_structured_outputs_are_400s_naming_the_field(client: openai.OpenAI, model: str, constraint: dict,
+                                                          param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, max_tokens=4, messages=[user_message("Hi")], **constraint)
+    assert info.value.body["param"] == param, info.value.body
+    ok = client.chat.completions.create(model=model, max_tokens=2, messages=[user_message("Hi")])
+    assert ok.choices[0].message.content is not None  # the next request works
 
 
 def test_several_choices_streamed(client: openai.OpenAI, model: str) -> None:
