@@ -19,6 +19,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from dvd.errors import PARAM_KEY
+from dvd.sampling import PASS_THROUGH
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server import metrics
 from llm_server.embedding_cache import EmbeddingCache, embedding_keys
@@ -68,8 +69,7 @@ def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: in
                     max_model_len: int) -> SamplingParams:
     """The request's sampling options over the model's generation-config defaults, as vLLM's chat endpoint does."""
     kw: dict = dict(defaults)
-    for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos", "min_tokens", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "min_p"):
+    for name in PASS_THROUGH:
         if p.HasField(name):
             kw[name] = getattr(p, name)
     room = max_model_len - prompt_tokens

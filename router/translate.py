@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 
+from dvd.sampling import PASS_THROUGH
 from dvd.v1 import llm_pb2, vision_pb2
 from router.schemas import (
     ChatCompletion,
@@ -22,9 +23,6 @@ from router.schemas import (
 )
 
 _VIR = {None: vision_pb2.VIR_MODE_UNSPECIFIED, "auto": vision_pb2.VIR_MODE_AUTO, "off": vision_pb2.VIR_MODE_OFF}
-# Request fields that map one to one onto optional SamplingParams fields of the same name.
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "ignore_eos", "min_tokens", "repetition_penalty",
-                    "presence_penalty", "frequency_penalty", "min_p")
 
 
 def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
@@ -45,7 +43,7 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
                      else llm_pb2.ContentPart(text=p.text or "") for p in m.content or ()])
         for m in req.messages
     ]
-    optional = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+    optional = {name: getattr(req, name) for name in PASS_THROUGH if getattr(req, name) is not None}
     if req.output_limit is not None:
         optional["max_tokens"] = req.output_limit
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())

@@ -218,3 +218,12 @@ async def test_per_request_image_count_and_total_size_are_capped() -> None:
         assert too_big.value.code == "images_too_large"
     finally:
         await loader.aclose()
+
+
+def test_sampling_fields_are_listed_once_from_the_proto() -> None:
+    """Every pass-through field exists on the OpenAI request model and reaches the proto under its name."""
+    from dvd.sampling import PASS_THROUGH
+    from router.schemas import ChatCompletionRequest
+
+    assert "temperature" in PASS_THROUGH and "max_tokens" not in PASS_THROUGH and "n" not in PASS_THROUGH
+    assert set(PASS_THROUGH) <= set(ChatCompletionRequest.model_fields)
