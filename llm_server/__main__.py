@@ -13,6 +13,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from dvd.health import Health
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
+from dvd.server import start_server, wait_for_stop
 from dvd.v1 import llm_pb2_grpc
 from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
@@ -58,24 +59,16 @@ async def serve() -> None:
         start_http_server(config.metrics_port)
     service = LanguageService(engine, pool, served_name, vision_parameters=n_vision,
                               cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30)))
-    server = config.internal.server(options=[("grpc.max_receive_message_length", 256 * 2**20)])
-    llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, server)
-    health = Health(server, "dvd.v1.LanguageService")
-    await health.set(False)  # grpc.health.v1 answers SERVING for "" until told otherwise
-    bound = config.internal.add_port(server, f"{config.host}:{config.port}")
-    if not bound:
-        raise RuntimeError(f"could not bind {config.host}:{config.port}")
-    await server.start()
+    server, health, bound = await start_server(
+        config.internal, config.host, config.port,
+        lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), "dvd.v1.LanguageService",
+        options=[("grpc.max_receive_message_length", 256 * 2**20)])
     freeze_heap()
     report_ports(grpc=bound)
     log.info("language service listening", extra={"address": f"{config.host}:{bound}",
                                                   "vision": ",".join(config.vision)})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     watch = asyncio.create_task(watch_health(health, service, engine), name="health")
-    await stop.wait()
+    await wait_for_stop()
     watch.cancel()
     log.info("shutting down: finishing in-flight calls", extra={"grace_s": config.shutdown_grace})
     service.ready = False

@@ -6,16 +6,15 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal
 import time
 
 import torch
 
 from dvd.checkpoint import resolve_model
 from dvd.config import parse
-from dvd.health import Health
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
+from dvd.server import start_server, wait_for_stop
 from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import Batcher, DeviceRunner
 from vision_server.config import ModelConfig, ServerConfig
@@ -92,15 +91,10 @@ async def serve(cfg: ServerConfig) -> None:
         await listener.start(cfg.host, cfg.data_port)
     servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir, listener)
     max_msg = cfg.max_images * cfg.max_image_bytes + 2**20
-    server = cfg.internal.server(options=[("grpc.max_receive_message_length", max_msg),
-                                          ("grpc.max_send_message_length", -1)])
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
-    health = Health(server, "dvd.v1.VisionService")
-    await health.set(False)  # grpc.health.v1 answers SERVING for "" until told otherwise
-    bound = cfg.internal.add_port(server, f"{cfg.host}:{cfg.port}")
-    if not bound:
-        raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
-    await server.start()
+    server, health, bound = await start_server(
+        cfg.internal, cfg.host, cfg.port, lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, s),
+        "dvd.v1.VisionService",
+        options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", -1)])
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port, cfg.host)
     freeze_heap()
@@ -111,11 +105,7 @@ async def serve(cfg: ServerConfig) -> None:
                                "data_port": listener.port if listener else None,
                                "vir_relative": vir.relative, "vir_absolute": vir.absolute})
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop()
     # Graceful: refuse new calls, let in-flight ones finish (their tiles are still being batched), then stop.
     log.info("stopping", extra={"inflight": servicer.inflight, "queued_tiles": batcher.queued_tiles})
     servicer.ready = False

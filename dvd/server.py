@@ -1,0 +1,39 @@
+"""How both gRPC servers start and wait: bound with the internal security settings, the standard health service
+registered and NOT_SERVING until the caller says otherwise, and a stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from dvd.health import Health
+from dvd.security import InternalAuth
+
+
+async def start_server(auth: InternalAuth, host: str, port: int, register: Callable[[grpc.aio.Server], None],
+                       service_name: str, options: Sequence[tuple[str, Any]] = ()) -> tuple[grpc.aio.Server, Health,
+                                                                                               int]:
+    """The started server, its health (NOT_SERVING: grpc.health.v1 would answer SERVING for "" until told), and
+    the port it bound (port 0 = any free one)."""
+    server = auth.server(options)
+    register(server)
+    health = Health(server, service_name)
+    await health.set(False)
+    bound = auth.add_port(server, f"{host}:{port}")
+    if not bound:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    await server.start()
+    return server, health, bound
+
+
+async def wait_for_stop() -> None:
+    """Returns on the first SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
