@@ -32,6 +32,8 @@ from dvd.data_plane import shm_domain
 from dvd.logs import setup_logging
 from dvd.procs import Service, grpc_serving
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
+from dvd.security import InternalAuth
+from dvd.server import start_server
 from dvd.tensor_codec import BF16_BYTES
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.vision_pool import VisionPool
@@ -86,15 +88,14 @@ class TileStreamer(vision_pb2_grpc.VisionServiceServicer):
 
 
 async def serve(port: int, hidden: int, per_message: int) -> None:
-    import grpc
-
     tune_allocator()
     listener = DataListener()
     await listener.start("127.0.0.1", 0)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(TileStreamer(hidden, listener, per_message), server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
+    streamer = TileStreamer(hidden, listener, per_message)
+    server, health, bound = await start_server(
+        InternalAuth(), "127.0.0.1", port, lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(streamer, s),
+        "dvd.v1.VisionService", options=CHANNEL_OPTIONS)
+    await health.set(True)
     freeze_heap()
     report_ports(grpc=bound)
     log.info("tile streamer ready", extra={"port": port, "data_port": listener.port, "hidden": hidden})
