@@ -3,8 +3,6 @@ and move to another server when one fails or vanishes mid-stream."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from dvd.backend_pool import Backend, BackendPool
 from dvd.security import InternalAuth
 from dvd.tensor_codec import BF16_BYTES
 from dvd.v1 import vision_pb2, vision_pb2_grpc
@@ -57,97 +56,55 @@ class EncodedImages:
         return sum(self.bytes_by_transport.values())
 
 
-@dataclass
-class VisionBackend:
-    address: str
-    channel: grpc.aio.Channel
-    stub: vision_pb2_grpc.VisionServiceStub
-    healthy: bool = False
-    queued_tiles: int = 0
-    outstanding: int = 0
-    data_port: int = 0
-    shm_domain: str = ""
-    max_tiles: int = 12
-
-    @property
-    def host(self) -> str:
-        host = self.address.rsplit(":", 1)[0]
-        return host[1:-1] if host.startswith("[") else host
-
-    @property
-    def load(self) -> float:
-        return self.queued_tiles + 16 * self.outstanding
+VisionBackend = Backend[vision_pb2_grpc.VisionServiceStub]  # .status: the last VisionHealthResponse
+# A call in flight counts as this many queued tiles until the server's next health report shows its tiles: an
+# InternVL3.5 image is at most 12 tiles plus a thumbnail, rounded up.
+OUTSTANDING_TILES = 16
 
 
 class VisionPool:
-    def __init__(self, addresses: tuple[str, ...], hidden_size: int, timeout_s: float = 120.0,
+    def __init__(self, targets: tuple[str, ...], hidden_size: int, timeout_s: float = 120.0,
                  health_interval_s: float = 2.0, transport: str = "auto", shm_budget_bytes: int = 2**30,
                  auth: InternalAuth | None = None) -> None:
         self.hidden_size = hidden_size
         self.timeout_s = timeout_s
-        self.health_interval_s = health_interval_s
         self.transport = transport
         auth = auth or InternalAuth()
         # The TCP data plane carries raw bytes: under TLS `auto` keeps them on gRPC (or same-host shared memory).
         self.tcp_allowed = transport == "tcp" or (transport == "auto" and not auth.tls)
         self.slots = ShmSlots(shm_budget_bytes if transport in ("auto", "shm") else 0)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
-        options = [("grpc.max_receive_message_length", 64 * 2**20)]
-        self.backends = [
-            VisionBackend(a, ch := auth.aio_channel(a, options), vision_pb2_grpc.VisionServiceStub(ch))
-            for a in addresses
-        ]
-        self._health_task: asyncio.Task | None = None
+        self.pool = BackendPool(targets, vision_pb2_grpc.VisionServiceStub, self._probe, "vision", auth=auth,
+                                channel_options=[("grpc.max_receive_message_length", 64 * 2**20)],
+                                health_interval=health_interval_s, outstanding_weight=OUTSTANDING_TILES)
+
+    @property
+    def backends(self) -> list[VisionBackend]:
+        return self.pool.backends
 
     async def start(self) -> None:
-        await self.check_health()
-        self._health_task = asyncio.create_task(self._health_loop(), name="vision-health")
+        await self.pool.start()
 
     async def close(self) -> None:
-        if self._health_task:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-        for b in self.backends:
-            await b.channel.close()
+        await self.pool.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.slots.close()
 
     @property
     def ready_count(self) -> int:
-        return sum(b.healthy for b in self.backends)
+        return len(self.pool.ready_backends)
 
     async def check_health(self) -> None:
-        await asyncio.gather(*(self._probe(b) for b in self.backends))
+        await self.pool.check_all()
 
-    async def _probe(self, b: VisionBackend) -> None:
-        try:
-            h = await b.stub.Health(vision_pb2.VisionHealthRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError as e:
-            if b.healthy:
-                log.warning("vision server unhealthy", extra={"server": b.address, "code": e.code().name})
-            b.healthy = False
-            return
+    async def _probe(self, b: VisionBackend) -> tuple[bool, float]:
+        h = await b.stub.Health(vision_pb2.VisionHealthRequest(), timeout=2.0)
         if h.hidden_size and h.hidden_size != self.hidden_size:
             log.error("vision server has the wrong hidden size; not using it",
                       extra={"server": b.address, "hidden": h.hidden_size, "expected": self.hidden_size})
-            b.healthy = False
-            return
-        if not b.healthy and h.ready:
-            log.info("vision server ready", extra={"server": b.address, "model": h.model, "flash": h.flash})
-        b.healthy, b.queued_tiles = h.ready, h.queued_tiles
-        b.data_port, b.shm_domain, b.max_tiles = h.data_port, h.shm_domain, h.max_tiles or b.max_tiles
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.health_interval_s)
-            await self.check_health()
-
-    def _pick(self, exclude: set[str]) -> VisionBackend | None:
-        candidates = [b for b in self.backends if b.address not in exclude and b.healthy]
-        if not candidates:  # health may be stale: try the ones not yet tried before giving up
-            candidates = [b for b in self.backends if b.address not in exclude]
-        return min(candidates, key=lambda b: b.load, default=None)
+            return False, 0.0
+        b.status = h
+        return h.ready, float(h.queued_tiles)
 
     async def encode(self, request_id: str, images: list[bytes], options: vision_pb2.EncodeOptions) -> EncodedImages:
         """Embeddings for every image, from one server; other servers are tried when one fails."""
@@ -155,7 +112,7 @@ class VisionPool:
         tried: set[str] = set()
         errors: list[str] = []
         busy = 0
-        while (backend := self._pick(tried)) is not None:
+        while (backend := self.pool.pick(tried, fallback_to_unready=True)) is not None:
             tried.add(backend.address)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -170,11 +127,12 @@ class VisionPool:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the whole budget is spent: no retry
                     raise VisionTimeoutError(f"vision encoding took longer than {self.timeout_s:.0f}s") from e
                 busy += e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                backend.healthy = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
                 errors.append(f"{backend.address}: {e.code().name} {e.details()}")
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                    self.pool.mark_down(backend, errors[-1])
             except (VisionProtocolError, DataPlaneError) as e:
-                backend.healthy = False
                 errors.append(f"{backend.address}: {e}")
+                self.pool.mark_down(backend, errors[-1])
             log.warning("vision server failed; trying another", extra={"request_id": request_id,
                                                                           "error": errors[-1]})
         if time.monotonic() >= deadline:
@@ -187,10 +145,11 @@ class VisionPool:
     async def _encode_on(self, b: VisionBackend, request_id: str, images: list[bytes],
                          options: vision_pb2.EncodeOptions, timeout: float) -> EncodedImages:
         t0 = time.perf_counter()
-        tiles_bound = (options.max_tiles or b.max_tiles) + 1  # the thumbnail
+        health = b.status or vision_pb2.VisionHealthResponse()  # not probed yet: no shortcuts offered
+        tiles_bound = (options.max_tiles or health.max_tiles or 12) + 1  # the thumbnail
         receiver = await TileReceiver.open(
-            self.transport, self.executor, self.slots, b.shm_domain, b.host,
-            b.data_port if self.tcp_allowed else 0,
+            self.transport, self.executor, self.slots, health.shm_domain, b.host,
+            health.data_port if self.tcp_allowed else 0,
             len(images) * tiles_bound * TILE_ROWS * self.hidden_size * BF16_BYTES, timeout)
         request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options,
                                            data_plane=receiver.offer())

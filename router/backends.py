@@ -7,13 +7,13 @@ unreachable before the first response); once a token went out, a retry would dup
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import grpc
 
+from dvd.backend_pool import Backend as PoolBackend
+from dvd.backend_pool import BackendPool as GenericPool
 from dvd.security import InternalAuth
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 
@@ -29,81 +29,44 @@ class NoBackendError(Exception):
     """No replica is ready (or every ready one refused the request as unreachable)."""
 
 
-@dataclass
-class Backend:
-    address: str
-    channel: grpc.aio.Channel
-    stub: llm_pb2_grpc.LanguageServiceStub
-    ready: bool = False
-    model: str = ""
-    max_model_len: int = 0
-    running_requests: int = 0
-    outstanding: int = 0  # requests this router has in flight on it
-    last_error: str = field(default="not checked yet")
+Backend = PoolBackend[llm_pb2_grpc.LanguageServiceStub]  # .status: the last LanguageHealthResponse
 
 
 class BackendPool:
-    def __init__(self, addresses: tuple[str, ...], health_interval: float = 2.0, health_timeout: float = 2.0,
+    """The language servers: each request goes to the one with the fewest requests running (reported by the
+    replica, every router's included) plus this router's own calls not yet reported (weight 1)."""
+
+    def __init__(self, targets: tuple[str, ...], health_interval: float = 2.0, health_timeout: float = 2.0,
                  auth: InternalAuth | None = None) -> None:
-        self._addresses = addresses
-        self._auth = auth or InternalAuth()
-        self._interval = health_interval
         self._timeout = health_timeout
-        self.backends: list[Backend] = []
-        self._task: asyncio.Task[None] | None = None
+        self.pool = GenericPool(targets, llm_pb2_grpc.LanguageServiceStub, self._probe, "language",
+                                auth=auth or InternalAuth(), channel_options=CHANNEL_OPTIONS,
+                                health_interval=health_interval)
+
+    @property
+    def backends(self) -> list[Backend]:
+        return self.pool.backends
 
     async def start(self) -> None:
-        """Channels must be created on the serving event loop, hence not in __init__."""
-        for address in self._addresses:
-            channel = self._auth.aio_channel(address, CHANNEL_OPTIONS)
-            self.backends.append(Backend(address, channel, llm_pb2_grpc.LanguageServiceStub(channel)))
-        await self.check_all()
-        self._task = asyncio.create_task(self._health_loop(), name="backend-health")
+        await self.pool.start()
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await asyncio.gather(*(b.channel.close() for b in self.backends))
+        await self.pool.close()
 
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.check_all()
-
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self._check(b) for b in self.backends))
-
-    async def _check(self, backend: Backend) -> None:
-        try:
-            health = await backend.stub.Health(llm_pb2.LanguageHealthRequest(), timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            self._set_down(backend, f"{exc.code().name}: {exc.details()}")
-            return
-        if health.ready != backend.ready:
-            log.info("backend %s", "ready" if health.ready else "not ready",
-                     extra={"backend": backend.address, "model": health.model})
-        backend.ready, backend.model = health.ready, health.model
-        backend.max_model_len, backend.running_requests = health.max_model_len, health.running_requests
-        backend.last_error = "" if health.ready else "reports not ready"
-
-    @staticmethod
-    def _set_down(backend: Backend, why: str) -> None:
-        if backend.ready:
-            log.warning("backend down", extra={"backend": backend.address, "error": why})
-        backend.ready, backend.last_error = False, why
+    async def _probe(self, backend: Backend) -> tuple[bool, float]:
+        health = await backend.stub.Health(llm_pb2.LanguageHealthRequest(), timeout=self._timeout)
+        backend.status = health
+        return health.ready, float(health.running_requests)
 
     def ready_backends(self) -> list[Backend]:
-        return [b for b in self.backends if b.ready]
+        return self.pool.ready_backends
 
     def models(self) -> dict[str, int]:
         """Served model name -> max_model_len, over ready replicas."""
-        return {b.model: b.max_model_len for b in self.ready_backends()}
+        return {b.status.model: b.status.max_model_len for b in self.ready_backends()}
 
     def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> Backend | None:
-        candidates = [b for b in self.ready_backends() if b.address not in exclude]
-        return min(candidates, key=lambda b: (b.outstanding, b.running_requests), default=None)
+        return self.pool.pick(exclude)
 
     async def generate(self, request: llm_pb2.GenerateRequest,
                        deadline: float) -> AsyncIterator[llm_pb2.GenerateResponse]:
@@ -129,7 +92,7 @@ class BackendPool:
             except grpc.aio.AioRpcError as exc:
                 if sent_any or exc.code() not in RETRYABLE or self.pick(tried) is None:
                     raise  # with nowhere else to go, the replica's own reason is the best answer
-                self._set_down(backend, f"{exc.code().name}: {exc.details()}")
+                self.pool.mark_down(backend, f"{exc.code().name}: {exc.details()}")
                 log.warning("retrying on another backend", extra={"backend": backend.address,
                                                                    "request_id": request.request_id})
             finally:

@@ -196,7 +196,7 @@ async def test_a_lying_server_is_a_protocol_error(fault: str, transport: str, me
     try:
         with pytest.raises(VisionUnavailableError, match=message):
             await pool.encode("dp-liar", [b"image"], vision_pb2.EncodeOptions())
-        assert not pool.backends[0].healthy  # not tried again until its health check passes
+        assert not pool.backends[0].ready  # not tried again until its health check passes
     finally:
         await pool.close()
         await server.stop(0)

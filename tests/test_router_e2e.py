@@ -407,3 +407,17 @@ def test_no_retry_after_tokens_were_sent(flaky: tuple[FlakyLanguageServer, str],
         assert servicer.calls == 1
     finally:
         svc.stop()
+
+
+def test_router_finds_language_servers_through_dns(llm_tiny: str) -> None:
+    """`--llm dns:NAME:PORT`: every address the name resolves to is a backend (a headless Service's pods)."""
+    port = llm_tiny.rsplit(":", 1)[1]
+    svc, base = start_router("router-dns", f"dns:localhost:{port}")
+    try:
+        health = httpx.get(base.removesuffix("/v1") + "/ready", timeout=10).json()
+        assert f"127.0.0.1:{port}" in str(health)
+        reply = openai.OpenAI(base_url=base, api_key="none").chat.completions.create(
+            model="tiny", max_tokens=2, messages=[user_message("Hi")])
+        assert reply.choices[0].finish_reason in ("length", "stop")
+    finally:
+        svc.stop()

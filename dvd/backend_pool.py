@@ -1,0 +1,198 @@
+"""One pool of gRPC backends for both clients (the language server's vision pool, the router's language pool):
+discovery, health, least-load choice. What a call does on failure stays with each client, because the rules
+differ (the router must not retry once a token went out; the vision pool retries anything but bad input).
+
+Targets are `host:port` (one backend) or `dns:name:port`: every address the name resolves to is a backend, and
+the name is resolved again every `resolve_interval` seconds, so scaling a Kubernetes headless Service (or any
+DNS round-robin name) needs no edit. Backends that leave the DNS answer are dropped once their calls finish.
+
+Load: a backend's load is what it reports waiting (`Probe` decides: queued tiles for a vision server, running
+requests for a language server) plus `outstanding_weight` for each call this client has in flight on it; the
+weight stands for what a call adds before the next health report shows it, in the reported unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from dvd.security import InternalAuth
+
+log = logging.getLogger("dvd.backend_pool")
+
+S = TypeVar("S")
+DNS_PREFIX = "dns:"
+
+
+@dataclass
+class Backend(Generic[S]):
+    address: str
+    channel: grpc.aio.Channel
+    stub: S
+    ready: bool = False
+    reported_load: float = 0.0
+    outstanding: int = 0  # calls this client has in flight on it
+    status: Any = None  # the last health reply
+    last_error: str = "not checked yet"
+    target: str = ""  # the configured target it came from (a dns: name, or the address itself)
+
+    @property
+    def host(self) -> str:
+        host = self.address.rsplit(":", 1)[0]
+        return host[1:-1] if host.startswith("[") else host
+
+
+# A probe asks one backend's health: (ready, reported load). It raises grpc.aio.AioRpcError when unreachable and
+# may refuse a backend by returning ready=False after logging why.
+Probe = Callable[[Backend[S]], Awaitable[tuple[bool, float]]]
+
+
+def split_target(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{target!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class BackendPool(Generic[S]):
+    targets: Sequence[str]
+    stub_factory: Callable[[grpc.aio.Channel], S]
+    probe: Probe[S]
+    name: str  # for logs: "vision", "language"
+    auth: InternalAuth = field(default_factory=InternalAuth)
+    channel_options: Sequence[tuple[str, Any]] = ()
+    health_interval: float = 2.0
+    resolve_interval: float = 10.0
+    outstanding_weight: float = 1.0
+    backends: list[Backend[S]] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for target in self.targets:
+            if target.startswith(DNS_PREFIX):
+                split_target(target[len(DNS_PREFIX):])
+            else:
+                split_target(target)
+
+    # -- life cycle ---------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Channels must be created on the serving event loop, hence not in __init__."""
+        await self.resolve()
+        await self.check_all()
+        self._tasks = [asyncio.create_task(self._every(self.health_interval, self.check_all),
+                                           name=f"{self.name}-health")]
+        if any(t.startswith(DNS_PREFIX) for t in self.targets):
+            self._tasks.append(asyncio.create_task(self._every(self.resolve_interval, self.resolve),
+                                                   name=f"{self.name}-resolve"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.gather(*(b.channel.close() for b in self.backends))
+        self.backends.clear()
+
+    @staticmethod
+    async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception:  # a loop that dies would freeze the pool's view: log and go on
+                log.exception("pool maintenance failed")
+
+    # -- discovery ----------------------------------------------------------------------------------------------
+    async def _addresses(self, target: str) -> list[str]:
+        if not target.startswith(DNS_PREFIX):
+            return [target]
+        host, port = split_target(target[len(DNS_PREFIX):])
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            log.warning("could not resolve backends", extra={"pool": self.name, "target": target, "error": str(e)})
+            return [b.address for b in self.backends if b.target == target]  # keep what we had
+        return sorted({join_address(str(info[4][0]), port) for info in infos})
+
+    def _channel(self, address: str, target: str) -> grpc.aio.Channel:
+        options = list(self.channel_options)
+        if target.startswith(DNS_PREFIX) and self.auth.tls:  # certificates name the service, not pod IPs
+            options.append(("grpc.ssl_target_name_override", split_target(target[len(DNS_PREFIX):])[0]))
+        return self.auth.aio_channel(address, options)
+
+    async def resolve(self) -> None:
+        """Add the backends the targets now name, drop the ones they no longer name (after their calls end)."""
+        wanted: dict[str, str] = {}
+        for target in self.targets:
+            for address in await self._addresses(target):
+                wanted.setdefault(address, target)
+        known = {b.address for b in self.backends}
+        for address, target in wanted.items():
+            if address not in known:
+                channel = self._channel(address, target)
+                self.backends.append(Backend(address, channel, self.stub_factory(channel), target=target))
+                if target != address:
+                    log.info("backend discovered", extra={"pool": self.name, "backend": address, "target": target})
+        for gone in [b for b in self.backends if b.address not in wanted]:
+            self.backends.remove(gone)
+            log.info("backend left", extra={"pool": self.name, "backend": gone.address})
+            asyncio.create_task(self._close_when_idle(gone))  # noqa: RUF006 (the channel outlives its calls)
+
+    @staticmethod
+    async def _close_when_idle(backend: Backend[S], limit_s: float = 600.0) -> None:
+        for _ in range(int(limit_s)):
+            if not backend.outstanding:
+                break
+            await asyncio.sleep(1.0)
+        await backend.channel.close()
+
+    # -- health -------------------------------------------------------------------------------------------------
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(b) for b in list(self.backends)))
+
+    async def _check(self, backend: Backend[S]) -> None:
+        try:
+            ready, load = await self.probe(backend)
+        except grpc.aio.AioRpcError as e:
+            self.mark_down(backend, f"{e.code().name}: {e.details()}")
+            return
+        if ready != backend.ready:
+            log.info("backend ready" if ready else "backend not ready",
+                     extra={"pool": self.name, "backend": backend.address})
+        backend.ready, backend.reported_load = ready, load
+        backend.last_error = "" if ready else "reports not ready"
+
+    def mark_down(self, backend: Backend[S], why: str) -> None:
+        if backend.ready:
+            log.warning("backend down", extra={"pool": self.name, "backend": backend.address, "error": why})
+        backend.ready, backend.last_error = False, why
+
+    # -- choice -------------------------------------------------------------------------------------------------
+    @property
+    def ready_backends(self) -> list[Backend[S]]:
+        return [b for b in self.backends if b.ready]
+
+    def load(self, backend: Backend[S]) -> float:
+        return backend.reported_load + self.outstanding_weight * backend.outstanding
+
+    def pick(self, exclude: set[str] | frozenset[str] = frozenset(), *,
+             fallback_to_unready: bool = False) -> Backend[S] | None:
+        """The least-loaded ready backend not in `exclude`. With `fallback_to_unready`, when none is ready, the
+        least-loaded untried one (health may be stale) rather than none."""
+        candidates = [b for b in self.ready_backends if b.address not in exclude]
+        if not candidates and fallback_to_unready:
+            candidates = [b for b in self.backends if b.address not in exclude]
+        return min(candidates, key=self.load, default=None)

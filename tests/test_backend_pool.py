@@ -1,0 +1,103 @@
+"""The one backend pool both clients use: DNS discovery (re-resolved: backends join and leave), least load with
+the outstanding-call weight, health probes marking backends up and down."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+import pytest
+
+from dvd.backend_pool import Backend, BackendPool
+
+
+def pool_for(targets: tuple[str, ...], probe, **kw) -> BackendPool:  # type: ignore[no-untyped-def]
+    return BackendPool(targets, lambda channel: object(), probe, "test", **kw)
+
+
+async def always_ready(backend: Backend) -> tuple[bool, float]:
+    return True, 0.0
+
+
+async def test_dns_targets_follow_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = ["10.0.0.1", "10.0.0.2"]
+
+    async def fake_getaddrinfo(host: str, port: int, **_: object) -> list:
+        assert host == "vision.example"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
+
+    pool = pool_for(("dns:vision.example:50051", "127.0.0.1:7"), always_ready)
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fake_getaddrinfo)
+    await pool.resolve()
+    assert sorted(b.address for b in pool.backends) == ["10.0.0.1:50051", "10.0.0.2:50051", "127.0.0.1:7"]
+    leaving = next(b for b in pool.backends if b.address == "10.0.0.1:50051")
+    leaving.outstanding = 1  # a call in flight keeps its channel open until it ends
+    answer[:] = ["10.0.0.2", "10.0.0.3"]  # scaled: one pod replaced
+    await pool.resolve()
+    assert sorted(b.address for b in pool.backends) == ["10.0.0.2:50051", "10.0.0.3:50051", "127.0.0.1:7"]
+    leaving.outstanding = 0
+    await pool.close()
+
+
+async def test_a_name_that_stops_resolving_keeps_its_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    fail = False
+
+    async def flaky_getaddrinfo(host: str, port: int, **_: object) -> list:
+        if fail:
+            raise socket.gaierror("temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.9", port))]
+
+    pool = pool_for(("dns:llm.example:50061",), always_ready)
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", flaky_getaddrinfo)
+    await pool.resolve()
+    fail = True
+    await pool.resolve()
+    assert [b.address for b in pool.backends] == ["10.0.0.9:50061"]
+    await pool.close()
+
+
+async def test_real_dns_resolves_localhost() -> None:
+    pool = pool_for(("dns:localhost:50099",), always_ready)
+    await pool.resolve()
+    assert "127.0.0.1:50099" in {b.address for b in pool.backends}
+    await pool.close()
+
+
+async def test_least_load_counts_outstanding_calls_with_their_weight() -> None:
+    loads = {"127.0.0.1:1": 10.0, "127.0.0.1:2": 0.0}
+
+    async def probe(backend: Backend) -> tuple[bool, float]:
+        return True, loads[backend.address]
+
+    pool = pool_for(tuple(loads), probe, outstanding_weight=16)
+    await pool.resolve()
+    await pool.check_all()
+    assert pool.pick().address == "127.0.0.1:2"
+    next(b for b in pool.backends if b.address == "127.0.0.1:2").outstanding = 1  # 0 + 16 > 10
+    assert pool.pick().address == "127.0.0.1:1"
+    assert pool.pick({"127.0.0.1:1"}).address == "127.0.0.1:2"
+    await pool.close()
+
+
+async def test_unreachable_backends_are_down_and_skipped() -> None:
+    async def probe(backend: Backend) -> tuple[bool, float]:
+        if backend.address.endswith(":1"):
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       details="connection refused")
+        return True, 0.0
+
+    pool = pool_for(("127.0.0.1:1", "127.0.0.1:2"), probe)
+    await pool.resolve()
+    await pool.check_all()
+    down = next(b for b in pool.backends if b.address == "127.0.0.1:1")
+    assert not down.ready and "UNAVAILABLE" in down.last_error
+    assert pool.pick().address == "127.0.0.1:2"
+    assert pool.pick({"127.0.0.1:2"}) is None
+    assert pool.pick({"127.0.0.1:2"}, fallback_to_unready=True) is down  # stale health: worth one try
+    await pool.close()
+
+
+def test_targets_must_name_a_port() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        pool_for(("dns:no-port",), always_ready)
