@@ -29,6 +29,10 @@ log = logging.getLogger("dvd.backend_pool")
 
 S = TypeVar("S")
 DNS_PREFIX = "dns:"
+# gRPC's default reconnect backoff grows to 120 s: a replica that restarts after a minute down would wait that
+# long to rejoin (found by benchmarks/chaos.py). Health probes run every few seconds; reconnect as often.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 @dataclass
@@ -128,7 +132,7 @@ class BackendPool(Generic[S]):
         return sorted({join_address(str(info[4][0]), port) for info in infos})
 
     def _channel(self, address: str, target: str) -> grpc.aio.Channel:
-        options = list(self.channel_options)
+        options = [*RECONNECT_OPTIONS, *self.channel_options]
         if target.startswith(DNS_PREFIX) and self.auth.tls:  # certificates name the service, not pod IPs
             options.append(("grpc.ssl_target_name_override", split_target(target[len(DNS_PREFIX):])[0]))
         return self.auth.aio_channel(address, options)

@@ -1,0 +1,535 @@
+"""Reliability under load and faults: a real DvD stack on this machine, pushed and broken on purpose.
+
+    python benchmarks/chaos.py            # about 10 minutes on 2 cores
+    python benchmarks/chaos.py --quick    # about 4 minutes: the version the test suite runs
+
+Two vision servers, two language servers (vLLM) and one router on the tiny checkpoint, localhost only, every
+service through the same launcher as dvd-local. Scenarios, in order, each bounded in time and count:
+overload (10x the router's concurrency), vision servers SIGKILLed and restarted under load, a language server
+SIGKILLed under streaming load and restarted, hostile inputs mixed into normal traffic, and a soak of mixed
+requests. Writes chaos.json, chaos.md and chaos.png to --out; exits 1 when a row misses its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import random
+import signal
+import statistics
+import struct
+import sys
+import time
+import zlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from benchmarks.throughput import machine
+from dvd.checkpoint import resolve_model
+from dvd.logs import setup_logging
+from dvd.media import data_url, image_bytes
+from dvd.procs import Service, grpc_serving, http_ok
+from dvd.v1 import llm_pb2, llm_pb2_grpc
+
+log = logging.getLogger("benchmarks.chaos")
+PY = sys.executable
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+CONCURRENCY, QUEUE = 4, 8  # the router's limits in this run: overload is 10x the concurrency
+IMAGE = data_url(image_bytes(448, 448, seed=3))
+# RSS growth per 1k requests above which the soak fails: the embedding cache and vLLM's prefix cache fill up to
+# their budgets early on; past that, steady growth means a leak.
+RSS_GROWTH_LIMIT_MB_PER_1K = 64.0
+QUIET = open(os.devnull, "w")  # noqa: SIM115 (service output goes to the log files)
+
+
+def normal_body(stream: bool = False, max_tokens: int = 6) -> dict[str, Any]:
+    return {"model": "tiny", "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE}},
+                                                      {"type": "text", "text": "What is this?"}]}]}
+
+
+def bomb_png() -> bytes:
+    """60 bytes that declare a 30000 x 30000 PNG."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def hostile_requests() -> list[tuple[str, bytes, dict[str, str]]]:
+    """(name, raw body, headers): each must be answered with a 4xx (or cut off), never a 5xx or a hang."""
+    def body(**over: Any) -> bytes:
+        return json.dumps({**normal_body(), **over}).encode()
+
+    junk = "data:image/png;base64," + base64.b64encode(os.urandom(4096)).decode()
+    bomb = "data:image/png;base64," + base64.b64encode(bomb_png()).decode()
+    image = {"type": "image_url", "image_url": {}}
+    nested = "[" * 5000 + "1" + "]" * 5000
+    js = {"content-type": "application/json"}
+    return [
+        ("random bytes as image", body(messages=[{"role": "user", "content": [
+            {**image, "image_url": {"url": junk}}, {"type": "text", "text": "?"}]}]), js),
+        ("decompression bomb", body(messages=[{"role": "user", "content": [
+            {**image, "image_url": {"url": bomb}}, {"type": "text", "text": "?"}]}]), js),
+        ("10k-part message", body(messages=[{"role": "user", "content": [
+            {"type": "text", "text": "x"}] * 10_000}]), js),
+        ("deeply nested JSON", json.dumps(normal_body()).replace('"temperature": 0', f'"temperature": {nested}')
+         .encode(), js),
+        ("invalid UTF-8", b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', js),
+        ("huge n", body(n=1_000_000), js),
+        ("huge max_tokens", body(max_tokens=2**31), js),
+        ("negative values", body(max_tokens=-5, temperature=-1), js),
+        ("not JSON", b"\x00\x01garbage", js),
+        ("too many images", body(messages=[{"role": "user", "content": [
+            {**image, "image_url": {"url": IMAGE}}] * 40}]), js),
+    ]
+
+
+@dataclass
+class Tally:
+    """Outcomes and latencies of one scenario's requests."""
+
+    statuses: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    retry_after_missing: int = 0
+
+    def add(self, status: str, seconds: float) -> None:
+        self.statuses[status] += 1
+        if status == "200":
+            self.latencies.append(seconds)
+
+    def quantile(self, q: float) -> float | None:
+        if not self.latencies:
+            return None
+        return statistics.quantiles(self.latencies, n=100)[int(q * 100) - 1] if len(self.latencies) > 1 \
+            else self.latencies[0]
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+    def count(self, predicate: Callable[[str], bool]) -> int:
+        return sum(n for s, n in self.statuses.items() if predicate(s))
+
+
+async def one_request(client: httpx.AsyncClient, tally: Tally, body: dict[str, Any], timeout: float) -> str:
+    t0 = time.monotonic()
+    try:
+        if body.get("stream"):
+            async with client.stream("POST", "/v1/chat/completions", json=body, timeout=timeout) as r:
+                status = str(r.status_code)
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and '"error"' in line[:20]:
+                        status = "stream error event"
+        else:
+            r = await client.post("/v1/chat/completions", json=body, timeout=timeout)
+            status = str(r.status_code)
+            if r.status_code == 429 and "retry-after" not in r.headers:
+                tally.retry_after_missing += 1
+    except httpx.TimeoutException:
+        status = "hung"
+    except httpx.HTTPError as e:
+        status = f"transport error ({type(e).__name__})"
+    tally.add(status, time.monotonic() - t0)
+    return status
+
+
+async def load(base: str, clients: int, seconds: float, *, stream: bool = False, timeout: float = 120.0,
+               during: Callable[[], Awaitable[None]] | None = None, limit: int | None = None) -> Tally:
+    """`clients` loops sending requests for `seconds` (or `limit` requests in all); `during` runs alongside."""
+    tally = Tally()
+    end = time.monotonic() + seconds
+    sent = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while time.monotonic() < end and (limit is None or sent < limit):
+            sent += 1
+            if await one_request(client, tally, normal_body(stream), timeout) == "429":
+                await asyncio.sleep(0.05)  # a client that honours nothing but does not spin
+
+    limits = httpx.Limits(max_connections=clients + 8)
+    async with httpx.AsyncClient(base_url=base, limits=limits) as client:
+        side = asyncio.create_task(during()) if during else None
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        if side:
+            await side
+    return tally
+
+
+# -- the stack ---------------------------------------------------------------------------------------------------
+@dataclass
+class Stack:
+    model: Path
+    log_dir: Path
+    vision: list[tuple[Service, int]] = field(default_factory=list)
+    llm: list[tuple[Service, int]] = field(default_factory=list)
+    router: Service | None = None
+    base: str = ""
+
+    def services(self) -> list[Service]:
+        return [s for s, _ in self.vision + self.llm] + ([self.router] if self.router else [])
+
+    def logs(self, name: str) -> dict[str, Any]:
+        """Each service's output to DIR/NAME.log only (a restarted one appends)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return {"sink": QUIET, "log_file": self.log_dir / f"{name}.log"}
+
+    def start_vision(self, index: int, port: int = 0) -> tuple[Service, int]:
+        svc = Service(f"vision{index}", [PY, "-m", "vision_server", "--model", str(self.model), "--host",
+                                         "127.0.0.1", "--port", str(port), "--devices", "cpu"],
+                      env={"OMP_NUM_THREADS": "1"}, **self.logs(f"vision{index}"))
+        port = svc.wait_port("grpc", 120)
+        svc.wait_ready(lambda: grpc_serving(f"127.0.0.1:{port}"), timeout=180)
+        return svc, port
+
+    def start_llm(self, index: int, port: int = 0) -> tuple[Service, int]:
+        vision = ",".join(f"127.0.0.1:{p}" for _, p in self.vision)
+        svc = Service(f"llm{index}", [PY, "-m", "llm_server", "--model", str(self.model), "--host", "127.0.0.1",
+                                      "--port", str(port), "--vision", vision, "--served-model-name", "tiny",
+                                      "--max-model-len", "4096", "--vision-health-interval", "0.5"],
+                      env=ENGINE_ENV, **self.logs(f"llm{index}"))
+        return svc, port
+
+    def wait_llm(self, svc: Service, port: int) -> int:
+        port = port or svc.wait_port("grpc", 600)
+        svc.wait_ready(lambda: grpc_serving(f"127.0.0.1:{port}"), timeout=600)
+        return port
+
+    def kill(self, svc: Service) -> None:
+        """SIGKILL the service and everything it started (its process group), as a crash or OOM kill would."""
+        with suppress(ProcessLookupError):
+            os.killpg(svc.proc.pid, signal.SIGKILL)
+        svc.proc.wait(30)
+
+
+@contextmanager
+def running_stack(model: Path, log_dir: Path) -> Iterator[Stack]:
+    stack = Stack(model, log_dir)
+    try:
+        stack.vision = [stack.start_vision(i) for i in range(2)]
+        starting = [stack.start_llm(i) for i in range(2)]  # both engines start at once
+        stack.llm = [(svc, stack.wait_llm(svc, port)) for svc, port in starting]
+        llm = ",".join(f"127.0.0.1:{p}" for _, p in stack.llm)
+        stack.router = Service("router", [PY, "-m", "router", "--port", "0", "--llm", llm, "--health-interval",
+                                          "0.5", "--max-concurrency", str(CONCURRENCY), "--max-queue", str(QUEUE),
+                                          "--request-timeout", "120"], **stack.logs("router"))
+        port = stack.router.wait_port("http", 60)
+        stack.base = f"http://127.0.0.1:{port}"
+        stack.router.wait_ready(lambda: http_ok(f"{stack.base}/ready"), timeout=60)
+        yield stack
+    finally:
+        for svc in reversed(stack.services()):
+            svc.stop()
+
+
+def group_pids(leader: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[2]) == leader:  # process group id
+                pids.append(int(entry))
+    return pids
+
+
+def rss_mb(svc: Service) -> float:
+    """Resident memory of the service and every process it started."""
+    total = 0
+    for pid in group_pids(svc.proc.pid):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def open_fds(svc: Service) -> int:
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in group_pids(svc.proc.pid)
+               if os.path.exists(f"/proc/{pid}/fd"))
+
+
+class RssWatch:
+    """Peak RSS per service, sampled every half second while a scenario runs."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack, self.peak_mb = stack, Counter[str]()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for svc in self.stack.services():
+                if svc.alive():
+                    self.peak_mb[svc.name] = max(self.peak_mb[svc.name], round(rss_mb(svc)))
+            await asyncio.sleep(0.5)
+
+
+# -- scenarios ---------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    scenario: str
+    requests: int
+    outcomes: dict[str, int]
+    p50_s: float | None
+    p99_s: float | None
+    figure: str
+    target: str
+    met: bool
+
+
+def row(name: str, tally: Tally, figure: str, target: str, met: bool) -> Row:
+    q50, q99 = tally.quantile(0.5), tally.quantile(0.99)
+    return Row(name, tally.total, dict(tally.statuses), round(q50, 3) if q50 else None,
+               round(q99, 3) if q99 else None, figure, target, met)
+
+
+async def unloaded(stack: Stack, seconds: float) -> Tally:
+    return await load(stack.base, CONCURRENCY, seconds)
+
+
+async def overload(stack: Stack, seconds: float, base_rate: float) -> tuple[Row, dict[str, int]]:
+    watch, stop = RssWatch(stack), asyncio.Event()
+    watcher = asyncio.create_task(watch.run(stop))
+    tally = await load(stack.base, 10 * CONCURRENCY, seconds)
+    stop.set()
+    await watcher
+    rate = tally.statuses["200"] / seconds
+    bad = tally.count(lambda s: s not in ("200", "429"))
+    met = bad == 0 and tally.retry_after_missing == 0 and rate >= 0.9 * base_rate
+    figure = (f"{tally.statuses['200']} x 200, {tally.statuses['429']} x 429, {bad} other; admitted "
+              f"{rate:.2f} req/s vs {base_rate:.2f} unloaded")
+    return row(f"overload ({10 * CONCURRENCY} clients, {seconds:.0f} s)", tally, figure,
+               "only 200/429 (with Retry-After), admitted req/s >= 0.9x unloaded", met), dict(watch.peak_mb)
+
+
+async def vision_kills(stack: Stack, seconds: float, every: float, base: Tally) -> Row:
+    kills = 0
+
+    async def chaos() -> None:
+        nonlocal kills
+        end = time.monotonic() + seconds
+        while time.monotonic() + every < end:
+            await asyncio.sleep(every)
+            i = kills % 2
+            svc, port = stack.vision[i]
+            stack.kill(svc)
+            kills += 1
+            stack.vision[i] = await asyncio.to_thread(stack.start_vision, i, port)
+
+    tally = await load(stack.base, CONCURRENCY, seconds, during=chaos)
+    failed = tally.total - tally.statuses["200"]
+    base50, p50 = base.quantile(0.5) or 0, tally.quantile(0.5) or 0
+    figure = f"{kills} kills, {failed} failed; p50 {p50:.2f} s vs {base50:.2f} s unloaded ({p50 - base50:+.2f} s)"
+    return row(f"vision server SIGKILL + restart every {every:.0f} s", tally, figure, "0 failed requests",
+               failed == 0)
+
+
+async def llm_kill(stack: Stack, seconds: float) -> Row:
+    rejoined = False
+
+    async def chaos() -> None:
+        nonlocal rejoined
+        await asyncio.sleep(seconds / 3)
+        svc, port = stack.llm[0]
+        stack.kill(svc)
+        restarted, _ = await asyncio.to_thread(stack.start_llm, 0, port)
+        await asyncio.to_thread(stack.wait_llm, restarted, port)
+        stack.llm[0] = (restarted, port)
+        async with httpx.AsyncClient(base_url=stack.base) as client:
+            for _ in range(20):
+                ready = (await client.get("/ready")).json()["backends"]
+                if all(v == "ready" for v in ready.values()):
+                    rejoined = True
+                    return
+                await asyncio.sleep(0.5)
+
+    tally = await load(stack.base, CONCURRENCY, seconds, stream=True, during=chaos)
+    hung = tally.statuses["hung"]
+    other = tally.count(lambda s: s not in ("200", "stream error event", "hung"))
+    figure = (f"{tally.statuses['stream error event']} streams ended with an error event, {hung} hung, {other} "
+              f"other failures; rejoined: {rejoined}")
+    return row("language server SIGKILL under streaming load", tally, figure,
+               "0 hung, in-flight streams end with an error event, 0 other failures, the replica rejoins",
+               hung == 0 and other == 0 and rejoined)
+
+
+async def hostile(stack: Stack, rounds: int) -> Row:
+    bad = hostile_requests()
+    tally, normal = Tally(), Tally()
+    async with httpx.AsyncClient(base_url=stack.base, limits=httpx.Limits(max_connections=32)) as client:
+        async def send_bad(name: str, raw: bytes, headers: dict[str, str]) -> None:
+            t0 = time.monotonic()
+            try:
+                r = await client.post("/v1/chat/completions", content=raw, headers=headers, timeout=60)
+                status = "4xx" if 400 <= r.status_code < 500 else str(r.status_code)
+            except httpx.TimeoutException:
+                status = "hung"
+            tally.add(status, time.monotonic() - t0)
+            if status != "4xx":
+                log.warning("hostile input not refused", extra={"input": name, "status": status})
+
+        async def slow_upload() -> None:
+            async def trickle() -> Any:
+                yield b'{"model": "tiny", "messages": ['
+                for _ in range(10):
+                    await asyncio.sleep(1.0)
+                    yield b" "
+            t0 = time.monotonic()
+            try:
+                r = await client.post("/v1/chat/completions", content=trickle(), timeout=60,
+                                      headers={"content-type": "application/json"})
+                status = "4xx" if 400 <= r.status_code < 500 else str(r.status_code)
+            except httpx.TimeoutException:
+                status = "hung"
+            tally.add(status, time.monotonic() - t0)
+
+        async def vanish() -> None:
+            async with client.stream("POST", "/v1/chat/completions", json=normal_body(True, 200),
+                                     timeout=60) as r:
+                async for _ in r.aiter_lines():
+                    break  # the client goes away after the first chunk; the soak checks nothing stays running
+            tally.add("vanished", 0.0)
+
+        for _ in range(rounds):
+            jobs = [send_bad(*b) for b in bad] + [slow_upload(), vanish()]
+            jobs += [one_request(client, normal, normal_body(), 120) for _ in range(4)]
+            await asyncio.gather(*jobs)
+    rate = normal.statuses["200"] / max(normal.total, 1)
+    not_refused = tally.total - tally.statuses["4xx"] - tally.statuses["vanished"]
+    figure = (f"{tally.statuses['4xx']} of {tally.total - tally.statuses['vanished']} hostile refused with a 4xx, "
+              f"{tally.statuses['vanished']} clients vanished mid-stream; normal traffic "
+              f"{normal.statuses['200']} of {normal.total} succeeded")
+    merged = Tally(tally.statuses + normal.statuses, normal.latencies)
+    return row(f"hostile inputs ({len(bad) + 2} kinds x {rounds}) mixed with normal traffic", merged, figure,
+               "every hostile input a 4xx, normal traffic 100% success", not_refused == 0 and rate == 1.0)
+
+
+async def soak(stack: Stack, requests: int) -> tuple[Row, dict[str, Any]]:
+    # Warm both caches first, so the growth measured is what stays after they reach their working size.
+    await load(stack.base, CONCURRENCY, 600, limit=max(20, requests // 10))
+    before = {s.name: (rss_mb(s), open_fds(s)) for s in stack.services()}
+    tally = await load(stack.base, CONCURRENCY, 3600, limit=requests)
+    await asyncio.sleep(2.0)
+    after = {s.name: (rss_mb(s), open_fds(s)) for s in stack.services()}
+    running = await running_requests(stack)
+    growth = {n: round((after[n][0] - before[n][0]) * 1000 / requests, 1) for n in before}
+    fds = {n: after[n][1] - before[n][1] for n in before}
+    failed = tally.total - tally.statuses["200"]
+    worst = max(growth.values())
+    met = failed == 0 and worst <= RSS_GROWTH_LIMIT_MB_PER_1K and all(d <= 4 for d in fds.values()) \
+        and all(r == 0 for r in running)
+    figure = (f"{failed} failed; worst RSS growth {worst} MB per 1k requests; fd change {fds}; running requests "
+              f"after: {running}")
+    return row(f"soak ({requests} requests)", tally, figure,
+               f"0 failed, RSS growth <= {RSS_GROWTH_LIMIT_MB_PER_1K:.0f} MB/1k, no fd growth, 0 running after",
+               met), {"rss_growth_mb_per_1k": growth, "fd_change": fds, "running_after": running}
+
+
+async def running_requests(stack: Stack) -> list[int]:
+    out = []
+    for _, port in stack.llm:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = await llm_pb2_grpc.LanguageServiceStub(channel).Health(llm_pb2.LanguageHealthRequest(),
+                                                                           timeout=10)
+            out.append(health.running_requests)
+    return out
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def markdown(rows: list[Row], peaks: dict[str, int], cpu: str, command: str) -> str:
+    lines = [f"Chaos suite on {cpu}; `{command}`", "",
+             "| scenario | requests | result | p50 s | p99 s | target | met |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.scenario} | {r.requests} | {r.figure} | {r.p50_s} | {r.p99_s} | {r.target} | "
+                     f"{'yes' if r.met else '**no**'} |")
+    lines += ["", "Peak RSS under overload (MB, each service with the processes it started): "
+              + ", ".join(f"{k} {v}" for k, v in sorted(peaks.items()))]
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.scenario.split(" (")[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r.p50_s or 0 for r in rows], width=0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], [r.p99_s or 0 for r in rows], width=0.4, label="p99")
+    ax.set_xticks(list(xs), names, rotation=15, fontsize=8)
+    ax.set_ylabel("latency of successful requests (s)")
+    ax.set_title("DvD under faults (tiny checkpoint)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+async def run(stack: Stack, quick: bool) -> tuple[list[Row], dict[str, int], dict[str, Any]]:
+    d = 12.0 if quick else 60.0
+    log.info("scenario: unloaded reference")
+    base = await unloaded(stack, d / 2)
+    base_rate = base.statuses["200"] / (d / 2)
+    rows = [row(f"unloaded ({CONCURRENCY} clients)", base, f"{base_rate:.2f} req/s", "reference", True)]
+    log.info("scenario: overload")
+    over, peaks = await overload(stack, d, base_rate)
+    rows.append(over)
+    log.info("scenario: vision kills")
+    rows.append(await vision_kills(stack, d if quick else 2 * d, 4.0 if quick else 10.0, base))
+    log.info("scenario: language server kill")
+    rows.append(await llm_kill(stack, 2 * d))
+    log.info("scenario: hostile inputs")
+    rows.append(await hostile(stack, 1 if quick else 3))
+    log.info("scenario: soak")
+    soaked, detail = await soak(stack, 60 if quick else 2000)
+    rows.append(soaked)
+    return rows, peaks, detail
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/chaos.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short scenarios (the test suite's run)")
+    p.add_argument("--model", default="tiny", help="a checkpoint preset or directory (non-Flash)")
+    p.add_argument("--out", type=Path, default=Path("results/chaos"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    setup_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    random.seed(args.seed)
+    model = resolve_model(args.model)
+    t0 = time.monotonic()
+    with running_stack(model, args.out / "logs") as stack:
+        log.info("stack ready", extra={"seconds": round(time.monotonic() - t0, 1), "router": stack.base})
+        rows, peaks, detail = asyncio.run(run(stack, args.quick))
+    info = machine()
+    command = "python benchmarks/chaos.py" + (" --quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"machine": info, "command": command, "rows": [asdict(r) for r in rows], "peak_rss_mb": peaks,
+              "soak": detail}
+    (args.out / "chaos.json").write_text(json.dumps(record, indent=1))
+    md = markdown(rows, peaks, info["cpu_model"], command)
+    (args.out / "chaos.md").write_text(md + "\n")
+    plot(rows, args.out / "chaos.png")
+    print(md, flush=True)
+    return 0 if all(r.met for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
