@@ -85,10 +85,7 @@ class BackendPool(Generic[S]):
 
     def __post_init__(self) -> None:
         for target in self.targets:
-            if target.startswith(DNS_PREFIX):
-                split_target(target[len(DNS_PREFIX):])
-            else:
-                split_target(target)
+            split_target(target.removeprefix(DNS_PREFIX))
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -122,7 +119,7 @@ class BackendPool(Generic[S]):
     async def _addresses(self, target: str) -> list[str]:
         if not target.startswith(DNS_PREFIX):
             return [target]
-        host, port = split_target(target[len(DNS_PREFIX):])
+        host, port = split_target(target.removeprefix(DNS_PREFIX))
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -134,7 +131,7 @@ class BackendPool(Generic[S]):
     def _channel(self, address: str, target: str) -> grpc.aio.Channel:
         options = [*RECONNECT_OPTIONS, *self.channel_options]
         if target.startswith(DNS_PREFIX) and self.auth.tls:  # certificates name the service, not pod IPs
-            options.append(("grpc.ssl_target_name_override", split_target(target[len(DNS_PREFIX):])[0]))
+            options.append(("grpc.ssl_target_name_override", split_target(target.removeprefix(DNS_PREFIX))[0]))
         return self.auth.aio_channel(address, options)
 
     async def resolve(self) -> None:
