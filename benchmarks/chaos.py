@@ -7,7 +7,8 @@ Two vision servers, two language servers (vLLM) and one router on the tiny check
 service through the same launcher as dvd-local. Scenarios, in order, each bounded in time and count:
 overload (10x the router's concurrency), vision servers SIGKILLed and restarted under load, a language server
 SIGKILLed under streaming load and restarted, hostile inputs mixed into normal traffic, and a soak of mixed
-requests. Writes chaos.json, chaos.md and chaos.png to --out; exits 1 when a row misses its target.
+requests. Writes chaos.json, chaos.md and chaos.png to --out; exits 1 when a row misses its target (speed
+targets count in the full run only: --quick is the test suite's, and CI machines' timings are noise).
 """
 
 from __future__ import annotations
@@ -304,12 +305,17 @@ class Row:
     figure: str
     target: str
     met: bool
+    # A speed target, kept apart from the correctness target: timings on a shared 2-core CI machine are noise, so
+    # only the full run holds them to it (the test suite's --quick run reports them).
+    speed_target: str = ""
+    speed_met: bool | None = None
 
 
-def row(name: str, tally: Tally, figure: str, target: str, met: bool) -> Row:
+def row(name: str, tally: Tally, figure: str, target: str, met: bool, speed_target: str = "",
+        speed_met: bool | None = None) -> Row:
     q50, q99 = tally.quantile(0.5), tally.quantile(0.99)
     return Row(name, tally.total, dict(tally.statuses), round(q50, 3) if q50 else None,
-               round(q99, 3) if q99 else None, figure, target, met)
+               round(q99, 3) if q99 else None, figure, target, met, speed_target, speed_met)
 
 
 async def unloaded(stack: Stack, seconds: float) -> Tally:
@@ -324,11 +330,12 @@ async def overload(stack: Stack, seconds: float, base_rate: float) -> tuple[Row,
     await watcher
     rate = tally.statuses["200"] / seconds
     bad = tally.count(lambda s: s not in ("200", "429"))
-    met = bad == 0 and tally.retry_after_missing == 0 and rate >= 0.9 * base_rate
+    met = bad == 0 and tally.retry_after_missing == 0
     figure = (f"{tally.statuses['200']} x 200, {tally.statuses['429']} x 429, {bad} other; admitted "
               f"{rate:.2f} req/s vs {base_rate:.2f} unloaded")
     return row(f"overload ({10 * CONCURRENCY} clients, {seconds:.0f} s)", tally, figure,
-               "only 200/429 (with Retry-After), admitted req/s >= 0.9x unloaded", met), dict(watch.peak_mb)
+               "only 200/429 (with Retry-After)", met, "admitted req/s >= 0.9x unloaded",
+               rate >= 0.9 * base_rate), dict(watch.peak_mb)
 
 
 async def vision_kills(stack: Stack, seconds: float, every: float, base: Tally) -> Row:
@@ -472,10 +479,12 @@ async def running_requests(stack: Stack) -> list[int]:
 # -- report ------------------------------------------------------------------------------------------------------
 def markdown(rows: list[Row], peaks: dict[str, int], cpu: str, command: str) -> str:
     lines = [f"Chaos suite on {cpu}; `{command}`", "",
-             "| scenario | requests | result | p50 s | p99 s | target | met |", "|---|---|---|---|---|---|---|"]
+             "| scenario | requests | result | p50 s | p99 s | target | met | speed target | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    mark = {True: "yes", False: "**no**", None: ""}
     for r in rows:
         lines.append(f"| {r.scenario} | {r.requests} | {r.figure} | {r.p50_s} | {r.p99_s} | {r.target} | "
-                     f"{'yes' if r.met else '**no**'} |")
+                     f"{mark[r.met]} | {r.speed_target} | {mark[r.speed_met]} |")
     lines += ["", "Peak RSS under overload (MB, each service with the processes it started): "
               + ", ".join(f"{k} {v}" for k, v in sorted(peaks.items()))]
     return "\n".join(lines)
@@ -546,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "chaos.md").write_text(md + "\n")
     plot(rows, args.out / "chaos.png")
     print(md, flush=True)
-    return 0 if all(r.met for r in rows) else 1
+    speed_ok = args.quick or all(r.speed_met is not False for r in rows)
+    return 0 if all(r.met for r in rows) and speed_ok else 1
 
 
 if __name__ == "__main__":
