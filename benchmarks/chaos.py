@@ -40,12 +40,10 @@ from benchmarks.throughput import machine
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes
-from dvd.procs import Service, grpc_serving, http_ok
+from dvd.procs import Service, cpu_engine_env, engine_cpus, language_server, router, vision_server
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 
 log = logging.getLogger("benchmarks.chaos")
-PY = sys.executable
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
 CONCURRENCY, QUEUE = 4, 8  # the router's limits in this run: overload is 10x the concurrency
 IMAGE = data_url(image_bytes(448, 448, seed=3))
 # RSS growth per 1k requests above which the soak fails: the embedding cache and vLLM's prefix cache fill up to
@@ -201,26 +199,21 @@ class Stack:
         return {"sink": QUIET, "log_file": self.log_dir / f"{name}.log"}
 
     def start_vision(self, index: int, port: int = 0) -> tuple[Service, int]:
-        svc = Service(f"vision{index}", [PY, "-m", "vision_server", "--model", str(self.model), "--host",
-                                         "127.0.0.1", "--port", str(port), "--devices", "cpu"],
-                      env={"OMP_NUM_THREADS": "1"}, **self.logs(f"vision{index}"))
-        port = svc.wait_port("grpc", 120)
-        svc.wait_ready(lambda: grpc_serving(f"127.0.0.1:{port}"), timeout=180)
-        return svc, port
+        svc = vision_server(self.model, name=f"vision{index}", port=port, env={"OMP_NUM_THREADS": "1"},
+                            **self.logs(f"vision{index}"))
+        return svc, port_of(svc.wait_grpc(180))
 
     def start_llm(self, index: int, port: int = 0) -> tuple[Service, int]:
         vision = ",".join(f"127.0.0.1:{p}" for _, p in self.vision)
-        svc = Service(f"llm{index}", [PY, "-m", "llm_server", "--model", str(self.model), "--host", "127.0.0.1",
-                                      "--port", str(port), "--vision", vision, "--served-model-name", "tiny",
-                                      "--max-model-len", "4096", "--vision-health-interval", "0.5",
-                                      "--embedding-cache-gb", str(CACHE_GB)],
-                      env=ENGINE_ENV, **self.logs(f"llm{index}"))
+        # One core per engine: vLLM's own binding puts both on one core, where they starve each other.
+        svc = language_server(self.model, vision, "--served-model-name", "tiny", "--max-model-len", "4096",
+                              "--vision-health-interval", "0.5", "--embedding-cache-gb", str(CACHE_GB),
+                              name=f"llm{index}", port=port, env=cpu_engine_env(engine_cpus(index), kv_gib=1),
+                              **self.logs(f"llm{index}"))
         return svc, port
 
     def wait_llm(self, svc: Service, port: int) -> int:
-        port = port or svc.wait_port("grpc", 600)
-        svc.wait_ready(lambda: grpc_serving(f"127.0.0.1:{port}"), timeout=600)
-        return port
+        return port_of(svc.wait_grpc(600))
 
     def kill(self, svc: Service) -> None:
         """SIGKILL the service and everything it started (its process group), as a crash or OOM kill would."""
@@ -237,16 +230,17 @@ def running_stack(model: Path, log_dir: Path) -> Iterator[Stack]:
         starting = [stack.start_llm(i) for i in range(2)]  # both engines start at once
         stack.llm = [(svc, stack.wait_llm(svc, port)) for svc, port in starting]
         llm = ",".join(f"127.0.0.1:{p}" for _, p in stack.llm)
-        stack.router = Service("router", [PY, "-m", "router", "--port", "0", "--llm", llm, "--health-interval",
-                                          "0.5", "--max-concurrency", str(CONCURRENCY), "--max-queue", str(QUEUE),
-                                          "--request-timeout", "120"], **stack.logs("router"))
-        port = stack.router.wait_port("http", 60)
-        stack.base = f"http://127.0.0.1:{port}"
-        stack.router.wait_ready(lambda: http_ok(f"{stack.base}/ready"), timeout=60)
+        stack.router = router(llm, "--health-interval", "0.5", "--max-concurrency", str(CONCURRENCY),
+                              "--max-queue", str(QUEUE), "--request-timeout", "120", **stack.logs("router"))
+        stack.base = stack.router.wait_http()
         yield stack
     finally:
         for svc in reversed(stack.services()):
             svc.stop()
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
 
 
 def group_pids(leader: int) -> list[int]:

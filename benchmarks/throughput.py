@@ -459,12 +459,10 @@ def baseline_server(model: Path, split: CpuSplit, args: argparse.Namespace, log_
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--trust-remote-code",
             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
             "--dtype", args.dtype, *args.baseline_arg]
-    if split.baseline:
-        argv = ["taskset", "-c", split.baseline, *argv]
     log_dir.mkdir(parents=True, exist_ok=True)
     quiet = open(os.devnull, "w")  # noqa: SIM115 - closed below; the log file keeps everything
     svc = Service("baseline", argv, env=engine_env(split.baseline, args.kv_cache_gib), sink=quiet,
-                  log_file=log_dir / "baseline.log")
+                  log_file=log_dir / "baseline.log", cpus=split.baseline or None)
     try:
         svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=ENGINE_START_TIMEOUT)
         yield f"http://127.0.0.1:{port}/v1"

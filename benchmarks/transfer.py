@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from dvd.data_plane import shm_domain
 from dvd.logs import setup_logging
-from dvd.procs import Service, grpc_serving
+from dvd.procs import Service
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.security import InternalAuth
 from dvd.server import start_server
@@ -221,8 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--tiles-per-message", str(args.tiles_per_message)]
         server = Service("tile-streamer", argv, env={"OMP_NUM_THREADS": "1"}, sink=quiet)
         try:
-            address = f"127.0.0.1:{server.wait_port('grpc', 60)}"
-            server.wait_ready(lambda: grpc_serving(address), timeout=60)
+            address = server.wait_grpc(60)
             for path in paths:
                 with tqdm(total=args.images + 2, desc=path, unit="image", file=sys.stderr, leave=False) as bar:
                     results.append(asyncio.run(receive(address, path, args.images, args.streams, args.hidden,

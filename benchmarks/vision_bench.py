@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from benchmarks.flops import vision_tile_flops
 from dvd.checkpoint import resolve_model
-from dvd.procs import Service, grpc_serving
+from dvd.procs import vision_server
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.model import build_model
@@ -208,14 +207,11 @@ def main() -> None:
     svc = None
     address = a.address
     if address is None:
-        argv = [sys.executable, "-m", "vision_server", "--model", str(ckpt), "--port", "0", "--host",
-                "127.0.0.1", "--devices", device, "--dtype", a.dtype, "--batching", a.batching,
-                "--max-batch-tiles", str(max_batch),
-                *(["--preprocess-threads", str(a.preprocess_threads)] if a.preprocess_threads else [])]
         env = {"OMP_NUM_THREADS": str(threads), "DVD_LOG_LEVEL": "WARNING"}
-        svc = Service("vision-bench", argv, env=env, sink=open(os.devnull, "w"))  # noqa: SIM115
-        address = f"127.0.0.1:{svc.wait_port('grpc', 300)}"
-        svc.wait_ready(lambda: grpc_serving(address), timeout=300)
+        svc = vision_server(ckpt, "--dtype", a.dtype, "--batching", a.batching, "--max-batch-tiles", str(max_batch),
+                            *(["--preprocess-threads", str(a.preprocess_threads)] if a.preprocess_threads else []),
+                            name="vision-bench", devices=device, env=env, sink=open(os.devnull, "w"))  # noqa: SIM115
+        address = svc.wait_grpc(300)
     # Rounds alternate (the idle server costs nothing while the loop runs) and the best round of each side
     # counts: on a shared machine the slower rounds measure the neighbours.
     svc_runs: list[tuple[float, list[float], int]] = []

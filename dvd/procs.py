@@ -1,7 +1,8 @@
 """Starting the DvD services as child processes: free ports, readiness waits, prefixed logs, clean shutdown.
 
-Shared by the one-machine launcher (`dvd-local`), the test fixtures and the benchmark, so that all three start
-the services exactly the same way.
+Shared by the one-machine launcher (`dvd-local`), the test fixtures and the benchmarks, so that all of them start
+the services exactly the same way: `vision_server`, `language_server` and `router` build each service's command
+line in one place, `Service.wait_grpc` / `Service.wait_http` wait until it reports ready.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from dvd.runtime import PORTS_ENV
 
@@ -28,9 +29,23 @@ if TYPE_CHECKING:
     from dvd.security import InternalAuth
 
 
+PY = sys.executable
+LOCALHOST = "127.0.0.1"
+
+
 def usable_cpus() -> str:
     """This process's CPUs as a taskset/vLLM list ("0,1")."""
     return ",".join(map(str, sorted(os.sched_getaffinity(0))))
+
+
+def engine_cpus(index: int) -> str:
+    """The core for the `index`-th of several vLLM CPU engines on one host: one each, round-robin.
+
+    vLLM's `auto` binding pins every engine's model worker to the same core, where an idle worker's sched_yield
+    spin and a busy one starve each other: in the chaos soak (two engines, 2-vCPU AMD EPYC, Linux 6.18) one engine
+    got 0.01 CPU-seconds per second for up to 120 s while the other ran, and its requests timed out."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return str(cpus[index % len(cpus)])
 
 
 def cpu_engine_env(cpus: str | None = None, kv_gib: int = 2) -> dict[str, str]:
@@ -57,9 +72,10 @@ class Service:
     """One child process whose output is copied, line by line and prefixed, to a sink (and kept for errors)."""
 
     def __init__(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
-                 sink: IO[str] | None = None, log_file: Path | None = None) -> None:
+                 sink: IO[str] | None = None, log_file: Path | None = None, cpus: str | None = None) -> None:
+        """`cpus` pins the service and every process it starts to a CPU list ("0", "1-3") with taskset."""
         self.name = name
-        self.argv = list(argv)
+        self.argv = ["taskset", "-c", cpus, *argv] if cpus else list(argv)
         self.tail: deque[str] = deque(maxlen=200)
         self._sink = sink if sink is not None else sys.stderr
         self._log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed in stop()
@@ -119,6 +135,18 @@ class Service:
         raise TimeoutError(f"{self.name} did not report its {name} port after {timeout:.0f}s:\n"
                            + self.last_lines(40))
 
+    def wait_grpc(self, timeout: float = 600.0, auth: InternalAuth | None = None) -> str:
+        """host:port of the service's gRPC port, once its grpc.health.v1 says SERVING (model or engine ready)."""
+        address = f"{LOCALHOST}:{self.wait_port('grpc', timeout)}"
+        self.wait_ready(lambda: grpc_serving(address, auth), timeout)
+        return address
+
+    def wait_http(self, timeout: float = 60.0, path: str = "/ready", host: str = LOCALHOST) -> str:
+        """http://host:port of the service's HTTP port, once `path` answers 200."""
+        base = f"http://{host}:{self.wait_port('http', timeout)}"
+        self.wait_ready(lambda: http_ok(base + path), timeout)
+        return base
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the whole process group (vLLM spawns workers), then SIGKILL what is left."""
         if self.alive():
@@ -149,3 +177,23 @@ def grpc_serving(address: str, auth: InternalAuth | None = None) -> bool:
     from dvd.health import check
 
     return check(address, auth=auth)
+
+
+def vision_server(model: str | Path, *args: str, name: str = "vision", port: int = 0, devices: str = "cpu",
+                  **kw: Any) -> Service:
+    """A vision server on this host (port 0: any free one, `wait_grpc` says which); `args` are its CLI options,
+    `kw` Service's (env, sink, log_file, cpus)."""
+    return Service(name, [PY, "-m", "vision_server", "--model", str(model), "--host", LOCALHOST, "--port", str(port),
+                          "--devices", devices, *args], **kw)
+
+
+def language_server(model: str | Path, vision: str, *args: str, name: str = "llm", port: int = 0,
+                    **kw: Any) -> Service:
+    """A language server on this host, fed by the vision server(s) at `vision` ("host:port,...")."""
+    return Service(name, [PY, "-m", "llm_server", "--model", str(model), "--host", LOCALHOST, "--port", str(port),
+                          "--vision", vision, *args], **kw)
+
+
+def router(llm: str, *args: str, name: str = "router", host: str = LOCALHOST, port: int = 0, **kw: Any) -> Service:
+    """The OpenAI gateway in front of the language server(s) at `llm` ("host:port,...")."""
+    return Service(name, [PY, "-m", "router", "--host", host, "--port", str(port), "--llm", llm, *args], **kw)

@@ -12,18 +12,17 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 from dvd.checkpoint import resolve_model
 from dvd.config import ROUTER_PORT, option, parse
-from dvd.procs import Service, cpu_engine_env, grpc_serving, http_ok
+from dvd.procs import LOCALHOST, Service, cpu_engine_env, language_server, router, vision_server
 
-PY = sys.executable
 ENGINE_START_TIMEOUT = 600.0  # vLLM: ~45 s for the tiny model on 2 CPU cores, minutes for real weights
 
 
@@ -71,40 +70,34 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
     devices = devices or ("cuda" if has_cuda() else "cpu")
     services: list[Service] = []
 
-    def launch(name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
-        pin = (cpus or {}).get(name)
-        argv = ["taskset", "-c", pin, *argv] if pin else argv
-        env = {**(env or {}), **(service_env or {}).get(name, {})}
-        svc = Service(name, argv, env=env, sink=sink, log_file=log_dir / f"{name}.log" if log_dir else None)
+    def launch(start: Callable[..., Service], *args: str, name: str, env: dict[str, str] | None = None,
+               **kw: Any) -> Service:
+        svc = start(*args, name=name, cpus=(cpus or {}).get(name), sink=sink,
+                    env={**(env or {}), **(service_env or {}).get(name, {})},
+                    log_file=log_dir / f"{name}.log" if log_dir else None, **kw)
         services.append(svc)
         return svc
 
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        # Port 0 everywhere the launcher picks: each service binds any free port and reports it (no port picked
-        # here can be taken by another process before the service binds it).
-        vision = launch("vision", [PY, "-m", "vision_server", "--model", str(model_dir), "--host", "127.0.0.1",
-                                   "--port", "0", "--devices", devices, *vision_args])
-        vision_address = f"127.0.0.1:{vision.wait_port('grpc', timeout)}"
+        # Port 0 everywhere: each service binds any free port and reports it (no port picked here can be taken by
+        # another process before the service binds it).
+        vision = launch(vision_server, str(model_dir), *vision_args, name="vision", devices=devices)
+        vision_address = f"{LOCALHOST}:{vision.wait_port('grpc', timeout)}"
         # On CPU vLLM would otherwise reserve most of the memory; on a GPU it shares the card with the vision server.
         # On CPU the engine and the vision server share every core (each takes what the other leaves idle).
         engine_env = cpu_engine_env(kv_gib=2) if devices == "cpu" else {}
         engine_opts = [] if devices == "cpu" else ["--gpu-memory-utilization", "0.7"]
-        llm = launch("llm", [PY, "-m", "llm_server", "--model", str(model_dir), "--host", "127.0.0.1",
-                             "--port", "0", "--vision", vision_address,
-                             "--max-model-len", str(max_model_len), "--served-model-name", served_name,
-                             *engine_opts, *llm_args], env=engine_env)
-        vision.wait_ready(lambda: grpc_serving(vision_address), timeout=timeout)
-        llm_address = f"127.0.0.1:{llm.wait_port('grpc', timeout)}"
-        llm.wait_ready(lambda: grpc_serving(llm_address), timeout=timeout)
-        router = launch("router", [PY, "-m", "router", "--host", host, "--port", str(port), "--llm", llm_address,
-                                   *(["--api-key", api_key] if api_key else []), *router_args])
-        port = router.wait_port("http", 60)
-        probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        router.wait_ready(lambda: http_ok(f"http://{probe_host}:{port}/ready"), timeout=60)
-        yield Stack(model_dir, served_name, f"http://{probe_host}:{port}/v1", vision_address, llm_address, api_key,
-                    services)
+        llm = launch(language_server, str(model_dir), vision_address, "--max-model-len", str(max_model_len),
+                     "--served-model-name", served_name, *engine_opts, *llm_args, name="llm", env=engine_env)
+        vision.wait_grpc(timeout)
+        llm_address = llm.wait_grpc(timeout)
+        front = launch(router, llm_address, *(["--api-key", api_key] if api_key else []), *router_args,
+                       name="router", host=host, port=port)
+        probe_host = LOCALHOST if host in ("0.0.0.0", "::") else host
+        base = front.wait_http(60, host=probe_host)
+        yield Stack(model_dir, served_name, f"{base}/v1", vision_address, llm_address, api_key, services)
     finally:
         for svc in reversed(services):
             svc.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Iterator
@@ -10,13 +11,21 @@ from pathlib import Path
 import pytest
 
 from dvd.checkpoint import resolve_model
-from dvd.procs import Service, free_port, grpc_serving, http_ok
+from dvd.procs import (
+    Service,
+    cpu_engine_env,
+    engine_cpus,
+    free_port,
+    http_ok,
+    language_server,
+    router,
+    vision_server,
+)
 from dvd.security import InternalAuth
 
 REPO = Path(__file__).resolve().parent.parent
-PY = sys.executable
-# vLLM on CPU reserves most of the machine unless told otherwise; several engines share 2 cores here.
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+VISION_ENV = {"OMP_NUM_THREADS": "1"}
+_engines = itertools.count()
 VLLM_START_TIMEOUT = 300
 METRICS_URLS: dict[str, str] = {}
 
@@ -38,24 +47,25 @@ def tiny_flash_ckpt(checkpoint_root: Path) -> Path:
     return resolve_model("tiny-flash")
 
 
+def engine_env() -> dict[str, str]:
+    """vLLM on CPU for one test engine: a 1 GiB KV budget (it would reserve most of the memory) and a core of its
+    own, round-robin (several engines share 2 cores here; dvd.procs.engine_cpus says why they must not share one)."""
+    return cpu_engine_env(engine_cpus(next(_engines)), kv_gib=1)
+
+
 def start_vision(name: str, model: Path, *extra: str, env: dict[str, str] | None = None,
                  auth: InternalAuth | None = None) -> tuple[Service, str]:
-    """A vision server on port 0; `env` adds variables (DVD_INTERNAL_TOKEN, ...), `auth` is what probes it."""
-    svc = Service(name, [PY, "-m", "vision_server", "--model", str(model), "--port", "0", "--host", "127.0.0.1",
-                         "--devices", "cpu", *extra], env={"OMP_NUM_THREADS": "1", **(env or {})})
-    address = f"127.0.0.1:{svc.wait_port('grpc', 120)}"
-    svc.wait_ready(lambda: grpc_serving(address, auth), timeout=120)
-    return svc, address
+    """A vision server on port 0 with the tests' defaults; `env` adds variables, `auth` is what probes it."""
+    svc = vision_server(model, *extra, name=name, env={**VISION_ENV, **(env or {})})
+    return svc, svc.wait_grpc(120, auth)
 
 
 def start_llm(name: str, model: Path, vision: str, *extra: str, env: dict[str, str] | None = None,
               auth: InternalAuth | None = None) -> tuple[Service, str]:
-    """A language server on port 0 (no port race), served as `tiny`-style names given in `extra`."""
-    svc = Service(name, [PY, "-m", "llm_server", "--model", str(model), "--port", "0", "--host", "127.0.0.1",
-                         "--vision", vision, "--max-model-len", "16384", *extra], env={**ENGINE_ENV, **(env or {})})
-    address = f"127.0.0.1:{svc.wait_port('grpc', VLLM_START_TIMEOUT)}"
-    svc.wait_ready(lambda: grpc_serving(address, auth), timeout=VLLM_START_TIMEOUT)
-    return svc, address
+    """A language server on port 0 with the tests' defaults (`extra`: its options, e.g. --served-model-name)."""
+    svc = language_server(model, vision, "--max-model-len", "16384", *extra, name=name,
+                          env={**engine_env(), **(env or {})})
+    return svc, svc.wait_grpc(VLLM_START_TIMEOUT, auth)
 
 
 @pytest.fixture(scope="session")
@@ -102,11 +112,8 @@ def llm_tiny_metrics(llm_tiny: str) -> str:
 @pytest.fixture(scope="session")
 def router_tiny(llm_tiny: str) -> Iterator[str]:
     """Base URL (`http://127.0.0.1:P/v1`) of the gateway in front of `llm_tiny`."""
-    svc = Service("router-tiny", [PY, "-m", "router", "--port", "0", "--llm", llm_tiny,
-                                  "--allow-private-image-urls"])
-    port = svc.wait_port("http", 60)
-    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), timeout=60)
-    yield f"http://127.0.0.1:{port}/v1"
+    svc = router(llm_tiny, "--allow-private-image-urls", name="router-tiny")
+    yield f"{svc.wait_http()}/v1"
     svc.stop()
 
 
@@ -114,10 +121,10 @@ def router_tiny(llm_tiny: str) -> Iterator[str]:
 def colocated_tiny(tiny_ckpt: Path) -> Iterator[str]:
     """Base URL of stock vLLM's OpenAI server on the full tiny checkpoint: the reference DvD must match."""
     port = free_port()
-    svc = Service("vllm-colocated", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_ckpt),
-                                     "--trust-remote-code", "--port", str(port), "--host", "127.0.0.1",
+    svc = Service("vllm-colocated", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                     str(tiny_ckpt), "--trust-remote-code", "--port", str(port), "--host", "127.0.0.1",
                                      "--max-model-len", "16384", "--served-model-name", "tiny",
-                                     "--limit-mm-per-prompt", '{"image": 8}'], env=ENGINE_ENV)
+                                     "--limit-mm-per-prompt", '{"image": 8}'], env=engine_env())
     svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=VLLM_START_TIMEOUT)
     yield f"http://127.0.0.1:{port}/v1"
     svc.stop()

@@ -54,7 +54,7 @@ def test_services_start_while_others_grab_ports(tiny_ckpt) -> None:
 
     import httpx
 
-    from dvd.procs import Service, grpc_serving
+    from dvd.procs import grpc_serving, router
     from tests.conftest import start_vision
 
     grabbed: list[socket.socket] = []
@@ -70,11 +70,11 @@ def test_services_start_while_others_grab_ports(tiny_ckpt) -> None:
 
     neighbour = threading.Thread(target=grab, daemon=True)
     neighbour.start()
-    vision = router = None
+    vision = front = None
     try:
         vision, address = start_vision("vision-port-race", tiny_ckpt)
-        router = Service("router-port-race", [sys.executable, "-m", "router", "--port", "0", "--llm", "127.0.0.1:1"])
-        port = router.wait_port("http", 60)
+        front = router("127.0.0.1:1", name="router-port-race")
+        port = front.wait_port("http", 60)
         assert grpc_serving(address)
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         taken = {s.getsockname()[1] for s in grabbed}
@@ -82,7 +82,7 @@ def test_services_start_while_others_grab_ports(tiny_ckpt) -> None:
     finally:
         stop.set()
         neighbour.join(5)
-        for svc in (vision, router):
+        for svc in (vision, front):
             if svc is not None:
                 svc.stop()
         for s in grabbed:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -16,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from dvd.procs import Service, http_ok
+from dvd.procs import Service, router
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 from tests.helpers.router import data_url, image_server, png_bytes, user_message
 
@@ -26,11 +25,8 @@ LONG = {"max_tokens": 6000, "extra_body": {"ignore_eos": True}}  # many seconds 
 
 
 def start_router(name: str, llm: str, *args: str) -> tuple[Service, str]:
-    svc = Service(name, [sys.executable, "-m", "router", "--port", "0", "--llm", llm,
-                         "--health-interval", "0.5", *args])
-    port = svc.wait_port("http", 60)
-    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), timeout=60)
-    return svc, f"http://127.0.0.1:{port}/v1"
+    svc = router(llm, "--health-interval", "0.5", *args, name=name)
+    return svc, f"{svc.wait_http()}/v1"
 
 
 def running_requests(llm: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from dvd.procs import Service, free_port, http_ok
+from dvd.procs import free_port, router
 from router.config import parse_args
 from tests.helpers.router import data_url, png_bytes, user_message
 
@@ -21,12 +20,9 @@ MAX_BODY = 50_000
 @pytest.fixture(scope="module")
 def dead_router() -> Iterator[str]:
     """A router whose only backend address has nothing listening."""
-    svc = Service("router-dead", [sys.executable, "-m", "router", "--port", "0",
-                                  "--llm", f"127.0.0.1:{free_port()}", "--api-key", KEY,
-                                  "--max-body-bytes", str(MAX_BODY), "--health-interval", "0.5"])
-    port = svc.wait_port("http", 60)
-    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=60)
-    yield f"http://127.0.0.1:{port}"
+    svc = router(f"127.0.0.1:{free_port()}", "--api-key", KEY, "--max-body-bytes", str(MAX_BODY),
+                 "--health-interval", "0.5", name="router-dead")
+    yield svc.wait_http(path="/health")
     svc.stop()
 
 

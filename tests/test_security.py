@@ -4,7 +4,6 @@ end to end (vision -> language -> router) with certificates from deploy/make-cer
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import grpc
 import pytest
 from openai import OpenAI
 
-from dvd.procs import Service, http_ok
+from dvd.procs import Service, router
 from dvd.security import InternalAuth
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from tests.conftest import start_llm, start_vision
@@ -105,12 +104,9 @@ def test_mutual_tls_and_token_through_the_whole_stack(tiny_ckpt: Path, tmp_path:
             assert code_of(lambda: stub.Health(llm_pb2.LanguageHealthRequest(), timeout=5)) == \
                 grpc.StatusCode.UNAUTHENTICATED
 
-        router = Service("router-tls", [sys.executable, "-m", "router", "--port", "0", "--llm", llm_address,
-                                        "--health-interval", "0.5"], env=env)
-        services.append(router)
-        port = router.wait_port("http", 60)
-        router.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), timeout=60)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        front = router(llm_address, "--health-interval", "0.5", name="router-tls", env=env)
+        services.append(front)
+        client = OpenAI(base_url=f"{front.wait_http()}/v1", api_key="unused")
         reply = client.chat.completions.create(
             model="tiny", max_tokens=4, temperature=0,
             messages=[user_message("What is this?", images=(data_url(PNG),))])
