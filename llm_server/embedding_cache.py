@@ -20,18 +20,22 @@ from llm_server import metrics
 Encoder = Callable[[list[int]], Awaitable[list[torch.Tensor]]]
 
 
-def embedding_keys(images: Sequence[bytes], options: vision_pb2.EncodeOptions, request_wide: bool) -> list[str]:
-    """One key per image: its content hash plus the options that shape its embedding.
+def embedding_keys(images: Sequence[bytes], options: vision_pb2.EncodeOptions, request_wide: bool,
+                   image_max_tiles: Sequence[int] = ()) -> list[str]:
+    """One key per image: its content hash plus the options that shape its embedding (its own tile cap included).
 
     With ViR the compression decision is a quantile over every tile of the request, so on Flash checkpoints an
     image's rows also depend on the other images it came with: then their hashes are part of the key. The keys
     are also vLLM's multi-modal UUIDs, so its prefix cache never mixes two different embeddings of one image.
     """
     digests = [hashlib.sha256(b).hexdigest() for b in images]
-    suffix = f"|vir={options.vir}|tiles={options.max_tiles}"
+    caps = list(image_max_tiles) or [0] * len(images)
+    suffix = f"|vir={options.vir}"
     if request_wide and options.vir != vision_pb2.VIR_MODE_OFF and len(images) > 1:
-        suffix += "|with=" + ",".join(digests)
-    return [hashlib.sha256((d + suffix).encode()).hexdigest() for d in digests]
+        # Neighbours shape the quantile with their own tile counts.
+        suffix += "|with=" + ",".join(f"{d}:{c or options.max_tiles}" for d, c in zip(digests, caps, strict=True))
+    return [hashlib.sha256(f"{d}|tiles={c or options.max_tiles}{suffix}".encode()).hexdigest()
+            for d, c in zip(digests, caps, strict=True)]
 
 
 class EmbeddingCache:

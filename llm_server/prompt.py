@@ -27,6 +27,7 @@ class PromptError(ValueError):
 class Conversation:
     messages: list[dict]
     images: list[bytes]
+    image_max_tiles: list[int]  # per image: its own tile cap (image_url.detail), 0 = the request's
 
 
 def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
@@ -34,6 +35,7 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
         raise PromptError("the conversation has no messages")
     out: list[dict] = []
     images: list[bytes] = []
+    image_max_tiles: list[int] = []
     for i, m in enumerate(messages):
         if m.role not in ROLES:
             raise PromptError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}")
@@ -49,10 +51,11 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
                     raise PromptError(f"messages[{i}]: empty image")
                 parts.append({"type": "image"})
                 images.append(part.image)
+                image_max_tiles.append(part.max_tiles)
             else:
                 raise PromptError(f"messages[{i}]: empty content part")
         out.append({"role": m.role, "content": parts})
-    return Conversation(out, images)
+    return Conversation(out, images, image_max_tiles)
 
 
 def render_prompt(tokenizer, conversation: Conversation) -> str:

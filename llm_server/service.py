@@ -225,7 +225,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
 
             async def encode(indices: list[int]) -> list[torch.Tensor]:
                 nonlocal embedding_bytes, vision_summary
-                encoded = await self.pool.encode(request_id, [images[i] for i in indices], options)
+                encoded = await self.pool.encode(request_id, [images[i] for i in indices], options,
+                                                 [conversation.image_max_tiles[i] for i in indices])
                 embedding_bytes, vision_summary = encoded.bytes_received, encoded.summary
                 metrics.VISION_WAIT.observe(encoded.seconds)
                 for transport, n in encoded.bytes_by_transport.items():
@@ -234,7 +235,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                 validate_embeddings(encoded.embeddings, len(indices), self.hidden_size, indices)
                 return [e.to(self.model_config.dtype) for e in encoded.embeddings]
 
-            keys = embedding_keys(images, options, self.request_wide_vir)
+            keys = embedding_keys(images, options, self.request_wide_vir, conversation.image_max_tiles)
             embeddings = await self.cache.lookup(keys, encode)
         t_vision = time.perf_counter()
         visual_tokens = sum(e.shape[0] for e in embeddings)

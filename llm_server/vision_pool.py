@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -106,8 +107,11 @@ class VisionPool:
         b.status = h
         return h.ready, float(h.queued_tiles)
 
-    async def encode(self, request_id: str, images: list[bytes], options: vision_pb2.EncodeOptions) -> EncodedImages:
-        """Embeddings for every image, from one server; other servers are tried when one fails."""
+    async def encode(self, request_id: str, images: list[bytes], options: vision_pb2.EncodeOptions,
+                     image_max_tiles: Sequence[int] = ()) -> EncodedImages:
+        """Embeddings for every image, from one server; other servers are tried when one fails.
+
+        `image_max_tiles`: per image, its own tile cap (0 = options.max_tiles); empty = none."""
         deadline = time.monotonic() + self.timeout_s
         tried: set[str] = set()
         errors: list[str] = []
@@ -118,7 +122,7 @@ class VisionPool:
             if remaining <= 0:
                 break
             try:
-                return await self._encode_on(backend, request_id, images, options, remaining)
+                return await self._encode_on(backend, request_id, images, options, image_max_tiles, remaining)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise VisionInputError(e.details() or "invalid image") from e
@@ -143,16 +147,20 @@ class VisionPool:
         raise VisionUnavailableError(f"no vision server could encode the images ({detail})")
 
     async def _encode_on(self, b: VisionBackend, request_id: str, images: list[bytes],
-                         options: vision_pb2.EncodeOptions, timeout: float) -> EncodedImages:
+                         options: vision_pb2.EncodeOptions, image_max_tiles: Sequence[int],
+                         timeout: float) -> EncodedImages:
         t0 = time.perf_counter()
         health = b.status or vision_pb2.VisionHealthResponse()  # not probed yet: no shortcuts offered
-        tiles_bound = (options.max_tiles or health.max_tiles or 12) + 1  # the thumbnail
+        budget = options.max_tiles or health.max_tiles or 12
+        caps = [c or budget for c in image_max_tiles] or [budget] * len(images)
+        tiles_bound = sum(c + (c > 1) for c in caps)  # a thumbnail whenever there is more than one tile
         receiver = await TileReceiver.open(
             self.transport, self.executor, self.slots, health.shm_domain, b.host,
-            health.data_port if self.tcp_allowed else 0,
-            len(images) * tiles_bound * TILE_ROWS * self.hidden_size * BF16_BYTES, timeout)
+            health.data_port if self.tcp_allowed else 0, tiles_bound * TILE_ROWS * self.hidden_size * BF16_BYTES,
+            timeout)
         request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options,
-                                           data_plane=receiver.offer())
+                                           data_plane=receiver.offer(),
+                                           image_max_tiles=image_max_tiles if any(image_max_tiles) else ())
         embs: list[torch.Tensor | None] = [None] * len(images)
         filled = [0] * len(images)  # rows received per image
         counts = [0] * len(images)  # tiles received per image

@@ -45,7 +45,8 @@ def _refuse_non_default(model: BaseModel, defaults: dict[str, tuple[Callable[[An
 
 class ImageURL(_Request):
     url: str = Field(min_length=1)
-    # Accepted for compatibility; InternVL's tiling (max_dynamic_patch) is the knob that sets image detail here.
+    # "low": this image as one 448 px tile (no thumbnail); "high"/"auto": the request's tile budget
+    # (max_dynamic_patch, else the model's). Stock vLLM ignores `detail`.
     detail: Literal["auto", "low", "high"] | None = None
 
 

@@ -23,6 +23,9 @@ from router.schemas import (
 )
 
 _VIR = {None: vision_pb2.VIR_MODE_UNSPECIFIED, "auto": vision_pb2.VIR_MODE_AUTO, "off": vision_pb2.VIR_MODE_OFF}
+# image_url.detail -> that image's tile cap (0: the request's budget). "low" is OpenAI's low-resolution mode: one
+# 448 px tile, which InternVL tiles without a thumbnail (256 visual tokens on a non-Flash checkpoint).
+DETAIL_TILES = {"low": 1}
 
 
 def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
@@ -39,7 +42,8 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
     messages = [
         llm_pb2.ChatMessage(
             role="system" if m.role == "developer" else m.role,
-            content=[llm_pb2.ContentPart(image=next(pending)) if p.image_url is not None
+            content=[llm_pb2.ContentPart(image=next(pending), max_tiles=DETAIL_TILES.get(p.image_url.detail or "", 0))
+                     if p.image_url is not None
                      else llm_pb2.ContentPart(text=p.text or "") for p in m.content or ()])
         for m in req.messages
     ]

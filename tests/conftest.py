@@ -124,7 +124,9 @@ def colocated_tiny(tiny_ckpt: Path) -> Iterator[str]:
     svc = Service("vllm-colocated", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                                      str(tiny_ckpt), "--trust-remote-code", "--port", str(port), "--host", "127.0.0.1",
                                      "--max-model-len", "16384", "--served-model-name", "tiny",
-                                     "--limit-mm-per-prompt", '{"image": 8}'], env=engine_env())
+                                     "--limit-mm-per-prompt", '{"image": 8}',
+                                     # per-request max_dynamic_patch: the reference for image_url.detail
+                                     "--trust-request-mm-kwargs"], env=engine_env())
     svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=VLLM_START_TIMEOUT)
     yield f"http://127.0.0.1:{port}/v1"
     svc.stop()

@@ -127,3 +127,8 @@ def test_keys_depend_on_options_and_on_neighbours_only_under_request_wide_vir() 
     assert embedding_keys([a, b], auto, False)[0] == embedding_keys([a, c], auto, False)[0]  # not Flash
     assert embedding_keys([a, b], off, True)[0] == embedding_keys([a, c], off, True)[0]  # ViR off
     assert len(set(embedding_keys([a, b, c], auto, False))) == 3
+    # A per-image tile cap (image_url.detail) is part of that image's key; 0 is the request's budget.
+    assert embedding_keys([a, b], auto, False, [1, 0])[0] != embedding_keys([a, b], auto, False)[0]
+    assert embedding_keys([a, b], auto, False, [1, 0])[1] == embedding_keys([a, b], auto, False)[1]
+    two = vision_pb2.EncodeOptions(max_tiles=2)
+    assert embedding_keys([a], two, False, [2]) == embedding_keys([a], two, False)

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import httpx
@@ -252,6 +253,34 @@ def test_tile_budget_reaches_the_vision_server(client: openai.OpenAI, model: str
     assert one_tile < default
     assert prompt_tokens(mm_processor_kwargs={"max_dynamic_patch": 1}) == one_tile
     assert prompt_tokens(vir="off", max_dynamic_patch=1) == one_tile  # no ViR on a non-Flash checkpoint
+
+
+async def test_image_detail_equals_stock_vllm_tile_budget(aclient: openai.AsyncOpenAI, model: str,
+                                                          colocated_tiny: str) -> None:
+    """image_url.detail "low" is that image as one 448 px tile: the same prompt tokens and greedy text as stock vLLM
+    given a one-tile budget (it ignores `detail`); "high" and "auto" keep the full budget; a low image next to a
+    high one is cut alone (and the embedding cache keeps the two apart)."""
+    ref_client = openai.AsyncOpenAI(base_url=colocated_tiny, api_key="none", max_retries=0)
+    args: dict[str, Any] = {"max_tokens": 8, "temperature": 0}
+
+    def messages(*details: str | None) -> list[dict[str, Any]]:
+        parts = [{"type": "image_url", "image_url": {"url": data_url(BLUE), **({"detail": d} if d else {})}}
+                 for d in details]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": "What colour is it?"}]}]
+
+    async def ours(*details: str | None) -> Any:
+        return await aclient.chat.completions.create(model=model, messages=messages(*details), **args)
+
+    full = await ref_client.chat.completions.create(model="tiny", messages=messages(None), **args)
+    one = await ref_client.chat.completions.create(model="tiny", messages=messages(None), **args,
+                                                   extra_body={"mm_processor_kwargs": {"max_dynamic_patch": 1}})
+    assert one.usage.prompt_tokens < full.usage.prompt_tokens
+    for detail, ref in (("high", full), ("low", one), ("auto", full), (None, full)):
+        got = await ours(detail)
+        assert (got.usage.prompt_tokens, got.choices[0].message.content) == \
+            (ref.usage.prompt_tokens, ref.choices[0].message.content), detail
+    mixed, both = await ours("low", "high"), await ours("high", "high")
+    assert mixed.usage.prompt_tokens == both.usage.prompt_tokens - (full.usage.prompt_tokens - one.usage.prompt_tokens)
 
 
 # ---- errors ----

@@ -60,8 +60,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.preprocessing_tiles = 0  # worst-case tiles of requests still being decoded
 
     # -- validation ---------------------------------------------------------------------------------------------
-    def _check(self, request: vision_pb2.EncodeRequest) -> int:
-        """Refuse what can be refused before any work; returns the effective max grid tiles."""
+    def _check(self, request: vision_pb2.EncodeRequest) -> list[int]:
+        """Refuse what can be refused before any work; returns each image's effective max grid tiles."""
         if not self.ready:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "vision server is not ready (starting or stopping)")
         n = len(request.images)
@@ -81,16 +81,24 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                                f"max_tiles {asked} is above the model's maximum of {model_max}")
         if request.options.vir not in vision_pb2.VirMode.values():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown vir mode {request.options.vir}")
-        return asked or model_max
+        caps = list(request.image_max_tiles) or [0] * n
+        if len(caps) != n:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"image_max_tiles has {len(caps)} entries for {n} images")
+        if (worst := max(caps)) > model_max:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"image_max_tiles {worst} is above the model's maximum of {model_max}")
+        return [c or asked or model_max for c in caps]
 
-    async def _preprocess(self, images: list[bytes], max_num: int) -> list[Tiled]:
+    async def _preprocess(self, images: list[bytes], max_nums: list[int]) -> list[Tiled]:
         m = self.model_cfg
-        min_num = min(m.min_dynamic_patch if m.dynamic_image_size else 1, max_num)
-        fn = partial(preprocess, image_size=m.image_size, min_num=min_num, max_num=max_num,
-                     use_thumbnail=m.use_thumbnail, max_pixels=self.cfg.max_image_pixels)
+        least = m.min_dynamic_patch if m.dynamic_image_size else 1
+        fn = partial(preprocess, image_size=m.image_size, use_thumbnail=m.use_thumbnail,
+                     max_pixels=self.cfg.max_image_pixels)
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(*(loop.run_in_executor(self.pool, fn, data) for data in images),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self.pool, partial(fn, data, min_num=min(least, k), max_num=k))
+              for data, k in zip(images, max_nums, strict=True)), return_exceptions=True)
         out: list[Tiled] = []
         for i, r in enumerate(results):
             if isinstance(r, BadImage):
@@ -110,17 +118,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         sender: TileSender | None = None
         status = "ok"
         try:
-            max_num = self._check(request)
+            max_nums = self._check(request)
             # Reserve the worst case before decoding, so that many large requests cannot all hold their decoded
             # pixels at once while the queue-full check below waits for preprocessing to finish.
-            bound = len(request.images) * (max_num + 1)
+            bound = sum(k + 1 for k in max_nums)
             if self.batcher.queued_tiles + self.preprocessing_tiles + bound > self.cfg.max_queue_tiles:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"vision queue is full ({self.batcher.queued_tiles} tiles waiting, "
                                    f"{self.preprocessing_tiles} being decoded)")
             self.preprocessing_tiles += bound
             try:
-                tiled = await self._preprocess(list(request.images), max_num)
+                tiled = await self._preprocess(list(request.images), max_nums)
             finally:
                 self.preprocessing_tiles -= bound
             t_pre = time.monotonic() - t0

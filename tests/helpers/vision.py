@@ -56,8 +56,8 @@ class Encoded:
 
 
 def request(images: list[bytes], vir: int = vision_pb2.VIR_MODE_UNSPECIFIED, max_tiles: int = 0,
-            request_id: str = "test") -> vision_pb2.EncodeRequest:
-    return vision_pb2.EncodeRequest(request_id=request_id, images=images,
+            request_id: str = "test", image_max_tiles: tuple[int, ...] = ()) -> vision_pb2.EncodeRequest:
+    return vision_pb2.EncodeRequest(request_id=request_id, images=images, image_max_tiles=image_max_tiles,
                                     options=vision_pb2.EncodeOptions(vir=vir, max_tiles=max_tiles))
 
 
