@@ -1,5 +1,5 @@
 """How both gRPC servers start and wait: bound with the internal security settings, the standard health service
-registered and NOT_SERVING until the caller says otherwise, and a stop on SIGTERM/SIGINT."""
+registered and NOT_SERVING until the caller says otherwise, a stop on SIGTERM/SIGINT, and the drain after it."""
 
 from __future__ import annotations
 
@@ -37,3 +37,11 @@ async def wait_for_stop() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def drain(server: grpc.aio.Server, health: Health, service: Any, grace: float) -> None:
+    """Graceful stop: `service.ready` off and health NOT_SERVING (new calls go elsewhere), then in-flight calls get
+    `grace` seconds to finish before the server stops."""
+    service.ready = False
+    await health.set(False)
+    await server.stop(grace)

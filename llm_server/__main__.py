@@ -13,7 +13,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from dvd.health import Health
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
-from dvd.server import start_server, wait_for_stop
+from dvd.server import drain, start_server, wait_for_stop
 from dvd.v1 import llm_pb2_grpc
 from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
@@ -71,9 +71,7 @@ async def serve() -> None:
     await wait_for_stop()
     watch.cancel()
     log.info("shutting down: finishing in-flight calls", extra={"grace_s": config.shutdown_grace})
-    service.ready = False
-    await health.set(False)
-    await server.stop(config.shutdown_grace)
+    await drain(server, health, service, config.shutdown_grace)
     await pool.close()
     engine.shutdown()
 

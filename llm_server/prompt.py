@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dvd.conversation import image_error, role_error, template_role
 from dvd.v1 import llm_pb2
 
 IMAGE_PLACEHOLDER = "<image>"
-ROLES = ("system", "user", "assistant")
 
 
 class PromptError(ValueError):
@@ -37,16 +37,16 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
     images: list[bytes] = []
     image_max_tiles: list[int] = []
     for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise PromptError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}")
+        if (error := role_error(m.role)) is not None:
+            raise PromptError(f"messages[{i}]: {error}")
         parts: list[dict] = []
         for part in m.content:
             kind = part.WhichOneof("part")
             if kind == "text":
                 parts.append({"type": "text", "text": part.text})
             elif kind == "image":
-                if m.role != "user":
-                    raise PromptError(f"messages[{i}]: images are only accepted in user messages")
+                if (error := image_error(m.role)) is not None:
+                    raise PromptError(f"messages[{i}]: {error}")
                 if not part.image:
                     raise PromptError(f"messages[{i}]: empty image")
                 parts.append({"type": "image"})
@@ -54,7 +54,7 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
                 image_max_tiles.append(part.max_tiles)
             else:
                 raise PromptError(f"messages[{i}]: empty content part")
-        out.append({"role": m.role, "content": parts})
+        out.append({"role": template_role(m.role), "content": parts})
     return Conversation(out, images, image_max_tiles)
 
 

@@ -24,15 +24,13 @@ from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server import metrics
 from llm_server.embedding_cache import EmbeddingCache, embedding_keys
 from llm_server.prompt import PromptError, count_prompt_tokens, parse_messages, render_prompt
-from llm_server.vision_pool import (
-    VisionBusyError,
-    VisionInputError,
-    VisionPool,
-    VisionTimeoutError,
-    VisionUnavailableError,
-)
+from llm_server.vision_pool import VisionError, VisionPool
 
 log = logging.getLogger("llm_server.service")
+# The outcome label of a request the vision pool could not serve (dvd_llm_requests_total{status}).
+VISION_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.RESOURCE_EXHAUSTED: "vision_busy",
+                 grpc.StatusCode.FAILED_PRECONDITION: "vision_unavailable",
+                 grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded"}
 
 RESPONSE_FORMAT: TypeAdapter[AnyResponseFormat] = TypeAdapter(AnyResponseFormat)
 
@@ -185,19 +183,14 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             async for response in self._generate(request_id, request):
                 yield response
             status = "ok"
-        except (PromptError, EmbeddingError, VisionInputError) as e:
+        except (PromptError, EmbeddingError) as e:
             status = "invalid"
             log.info("rejected request", extra={"request_id": request_id, "reason": str(e)})
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e), param_metadata(getattr(e, "param", None)))
-        except VisionBusyError as e:
-            status = "vision_busy"
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except VisionUnavailableError as e:  # the pool, not this replica: the router must not retry elsewhere
-            status = "vision_unavailable"
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except VisionTimeoutError as e:
-            status = "deadline_exceeded"
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except VisionError as e:
+            status = VISION_STATUS.get(e.code, "vision_error")
+            log.info("vision refused", extra={"request_id": request_id, "code": e.code.name, "reason": str(e)})
+            await context.abort(e.code, str(e))
         except grpc.aio.AioRpcError as e:  # a vision call that was cancelled or ran out of time
             status = e.code().name.lower()
             await context.abort(e.code(), e.details() or "vision call failed")

@@ -24,20 +24,15 @@ TRANSPORT_NAMES = {vision_pb2.TRANSPORT_SHM: "shm", vision_pb2.TRANSPORT_TCP: "t
 TILE_ROWS = 256  # embedding rows of an uncompressed InternVL3.5 tile: sizes the shared-memory offer
 
 
-class VisionInputError(ValueError):
-    """The vision service rejected the images (bad input): the client's fault, never retried."""
+class VisionError(Exception):
+    """The vision pool could not serve the request. `code` is what the language server answers with:
+    INVALID_ARGUMENT (the images are bad: the client's fault, never retried), RESOURCE_EXHAUSTED (every vision
+    queue is full: back-pressure, retry later), FAILED_PRECONDITION (no vision server could: the pool, not this
+    replica, so the router does not retry elsewhere), DEADLINE_EXCEEDED (out of time)."""
 
-
-class VisionUnavailableError(RuntimeError):
-    """No vision server could encode the request."""
-
-
-class VisionBusyError(VisionUnavailableError):
-    """Every vision server refused the request because its queue is full (back-pressure, retry later)."""
-
-
-class VisionTimeoutError(TimeoutError):
-    """The vision pool did not finish the request within its deadline."""
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class VisionProtocolError(RuntimeError):
@@ -63,7 +58,7 @@ VisionBackend = Backend[vision_pb2_grpc.VisionServiceStub]  # .status: the last 
 OUTSTANDING_TILES = 16
 
 
-class VisionPool:
+class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
     def __init__(self, targets: tuple[str, ...], hidden_size: int, timeout_s: float = 120.0,
                  health_interval_s: float = 2.0, transport: str = "auto", shm_budget_bytes: int = 2**30,
                  auth: InternalAuth | None = None) -> None:
@@ -75,28 +70,18 @@ class VisionPool:
         self.tcp_allowed = transport == "tcp" or (transport == "auto" and not auth.tls)
         self.slots = ShmSlots(shm_budget_bytes if transport in ("auto", "shm") else 0)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
-        self.pool = BackendPool(targets, vision_pb2_grpc.VisionServiceStub, self._probe, "vision", auth=auth,
-                                channel_options=[("grpc.max_receive_message_length", 64 * 2**20)],
-                                health_interval=health_interval_s, outstanding_weight=OUTSTANDING_TILES)
-
-    @property
-    def backends(self) -> list[VisionBackend]:
-        return self.pool.backends
-
-    async def start(self) -> None:
-        await self.pool.start()
+        super().__init__(targets, vision_pb2_grpc.VisionServiceStub, self._probe, "vision", auth=auth,
+                         channel_options=[("grpc.max_receive_message_length", 64 * 2**20)],
+                         health_interval=health_interval_s, outstanding_weight=OUTSTANDING_TILES)
 
     async def close(self) -> None:
-        await self.pool.close()
+        await super().close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.slots.close()
 
     @property
     def ready_count(self) -> int:
-        return len(self.pool.ready_backends)
-
-    async def check_health(self) -> None:
-        await self.pool.check_all()
+        return len(self.ready_backends)
 
     async def _probe(self, b: VisionBackend) -> tuple[bool, float]:
         h = await b.stub.Health(vision_pb2.VisionHealthRequest(), timeout=2.0)
@@ -116,7 +101,7 @@ class VisionPool:
         tried: set[str] = set()
         errors: list[str] = []
         busy = 0
-        while (backend := self.pool.pick(tried, fallback_to_unready=True)) is not None:
+        while (backend := self.pick(tried, fallback_to_unready=True)) is not None:
             tried.add(backend.address)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -125,26 +110,27 @@ class VisionPool:
                 return await self._encode_on(backend, request_id, images, options, image_max_tiles, remaining)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise VisionInputError(e.details() or "invalid image") from e
+                    raise VisionError(e.code(), e.details() or "invalid image") from e
                 if e.code() == grpc.StatusCode.CANCELLED:
                     raise
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the whole budget is spent: no retry
-                    raise VisionTimeoutError(f"vision encoding took longer than {self.timeout_s:.0f}s") from e
+                    raise VisionError(e.code(), f"vision encoding took longer than {self.timeout_s:.0f}s") from e
                 busy += e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 errors.append(f"{backend.address}: {e.code().name} {e.details()}")
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                    self.pool.mark_down(backend, errors[-1])
+                    self.mark_down(backend, errors[-1])
             except (VisionProtocolError, DataPlaneError) as e:
                 errors.append(f"{backend.address}: {e}")
-                self.pool.mark_down(backend, errors[-1])
+                self.mark_down(backend, errors[-1])
             log.warning("vision server failed; trying another", extra={"request_id": request_id,
                                                                           "error": errors[-1]})
         if time.monotonic() >= deadline:
-            raise VisionTimeoutError(f"vision encoding took longer than {self.timeout_s:.0f}s")
+            raise VisionError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"vision encoding took longer than {self.timeout_s:.0f}s")
         detail = "; ".join(errors) if errors else "no vision server configured or reachable"
         if errors and busy == len(errors):
-            raise VisionBusyError(f"every vision server is at capacity ({detail})")
-        raise VisionUnavailableError(f"no vision server could encode the images ({detail})")
+            raise VisionError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"every vision server is at capacity ({detail})")
+        raise VisionError(grpc.StatusCode.FAILED_PRECONDITION, f"no vision server could encode the images ({detail})")
 
     async def _encode_on(self, b: VisionBackend, request_id: str, images: list[bytes],
                          options: vision_pb2.EncodeOptions, image_max_tiles: Sequence[int],

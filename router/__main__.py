@@ -23,7 +23,8 @@ def main() -> None:
     sock.bind((config.host, config.port))
     sock.listen(2048)  # connections made once the port is reported wait in the backlog until uvicorn accepts them
     report_ports(http=sock.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_config=None, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_config=None, timeout_graceful_shutdown=5,
+                                           timeout_keep_alive=int(config.keep_alive)))
     server.run(sockets=[sock])
 
 

@@ -41,12 +41,12 @@ def create_app(config: RouterConfig) -> FastAPI:
     completions = Completions(pool, images, limiter, metrics, max_body_bytes=config.max_body_bytes,
                               request_timeout=config.request_timeout)
     metrics.waiting.set_function(lambda: limiter.waiting)
-    metrics.backends_ready.set_function(lambda: len(pool.ready_backends()))
+    metrics.backends_ready.set_function(lambda: len(pool.ready_backends))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pool.start()
-        log.info("router started", extra={"backends": ",".join(config.llm), "ready": len(pool.ready_backends()),
+        log.info("router started", extra={"backends": ",".join(config.llm), "ready": len(pool.ready_backends),
                                           "auth": bool(config.api_keys)})
         try:
             yield
@@ -94,7 +94,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     @app.get("/ready")
     async def ready() -> JSONResponse:
         backends = {b.address: ("ready" if b.ready else b.last_error) for b in pool.backends}
-        status = 200 if pool.ready_backends() else 503
+        status = 200 if pool.ready_backends else 503
         return JSONResponse({"ready": status == 200, "backends": backends}, status_code=status)
 
     @app.get("/metrics")

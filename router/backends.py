@@ -32,41 +32,24 @@ class NoBackendError(Exception):
 Backend = PoolBackend[llm_pb2_grpc.LanguageServiceStub]  # .status: the last LanguageHealthResponse
 
 
-class BackendPool:
+class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
     """The language servers: each request goes to the one with the fewest requests running (reported by the
     replica, every router's included) plus this router's own calls not yet reported (weight 1)."""
 
     def __init__(self, targets: tuple[str, ...], health_interval: float = 2.0, health_timeout: float = 2.0,
                  auth: InternalAuth | None = None) -> None:
         self._timeout = health_timeout
-        self.pool = GenericPool(targets, llm_pb2_grpc.LanguageServiceStub, self._probe, "language",
-                                auth=auth or InternalAuth(), channel_options=CHANNEL_OPTIONS,
-                                health_interval=health_interval)
-
-    @property
-    def backends(self) -> list[Backend]:
-        return self.pool.backends
-
-    async def start(self) -> None:
-        await self.pool.start()
-
-    async def close(self) -> None:
-        await self.pool.close()
+        super().__init__(targets, llm_pb2_grpc.LanguageServiceStub, self._probe, "language",
+                         auth=auth or InternalAuth(), channel_options=CHANNEL_OPTIONS, health_interval=health_interval)
 
     async def _probe(self, backend: Backend) -> tuple[bool, float]:
         health = await backend.stub.Health(llm_pb2.LanguageHealthRequest(), timeout=self._timeout)
         backend.status = health
         return health.ready, float(health.running_requests)
 
-    def ready_backends(self) -> list[Backend]:
-        return self.pool.ready_backends
-
     def models(self) -> dict[str, int]:
         """Served model name -> max_model_len, over ready replicas."""
-        return {b.status.model: b.status.max_model_len for b in self.ready_backends()}
-
-    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> Backend | None:
-        return self.pool.pick(exclude)
+        return {b.status.model: b.status.max_model_len for b in self.ready_backends}
 
     async def generate(self, request: llm_pb2.GenerateRequest,
                        deadline: float) -> AsyncIterator[llm_pb2.GenerateResponse]:
@@ -92,7 +75,7 @@ class BackendPool:
             except grpc.aio.AioRpcError as exc:
                 if sent_any or exc.code() not in RETRYABLE or self.pick(tried) is None:
                     raise  # with nowhere else to go, the replica's own reason is the best answer
-                self.pool.mark_down(backend, f"{exc.code().name}: {exc.details()}")
+                self.mark_down(backend, f"{exc.code().name}: {exc.details()}")
                 log.warning("retrying on another backend", extra={"backend": backend.address,
                                                                    "request_id": request.request_id})
             finally:

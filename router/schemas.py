@@ -13,10 +13,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
+from dvd.conversation import image_error, role_error
+
 MAX_DYNAMIC_PATCH = 40  # InternVL's tiler goes up to 40 tiles (max_num in its dynamic_preprocess)
 UINT32_MAX = 2**32 - 1
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default --max-logprobs
-ROLES = ("system", "developer", "user", "assistant")
 
 
 def _unsupported(field: str, why: str, *, param: str | None = None) -> PydanticCustomError:
@@ -88,10 +89,8 @@ class ChatMessage(_Request):
 
     @model_validator(mode="after")
     def _check_role(self) -> ChatMessage:
-        if self.role in ("tool", "function"):
-            raise ValueError(f"'{self.role}' messages are not supported (no tool calling)")
-        if self.role not in ROLES:
-            raise ValueError(f"unknown role {self.role!r}; expected one of {', '.join(ROLES)}")
+        if (error := role_error(self.role)) is not None:
+            raise ValueError(error)
         _refuse_non_default(self, {
             "tool_calls": (lambda v: not v, "are not supported (no tool calling)"),
             "tool_call_id": (lambda v: v is None, "is not supported (no tool calling)"),
@@ -99,8 +98,8 @@ class ChatMessage(_Request):
         })
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content'")
-        if self.role != "user" and any(p.type == "image_url" for p in self.content or ()):
-            raise ValueError("images are only allowed in user messages")
+        if any(p.type == "image_url" for p in self.content or ()) and (error := image_error(self.role)):
+            raise ValueError(error)
         return self
 
 

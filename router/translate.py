@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 
+from dvd.conversation import template_role
 from dvd.sampling import PASS_THROUGH
 from dvd.v1 import llm_pb2, vision_pb2
 from router.schemas import (
@@ -41,7 +42,7 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
     pending = iter(images)
     messages = [
         llm_pb2.ChatMessage(
-            role="system" if m.role == "developer" else m.role,
+            role=template_role(m.role),
             content=[llm_pb2.ContentPart(image=next(pending), max_tiles=DETAIL_TILES.get(p.image_url.detail or "", 0))
                      if p.image_url is not None
                      else llm_pb2.ContentPart(text=p.text or "") for p in m.content or ()])

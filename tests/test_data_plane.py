@@ -20,7 +20,7 @@ from dvd.data_plane import SHM_DIR, shm_domain
 from dvd.procs import free_port
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots, remove_orphan_segments
-from llm_server.vision_pool import EncodedImages, VisionPool, VisionUnavailableError
+from llm_server.vision_pool import EncodedImages, VisionError, VisionPool
 from tests.conftest import start_llm, start_vision
 from tests.helpers.llm import generate, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes
@@ -194,8 +194,9 @@ async def test_a_lying_server_is_a_protocol_error(fault: str, transport: str, me
     pool = VisionPool((f"127.0.0.1:{port}",), hidden_size=128, timeout_s=20, transport=transport)
     await pool.start()
     try:
-        with pytest.raises(VisionUnavailableError, match=message):
+        with pytest.raises(VisionError, match=message) as err:
             await pool.encode("dp-liar", [b"image"], vision_pb2.EncodeOptions())
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert not pool.backends[0].ready  # not tried again until its health check passes
     finally:
         await pool.close()

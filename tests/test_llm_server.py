@@ -11,7 +11,7 @@ import torch
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server.prompt import PromptError
 from llm_server.service import EmbeddingError, sampling_params, validate_embeddings
-from llm_server.vision_pool import VisionBusyError, VisionPool, VisionTimeoutError, VisionUnavailableError
+from llm_server.vision_pool import VisionError, VisionPool
 from tests.helpers.llm import generate, health, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes
 
@@ -166,8 +166,9 @@ async def test_vision_pool_skips_a_dead_server(vision_tiny: str) -> None:
     pool = VisionPool((dead,), hidden_size=128, timeout_s=5)
     await pool.start()
     try:
-        with pytest.raises(VisionUnavailableError):
+        with pytest.raises(VisionError) as err:
             await pool.encode("r2", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         await pool.close()
 
@@ -177,8 +178,9 @@ async def test_vision_pool_refuses_a_server_of_another_model(vision_tiny: str) -
     await pool.start()
     try:
         assert pool.ready_count == 0
-        with pytest.raises(VisionUnavailableError, match="hidden size"):
+        with pytest.raises(VisionError, match="hidden size") as err:
             await pool.encode("r3", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         await pool.close()
 
@@ -253,8 +255,9 @@ async def test_vision_pool_deadline_is_a_timeout_not_a_retry(vision_tiny: str) -
     pool = VisionPool((vision_tiny,), hidden_size=128, timeout_s=0.05)
     await pool.start()
     try:
-        with pytest.raises(VisionTimeoutError):
+        with pytest.raises(VisionError) as err:
             await pool.encode("r-slow", [image_bytes(1792, 1344, seed=s) for s in range(3)], vision_pb2.EncodeOptions())
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         await pool.close()
 
@@ -267,8 +270,9 @@ async def test_full_vision_queue_is_back_pressure(tiny_ckpt) -> None:
     pool = VisionPool((address,), hidden_size=128, timeout_s=30)
     await pool.start()
     try:
-        with pytest.raises(VisionBusyError, match="queue is full"):  # 2 images x (12 + 1) tiles could not fit
+        with pytest.raises(VisionError, match="queue is full") as err:  # 2 images x (12 + 1) tiles could not fit
             await pool.encode("r-big", [image_bytes(448, 448)] * 2, vision_pb2.EncodeOptions())
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         ok = await pool.encode("r-ok", [image_bytes(448, 448)], vision_pb2.EncodeOptions(max_tiles=1))
         assert ok.embeddings[0].shape == (256, 128)
     finally:

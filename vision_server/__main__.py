@@ -14,7 +14,7 @@ from dvd.checkpoint import resolve_model
 from dvd.config import parse
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
-from dvd.server import start_server, wait_for_stop
+from dvd.server import drain, start_server, wait_for_stop
 from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import Batcher, DeviceRunner
 from vision_server.config import ModelConfig, ServerConfig
@@ -108,9 +108,7 @@ async def serve(cfg: ServerConfig) -> None:
     await wait_for_stop()
     # Graceful: refuse new calls, let in-flight ones finish (their tiles are still being batched), then stop.
     log.info("stopping", extra={"inflight": servicer.inflight, "queued_tiles": batcher.queued_tiles})
-    servicer.ready = False
-    await health.set(False)
-    await server.stop(cfg.shutdown_grace)
+    await drain(server, health, servicer, cfg.shutdown_grace)
     await batcher.close()
     servicer.close()
     if listener is not None:
