@@ -173,9 +173,8 @@ async def load(base: str, clients: int, seconds: float, *, stream: bool = False,
             body = normal_body(stream, max_tokens=48 if stream else 6, fresh=fresh)
             status, _, wait = (await one_request(client, tally, body, timeout)).partition(":")
             if status == "429":
-                # Refused clients wait as the router asks (Retry-After), as the official openai client does. Clients
-                # that retried every 50 ms (earlier runs) measured the CPU that they and their refused 0.7 MB
-                # requests took from the two engines on this 2-core machine (admitted 0.65x of unloaded).
+                # Refused clients wait as the router asks (Retry-After), as the official openai client does (earlier
+                # runs retried every 50 ms: no client does that on purpose).
                 await asyncio.sleep(float(wait) if wait.replace(".", "", 1).isdigit() else 0.05)
 
     limits = httpx.Limits(max_connections=clients + 8, keepalive_expiry=KEEPALIVE_S)
