@@ -132,10 +132,11 @@ class Tally:
         return sum(n for s, n in self.statuses.items() if predicate(s))
 
 
-async def one_request(client: httpx.AsyncClient, tally: Tally, body: dict[str, Any], timeout: float) -> str:
-    """The request's outcome; a 429 comes back as "429:<Retry-After seconds>"."""
+async def one_request(client: httpx.AsyncClient, tally: Tally, body: dict[str, Any],
+                      timeout: float) -> tuple[str, float]:
+    """The request's outcome, and how long the router asked a refused client to wait (Retry-After; 0 otherwise)."""
     t0 = time.monotonic()
-    wait = ""
+    wait = 0.0
     try:
         if body.get("stream"):
             async with client.stream("POST", "/v1/chat/completions", json=body, timeout=timeout) as r:
@@ -147,14 +148,16 @@ async def one_request(client: httpx.AsyncClient, tally: Tally, body: dict[str, A
             r = await client.post("/v1/chat/completions", json=body, timeout=timeout)
             status = str(r.status_code)
             if r.status_code == 429:
-                wait = r.headers.get("retry-after", "")
-                tally.retry_after_missing += not wait
+                retry_after = r.headers.get("retry-after", "")
+                tally.retry_after_missing += not retry_after
+                with suppress(ValueError):
+                    wait = float(retry_after)
     except httpx.TimeoutException:
         status = "hung"
     except httpx.HTTPError as e:
         status = f"transport error ({type(e).__name__})"
     tally.add(status, time.monotonic() - t0)
-    return f"{status}:{wait}" if wait else status
+    return status, wait
 
 
 async def load(base: str, clients: int, seconds: float, *, stream: bool = False, timeout: float = 120.0,
@@ -171,11 +174,11 @@ async def load(base: str, clients: int, seconds: float, *, stream: bool = False,
             sent += 1
             # Streams run longer (48 tokens), so that a replica killed under streaming load has streams in flight.
             body = normal_body(stream, max_tokens=48 if stream else 6, fresh=fresh)
-            status, _, wait = (await one_request(client, tally, body, timeout)).partition(":")
+            status, wait = await one_request(client, tally, body, timeout)
             if status == "429":
                 # Refused clients wait as the router asks (Retry-After), as the official openai client does (earlier
                 # runs retried every 50 ms: no client does that on purpose).
-                await asyncio.sleep(float(wait) if wait.replace(".", "", 1).isdigit() else 0.05)
+                await asyncio.sleep(wait or 0.05)
 
     limits = httpx.Limits(max_connections=clients + 8, keepalive_expiry=KEEPALIVE_S)
     async with httpx.AsyncClient(base_url=base, limits=limits) as client:
@@ -209,16 +212,16 @@ class Stack:
                             **self.logs(f"vision{index}"))
         return svc, port_of(svc.wait_grpc(180))
 
-    def start_llm(self, index: int, port: int = 0) -> tuple[Service, int]:
+    def start_llm(self, index: int, port: int = 0) -> Service:
+        """Started, not waited on: engines start in parallel (`wait_llm`)."""
         vision = ",".join(f"127.0.0.1:{p}" for _, p in self.vision)
         # One core per engine: vLLM's own binding puts both on one core, where they starve each other.
-        svc = language_server(self.model, vision, "--served-model-name", "tiny", "--max-model-len", "4096",
-                              "--vision-health-interval", "0.5", "--embedding-cache-gb", str(CACHE_GB),
-                              name=f"llm{index}", port=port, env=cpu_engine_env(engine_cpus(index), kv_gib=1),
-                              **self.logs(f"llm{index}"))
-        return svc, port
+        return language_server(self.model, vision, "--served-model-name", "tiny", "--max-model-len", "4096",
+                               "--vision-health-interval", "0.5", "--embedding-cache-gb", str(CACHE_GB),
+                               name=f"llm{index}", port=port, env=cpu_engine_env(engine_cpus(index), kv_gib=1),
+                               **self.logs(f"llm{index}"))
 
-    def wait_llm(self, svc: Service, port: int) -> int:
+    def wait_llm(self, svc: Service) -> int:
         return port_of(svc.wait_grpc(600))
 
     def kill(self, svc: Service) -> None:
@@ -234,7 +237,7 @@ def running_stack(model: Path, log_dir: Path) -> Iterator[Stack]:
     try:
         stack.vision = [stack.start_vision(i) for i in range(2)]
         starting = [stack.start_llm(i) for i in range(2)]  # both engines start at once
-        stack.llm = [(svc, stack.wait_llm(svc, port)) for svc, port in starting]
+        stack.llm = [(svc, stack.wait_llm(svc)) for svc in starting]
         llm = ",".join(f"127.0.0.1:{p}" for _, p in stack.llm)
         stack.router = router(llm, "--health-interval", "0.5", "--max-concurrency", str(CONCURRENCY),
                               "--max-queue", str(QUEUE), "--request-timeout", "120", **stack.logs("router"))
@@ -368,8 +371,8 @@ async def llm_kill(stack: Stack, seconds: float) -> Row:
         await asyncio.sleep(seconds / 3)
         svc, port = stack.llm[0]
         stack.kill(svc)
-        restarted, _ = await asyncio.to_thread(stack.start_llm, 0, port)
-        await asyncio.to_thread(stack.wait_llm, restarted, port)
+        restarted = await asyncio.to_thread(stack.start_llm, 0, port)
+        await asyncio.to_thread(stack.wait_llm, restarted)
         stack.llm[0] = (restarted, port)
         async with httpx.AsyncClient(base_url=stack.base) as client:
             for _ in range(20):

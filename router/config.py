@@ -33,8 +33,8 @@ class RouterConfig:
     request_timeout: float = option(600.0, "seconds from request to last token; 504 after")
     health_interval: float = option(2.0, "seconds between health checks of each language server")
     # Longer than clients and load balancers keep idle connections (nginx 75 s, AWS ALB 60 s, httpx 5 s): the side
-    # that closes first must be the client, or a request sent as the server closes is lost (a reset, seen by the
-    # chaos suite under overload with uvicorn's 5 s default).
+    # that closes first must be the client, or a request sent as the server closes is lost (a reset: most likely the
+    # one client ReadError the chaos suite saw under overload with uvicorn's 5 s default).
     keep_alive: float = option(75.0, "seconds an idle HTTP keep-alive connection stays open")
     internal: InternalAuth = field(default_factory=InternalAuth)
 
