@@ -9,6 +9,11 @@ DNS round-robin name) needs no edit. Backends that leave the DNS answer are drop
 Load: a backend's load is what it reports waiting (`Probe` decides: queued tiles for a vision server, running
 requests for a language server) plus `outstanding_weight` for each call this client has in flight on it; the
 weight stands for what a call adds before the next health report shows it, in the reported unit.
+
+Health: a refused or reset probe marks a backend down at once (the process is gone: fail over now). A probe that
+only runs out of time marks it down after `failure_threshold` in a row, as Kubernetes' probe failureThreshold
+does: a busy server on a loaded host can answer one probe late, and dropping the only backend for that turned
+a 429 into a 503 in CI.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Backend(Generic[S]):
     status: Any = None  # the last health reply
     last_error: str = "not checked yet"
     target: str = ""  # the configured target it came from (a dns: name, or the address itself)
+    slow_probes: int = 0  # health probes in a row that ran out of time
 
     @property
     def host(self) -> str:
@@ -80,6 +86,7 @@ class BackendPool(Generic[S]):
     health_interval: float = 2.0
     resolve_interval: float = 10.0
     outstanding_weight: float = 1.0
+    failure_threshold: int = 3
     backends: list[Backend[S]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -168,8 +175,14 @@ class BackendPool(Generic[S]):
         try:
             ready, load = await self.probe(backend)
         except grpc.aio.AioRpcError as e:
-            self.mark_down(backend, f"{e.code().name}: {e.details()}")
+            backend.slow_probes = backend.slow_probes + 1 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
+            if not backend.slow_probes or backend.slow_probes >= self.failure_threshold:
+                self.mark_down(backend, f"{e.code().name}: {e.details()}")
+            else:
+                log.info("health probe late", extra={"pool": self.name, "backend": backend.address,
+                                                      "in_a_row": backend.slow_probes})
             return
+        backend.slow_probes = 0
         if ready != backend.ready:
             log.info("backend ready" if ready else "backend not ready",
                      extra={"pool": self.name, "backend": backend.address})

@@ -98,6 +98,34 @@ async def test_unreachable_backends_are_down_and_skipped() -> None:
     await pool.close()
 
 
+async def test_a_late_probe_needs_company_before_a_backend_is_down() -> None:
+    late = 0
+
+    async def probe(backend: Backend) -> tuple[bool, float]:
+        if late:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       details="Deadline Exceeded")
+        return True, 0.0
+
+    pool = pool_for(("127.0.0.1:1",), probe, failure_threshold=3)
+    await pool.resolve()
+    await pool.check_all()
+    (backend,) = pool.backends
+    late = 1
+    await pool.check_all()
+    await pool.check_all()
+    assert backend.ready  # two late answers from a busy server: still serving
+    late = 0
+    await pool.check_all()
+    late = 1
+    for _ in range(2):
+        await pool.check_all()
+    assert backend.ready  # the count restarts after an answer in time
+    await pool.check_all()
+    assert not backend.ready and "DEADLINE_EXCEEDED" in backend.last_error
+    await pool.close()
+
+
 def test_targets_must_name_a_port() -> None:
     with pytest.raises(ValueError, match="host:port"):
         pool_for(("dns:no-port",), always_ready)
