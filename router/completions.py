@@ -112,8 +112,7 @@ class Completions:
         try:
             req = parse_chat_request(await read_body(request, self.max_body_bytes))
             self._check_model(req.model)
-            await guarded(request, self.limiter.acquire(), deadline)
-            held.admitted()
+            held.admitted(await guarded(request, self.limiter.acquire(), deadline))
             images = await guarded(request, self.images.load_all(image_urls(req)), deadline)
             held.stream = self.pool.generate(to_generate_request(req, images, request_id), deadline)
             first = await guarded(request, anext(held.stream, None), deadline)
@@ -179,19 +178,19 @@ class _Held:
     def __init__(self, limiter: Limiter, tracker: RequestTracker) -> None:
         self.limiter, self.tracker = limiter, tracker
         self.stream: AsyncGenerator[llm_pb2.GenerateResponse, None] | None = None
-        self._slot = False
+        self._granted_at: float | None = None  # when the limiter gave this request its slot
 
-    def admitted(self) -> None:
-        self._slot = True
+    def admitted(self, granted_at: float) -> None:
+        self._granted_at = granted_at
         self.tracker.admitted()
 
     async def release(self) -> None:
         stream, self.stream = self.stream, None
         if stream is not None:
             await stream.aclose()  # cancels the gRPC call if it is still running
-        if self._slot:
-            self._slot = False
-            self.limiter.release()
+        if self._granted_at is not None:
+            granted_at, self._granted_at = self._granted_at, None
+            self.limiter.release(granted_at)
 
 
 class _EventStream(StreamingResponse):

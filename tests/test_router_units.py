@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 
 import pytest
 
 from dvd.v1 import llm_pb2, vision_pb2
+from router.errors import APIError
 from router.images import FetchLimits, ImageError, ImageLoader, decode_data_url, is_public_address, public_addresses
+from router.limits import Limiter
 from router.schemas import RequestError, parse_chat_request
 from router.translate import ChunkBuilder, CompletionBuilder, image_urls, to_generate_request
 from tests.helpers.router import data_url, image_server, png_bytes, user_message
@@ -227,3 +230,29 @@ def test_sampling_fields_are_listed_once_from_the_proto() -> None:
 
     assert "temperature" in PASS_THROUGH and "max_tokens" not in PASS_THROUGH and "n" not in PASS_THROUGH
     assert set(PASS_THROUGH) <= set(ChatCompletionRequest.model_fields)
+
+
+async def test_refused_clients_come_back_when_half_the_queue_has_drained() -> None:
+    limiter = Limiter(concurrency=2, queue=4)
+    first = await limiter.acquire()
+    second = await limiter.acquire()
+    limiter.release(first - 2.0)  # as if held 2 s: the running mean (1 s before any) moves a fifth of the way
+    assert 1.19 < limiter.hold_s < 1.21
+    limiter.hold_s = 0.8
+    queued = [asyncio.create_task(limiter.acquire()) for _ in range(5)]  # 1 slot free + the 4 queue places
+    await asyncio.sleep(0)
+    waits = []
+    for _ in range(50):
+        with pytest.raises(APIError) as refused:
+            await limiter.acquire()
+        headers = refused.value.headers
+        waits.append(int(headers["retry-after-ms"]))
+        assert refused.value.status == 429 and int(headers["Retry-After"]) == max(1, -(-waits[-1] // 1000))
+    # half the queue (2 turns) of 0.8 s per slot over 2 slots = 0.8 s, jittered by +-50%
+    assert all(400 <= w <= 1200 for w in waits) and max(waits) - min(waits) > 100
+    for task in queued[1:]:
+        task.cancel()
+    await asyncio.gather(*queued[1:], return_exceptions=True)
+    limiter.release(second)
+    limiter.release(await queued[0])
+    assert limiter.active == 0 and limiter.waiting == 0
