@@ -12,10 +12,12 @@ import grpc
 import torch
 from pydantic import TypeAdapter
 from vllm import SamplingParams
+from vllm.config import ModelConfig, StructuredOutputsConfig
 from vllm.entrypoints.generate.base.protocol import AnyResponseFormat, structured_outputs_from_response_format
 from vllm.exceptions import VLLMClientError
 from vllm.logprobs import Logprob
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.tokenizers import TokenizerLike
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from dvd.errors import PARAM_KEY
@@ -113,14 +115,17 @@ def param_metadata(param: str | None) -> tuple[tuple[str, str], ...]:
     return ((PARAM_KEY, param),) if param else ()
 
 
-def constraint_param(request: llm_pb2.GenerateRequest, error: Exception) -> str | None:
-    """vLLM rejects a bad schema or grammar without naming the field: name the one the request used."""
-    sampling = request.sampling
-    if not (sampling.response_format or sampling.structured_outputs):
-        return None
-    if not any(w in str(error).lower() for w in ("grammar", "schema", "json", "regex", "structured", "choice")):
-        return None
-    return "response_format" if sampling.response_format else "structured_outputs"
+def check_constraints(p: llm_pb2.SamplingParams, model_config: ModelConfig,
+                      config: StructuredOutputsConfig | None, tokenizer: TokenizerLike) -> None:
+    """vLLM's own constraint validator (grammar, schema, regex, choice), run before any vision work: inside
+    add_request it raises the same errors without saying which request field was wrong."""
+    if not (p.response_format or p.structured_outputs):
+        return
+    try:
+        SamplingParams(structured_outputs=structured_outputs(p))._validate_structured_outputs(
+            model_config, config, tokenizer)
+    except (ValueError, VLLMClientError) as e:
+        raise PromptError(str(e), param="response_format" if p.response_format else "structured_outputs") from e
 
 
 def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None, top: int | None,
@@ -197,7 +202,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         except (ValueError, VLLMClientError) as e:  # vLLM's own input validation
             status = "invalid"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e),
-                                param_metadata(getattr(e, "parameter", None) or constraint_param(request, e)))
+                                param_metadata(getattr(e, "parameter", None)))
         finally:
             metrics.INFLIGHT.dec()
             metrics.REQUESTS.labels(status=status).inc()
@@ -205,6 +210,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
     async def _generate(self, request_id: str,
                         request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
         t0 = time.perf_counter()
+        check_constraints(request.sampling, self.model_config, self.engine.vllm_config.structured_outputs_config,
+                          self.tokenizer)
         conversation = parse_messages(list(request.messages))
         prompt = render_prompt(self.tokenizer, conversation)
         options = vision_pb2.EncodeOptions(vir=request.vision.vir, max_tiles=request.vision.max_dynamic_patch)
