@@ -56,6 +56,8 @@ CACHE_GB = 0.001
 KEEPALIVE_S = 4.0
 # Allocators grow in steps (glibc arenas, PyTorch's caches): growth below this many MB is not a trend.
 RSS_NOISE_MB = 16.0
+# The soak's warm-up: batches of 40 requests until every service grew by at most STEADY_MB in one (at most this many).
+WARMUP_BATCHES, STEADY_MB = 10, 4.0
 QUIET = open(os.devnull, "w")  # noqa: SIM115 (service output goes to the log files)
 
 
@@ -446,10 +448,16 @@ async def hostile(stack: Stack, rounds: int) -> Row:
 
 
 async def soak(stack: Stack, requests: int) -> tuple[Row, dict[str, Any]]:
-    # Warm both caches first, so the growth measured is what stays after they reach their working size. Vision
-    # servers restarted by the kill scenario start cold: 40 warm-up requests left one +22.5 MB over the next 80
-    # (allocator arenas of threads first used then), 80 let it settle.
-    await load(stack.base, CONCURRENCY, 600, limit=max(80, requests // 10), fresh=True)
+    # Warm up until no service grows any more (caches at their budgets, allocator arenas of every thread in use),
+    # so the growth measured is what stays after that. A fixed warm-up was too short for vision servers the kill
+    # scenario restarted: they grow +33-45 MB over their first 80 never-seen images, then 0-3 MB per 80.
+    warmup = 0
+    for _ in range(WARMUP_BATCHES):
+        warmup += 40
+        start = {s.name: rss_mb(s) for s in stack.services()}
+        await load(stack.base, CONCURRENCY, 600, limit=40, fresh=True)
+        if all(rss_mb(s) - start[s.name] <= STEADY_MB for s in stack.services()):
+            break
     before = {s.name: (rss_mb(s), open_fds(s)) for s in stack.services()}
     tally = await load(stack.base, CONCURRENCY, 3600, limit=requests, fresh=True)
     await asyncio.sleep(2.0)
@@ -468,8 +476,8 @@ async def soak(stack: Stack, requests: int) -> tuple[Row, dict[str, Any]]:
     return row(f"soak ({requests} requests)", tally, figure,
                f"0 failed, RSS growth <= {RSS_NOISE_MB:.0f} MB + {RSS_GROWTH_LIMIT_MB_PER_1K:.0f} MB/1k requests, "
                "no fd growth, 0 running after", met), \
-        {"rss_growth_mb": {n: round(g, 1) for n, g in grown.items()}, "rss_growth_mb_per_1k": growth,
-         "fd_change": fds, "running_after": running}
+        {"warmup_requests": warmup, "rss_growth_mb": {n: round(g, 1) for n, g in grown.items()},
+         "rss_growth_mb_per_1k": growth, "fd_change": fds, "running_after": running}
 
 
 async def running_requests(stack: Stack) -> list[int]:
