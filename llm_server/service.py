@@ -65,9 +65,10 @@ def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidde
         check_embedding(i, e, hidden_size)
 
 
-def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: int,
-                    max_model_len: int) -> SamplingParams:
-    """The request's sampling options over the model's generation-config defaults, as vLLM's chat endpoint does."""
+def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: int, max_model_len: int,
+                    constraint: StructuredOutputsParams | None = None) -> SamplingParams:
+    """The request's sampling options over the model's generation-config defaults, as vLLM's chat endpoint does;
+    `constraint`: the request's structured-output constraint, as `check_constraints` parsed and validated it."""
     kw: dict = dict(defaults)
     for name in PASS_THROUGH:
         if p.HasField(name):
@@ -84,8 +85,8 @@ def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: in
     kw["n"] = p.n or 1
     if p.HasField("logprobs"):
         kw["logprobs"] = p.logprobs
-    if p.response_format or p.structured_outputs:
-        kw["structured_outputs"] = structured_outputs(p)
+    if constraint is not None:
+        kw["structured_outputs"] = constraint
     try:
         return SamplingParams(output_kind=RequestOutputKind.DELTA, **kw)
     except (ValueError, TypeError, VLLMClientError) as e:
@@ -116,16 +117,19 @@ def param_metadata(param: str | None) -> tuple[tuple[str, str], ...]:
 
 
 def check_constraints(p: llm_pb2.SamplingParams, model_config: ModelConfig,
-                      config: StructuredOutputsConfig | None, tokenizer: TokenizerLike) -> None:
-    """vLLM's own constraint validator (grammar, schema, regex, choice), run before any vision work: inside
-    add_request it raises the same errors without saying which request field was wrong."""
+                      config: StructuredOutputsConfig | None,
+                      tokenizer: TokenizerLike) -> StructuredOutputsParams | None:
+    """The request's constraint, parsed and checked by vLLM's own validator (grammar, schema, regex, choice) before
+    any vision work: inside add_request it raises the same errors without saying which request field was wrong.
+    vLLM accepts the checked object again (it remembers the backend `auto` chose)."""
     if not (p.response_format or p.structured_outputs):
-        return
+        return None
     try:
-        SamplingParams(structured_outputs=structured_outputs(p))._validate_structured_outputs(
-            model_config, config, tokenizer)
+        constraint = structured_outputs(p)  # vLLM's own types raise VLLMValidationError here too
+        SamplingParams(structured_outputs=constraint)._validate_structured_outputs(model_config, config, tokenizer)
     except (ValueError, VLLMClientError) as e:
         raise PromptError(str(e), param="response_format" if p.response_format else "structured_outputs") from e
+    return constraint
 
 
 def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None, top: int | None,
@@ -210,8 +214,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
     async def _generate(self, request_id: str,
                         request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
         t0 = time.perf_counter()
-        check_constraints(request.sampling, self.model_config, self.engine.vllm_config.structured_outputs_config,
-                          self.tokenizer)
+        constraint = check_constraints(request.sampling, self.model_config,
+                                       self.engine.vllm_config.structured_outputs_config, self.tokenizer)
         conversation = parse_messages(list(request.messages))
         prompt = render_prompt(self.tokenizer, conversation)
         options = vision_pb2.EncodeOptions(vir=request.vision.vir, max_tiles=request.vision.max_dynamic_patch)
@@ -243,7 +247,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         if prompt_tokens >= self.max_model_len:
             raise PromptError(f"the prompt has {prompt_tokens} tokens ({visual_tokens} of them visual), more than the "
                               f"model's context of {self.max_model_len} tokens")
-        params = sampling_params(request.sampling, self.default_sampling, prompt_tokens, self.max_model_len)
+        params = sampling_params(request.sampling, self.default_sampling, prompt_tokens, self.max_model_len,
+                                 constraint)
         if embeddings:
             inputs["multi_modal_data"] = {"image": embeddings}
             inputs["multi_modal_uuids"] = {"image": keys}
