@@ -56,8 +56,9 @@ CACHE_GB = 0.001
 KEEPALIVE_S = 4.0
 # Allocators grow in steps (glibc arenas, PyTorch's caches): growth below this many MB is not a trend.
 RSS_NOISE_MB = 16.0
-# The soak's warm-up: batches of 40 requests until every service grew by at most STEADY_MB in one (at most this many).
-WARMUP_BATCHES, STEADY_MB = 10, 4.0
+# The soak's warm-up: batches of WARMUP_BATCH requests until every service grew by at most STEADY_MB in one, at most
+# WARMUP_BATCHES of them.
+WARMUP_BATCH, WARMUP_BATCHES, STEADY_MB = 40, 10, 4.0
 QUIET = open(os.devnull, "w")  # noqa: SIM115 (service output goes to the log files)
 
 
@@ -453,9 +454,9 @@ async def soak(stack: Stack, requests: int) -> tuple[Row, dict[str, Any]]:
     # scenario restarted: they grow +33-45 MB over their first 80 never-seen images, then 0-3 MB per 80.
     warmup = 0
     for _ in range(WARMUP_BATCHES):
-        warmup += 40
         start = {s.name: rss_mb(s) for s in stack.services()}
-        await load(stack.base, CONCURRENCY, 600, limit=40, fresh=True)
+        await load(stack.base, CONCURRENCY, 600, limit=WARMUP_BATCH, fresh=True)
+        warmup += WARMUP_BATCH
         if all(rss_mb(s) - start[s.name] <= STEADY_MB for s in stack.services()):
             break
     before = {s.name: (rss_mb(s), open_fds(s)) for s in stack.services()}

@@ -175,12 +175,13 @@ class BackendPool(Generic[S]):
         try:
             ready, load = await self.probe(backend)
         except grpc.aio.AioRpcError as e:
-            backend.slow_probes = backend.slow_probes + 1 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
-            if not backend.slow_probes or backend.slow_probes >= self.failure_threshold:
-                self.mark_down(backend, f"{e.code().name}: {e.details()}")
-            else:
+            late = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            backend.slow_probes = backend.slow_probes + 1 if late else 0
+            if late and backend.slow_probes < self.failure_threshold:
                 log.info("health probe late", extra={"pool": self.name, "backend": backend.address,
                                                       "in_a_row": backend.slow_probes})
+            else:
+                self.mark_down(backend, f"{e.code().name}: {e.details()}")
             return
         backend.slow_probes = 0
         if ready != backend.ready:
