@@ -56,9 +56,9 @@ CACHE_GB = 0.001
 KEEPALIVE_S = 4.0
 # Allocators grow in steps (glibc arenas, PyTorch's caches): growth below this many MB is not a trend.
 RSS_NOISE_MB = 16.0
-# The soak's warm-up: batches of WARMUP_BATCH requests until every service grew by at most STEADY_MB in one, at most
-# WARMUP_BATCHES of them.
-WARMUP_BATCH, WARMUP_BATCHES, STEADY_MB = 40, 10, 4.0
+# The soak's warm-up: batches of WARMUP_BATCH requests until every service grew by at most STEADY_MB in each of
+# STEADY_BATCHES batches in a row, at most WARMUP_BATCHES of them.
+WARMUP_BATCH, WARMUP_BATCHES, STEADY_MB, STEADY_BATCHES = 40, 12, 4.0, 2
 QUIET = open(os.devnull, "w")  # noqa: SIM115 (service output goes to the log files)
 
 
@@ -451,13 +451,17 @@ async def hostile(stack: Stack, rounds: int) -> Row:
 async def soak(stack: Stack, requests: int) -> tuple[Row, dict[str, Any]]:
     # Warm up until no service grows any more (caches at their budgets, allocator arenas of every thread in use),
     # so the growth measured is what stays after that. A fixed warm-up was too short for vision servers the kill
-    # scenario restarted: they grow +33-45 MB over their first 80 never-seen images, then 0-3 MB per 80.
-    warmup = 0
+    # scenario restarted: they grow +33-45 MB over their first 80 never-seen images, then 0-3 MB per 80. Growth
+    # comes in steps (more malloc arenas as more threads allocate is the likely cause), so one quiet batch proved too
+    # little: CI once saw a restarted vision server quiet for 40 requests, then +26 MB over the next 160.
+    warmup = steady = 0
     for _ in range(WARMUP_BATCHES):
         start = {s.name: rss_mb(s) for s in stack.services()}
         await load(stack.base, CONCURRENCY, 600, limit=WARMUP_BATCH, fresh=True)
         warmup += WARMUP_BATCH
-        if all(rss_mb(s) - start[s.name] <= STEADY_MB for s in stack.services()):
+        quiet = all(rss_mb(s) - start[s.name] <= STEADY_MB for s in stack.services())
+        steady = steady + 1 if quiet else 0
+        if steady == STEADY_BATCHES:
             break
     before = {s.name: (rss_mb(s), open_fds(s)) for s in stack.services()}
     tally = await load(stack.base, CONCURRENCY, 3600, limit=requests, fresh=True)

@@ -27,6 +27,11 @@ log = logging.getLogger("dvd.checkpoint")
 REMOTE_CODE = Path(__file__).parent / "remote_code" / "configuration_internvl_chat.py"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                   "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+# Added but not special, as in the Qwen3 tokenizer InternVL3.5's language model ships: they stay in the decoded
+# text (skip_special_tokens drops special ones), which is where vLLM's reasoning and tool parsers look for them.
+MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+# Bumped whenever what a preset writes changes: a cached checkpoint of another format is generated again.
+CHECKPOINT_FORMAT = 2
 SYSTEM_MESSAGE = "You are InternVL, a multimodal assistant that answers questions about images."
 # InternVL3.5's template (internvl2_5, Qwen chatml) written for OpenAI-style content lists: one `<image>` line per
 # image part, in place, so vLLM's chat renderer and ours produce the same prompt.
@@ -43,7 +48,10 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    # Qwen3's thinking switch (chat_template_kwargs={"enable_thinking": false}): an empty think block.
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
 )
 
 
@@ -96,7 +104,7 @@ def _corpus(seed: int, lines: int = 4000) -> Iterator[str]:
 
 def build_tokenizer(out: Path, vocab_target: int, seed: int) -> int:
     """Train a small byte-level BPE; returns the vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -108,6 +116,7 @@ def build_tokenizer(out: Path, vocab_target: int, seed: int) -> int:
         show_progress=False,
     )
     tok.train_from_iterator(list(_corpus(seed)), trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
     tok.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -281,8 +290,8 @@ def make_checkpoint(preset: str, out: Path, *, flash: bool = False, seed: int = 
         tensors[name] = init_tensor(name, shape, gen).to(torch.bfloat16).contiguous()
         del i
     files = _write_shards(tensors, out, int(shard_size_mb * 2**20))
-    meta = {"generator": "dvd-make-checkpoint", "preset": preset, "flash": flash, "seed": seed,
-            "shape": asdict(p), "files": files}
+    meta = {"generator": "dvd-make-checkpoint", "format": CHECKPOINT_FORMAT, "preset": preset, "flash": flash,
+            "seed": seed, "shape": asdict(p), "files": files}
     (out / "dvd_checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     log.info("checkpoint written", extra={"out": str(out), "tensors": len(tensors), "files": len(files)})
     return out
@@ -303,7 +312,7 @@ def resolve_model(model: str, seed: int = 0, keep: Callable[[str], bool] | None 
     preset, _, variant = model.partition("-")
     if preset in PRESETS and variant in ("", "flash"):
         out = default_checkpoint_dir() / f"{model}-seed{seed}"
-        if not (out / "dvd_checkpoint.json").exists():
+        if not _current(out / "dvd_checkpoint.json"):
             make_checkpoint(preset, out, flash=variant == "flash", seed=seed)
         return out
     path = Path(model).expanduser()
@@ -313,6 +322,14 @@ def resolve_model(model: str, seed: int = 0, keep: Callable[[str], bool] | None 
         return fetch_from_hub(model, keep)
     raise FileNotFoundError(f"{model!r} is neither a preset ({', '.join(PRESETS)}, with -flash), a directory with "
                             "a config.json, nor a Hugging Face repo id (org/name)")
+
+
+def _current(meta: Path) -> bool:
+    """A generated checkpoint of this code's format (older ones lack tokens or template parts tests need)."""
+    try:
+        return json.loads(meta.read_text()).get("format") == CHECKPOINT_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm.renderers.hf import safe_apply_chat_template
+
 from dvd.conversation import image_error, role_error, template_role
 from dvd.v1 import llm_pb2
 
@@ -58,8 +60,10 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
     return Conversation(out, images, image_max_tiles)
 
 
-def render_prompt(tokenizer, conversation: Conversation) -> str:
-    prompt = tokenizer.apply_chat_template(conversation.messages, tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, conversation: Conversation, model_config, template_kwargs: dict) -> str:
+    """The chat template through vLLM's own call (`template_kwargs` filtered to what the template reads)."""
+    prompt = safe_apply_chat_template(model_config, tokenizer, conversation.messages, tokenize=False,
+                                      **template_kwargs)
     found = prompt.count(IMAGE_PLACEHOLDER)
     if found != len(conversation.images):
         raise PromptError(f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholders for {len(conversation.images)} "
@@ -67,12 +71,8 @@ def render_prompt(tokenizer, conversation: Conversation) -> str:
     return prompt
 
 
-def count_prompt_tokens(tokenizer, prompt: str, image_tokens: list[int]) -> int:
-    """Prompt length after vLLM expands each `<image>` into `<img>` + n x `<IMG_CONTEXT>` + `</img>`.
-
-    The three are special tokens, which the tokenizer never merges with their neighbours, so the text is
-    tokenised once with empty `<img></img>` pairs and the rows are added: the same count as tokenising
-    thousands of `<IMG_CONTEXT>` repeats, in a time that does not grow with the image.
-    """
-    text = "<img></img>".join(prompt.split(IMAGE_PLACEHOLDER))
-    return len(tokenizer.encode(text, add_special_tokens=False)) + sum(image_tokens)
+def text_token_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's tokens with each `<image>` as an empty `<img></img>` pair: vLLM's tokens minus the
+    `<IMG_CONTEXT>` rows it puts between them. The three are special tokens, which the tokenizer never merges with
+    their neighbours, so the prompt's length is `len(these) + rows`, in a time that does not grow with the image."""
+    return tokenizer.encode("<img></img>".join(prompt.split(IMAGE_PLACEHOLDER)), add_special_tokens=False)

@@ -24,8 +24,9 @@ from dvd.errors import PARAM_KEY
 from dvd.sampling import PASS_THROUGH
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server import metrics
+from llm_server.answer import Answer, chat_template_kwargs, openai_request, parser_class
 from llm_server.embedding_cache import EmbeddingCache, embedding_keys
-from llm_server.prompt import PromptError, count_prompt_tokens, parse_messages, render_prompt
+from llm_server.prompt import PromptError, parse_messages, render_prompt, text_token_ids
 from llm_server.vision_pool import VisionError, VisionPool
 
 log = logging.getLogger("llm_server.service")
@@ -169,6 +170,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.default_sampling = self.model_config.get_diff_sampling_param()
         # Flash checkpoints decide ViR per request: an image's rows then depend on the images beside it.
         self.request_wide_vir = bool(getattr(self.model_config.hf_config, "flash_mode", False))
+        # vLLM's --reasoning-parser (an engine option, so it arrives with the others).
+        self.parser_cls = parser_class(engine.vllm_config.structured_outputs_config.reasoning_parser,
+                                       self.tokenizer, self.model_config.model)
         self.ready = True
 
     def _logprobs(self, token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None,
@@ -217,7 +221,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         constraint = check_constraints(request.sampling, self.model_config,
                                        self.engine.vllm_config.structured_outputs_config, self.tokenizer)
         conversation = parse_messages(list(request.messages))
-        prompt = render_prompt(self.tokenizer, conversation)
+        openai = openai_request(request, self.model_name)
+        template_kwargs = chat_template_kwargs(openai)
+        prompt = render_prompt(self.tokenizer, conversation, self.model_config, template_kwargs)
         options = vision_pb2.EncodeOptions(vir=request.vision.vir, max_tiles=request.vision.max_dynamic_patch)
         inputs: dict = {"prompt": prompt}
         embedding_bytes = 0
@@ -243,7 +249,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             embeddings = await self.cache.lookup(keys, encode)
         t_vision = time.perf_counter()
         visual_tokens = sum(e.shape[0] for e in embeddings)
-        prompt_tokens = count_prompt_tokens(self.tokenizer, prompt, [e.shape[0] for e in embeddings])
+        text_ids = text_token_ids(self.tokenizer, prompt)
+        prompt_tokens = len(text_ids) + visual_tokens
         if prompt_tokens >= self.max_model_len:
             raise PromptError(f"the prompt has {prompt_tokens} tokens ({visual_tokens} of them visual), more than the "
                               f"model's context of {self.max_model_len} tokens")
@@ -254,21 +261,25 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             inputs["multi_modal_uuids"] = {"image": keys}
             metrics.VISUAL_TOKENS.inc(visual_tokens)
 
+        answer = Answer(self.parser_cls, self.tokenizer, self.model_config, openai, template_kwargs, params.n)
+        reasoning: dict = {}
+        if answer.parsing:  # as vLLM's server tells the engine (structured outputs start after the reasoning)
+            reasoning = {"reasoning_ended": openai.resolve_reasoning_ended(answer.choices[0].parser, text_ids),
+                         "reasoning_parser_kwargs": {"chat_template_kwargs": template_kwargs}}
+
+        def logprobs(token_ids: Sequence[int], steps) -> list[llm_pb2.TokenLogprob]:
+            return self._logprobs(token_ids, steps, params.logprobs)
+
         completion_tokens = 0
         cached = 0
         first_token_at: float | None = None
-        async for out in self.engine.generate(inputs, params, request_id):
+        async for out in self.engine.generate(inputs, params, request_id, **reasoning):
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             prompt_tokens = len(out.prompt_token_ids or []) or prompt_tokens
             cached = out.num_cached_tokens or cached
-            deltas = []
-            for o in out.outputs:
-                completion_tokens += len(o.token_ids)
-                deltas.append(llm_pb2.ChoiceDelta(
-                    index=o.index, text=o.text, token_ids=list(o.token_ids), finish_reason=o.finish_reason or "",
-                    logprobs=self._logprobs(o.token_ids, o.logprobs, params.logprobs)))
-            yield llm_pb2.GenerateResponse(choices=deltas)
+            completion_tokens += sum(len(o.token_ids) for o in out.outputs)
+            yield llm_pb2.GenerateResponse(choices=answer.deltas(out, logprobs))
         t_end = time.perf_counter()
         timings = llm_pb2.StageTimings(vision_seconds=t_vision - t0,
                                        queue_seconds=(first_token_at or t_end) - t_vision,
@@ -285,6 +296,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                         "total_s": round(t_end - t0, 4)})
         yield llm_pb2.GenerateResponse(
             usage=llm_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                visual_tokens=visual_tokens, cached_prompt_tokens=cached),
+                                visual_tokens=visual_tokens, cached_prompt_tokens=cached,
+                                reasoning_tokens=answer.reasoning_tokens()),
             timings=timings,
         )

@@ -200,6 +200,8 @@ class ChatCompletionRequest(_Request):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     stop_token_ids: list[int] | None = None
     structured_outputs: dict[str, Any] | None = None  # json, regex, choice, grammar, ... (vLLM's own checks)
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}: InternVL3.5's switch
+    include_reasoning: bool | None = None  # false: drop what the server's --reasoning-parser splits off
     mm_processor_kwargs: MMProcessorKwargs | None = None
     # DvD's own: the Flash checkpoints' Visual Resolution Router, and InternVL's tile budget per image.
     vir: Literal["auto", "off"] | None = None
@@ -275,11 +277,16 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None  # with a reasoning parser, as vLLM's
 
 
 class TopLogprob(BaseModel):
@@ -300,6 +307,7 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    reasoning: str | None = None  # vLLM's field for what its reasoning parser splits off
 
 
 class Choice(BaseModel):
@@ -326,6 +334,7 @@ class ChatCompletion(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
 
     @model_serializer(mode="wrap")
     def _omit_nulls(self, handler: Callable[[DeltaMessage], dict[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from router.schemas import (
     Choice,
     ChoiceLogprobs,
     ChunkChoice,
+    CompletionTokensDetails,
     DeltaMessage,
     PromptTokensDetails,
     ResponseMessage,
@@ -61,7 +62,10 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
     sampling = llm_pb2.SamplingParams(n=req.n or 1, stop=stop, stop_token_ids=req.stop_token_ids or [], **optional)
     vision = llm_pb2.VisionOptions(vir=_VIR[req.vir],
                                    max_dynamic_patch=req.max_dynamic_patch or req.dynamic_patch_kwarg or 0)
-    return llm_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling, vision=vision)
+    return llm_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling, vision=vision,
+                                   chat_template_kwargs=json.dumps(req.chat_template_kwargs)
+                                   if req.chat_template_kwargs else "",
+                                   include_reasoning=req.include_reasoning, stream=bool(req.stream))
 
 
 def to_logprobs(entries: Iterable[llm_pb2.TokenLogprob]) -> list[TokenLogprob]:
@@ -77,9 +81,12 @@ def to_logprobs(entries: Iterable[llm_pb2.TokenLogprob]) -> list[TokenLogprob]:
 def to_usage(usage: llm_pb2.Usage | None) -> Usage:
     if usage is None:
         return Usage()
+    details = (CompletionTokensDetails(reasoning_tokens=usage.reasoning_tokens)
+               if usage.HasField("reasoning_tokens") else None)
     return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                  total_tokens=usage.prompt_tokens + usage.completion_tokens,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens),
+                 completion_tokens_details=details)
 
 
 class CompletionBuilder:
@@ -87,20 +94,25 @@ class CompletionBuilder:
 
     def __init__(self, request_id: str, model: str, n: int, logprobs: bool = False) -> None:
         self.request_id, self.model = request_id, model
-        self.texts = [""] * n
+        self.texts: list[str | None] = [None] * n  # None until a delta carries content (llm.proto's ChoiceDelta)
+        self.reasoning: list[str | None] = [None] * n
         self.finish: list[str | None] = [None] * n
         self.logprobs: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if logprobs else None
 
     def feed(self, response: llm_pb2.GenerateResponse) -> None:
         for c in response.choices:
-            self.texts[c.index] += c.text
+            if c.HasField("text"):
+                self.texts[c.index] = (self.texts[c.index] or "") + c.text
+            if c.reasoning:
+                self.reasoning[c.index] = (self.reasoning[c.index] or "") + c.reasoning
             if self.logprobs is not None:
                 self.logprobs[c.index].extend(to_logprobs(c.logprobs))
             if c.finish_reason:
                 self.finish[c.index] = c.finish_reason
 
     def build(self, usage: llm_pb2.Usage | None) -> ChatCompletion:
-        choices = [Choice(index=i, message=ResponseMessage(content=text), finish_reason=self.finish[i],
+        choices = [Choice(index=i, message=ResponseMessage(content=text, reasoning=self.reasoning[i]),
+                          finish_reason=self.finish[i],
                           logprobs=ChoiceLogprobs(content=self.logprobs[i]) if self.logprobs is not None else None)
                    for i, text in enumerate(self.texts)]
         return ChatCompletion(id=self.request_id, model=self.model, choices=choices, usage=to_usage(usage))
@@ -122,9 +134,10 @@ class ChunkBuilder:
 
     def feed(self, response: llm_pb2.GenerateResponse) -> Iterator[ChatCompletionChunk]:
         for c in response.choices:
-            if c.text or (self.logprobs and c.logprobs):
+            if c.text or c.reasoning or (self.logprobs and c.logprobs):
                 logprobs = ChoiceLogprobs(content=to_logprobs(c.logprobs)) if self.logprobs else None
-                yield self._chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=c.text), logprobs=logprobs)])
+                delta = DeltaMessage(content=c.text if c.HasField("text") else None, reasoning=c.reasoning or None)
+                yield self._chunk([ChunkChoice(index=c.index, delta=delta, logprobs=logprobs)])
             if c.finish_reason:
                 yield self._chunk([ChunkChoice(index=c.index, delta=DeltaMessage(), finish_reason=c.finish_reason)])
 

@@ -117,16 +117,22 @@ def router_tiny(llm_tiny: str) -> Iterator[str]:
     svc.stop()
 
 
+def start_stock_vllm(name: str, model: Path, *extra: str) -> tuple[Service, str]:
+    """Stock vLLM's OpenAI server on the full checkpoint (served as `tiny`), the reference DvD must match; `extra`
+    adds server options. Returns the service and its base URL (`http://127.0.0.1:P/v1`)."""
+    port = free_port()
+    svc = Service(name, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                         "--trust-remote-code", "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "16384",
+                         "--served-model-name", "tiny", "--limit-mm-per-prompt", '{"image": 8}', *extra],
+                  env=engine_env())
+    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=VLLM_START_TIMEOUT)
+    return svc, f"http://127.0.0.1:{port}/v1"
+
+
 @pytest.fixture(scope="session")
 def colocated_tiny(tiny_ckpt: Path) -> Iterator[str]:
     """Base URL of stock vLLM's OpenAI server on the full tiny checkpoint: the reference DvD must match."""
-    port = free_port()
-    svc = Service("vllm-colocated", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                     str(tiny_ckpt), "--trust-remote-code", "--port", str(port), "--host", "127.0.0.1",
-                                     "--max-model-len", "16384", "--served-model-name", "tiny",
-                                     "--limit-mm-per-prompt", '{"image": 8}',
-                                     # per-request max_dynamic_patch: the reference for image_url.detail
-                                     "--trust-request-mm-kwargs"], env=engine_env())
-    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=VLLM_START_TIMEOUT)
-    yield f"http://127.0.0.1:{port}/v1"
+    # per-request max_dynamic_patch: the reference for image_url.detail
+    svc, url = start_stock_vllm("vllm-colocated", tiny_ckpt, "--trust-request-mm-kwargs")
+    yield url
     svc.stop()
