@@ -31,25 +31,47 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img
 # text (skip_special_tokens drops special ones), which is where vLLM's reasoning and tool parsers look for them.
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 # Bumped whenever what a preset writes changes: a cached checkpoint of another format is generated again.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 SYSTEM_MESSAGE = "You are InternVL, a multimodal assistant that answers questions about images."
+TOOLS_PREAMBLE = ("# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+                  "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>")
+TOOLS_RULES = ("\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+               "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
+               "\\\"arguments\\\": <args-json-object>}\\n</tool_call>")
 # InternVL3.5's template (internvl2_5, Qwen chatml) written for OpenAI-style content lists: one `<image>` line per
-# image part, in place, so vLLM's chat renderer and ours produce the same prompt.
+# image part, in place, so vLLM's chat renderer and ours produce the same prompt. Tools, tool calls and tool
+# responses render as Qwen's templates render them (the hermes format: <tools>, <tool_call>, <tool_response>).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + SYSTEM_MESSAGE + "<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}{% for part in content %}"
     "{% if part['type'] == 'image' or part['type'] == 'image_url' %}{{ '<image>\\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}"
+    # The system turn: the client's, else InternVL's; with tools, Qwen's tool instructions follow it.
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ render(messages[0]['content']) }}"
+    "{% else %}{{ '" + SYSTEM_MESSAGE + "' }}{% endif %}"
+    "{% if tools %}{{ '\\n\\n" + TOOLS_PREAMBLE + "' }}"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}"
+    "{{ '" + TOOLS_RULES + "' }}{% endif %}"
     "{{ '<|im_end|>\\n' }}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\\n<tool_response>\\n' }}{{ render(message['content']) }}{{ '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] %}{{ render(message['content']) }}{% endif %}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}{% set call = call['function'] if call['function'] else call %}"
+    "{% if not loop.first or message['content'] %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": \"' }}{{ call['name'] }}{{ '\", \"arguments\": ' }}"
+    "{% if call['arguments'] is string %}{{ call['arguments'] }}{% else %}{{ call['arguments'] | tojson }}{% endif %}"
+    "{{ '}\\n</tool_call>' }}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    # Qwen3's thinking switch (chat_template_kwargs={"enable_thinking": false}): an empty think block.
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
     "{% endif %}"
 )

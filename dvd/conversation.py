@@ -3,14 +3,14 @@ proto (its gRPC API can be called directly, and the model's chat template must n
 
 from __future__ import annotations
 
-ROLES = ("system", "user", "assistant")  # what the chat template renders
+ROLES = ("system", "user", "assistant", "tool")  # what the chat template renders
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
 
 
 def role_error(role: str) -> str | None:
     """Why a message with this role cannot be served, or None."""
-    if role in ("tool", "function"):
-        return f"'{role}' messages are not supported (no tool calling)"
+    if role == "function":
+        return "'function' messages (OpenAI's deprecated function calling) are not supported: use 'tool'"
     if role not in ROLES and role not in ROLE_ALIASES:
         return f"unknown role {role!r}; expected one of {', '.join((*ROLES, *ROLE_ALIASES))}"
     return None
@@ -19,6 +19,11 @@ def role_error(role: str) -> str | None:
 def template_role(role: str) -> str:
     """The role the chat template gets (aliases resolved)."""
     return ROLE_ALIASES.get(role, role)
+
+
+def tool_calls_error(role: str) -> str | None:
+    """Why a message with this role cannot carry tool calls, or None."""
+    return None if role == "assistant" else "only assistant messages carry 'tool_calls'"
 
 
 def image_error(role: str) -> str | None:

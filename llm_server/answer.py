@@ -1,9 +1,11 @@
 """vLLM's outputs as the deltas a client reads, split as vLLM's OpenAI server splits them.
 
-With `--reasoning-parser`, each choice gets its own vLLM `Parser` (they are stateful) and the answer is divided
-into reasoning and content by vLLM's code, not ours: `parse_delta` for a client that streams, `parse` on the whole
-text for one that does not (vLLM's two paths, which can disagree, so the gateway says which one its client reads).
-The parser reads its options from vLLM's own `ChatCompletionRequest`, built once per request from the proto.
+With `--reasoning-parser` and/or `--tool-call-parser`, each choice gets its own vLLM `Parser` (they are stateful)
+and the answer is divided into reasoning, content and tool calls by vLLM's code, not ours: `parse_delta` for a
+client that streams, `parse` on the whole text for one that does not (vLLM's two paths, which can disagree, so
+the gateway says which one its client reads). The parser reads the request's options (tools, tool_choice,
+include_reasoning, ...) from vLLM's own `ChatCompletionRequest`, built once per request from the proto, whose
+validators also check them.
 """
 
 from __future__ import annotations
@@ -12,11 +14,19 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
 from vllm.config import ModelConfig
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.generate.base.protocol import DeltaToolCall, FunctionCall
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionNamedToolChoiceParam,
+    ChatCompletionRequest,
+)
+from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
+from vllm.exceptions import VLLMValidationError
 from vllm.outputs import RequestOutput
 from vllm.parser import ParserManager
 from vllm.parser.abstract_parser import Parser
+from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.tokenizers import TokenizerLike
 
 from dvd.v1 import llm_pb2
@@ -27,28 +37,56 @@ CONTENT_FORMAT = "openai"
 # Template arguments a request may not set: the server's template and how it is called are not the client's to
 # change (the set vLLM's `resolve_chat_template_kwargs` calls unexpected from a request).
 SERVER_ONLY_KWARGS = frozenset({"chat_template", "tokenize"})
+# The request fields carried as JSON in GenerateRequest and given to vLLM's ChatCompletionRequest as they are.
+JSON_FIELDS = ("chat_template_kwargs", "tools", "tool_choice")
 
 
-def parser_class(reasoning_parser: str, tokenizer: TokenizerLike, model_name: str) -> type[Parser] | None:
+@dataclass(frozen=True)
+class ToolOptions:
+    """vLLM's server options for tool calling (`--tool-call-parser`, `--enable-auto-tool-choice`,
+    `--exclude-tools-when-tool-choice-none`)."""
+
+    parser: str = ""
+    auto: bool = False
+    exclude_when_none: bool = False
+
+
+def parser_class(reasoning_parser: str, tokenizer: TokenizerLike, model_name: str,
+                 tools: ToolOptions = ToolOptions()) -> type[Parser] | None:
     """The parser class vLLM's server would build for these flags, or None when no output parsing is asked for."""
-    if not reasoning_parser:
+    if not reasoning_parser and not tools.parser:
         return None
-    return ParserManager.get_parser(tool_parser_name=None, reasoning_parser_name=reasoning_parser,
-                                    enable_auto_tools=False, tool_strict_level="auto", model_name=model_name,
+    return ParserManager.get_parser(tool_parser_name=tools.parser or None, reasoning_parser_name=reasoning_parser,
+                                    enable_auto_tools=tools.auto, tool_strict_level="auto", model_name=model_name,
                                     is_harmony=False, tokenizer=tokenizer)
 
 
 def openai_request(request: llm_pb2.GenerateRequest, model_name: str) -> ChatCompletionRequest:
     """vLLM's request object for what its chat template and parsers read (the conversation travels apart)."""
+    fields: dict = {}
+    for name in JSON_FIELDS:
+        raw = getattr(request, name)
+        try:
+            fields[name] = json.loads(raw) if raw else None
+        except ValueError as e:
+            raise PromptError(f"{name} is not valid JSON: {e}", param=name) from e
+    kwargs = fields["chat_template_kwargs"]
+    if isinstance(kwargs, dict) and (refused := SERVER_ONLY_KWARGS & kwargs.keys()):
+        raise PromptError(f"{', '.join(sorted(refused))} may not be set by a request", param="chat_template_kwargs")
+    if fields["tool_choice"] is None:
+        del fields["tool_choice"]  # vLLM's default: auto with tools, none without
+    for name in ("include_reasoning", "parallel_tool_calls"):
+        if request.HasField(name):
+            fields[name] = getattr(request, name)
     try:
-        kwargs = json.loads(request.chat_template_kwargs) if request.chat_template_kwargs else None
-        if isinstance(kwargs, dict) and (refused := SERVER_ONLY_KWARGS & kwargs.keys()):
-            raise ValueError(f"{', '.join(sorted(refused))} may not be set by a request")
-        return ChatCompletionRequest(
-            messages=[], model=model_name, chat_template_kwargs=kwargs, stream=request.stream,
-            include_reasoning=request.include_reasoning if request.HasField("include_reasoning") else True)
-    except ValueError as e:  # pydantic's ValidationError and json's errors are ValueErrors
-        raise PromptError(f"invalid chat_template_kwargs: {e}", param="chat_template_kwargs") from e
+        return ChatCompletionRequest(messages=[], model=model_name, stream=request.stream, **fields)
+    except VLLMValidationError as e:
+        raise PromptError(str(e), param=e.parameter) from e
+    except ValidationError as e:
+        error = e.errors(include_url=False)[0]
+        cause = (error.get("ctx") or {}).get("error")
+        param = getattr(cause, "parameter", None) or (str(error["loc"][0]) if error["loc"] else None)
+        raise PromptError(str(cause or error["msg"]), param=param) from e
 
 
 def chat_template_kwargs(request: ChatCompletionRequest) -> dict:
@@ -56,28 +94,64 @@ def chat_template_kwargs(request: ChatCompletionRequest) -> dict:
     return request.build_chat_params(None, CONTENT_FORMAT).chat_template_kwargs
 
 
+def template_tools(request: ChatCompletionRequest, tools: ToolOptions) -> list[dict] | None:
+    """The tools the chat template renders, as vLLM's renderer passes them."""
+    if request.tools is None or (request.tool_choice == "none" and tools.exclude_when_none):
+        return None
+    return [tool.model_dump() for tool in request.tools]
+
+
+def check_tool_choice(request: ChatCompletionRequest, parser_cls: type[Parser] | None, tools: ToolOptions) -> None:
+    """vLLM's server refuses a tool_choice it has no parser for (its renderer's check, same messages)."""
+    if request.tool_choice in (None, "none") or (parser_cls is not None and parser_cls.tool_parser_cls is not None):
+        return
+    if request.tool_choice == "auto":
+        if not tools.auto:
+            raise PromptError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                              param="tool_choice")
+        return
+    what = (f'function "{request.tool_choice.function.name}"'
+            if isinstance(request.tool_choice, ChatCompletionNamedToolChoiceParam) else f'"{request.tool_choice}"')
+    raise PromptError(f"tool_choice={what} requires --tool-call-parser to be set", param="tool_choice")
+
+
 @dataclass
 class _Choice:
     parser: Parser | None
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    tools_streamed: bool = False
 
 
 class Answer:
     """One request's choices; `deltas` turns each RequestOutput (vLLM's DELTA kind) into proto deltas."""
 
-    def __init__(self, parser_cls: type[Parser] | None, tokenizer: TokenizerLike, model_config: ModelConfig,
-                 request: ChatCompletionRequest, template_kwargs: dict, n: int) -> None:
-        self.request = request
+    def __init__(self, parser_cls: type[Parser] | None, tokenizer: TokenizerLike, model_config: ModelConfig | None,
+                 request: ChatCompletionRequest, template_kwargs: dict, n: int,
+                 tools: ToolOptions = ToolOptions()) -> None:
+        self.request, self.tools = request, tools
         self.stream = bool(request.stream)
-        self.parsing = parser_cls is not None
-        self.choices = [_Choice(parser_cls(tokenizer, None, chat_template_kwargs=template_kwargs,
+        self.parser_cls = parser_cls
+        self.choices = [_Choice(parser_cls(tokenizer, request.tools, chat_template_kwargs=template_kwargs,
                                            model_config=model_config) if parser_cls else None) for _ in range(n)]
 
     @property
+    def parses_reasoning(self) -> bool:
+        return self.parser_cls is not None and self.parser_cls.reasoning_parser_cls is not None
+
+    @property
     def hides_logprobs(self) -> bool:
-        """vLLM withholds logprobs when reasoning is parsed but not returned: they would leak it."""
-        return self.parsing and not self.request.include_reasoning
+        """vLLM withholds logprobs when an answer is parsed but its reasoning not returned: they would leak it."""
+        return self.parser_cls is not None and not self.request.include_reasoning
+
+    @property
+    def named_tool(self) -> bool:
+        return isinstance(self.request.tool_choice, ChatCompletionNamedToolChoiceParam)
+
+    def adjust_request(self) -> None:
+        """The tool parser's constraint for tool_choice required/named (vLLM's adjust_request), on the request."""
+        if self.choices[0].parser is not None:
+            self.choices[0].parser.adjust_request(self.request)
 
     def deltas(self, out: RequestOutput,
                logprobs: Callable[[Sequence[int], object], list[llm_pb2.TokenLogprob]]) -> list[llm_pb2.ChoiceDelta]:
@@ -93,26 +167,63 @@ class Answer:
             if choice.parser is None:
                 delta.text = o.text
             elif self.stream:
-                message = choice.parser.parse_delta(o.text, ids, self.request, prompt_token_ids=out.prompt_token_ids,
-                                                    finished=finished)
-                if message is not None:
-                    _set_message(delta, message.reasoning, message.content)
+                self._stream(choice, delta, o.text, ids, out.prompt_token_ids, finished)
             else:
                 choice.text += o.text
                 if finished:
-                    if out.prompt_token_ids is not None:
-                        choice.parser.set_prompt_token_ids(out.prompt_token_ids)
-                    reasoning, content, _ = choice.parser.parse(choice.text, self.request, enable_auto_tools=False,
-                                                                model_output_token_ids=choice.token_ids)
-                    _set_message(delta, reasoning if self.request.include_reasoning else None, content)
+                    self._whole(choice, delta, out.prompt_token_ids)
             result.append(delta)
         return result
 
+    def _stream(self, choice: _Choice, delta: llm_pb2.ChoiceDelta, text: str, ids: list[int],
+                prompt_ids: list[int] | None, finished: bool) -> None:
+        """vLLM's streaming path (chat_completion_stream_generator)."""
+        assert choice.parser is not None
+        message = choice.parser.parse_delta(text, ids, self.request, prompt_token_ids=prompt_ids, finished=finished)
+        if message is not None:
+            choice.tools_streamed |= bool(message.tool_calls)
+            message = maybe_filter_parallel_tool_calls(message, self.request)
+            _set_message(delta, message.reasoning, message.content)
+            delta.tool_calls.extend(_delta_call(c) for c in message.tool_calls)
+        if finished and choice.tools_streamed and not self.named_tool and delta.finish_reason == "stop":
+            delta.finish_reason = "tool_calls"  # OpenAI's: "stop" after a named call, "tool_calls" otherwise
+
+    def _whole(self, choice: _Choice, delta: llm_pb2.ChoiceDelta, prompt_ids: list[int] | None) -> None:
+        """vLLM's whole-answer path (chat_completion_full_generator): which parsed calls a client gets, and when the
+        finish reason is "tool_calls"."""
+        assert choice.parser is not None
+        if prompt_ids is not None:
+            choice.parser.set_prompt_token_ids(prompt_ids)
+        reasoning, content, calls = choice.parser.parse(choice.text, self.request, enable_auto_tools=self.tools.auto,
+                                                        model_output_token_ids=choice.token_ids)
+        request = self.request
+        has_tool_parser = self.parser_cls is not None and self.parser_cls.tool_parser_cls is not None
+        required = request.tool_choice == "required"
+        kept: list[FunctionCall] = []
+        if self.named_tool or required:
+            kept, content = list(calls or []), content or ""
+        elif (request.tools and request.tool_choice in ("auto", None) and self.tools.auto and has_tool_parser):
+            kept = list(calls or [])
+        kept = maybe_filter_parallel_tool_calls(kept, request)
+        auto_called = bool(kept) and not (self.named_tool or required)
+        if auto_called or (required and delta.finish_reason == "stop"):
+            delta.finish_reason = "tool_calls"
+        _set_message(delta, reasoning if request.include_reasoning else None, content)
+        delta.tool_calls.extend(llm_pb2.ToolCallDelta(index=i, id=c.id or make_tool_call_id(), name=c.name,
+                                                      arguments=c.arguments) for i, c in enumerate(kept))
+
     def reasoning_tokens(self) -> int | None:
-        """Reasoning tokens over all choices, as vLLM counts them for usage; None without a parser."""
-        if not self.parsing:
+        """Reasoning tokens over all choices, as vLLM counts them for usage; None without a reasoning parser."""
+        if not self.parses_reasoning:
             return None
         return sum(c.parser.count_reasoning_tokens(c.token_ids) for c in self.choices if c.parser is not None)
+
+
+def _delta_call(call: DeltaToolCall) -> llm_pb2.ToolCallDelta:
+    out = llm_pb2.ToolCallDelta(index=call.index, id=call.id)
+    if call.function is not None:
+        out.MergeFrom(llm_pb2.ToolCallDelta(name=call.function.name, arguments=call.function.arguments))
+    return out
 
 
 def _set_message(delta: llm_pb2.ChoiceDelta, reasoning: str | None, content: str | None) -> None:

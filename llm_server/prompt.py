@@ -7,11 +7,13 @@ the same prompt, and therefore the same tokens, on DvD and on stock vLLM.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+from vllm.renderers.chat_utils import _postprocess_messages
 from vllm.renderers.hf import safe_apply_chat_template
 
-from dvd.conversation import image_error, role_error, template_role
+from dvd.conversation import image_error, role_error, template_role, tool_calls_error
 from dvd.v1 import llm_pb2
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -56,13 +58,31 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
                 image_max_tiles.append(part.max_tiles)
             else:
                 raise PromptError(f"messages[{i}]: empty content part")
-        out.append({"role": template_role(m.role), "content": parts})
+        message: dict = {"role": template_role(m.role), "content": parts}
+        if m.role == "tool":
+            # vLLM hands a tool message's text parts to the template as one string, joined by newlines.
+            message["content"] = "\n".join(p["text"] for p in parts)
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            if (error := tool_calls_error(m.role)) is not None:
+                raise PromptError(f"messages[{i}]: {error}", param=f"messages[{i}].tool_calls")
+            try:
+                message["tool_calls"] = json.loads(m.tool_calls)
+            except ValueError as e:
+                raise PromptError(f"messages[{i}].tool_calls is not valid JSON: {e}",
+                                  param=f"messages[{i}].tool_calls") from e
+        out.append(message)
+    try:
+        _postprocess_messages(out)  # vLLM's: tool-call arguments as the objects templates expect
+    except ValueError as e:
+        raise PromptError(str(e), param="messages") from e
     return Conversation(out, images, image_max_tiles)
 
 
-def render_prompt(tokenizer, conversation: Conversation, model_config, template_kwargs: dict) -> str:
+def render_prompt(tokenizer, conversation: Conversation, model_config, template_kwargs: dict,
+                  tools: list[dict] | None = None) -> str:
     """The chat template through vLLM's own call (`template_kwargs` filtered to what the template reads)."""
-    prompt = safe_apply_chat_template(model_config, tokenizer, conversation.messages, tokenize=False,
+    prompt = safe_apply_chat_template(model_config, tokenizer, conversation.messages, tools=tools, tokenize=False,
                                       **template_kwargs)
     found = prompt.count(IMAGE_PLACEHOLDER)
     if found != len(conversation.images):

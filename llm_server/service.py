@@ -24,7 +24,15 @@ from dvd.errors import PARAM_KEY
 from dvd.sampling import PASS_THROUGH
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server import metrics
-from llm_server.answer import Answer, chat_template_kwargs, openai_request, parser_class
+from llm_server.answer import (
+    Answer,
+    ToolOptions,
+    chat_template_kwargs,
+    check_tool_choice,
+    openai_request,
+    parser_class,
+    template_tools,
+)
 from llm_server.embedding_cache import EmbeddingCache, embedding_keys
 from llm_server.prompt import PromptError, parse_messages, render_prompt, text_token_ids
 from llm_server.vision_pool import VisionError, VisionPool
@@ -118,18 +126,20 @@ def param_metadata(param: str | None) -> tuple[tuple[str, str], ...]:
 
 
 def check_constraints(p: llm_pb2.SamplingParams, model_config: ModelConfig,
-                      config: StructuredOutputsConfig | None,
-                      tokenizer: TokenizerLike) -> StructuredOutputsParams | None:
+                      config: StructuredOutputsConfig | None, tokenizer: TokenizerLike,
+                      tool_constraint: StructuredOutputsParams | None = None) -> StructuredOutputsParams | None:
     """The request's constraint, parsed and checked by vLLM's own validator (grammar, schema, regex, choice) before
     any vision work: inside add_request it raises the same errors without saying which request field was wrong.
-    vLLM accepts the checked object again (it remembers the backend `auto` chose)."""
-    if not (p.response_format or p.structured_outputs):
+    vLLM accepts the checked object again (it remembers the backend `auto` chose). `tool_constraint`, the schema of
+    the calls tool_choice required/named asks for, replaces the client's, as in vLLM."""
+    if tool_constraint is None and not (p.response_format or p.structured_outputs):
         return None
+    param = "tools" if tool_constraint else "response_format" if p.response_format else "structured_outputs"
     try:
-        constraint = structured_outputs(p)  # vLLM's own types raise VLLMValidationError here too
+        constraint = tool_constraint or structured_outputs(p)  # vLLM's own types raise VLLMValidationError too
         SamplingParams(structured_outputs=constraint)._validate_structured_outputs(model_config, config, tokenizer)
     except (ValueError, VLLMClientError) as e:
-        raise PromptError(str(e), param="response_format" if p.response_format else "structured_outputs") from e
+        raise PromptError(str(e), param=param) from e
     return constraint
 
 
@@ -157,7 +167,7 @@ def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] 
 
 class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
     def __init__(self, engine: AsyncLLM, pool: VisionPool, model_name: str, vision_parameters: int = -1,
-                 cache: EmbeddingCache | None = None) -> None:
+                 cache: EmbeddingCache | None = None, tools: ToolOptions | None = None) -> None:
         self.engine = engine
         self.pool = pool
         self.cache = cache if cache is not None else EmbeddingCache(0)
@@ -170,9 +180,10 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.default_sampling = self.model_config.get_diff_sampling_param()
         # Flash checkpoints decide ViR per request: an image's rows then depend on the images beside it.
         self.request_wide_vir = bool(getattr(self.model_config.hf_config, "flash_mode", False))
-        # vLLM's --reasoning-parser (an engine option, so it arrives with the others).
+        # vLLM's --reasoning-parser (an engine option, so it arrives with the others) and tool options.
+        self.tools = tools or ToolOptions()
         self.parser_cls = parser_class(engine.vllm_config.structured_outputs_config.reasoning_parser,
-                                       self.tokenizer, self.model_config.model)
+                                       self.tokenizer, self.model_config.model, self.tools)
         self.ready = True
 
     def _logprobs(self, token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None,
@@ -218,12 +229,18 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
     async def _generate(self, request_id: str,
                         request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
         t0 = time.perf_counter()
-        constraint = check_constraints(request.sampling, self.model_config,
-                                       self.engine.vllm_config.structured_outputs_config, self.tokenizer)
-        conversation = parse_messages(list(request.messages))
         openai = openai_request(request, self.model_name)
+        check_tool_choice(openai, self.parser_cls, self.tools)
         template_kwargs = chat_template_kwargs(openai)
-        prompt = render_prompt(self.tokenizer, conversation, self.model_config, template_kwargs)
+        answer = Answer(self.parser_cls, self.tokenizer, self.model_config, openai, template_kwargs,
+                        request.sampling.n or 1, self.tools)
+        answer.adjust_request()
+        constraint = check_constraints(request.sampling, self.model_config,
+                                       self.engine.vllm_config.structured_outputs_config, self.tokenizer,
+                                       openai.structured_outputs)
+        conversation = parse_messages(list(request.messages))
+        prompt = render_prompt(self.tokenizer, conversation, self.model_config, template_kwargs,
+                               template_tools(openai, self.tools))
         options = vision_pb2.EncodeOptions(vir=request.vision.vir, max_tiles=request.vision.max_dynamic_patch)
         inputs: dict = {"prompt": prompt}
         embedding_bytes = 0
@@ -261,11 +278,10 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             inputs["multi_modal_uuids"] = {"image": keys}
             metrics.VISUAL_TOKENS.inc(visual_tokens)
 
-        answer = Answer(self.parser_cls, self.tokenizer, self.model_config, openai, template_kwargs, params.n)
-        reasoning: dict = {}
-        if answer.parsing:  # as vLLM's server tells the engine (structured outputs start after the reasoning)
-            reasoning = {"reasoning_ended": openai.resolve_reasoning_ended(answer.choices[0].parser, text_ids),
-                         "reasoning_parser_kwargs": {"chat_template_kwargs": template_kwargs}}
+        # As vLLM's server tells the engine where the reasoning ends (structured outputs start after it).
+        reasoning = {"reasoning_ended": openai.resolve_reasoning_ended(answer.choices[0].parser, text_ids),
+                     "reasoning_parser_kwargs": {"chat_template_kwargs": template_kwargs}
+                     if answer.parses_reasoning else None}
 
         def logprobs(token_ids: Sequence[int], steps) -> list[llm_pb2.TokenLogprob]:
             return self._logprobs(token_ids, steps, params.logprobs)

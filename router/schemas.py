@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-from dvd.conversation import image_error, role_error
+from dvd.conversation import image_error, role_error, tool_calls_error
 
 MAX_DYNAMIC_PATCH = 40  # InternVL's tiler goes up to 40 tiles (max_num in its dynamic_preprocess)
 UINT32_MAX = 2**32 - 1
@@ -78,7 +78,9 @@ class ChatMessage(_Request):
     content: list[ContentPart] | None = None
     name: str | None = None
     refusal: str | None = None
-    tool_calls: list[Any] | None = None
+    # The calls an assistant turn made and the call a tool turn answers, carried to the language server as sent
+    # (vLLM's own types check them there).
+    tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     function_call: Any = None
 
@@ -92,10 +94,11 @@ class ChatMessage(_Request):
         if (error := role_error(self.role)) is not None:
             raise ValueError(error)
         _refuse_non_default(self, {
-            "tool_calls": (lambda v: not v, "are not supported (no tool calling)"),
-            "tool_call_id": (lambda v: v is None, "is not supported (no tool calling)"),
-            "function_call": (lambda v: v is None, "is not supported (no tool calling)"),
+            "function_call": (lambda v: v is None, "is not supported (OpenAI's deprecated function calling: use "
+                                                   "'tool_calls')"),
         })
+        if self.tool_calls and (error := tool_calls_error(self.role)):
+            raise _unsupported("tool_calls", f"are not allowed here: {error}", param="tool_calls")
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content'")
         if any(p.type == "image_url" for p in self.content or ()) and (error := image_error(self.role)):
@@ -144,10 +147,9 @@ def _none(value: Any) -> bool:
 
 # Declared OpenAI fields this server does not implement: the test for 'left at its default', and why not.
 _UNSUPPORTED_REQUEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (lambda v: not v, "are not supported (no tool calling)"),
-    "tool_choice": (lambda v: v in (None, "none"), "is not supported (no tool calling)"),
-    "functions": (lambda v: not v, "are not supported (no tool calling)"),
-    "function_call": (lambda v: v in (None, "none"), "is not supported (no tool calling)"),
+    "functions": (lambda v: not v, "are not supported (OpenAI's deprecated function calling: use 'tools')"),
+    "function_call": (lambda v: v in (None, "none"), "is not supported (OpenAI's deprecated function calling: use "
+                                                     "'tool_choice')"),
     "logit_bias": (lambda v: not v, "is not supported"),
     "audio": (_none, "is not supported (text output only)"),
     "modalities": (lambda v: v in (None, ["text"]), "other than ['text'] are not supported"),
@@ -168,7 +170,7 @@ class ChatCompletionRequest(_Request):
     max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     metadata: dict[str, str] | None = None
     n: int | None = Field(1, ge=1, le=128)
-    parallel_tool_calls: bool | None = None  # meaningless without tools, which are refused
+    parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -180,8 +182,9 @@ class ChatCompletionRequest(_Request):
     user: str | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    # Checked and parsed by vLLM's own types in the language server, whose --tool-call-parser reads the calls.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
     functions: list[Any] | None = None
     function_call: Any = None
     logit_bias: dict[str, float] | None = None
@@ -206,6 +209,13 @@ class ChatCompletionRequest(_Request):
     # DvD's own: the Flash checkpoints' Visual Resolution Router, and InternVL's tile budget per image.
     vir: Literal["auto", "off"] | None = None
     max_dynamic_patch: int | None = Field(None, ge=1, le=MAX_DYNAMIC_PATCH)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_shape(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | dict):
+            raise ValueError("'tool_choice' must be a string or an object")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -303,11 +313,23 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
     reasoning: str | None = None  # vLLM's field for what its reasoning parser splits off
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
@@ -331,14 +353,31 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class DeltaMessage(BaseModel):
+class _Sparse(BaseModel):
+    """A delta: fields that are not set are left out, as in OpenAI's stream."""
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler: Callable[[_Sparse], dict[str, Any]]) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Sparse):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
+class DeltaMessage(_Sparse):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_nulls(self, handler: Callable[[DeltaMessage], dict[str, Any]]) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):

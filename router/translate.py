@@ -16,10 +16,14 @@ from router.schemas import (
     ChoiceLogprobs,
     ChunkChoice,
     CompletionTokensDetails,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     PromptTokensDetails,
     ResponseMessage,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
 )
@@ -46,7 +50,8 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
             role=template_role(m.role),
             content=[llm_pb2.ContentPart(image=next(pending), max_tiles=DETAIL_TILES.get(p.image_url.detail or "", 0))
                      if p.image_url is not None
-                     else llm_pb2.ContentPart(text=p.text or "") for p in m.content or ()])
+                     else llm_pb2.ContentPart(text=p.text or "") for p in m.content or ()],
+            tool_call_id=m.tool_call_id or "", tool_calls=json.dumps(m.tool_calls) if m.tool_calls else "")
         for m in req.messages
     ]
     optional = {name: getattr(req, name) for name in PASS_THROUGH if getattr(req, name) is not None}
@@ -65,7 +70,10 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
     return llm_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling, vision=vision,
                                    chat_template_kwargs=json.dumps(req.chat_template_kwargs)
                                    if req.chat_template_kwargs else "",
-                                   include_reasoning=req.include_reasoning, stream=bool(req.stream))
+                                   include_reasoning=req.include_reasoning, stream=bool(req.stream),
+                                   tools=json.dumps(req.tools) if req.tools is not None else "",
+                                   tool_choice=json.dumps(req.tool_choice) if req.tool_choice is not None else "",
+                                   parallel_tool_calls=req.parallel_tool_calls)
 
 
 def to_logprobs(entries: Iterable[llm_pb2.TokenLogprob]) -> list[TokenLogprob]:
@@ -76,6 +84,16 @@ def to_logprobs(entries: Iterable[llm_pb2.TokenLogprob]) -> list[TokenLogprob]:
     return [TokenLogprob(token=e.token, logprob=e.logprob, bytes=b(e.token),
                          top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=b(t.token)) for t in e.top])
             for e in entries]
+
+
+def to_delta_call(call: llm_pb2.ToolCallDelta) -> DeltaToolCall:
+    """A piece of a streamed tool call: its id (and type) come once, its name once, its arguments in pieces."""
+    function = None
+    if call.HasField("name") or call.HasField("arguments"):
+        function = DeltaFunctionCall(name=call.name if call.HasField("name") else None,
+                                     arguments=call.arguments if call.HasField("arguments") else None)
+    return DeltaToolCall(index=call.index, id=call.id if call.HasField("id") else None,
+                         type="function" if call.HasField("id") else None, function=function)
 
 
 def to_usage(usage: llm_pb2.Usage | None) -> Usage:
@@ -96,6 +114,7 @@ class CompletionBuilder:
         self.request_id, self.model = request_id, model
         self.texts: list[str | None] = [None] * n  # None until a delta carries content (llm.proto's ChoiceDelta)
         self.reasoning: list[str | None] = [None] * n
+        self.tool_calls: list[list[ToolCall]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.logprobs: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if logprobs else None
 
@@ -105,13 +124,16 @@ class CompletionBuilder:
                 self.texts[c.index] = (self.texts[c.index] or "") + c.text
             if c.reasoning:
                 self.reasoning[c.index] = (self.reasoning[c.index] or "") + c.reasoning
+            self.tool_calls[c.index].extend(ToolCall(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
+                                            for t in c.tool_calls)  # a whole answer's calls come whole
             if self.logprobs is not None:
                 self.logprobs[c.index].extend(to_logprobs(c.logprobs))
             if c.finish_reason:
                 self.finish[c.index] = c.finish_reason
 
     def build(self, usage: llm_pb2.Usage | None) -> ChatCompletion:
-        choices = [Choice(index=i, message=ResponseMessage(content=text, reasoning=self.reasoning[i]),
+        choices = [Choice(index=i, message=ResponseMessage(content=text, reasoning=self.reasoning[i],
+                                                          tool_calls=self.tool_calls[i] or None),
                           finish_reason=self.finish[i],
                           logprobs=ChoiceLogprobs(content=self.logprobs[i]) if self.logprobs is not None else None)
                    for i, text in enumerate(self.texts)]
@@ -134,9 +156,10 @@ class ChunkBuilder:
 
     def feed(self, response: llm_pb2.GenerateResponse) -> Iterator[ChatCompletionChunk]:
         for c in response.choices:
-            if c.text or c.reasoning or (self.logprobs and c.logprobs):
+            if c.text or c.reasoning or c.tool_calls or (self.logprobs and c.logprobs):
                 logprobs = ChoiceLogprobs(content=to_logprobs(c.logprobs)) if self.logprobs else None
-                delta = DeltaMessage(content=c.text if c.HasField("text") else None, reasoning=c.reasoning or None)
+                delta = DeltaMessage(content=c.text if c.HasField("text") else None, reasoning=c.reasoning or None,
+                                     tool_calls=[to_delta_call(t) for t in c.tool_calls] or None)
                 yield self._chunk([ChunkChoice(index=c.index, delta=delta, logprobs=logprobs)])
             if c.finish_reason:
                 yield self._chunk([ChunkChoice(index=c.index, delta=DeltaMessage(), finish_reason=c.finish_reason)])

@@ -33,6 +33,11 @@ def body(**fields: object) -> bytes:
     {"mm_processor_kwargs": {"max_dynamic_patch": 4}, "vir": "off", "max_dynamic_patch": 4},
     {"logprobs": False, "tools": [], "tool_choice": "none", "logit_bias": {}, "best_of": None, "store": False},
     {"logprobs": True}, {"logprobs": True, "top_logprobs": 20},
+    {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto", "parallel_tool_calls": False},
+    {"chat_template_kwargs": {"enable_thinking": False}, "include_reasoning": False},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                  {"role": "tool", "content": "x", "tool_call_id": "1"}]},
 ])
 def test_accepted_requests(fields: dict) -> None:
     parse_chat_request(body(**fields))
@@ -41,8 +46,10 @@ def test_accepted_requests(fields: dict) -> None:
 @pytest.mark.parametrize(("fields", "param"), [
     ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": {"type": "function"}}, "tools"),
+    ({"tool_choice": 3}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name"),
@@ -54,7 +61,8 @@ def test_accepted_requests(fields: dict) -> None:
     ({"vir": "sometimes"}, "vir"),
     ({"mm_processor_kwargs": {"min_dynamic_patch": 2}}, "mm_processor_kwargs.min_dynamic_patch"),
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0]"),
+    ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

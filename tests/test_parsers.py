@@ -1,0 +1,246 @@
+"""Output parsing through DvD: reasoning (`--reasoning-parser`, `chat_template_kwargs`, `include_reasoning`) and
+tool calling (`tools`, `tool_choice`, `--enable-auto-tool-choice --tool-call-parser`, tool turns in the
+conversation), against stock vLLM's OpenAI server started with the same parsers on the same checkpoint.
+
+The engines here run only for this module (a parser changes every answer, so the session's servers run without
+one). Random weights rarely close a think block or open a tool call on their own, so the end-to-end cases compare
+answers that are all reasoning (thinking on), all content (InternVL3.5's `enable_thinking: false`), or calls that
+tool_choice required/named forces through vLLM's structured outputs; a split inside an answer is checked on
+scripted outputs through the same vLLM parsers the server uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import openai
+import pytest
+
+from tests.conftest import start_llm, start_stock_vllm
+from tests.helpers.router import data_url, png_bytes, user_message
+
+# InternVL3.5's language model is Qwen3: its thinking markup, and tool calls in the hermes format.
+PARSERS = ("--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+IMAGE = data_url(png_bytes((448, 448), (30, 160, 90)))
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_ckpt: Path) -> Iterator[openai.AsyncOpenAI]:
+    svc, url = start_stock_vllm("vllm-parsers", tiny_ckpt, *PARSERS)
+    yield openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def dvd(tiny_ckpt: Path, vision_tiny: str) -> Iterator[openai.AsyncOpenAI]:
+    from dvd.procs import router
+
+    llm, address = start_llm("llm-parsers", tiny_ckpt, vision_tiny, "--served-model-name", "tiny", *PARSERS)
+    gateway = router(address, name="router-parsers")
+    url = f"{gateway.wait_http()}/v1"
+    yield openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+    gateway.stop()
+    llm.stop()
+
+
+def counts(usage: openai.types.CompletionUsage) -> dict:
+    """Usage without prompt_tokens_details, which DvD always sends and vLLM only when told to."""
+    return usage.model_dump(exclude_none=True, exclude={"prompt_tokens_details"})
+
+
+async def answer(client: openai.AsyncOpenAI, stream: bool, messages: list | None = None, max_tokens: int = 12,
+                 tools: list | None = None, tool_choice: object = None, **extra: object) -> dict:
+    """Reasoning, content, tool calls (name, arguments), finish reason and usage of one greedy answer, read whole
+    or from the stream (tool-call ids are random on both servers, so they are left out)."""
+    args: dict = {"model": "tiny", "max_tokens": max_tokens, "temperature": 0,
+                  "messages": messages or [user_message("Think, then name the colour.", images=(IMAGE,))],
+                  "extra_body": {"ignore_eos": True, **extra}}
+    if tools is not None:
+        args["tools"] = tools
+    if tool_choice is not None:
+        args["tool_choice"] = tool_choice
+    if not stream:
+        reply = await client.chat.completions.create(**args)
+        message = reply.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or ()]
+        assert all(c.id for c in message.tool_calls or ())
+        return {"reasoning": getattr(message, "reasoning", None), "content": message.content, "tool_calls": calls,
+                "finish": reply.choices[0].finish_reason, "usage": counts(reply.usage)}
+    reasoning: list[str] = []
+    content: list[str] = []
+    calls: dict[int, list[str]] = {}
+    finish = usage = None
+    async for chunk in await client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                            **args):
+        if chunk.usage is not None:
+            usage = counts(chunk.usage)
+        for choice in chunk.choices:
+            reasoning.append(getattr(choice.delta, "reasoning", None) or "")
+            content.append(choice.delta.content or "")
+            for call in choice.delta.tool_calls or ():
+                name, arguments = calls.setdefault(call.index, ["", ""])
+                if call.id:
+                    assert call.type == "function"
+                calls[call.index] = [name + (call.function.name or ""), arguments + (call.function.arguments or "")]
+            finish = choice.finish_reason or finish
+    return {"reasoning": "".join(reasoning) or None, "content": "".join(content) or None,
+            "tool_calls": [tuple(calls[i]) for i in sorted(calls)], "finish": finish, "usage": usage}
+
+
+CASES = {"thinking": {}, "no-thinking": {"chat_template_kwargs": {"enable_thinking": False}},
+         "hidden": {"include_reasoning": False}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("case", list(CASES))
+async def test_reasoning_equals_stock_vllm(dvd: openai.AsyncOpenAI, stock: openai.AsyncOpenAI, case: str,
+                                           stream: bool) -> None:
+    ours = await answer(dvd, stream, **CASES[case])
+    ref = await answer(stock, stream, **CASES[case])
+    assert ours == ref
+    details = ours["usage"].get("completion_tokens_details", {})
+    if case == "thinking":  # the think block never closes: all reasoning
+        assert ours["reasoning"] and not ours["content"] and details["reasoning_tokens"] > 0
+    elif case == "no-thinking":  # the template closed the think block in the prompt: all content
+        assert ours["content"] and not ours["reasoning"] and details["reasoning_tokens"] == 0
+    else:  # parsed as reasoning, then withheld
+        assert not ours["reasoning"]
+
+
+@pytest.mark.parametrize("kwargs", [{"tokenize": True}, {"chat_template": "{{ 'x' }}"}, ["enable_thinking"]])
+async def test_bad_chat_template_kwargs_are_400s(dvd: openai.AsyncOpenAI, kwargs: object) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await answer(dvd, False, chat_template_kwargs=kwargs)
+    assert info.value.body["param"] == "chat_template_kwargs", info.value.body
+    assert (await answer(dvd, False))["reasoning"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("include", [True, False])
+def test_a_think_block_is_split_where_it_closes(tiny_ckpt: Path, stream: bool, include: bool) -> None:
+    """The language server's plumbing around vLLM's parser, on an answer that closes its think block mid-way, fed
+    token by token as the engine delivers it (two choices, to show each has its own parser state)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.tokenizers import get_tokenizer
+
+    from llm_server.answer import Answer, chat_template_kwargs, parser_class
+
+    tokenizer = get_tokenizer(str(tiny_ckpt), trust_remote_code=True)
+    request = ChatCompletionRequest(messages=[], model="tiny", stream=stream, include_reasoning=include)
+    answer = Answer(parser_class("qwen3", tokenizer, str(tiny_ckpt)), tokenizer, None, request,
+                    chat_template_kwargs(request), n=2)
+    texts = ["the sky is blue</think>Blue.", "red</think>Red, I think."]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    reasoning, content = ["", ""], [None, None]
+    for step in range(max(map(len, ids))):
+        outputs = [SimpleNamespace(index=i, token_ids=t[step:step + 1], text=tokenizer.decode(t[step:step + 1]),
+                                   logprobs=None, finish_reason="stop" if step == len(t) - 1 else None)
+                   for i, t in enumerate(ids) if step < len(t)]
+        for delta in answer.deltas(SimpleNamespace(outputs=outputs, prompt_token_ids=[1, 2, 3]), lambda *_: []):
+            reasoning[delta.index] += delta.reasoning
+            if delta.HasField("text"):
+                content[delta.index] = (content[delta.index] or "") + delta.text
+    assert content == ["Blue.", "Red, I think."]
+    assert reasoning == (["the sky is blue", "red"] if include else ["", ""])
+    assert answer.reasoning_tokens() == sum(t.index(tokenizer.convert_tokens_to_ids("</think>")) for t in ids)
+
+
+# strict: the arguments follow the schema (else vLLM constrains only the call's frame).
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city", "strict": True,
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                   "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now", "strict": True,
+                                          "parameters": {"type": "object", "properties": {},
+                                                         "additionalProperties": False}}}
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}  # tool calls are read after the reasoning
+TOOL_CHOICES = {"named": {"type": "function", "function": {"name": "get_weather"}}, "required": "required",
+                "auto": "auto", "none": "none"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("choice", list(TOOL_CHOICES))
+async def test_tool_calls_equal_stock_vllm(dvd: openai.AsyncOpenAI, stock: openai.AsyncOpenAI, choice: str,
+                                           stream: bool) -> None:
+    """The same tools rendered into the prompt (prompt_tokens), and the same calls read out of the answer: forced
+    by vLLM's structured outputs for required/named, by the hermes parser for auto (random weights call nothing)."""
+    args = {"tools": [WEATHER, CLOCK], "tool_choice": TOOL_CHOICES[choice], "max_tokens": 64, **NO_THINKING,
+            "messages": [user_message("What is the weather in the city in this picture?", images=(IMAGE,))]}
+    ours = await answer(dvd, stream, **args)
+    ref = await answer(stock, stream, **args)
+    assert ours == ref
+    if choice in ("named", "required"):
+        # vLLM's structural tag forces the call's frame; random weights then pad the arguments with the whitespace
+        # JSON allows until max_tokens, so the call is incomplete: streamed, its pieces (name, the arguments so
+        # far) still arrive; whole, vLLM finds no complete call and returns the text. A complete call is parsed in
+        # test_a_tool_call_is_read_out_of_an_answer.
+        names = {"get_weather"} if choice == "named" else {"get_weather", "get_time"}
+        if ours["finish"] != "length":
+            assert ours["tool_calls"] and all(isinstance(json.loads(a), dict) for _, a in ours["tool_calls"])
+        if stream or ours["tool_calls"]:
+            assert ours["tool_calls"] and {name for name, _ in ours["tool_calls"]} <= names, ours
+        else:
+            assert ours["content"].startswith("<tool_call>") and any(n in ours["content"] for n in names), ours
+    else:
+        assert not ours["tool_calls"] and ours["content"]
+
+
+async def test_a_conversation_with_tool_turns_equals_stock_vllm(dvd: openai.AsyncOpenAI,
+                                                                stock: openai.AsyncOpenAI) -> None:
+    """An assistant turn that called a tool and the tool's answer reach the template as in vLLM: same prompt
+    tokens, same greedy answer."""
+    messages = [user_message("What is the weather in the city in this picture?", images=(IMAGE,)),
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]
+    ours = await answer(dvd, False, messages=messages, tools=[WEATHER], **NO_THINKING)
+    ref = await answer(stock, False, messages=messages, tools=[WEATHER], **NO_THINKING)
+    assert ours == ref and ours["content"]
+    without = await answer(dvd, False, messages=messages[:1], tools=[WEATHER], **NO_THINKING)
+    assert ours["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]  # the turns were rendered
+
+
+@pytest.mark.parametrize(("args", "param"), [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "no_such_tool"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+])
+async def test_bad_tool_requests_are_400s_naming_the_field(dvd: openai.AsyncOpenAI, args: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await answer(dvd, False, **args)
+    assert info.value.body["param"] == param, info.value.body
+    assert (await answer(dvd, False, tools=[WEATHER]))["reasoning"]  # the next request works
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_tool_call_is_read_out_of_an_answer(tiny_ckpt: Path, stream: bool) -> None:
+    """The language server's plumbing around vLLM's hermes parser on an answer that calls a tool mid-way (tool_choice
+    auto), fed token by token: the content before the call, the call's name and JSON arguments, finish reason
+    "tool_calls"."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.tokenizers import get_tokenizer
+
+    from llm_server.answer import Answer, ToolOptions, chat_template_kwargs, parser_class
+
+    tokenizer = get_tokenizer(str(tiny_ckpt), trust_remote_code=True)
+    tools = ToolOptions(parser="hermes", auto=True)
+    request = ChatCompletionRequest(messages=[], model="tiny", stream=stream, tools=[WEATHER])
+    answer = Answer(parser_class("", tokenizer, str(tiny_ckpt), tools), tokenizer, None, request,
+                    chat_template_kwargs(request), n=1, tools=tools)
+    ids = tokenizer.encode('Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                           '</tool_call>', add_special_tokens=False)
+    content, name, arguments, finish = "", "", "", ""
+    for step, token in enumerate(ids):
+        output = SimpleNamespace(index=0, token_ids=[token], text=tokenizer.decode([token]), logprobs=None,
+                                 finish_reason="stop" if step == len(ids) - 1 else None)
+        for delta in answer.deltas(SimpleNamespace(outputs=[output], prompt_token_ids=[1, 2, 3]), lambda *_: []):
+            content += delta.text
+            name += "".join(c.name for c in delta.tool_calls)
+            arguments += "".join(c.arguments for c in delta.tool_calls)
+            finish = delta.finish_reason or finish
+    assert (content, name, json.loads(arguments), finish) == ("Let me look.", "get_weather", {"city": "Paris"},
+                                                              "tool_calls")
