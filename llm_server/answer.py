@@ -78,6 +78,8 @@ def openai_request(request: llm_pb2.GenerateRequest, model_name: str) -> ChatCom
     for name in ("include_reasoning", "parallel_tool_calls"):
         if request.HasField(name):
             fields[name] = getattr(request, name)
+    if request.reasoning_effort:
+        fields["reasoning_effort"] = request.reasoning_effort
     try:
         return ChatCompletionRequest(messages=[], model=model_name, stream=request.stream, **fields)
     except VLLMValidationError as e:

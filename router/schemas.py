@@ -154,7 +154,6 @@ _UNSUPPORTED_REQUEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "audio": (_none, "is not supported (text output only)"),
     "modalities": (lambda v: v in (None, ["text"]), "other than ['text'] are not supported"),
     "prediction": (_none, "is not supported"),
-    "reasoning_effort": (_none, "is not supported"),
     "web_search_options": (_none, "is not supported"),
     "store": (lambda v: not v, "is not supported (nothing is stored)"),
     "service_tier": (lambda v: v in (None, "auto", "default"), "is not supported"),
@@ -191,7 +190,6 @@ class ChatCompletionRequest(_Request):
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
-    reasoning_effort: str | None = None
     web_search_options: Any = None
     store: bool | None = None
     service_tier: str | None = None
@@ -205,6 +203,8 @@ class ChatCompletionRequest(_Request):
     structured_outputs: dict[str, Any] | None = None  # json, regex, choice, grammar, ... (vLLM's own checks)
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}: InternVL3.5's switch
     include_reasoning: bool | None = None  # false: drop what the server's --reasoning-parser splits off
+    # OpenAI's, checked by vLLM in the language server; "none" turns the template's thinking off, as in vLLM.
+    reasoning_effort: str | None = None
     mm_processor_kwargs: MMProcessorKwargs | None = None
     # DvD's own: the Flash checkpoints' Visual Resolution Router, and InternVL's tile budget per image.
     vir: Literal["auto", "off"] | None = None

@@ -73,7 +73,8 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
                                    include_reasoning=req.include_reasoning, stream=bool(req.stream),
                                    tools=json.dumps(req.tools) if req.tools is not None else "",
                                    tool_choice=json.dumps(req.tool_choice) if req.tool_choice is not None else "",
-                                   parallel_tool_calls=req.parallel_tool_calls)
+                                   parallel_tool_calls=req.parallel_tool_calls,
+                                   reasoning_effort=req.reasoning_effort or "")
 
 
 def to_logprobs(entries: Iterable[llm_pb2.TokenLogprob]) -> list[TokenLogprob]:

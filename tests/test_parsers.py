@@ -91,7 +91,7 @@ async def answer(client: openai.AsyncOpenAI, stream: bool, messages: list | None
 
 
 CASES = {"thinking": {}, "no-thinking": {"chat_template_kwargs": {"enable_thinking": False}},
-         "hidden": {"include_reasoning": False}}
+         "effort-none": {"reasoning_effort": "none"}, "hidden": {"include_reasoning": False}}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -104,7 +104,7 @@ async def test_reasoning_equals_stock_vllm(dvd: openai.AsyncOpenAI, stock: opena
     details = ours["usage"].get("completion_tokens_details", {})
     if case == "thinking":  # the think block never closes: all reasoning
         assert ours["reasoning"] and not ours["content"] and details["reasoning_tokens"] > 0
-    elif case == "no-thinking":  # the template closed the think block in the prompt: all content
+    elif case in ("no-thinking", "effort-none"):  # the template closed the think block in the prompt: all content
         assert ours["content"] and not ours["reasoning"] and details["reasoning_tokens"] == 0
     else:  # parsed as reasoning, then withheld
         assert not ours["reasoning"]
@@ -208,8 +208,10 @@ async def test_a_conversation_with_tool_turns_equals_stock_vllm(dvd: openai.Asyn
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "no_such_tool"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+    ({"reasoning_effort": "enormous"}, "reasoning_effort"),
 ])
-async def test_bad_tool_requests_are_400s_naming_the_field(dvd: openai.AsyncOpenAI, args: dict, param: str) -> None:
+async def test_bad_tool_and_reasoning_requests_are_400s_naming_the_field(dvd: openai.AsyncOpenAI, args: dict,
+                                                                          param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         await answer(dvd, False, **args)
     assert info.value.body["param"] == param, info.value.body
