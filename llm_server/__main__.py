@@ -15,7 +15,6 @@ from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
 from dvd.v1 import llm_pb2_grpc
-from llm_server.answer import ToolOptions
 from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
 from llm_server.service import LanguageService
@@ -58,10 +57,8 @@ async def serve() -> None:
         from prometheus_client import start_http_server
 
         start_http_server(config.metrics_port)
-    tools = ToolOptions(config.tool_call_parser, config.enable_auto_tool_choice,
-                        config.exclude_tools_when_tool_choice_none)
     service = LanguageService(engine, pool, served_name, vision_parameters=n_vision,
-                              cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30)), tools=tools)
+                              cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30)), tools=config.tools)
     server, health, bound = await start_server(
         config.internal, config.host, config.port,
         lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), "dvd.v1.LanguageService",

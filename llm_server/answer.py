@@ -29,6 +29,7 @@ from vllm.parser.abstract_parser import Parser
 from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.tokenizers import TokenizerLike
 
+from dvd.config import option
 from dvd.v1 import llm_pb2
 from llm_server.prompt import PromptError
 
@@ -43,22 +44,26 @@ JSON_FIELDS = ("chat_template_kwargs", "tools", "tool_choice")
 
 @dataclass(frozen=True)
 class ToolOptions:
-    """vLLM's server options for tool calling (`--tool-call-parser`, `--enable-auto-tool-choice`,
-    `--exclude-tools-when-tool-choice-none`)."""
+    """vLLM's server options for tool calling, same flags (an option group of the language server's config;
+    --reasoning-parser is an engine option and comes with vLLM's)."""
 
-    parser: str = ""
-    auto: bool = False
-    exclude_when_none: bool = False
+    tool_call_parser: str = option("", "vLLM's tool parser, which reads tool calls out of answers (InternVL3.5: "
+                                       "hermes); needed for tool_choice auto, required and named")
+    enable_auto_tool_choice: bool = option(False, "vLLM's: the model may call tools on its own (tool_choice auto); "
+                                                  "needs --tool-call-parser")
+    exclude_tools_when_tool_choice_none: bool = option(False, "vLLM's: tool_choice none leaves the tools out of the "
+                                                              "prompt")
 
 
 def parser_class(reasoning_parser: str, tokenizer: TokenizerLike, model_name: str,
                  tools: ToolOptions = ToolOptions()) -> type[Parser] | None:
     """The parser class vLLM's server would build for these flags, or None when no output parsing is asked for."""
-    if not reasoning_parser and not tools.parser:
+    if not reasoning_parser and not tools.tool_call_parser:
         return None
-    return ParserManager.get_parser(tool_parser_name=tools.parser or None, reasoning_parser_name=reasoning_parser,
-                                    enable_auto_tools=tools.auto, tool_strict_level="auto", model_name=model_name,
-                                    is_harmony=False, tokenizer=tokenizer)
+    return ParserManager.get_parser(tool_parser_name=tools.tool_call_parser or None,
+                                    reasoning_parser_name=reasoning_parser,
+                                    enable_auto_tools=tools.enable_auto_tool_choice, tool_strict_level="auto",
+                                    model_name=model_name, is_harmony=False, tokenizer=tokenizer)
 
 
 def openai_request(request: llm_pb2.GenerateRequest, model_name: str) -> ChatCompletionRequest:
@@ -98,7 +103,7 @@ def chat_template_kwargs(request: ChatCompletionRequest) -> dict:
 
 def template_tools(request: ChatCompletionRequest, tools: ToolOptions) -> list[dict] | None:
     """The tools the chat template renders, as vLLM's renderer passes them."""
-    if request.tools is None or (request.tool_choice == "none" and tools.exclude_when_none):
+    if request.tools is None or (request.tool_choice == "none" and tools.exclude_tools_when_tool_choice_none):
         return None
     return [tool.model_dump() for tool in request.tools]
 
@@ -108,7 +113,7 @@ def check_tool_choice(request: ChatCompletionRequest, parser_cls: type[Parser] |
     if request.tool_choice in (None, "none") or (parser_cls is not None and parser_cls.tool_parser_cls is not None):
         return
     if request.tool_choice == "auto":
-        if not tools.auto:
+        if not tools.enable_auto_tool_choice:
             raise PromptError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
                               param="tool_choice")
         return
@@ -164,16 +169,17 @@ class Answer:
             if not self.hides_logprobs:
                 delta.logprobs.extend(logprobs(ids, o.logprobs))
             choice = self.choices[o.index]
-            choice.token_ids.extend(ids)
             finished = o.finish_reason is not None
             if choice.parser is None:
                 delta.text = o.text
-            elif self.stream:
-                self._stream(choice, delta, o.text, ids, out.prompt_token_ids, finished)
             else:
-                choice.text += o.text
-                if finished:
-                    self._whole(choice, delta, out.prompt_token_ids)
+                choice.token_ids.extend(ids)  # read by the parser and its reasoning-token count
+                if self.stream:
+                    self._stream(choice, delta, o.text, ids, out.prompt_token_ids, finished)
+                else:
+                    choice.text += o.text
+                    if finished:
+                        self._whole(choice, delta, out.prompt_token_ids)
             result.append(delta)
         return result
 
@@ -196,7 +202,8 @@ class Answer:
         assert choice.parser is not None
         if prompt_ids is not None:
             choice.parser.set_prompt_token_ids(prompt_ids)
-        reasoning, content, calls = choice.parser.parse(choice.text, self.request, enable_auto_tools=self.tools.auto,
+        auto = self.tools.enable_auto_tool_choice
+        reasoning, content, calls = choice.parser.parse(choice.text, self.request, enable_auto_tools=auto,
                                                         model_output_token_ids=choice.token_ids)
         request = self.request
         has_tool_parser = self.parser_cls is not None and self.parser_cls.tool_parser_cls is not None
@@ -204,7 +211,7 @@ class Answer:
         kept: list[FunctionCall] = []
         if self.named_tool or required:
             kept, content = list(calls or []), content or ""
-        elif (request.tools and request.tool_choice in ("auto", None) and self.tools.auto and has_tool_parser):
+        elif request.tools and request.tool_choice in ("auto", None) and auto and has_tool_parser:
             kept = list(calls or [])
         kept = maybe_filter_parallel_tool_calls(kept, request)
         auto_called = bool(kept) and not (self.named_tool or required)

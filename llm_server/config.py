@@ -11,6 +11,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from dvd.config import LLM_PORT, add_options, from_namespace, option
 from dvd.data_plane import TRANSPORTS
 from dvd.security import InternalAuth
+from llm_server.answer import ToolOptions
 from llm_server.worker_extension import QUALNAME as WORKER_EXTENSION
 
 
@@ -30,13 +31,7 @@ class LlmServerConfig:
     vision_shm_gb: float = option(1.0, "shared memory for embeddings in flight from vision servers on this host")
     embedding_cache_gb: float = option(2.0, "host memory for embeddings of recently seen images (0 = off): a "
                                             "resent image costs no vision call and no transfer")
-    # vLLM's server options for tool calling, same names (--reasoning-parser is an engine option and comes with them).
-    enable_auto_tool_choice: bool = option(False, "vLLM's: the model may call tools on its own (tool_choice auto); "
-                                                  "needs --tool-call-parser")
-    tool_call_parser: str = option("", "vLLM's tool parser, which reads tool calls out of answers (InternVL3.5: "
-                                       "hermes); needed for tool_choice auto, required and named")
-    exclude_tools_when_tool_choice_none: bool = option(False, "vLLM's: tool_choice none leaves the tools out of the "
-                                                              "prompt")
+    tools: ToolOptions = field(default_factory=ToolOptions)
     metrics_port: int = option(0, "Prometheus port (0 = off)")
     shutdown_grace: float = option(10.0, "seconds in-flight calls get on shutdown")
     internal: InternalAuth = field(default_factory=InternalAuth)
@@ -58,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LlmServerConfig, AsyncEng
     parser = build_parser()
     args = parser.parse_args(argv)
     config = from_namespace(LlmServerConfig, args)
-    if config.enable_auto_tool_choice and not config.tool_call_parser:
+    if config.tools.enable_auto_tool_choice and not config.tools.tool_call_parser:
         parser.error("--enable-auto-tool-choice requires --tool-call-parser")  # as vLLM's server says
     return config, engine_args_for_dvd(args)
 

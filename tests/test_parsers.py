@@ -229,7 +229,7 @@ def test_a_tool_call_is_read_out_of_an_answer(tiny_ckpt: Path, stream: bool) -> 
     from llm_server.answer import Answer, ToolOptions, chat_template_kwargs, parser_class
 
     tokenizer = get_tokenizer(str(tiny_ckpt), trust_remote_code=True)
-    tools = ToolOptions(parser="hermes", auto=True)
+    tools = ToolOptions(tool_call_parser="hermes", enable_auto_tool_choice=True)
     request = ChatCompletionRequest(messages=[], model="tiny", stream=stream, tools=[WEATHER])
     answer = Answer(parser_class("", tokenizer, str(tiny_ckpt), tools), tokenizer, None, request,
                     chat_template_kwargs(request), n=1, tools=tools)
