@@ -100,10 +100,19 @@ async def test_reasoning_equals_stock_vllm(dvd: openai.AsyncOpenAI, stock: opena
                                            stream: bool) -> None:
     ours = await answer(dvd, stream, **CASES[case])
     ref = await answer(stock, stream, **CASES[case])
-    assert ours == ref
     details = ours["usage"].get("completion_tokens_details", {})
+    if stream:
+        # vLLM counts a streamed answer's reasoning tokens as its parser saw them arrive, so the count depends on
+        # how tokens were grouped into deltas (10 or 11 of 12 seen on stock vLLM and DvD alike, run to run): it is
+        # bounded here; everything else must be equal.
+        counted = [r["usage"].pop("completion_tokens_details", {}).get("reasoning_tokens", 0) for r in (ours, ref)]
+        assert all(0 <= n <= ours["usage"]["completion_tokens"] for n in counted)
+        assert (counted[0] > 0) == (counted[1] > 0)
+    assert ours == ref
     if case == "thinking":  # the think block never closes: all reasoning
         assert ours["reasoning"] and not ours["content"] and details["reasoning_tokens"] > 0
+        if not stream:
+            assert details["reasoning_tokens"] == ours["usage"]["completion_tokens"]
     elif case in ("no-thinking", "effort-none"):  # the template closed the think block in the prompt: all content
         assert ours["content"] and not ours["reasoning"] and details["reasoning_tokens"] == 0
     else:  # parsed as reasoning, then withheld
