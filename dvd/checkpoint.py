@@ -30,8 +30,11 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img
 # Added but not special, as in the Qwen3 tokenizer InternVL3.5's language model ships: they stay in the decoded
 # text (skip_special_tokens drops special ones), which is where vLLM's reasoning and tool parsers look for them.
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+# Qwen's video context token: vLLM serves InternVL video only when a qwen2/qwen3 text model's tokenizer has it.
+# Added after training, so every other token keeps the id it had before video existed.
+VIDEO_TOKEN = "<|video_pad|>"
 # Bumped whenever what a preset writes changes: a cached checkpoint of another format is generated again.
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 SYSTEM_MESSAGE = "You are InternVL, a multimodal assistant that answers questions about images."
 TOOLS_PREAMBLE = ("# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
                   "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>")
@@ -39,11 +42,13 @@ TOOLS_RULES = ("\\n</tools>\\n\\nFor each function call, return a json object wi
                "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
                "\\\"arguments\\\": <args-json-object>}\\n</tool_call>")
 # InternVL3.5's template (internvl2_5, Qwen chatml) written for OpenAI-style content lists: one `<image>` line per
-# image part, in place, so vLLM's chat renderer and ours produce the same prompt. Tools, tool calls and tool
-# responses render as Qwen's templates render them (the hermes format: <tools>, <tool_call>, <tool_response>).
+# image part and one `<video>` line per video part, in place, so vLLM's chat renderer and ours produce the same
+# prompt. Tools, tool calls and tool responses render as Qwen's templates render them (the hermes format: <tools>,
+# <tool_call>, <tool_response>).
 CHAT_TEMPLATE = (
     "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}{% for part in content %}"
     "{% if part['type'] == 'image' or part['type'] == 'image_url' %}{{ '<image>\\n' }}"
+    "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}{{ '<video>\\n' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}"
     # The system turn: the client's, else InternVL's; with tools, Qwen's tool instructions follow it.
     "{{ '<|im_start|>system\\n' }}"
@@ -139,6 +144,7 @@ def build_tokenizer(out: Path, vocab_target: int, seed: int) -> int:
     )
     tok.train_from_iterator(list(_corpus(seed)), trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
+    tok.add_special_tokens([AddedToken(VIDEO_TOKEN, special=True, normalized=False)])
     tok.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -147,12 +153,13 @@ def build_tokenizer(out: Path, vocab_target: int, seed: int) -> int:
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
         "unk_token": None,
-        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "additional_special_tokens": [*SPECIAL_TOKENS[1:], VIDEO_TOKEN],
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "additional_special_tokens": SPECIAL_TOKENS[1:]}
+    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+               "additional_special_tokens": [*SPECIAL_TOKENS[1:], VIDEO_TOKEN]}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
     return tok.get_vocab_size()
 

@@ -31,3 +31,24 @@ def image_bytes(width: int, height: int, seed: int = 0, fmt: str = "PNG", qualit
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def video_bytes(width: int, height: int, frames: int, fps: float = 8.0, seed: int = 0, codec: str = "mp4v",
+                suffix: str = ".mp4", images: list[Image.Image] | None = None) -> bytes:
+    """A short clip of generated frames (each a different `make_image`, or `images` as given), encoded by OpenCV's
+    FFmpeg: MPEG-4 in MP4 by default, `codec="MJPG", suffix=".avi"` for Motion JPEG, `"FFV1"` (AVI) lossless."""
+    import tempfile
+
+    import cv2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/clip{suffix}"
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*codec), fps, (width, height))
+        if not writer.isOpened():
+            raise RuntimeError(f"OpenCV cannot write {codec} video here")
+        for i in range(frames):
+            frame = images[i] if images is not None else make_image(width, height, seed * 1000 + i)
+            writer.write(cv2.cvtColor(np.asarray(frame), cv2.COLOR_RGB2BGR))
+        writer.release()
+        with open(path, "rb") as f:
+            return f.read()

@@ -1,4 +1,5 @@
-"""Content-addressed image embeddings: a resent image (every turn of a chat resends it) costs no vision call.
+"""Content-addressed image and video embeddings: a resent image or video (every turn of a chat resends it) costs no
+vision call.
 
 An LRU within a byte budget, keyed by what shapes an embedding (see `embedding_keys`). Concurrent requests for
 one new image share one vision call: the first one encodes it, the others wait for its result and, if that call
@@ -17,18 +18,27 @@ import torch
 from dvd.v1 import vision_pb2
 from llm_server import metrics
 
-Encoder = Callable[[list[int]], Awaitable[list[torch.Tensor]]]
+# An image's rows, or a video's frames (each its own rows: ViR may compress some).
+Embedding = torch.Tensor | tuple[torch.Tensor, ...]
+Encoder = Callable[[list[int]], Awaitable[list[Embedding]]]
+
+
+def nbytes(emb: Embedding) -> int:
+    return sum(t.numel() * t.element_size() for t in (emb if isinstance(emb, tuple) else (emb,)))
 
 
 def embedding_keys(images: Sequence[bytes], options: vision_pb2.EncodeOptions, request_wide: bool,
-                   image_max_tiles: Sequence[int] = ()) -> list[str]:
-    """One key per image: its content hash plus the options that shape its embedding (its own tile cap included).
+                   image_max_tiles: Sequence[int] = (), kinds: Sequence[int] = ()) -> list[str]:
+    """One key per image or video: its content hash plus the options that shape its embedding (an image's own tile
+    cap, a video's frame sampling).
 
     With ViR the compression decision is a quantile over every tile of the request, so on Flash checkpoints an
     image's rows also depend on the other images it came with: then their hashes are part of the key. The keys
     are also vLLM's multi-modal UUIDs, so its prefix cache never mixes two different embeddings of one image.
     """
-    digests = [hashlib.sha256(b).hexdigest() for b in images]
+    video = f"video:{options.video.num_frames}:{options.video.fps!r}"
+    digests = [hashlib.sha256(b).hexdigest() + (video if kind == vision_pb2.MEDIA_KIND_VIDEO else "")
+               for b, kind in zip(images, kinds or [vision_pb2.MEDIA_KIND_IMAGE] * len(images), strict=True)]
     caps = list(image_max_tiles) or [0] * len(images)
     suffix = f"|vir={options.vir}"
     if request_wide and options.vir != vision_pb2.VIR_MODE_OFF and len(images) > 1:
@@ -41,39 +51,39 @@ def embedding_keys(images: Sequence[bytes], options: vision_pb2.EncodeOptions, r
 class EmbeddingCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._inflight: dict[str, asyncio.Future[torch.Tensor | None]] = {}
+        self._entries: OrderedDict[str, Embedding] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[Embedding | None]] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _get(self, key: str) -> torch.Tensor | None:
+    def _get(self, key: str) -> Embedding | None:
         emb = self._entries.get(key)
         if emb is not None:
             self._entries.move_to_end(key)
         return emb
 
-    def _put(self, key: str, emb: torch.Tensor) -> None:
-        size = emb.numel() * emb.element_size()
+    def _put(self, key: str, emb: Embedding) -> None:
+        size = nbytes(emb)
         if size > self.max_bytes or key in self._entries:
             return
         while self.bytes + size > self.max_bytes:
             _, old = self._entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= nbytes(old)
             metrics.EMBEDDING_CACHE_EVICTIONS.inc()
         self._entries[key] = emb
         self.bytes += size
         metrics.EMBEDDING_CACHE_BYTES.set(self.bytes)
         metrics.EMBEDDING_CACHE_ENTRIES.set(len(self._entries))
 
-    async def lookup(self, keys: Sequence[str], encode: Encoder) -> list[torch.Tensor]:
+    async def lookup(self, keys: Sequence[str], encode: Encoder) -> list[Embedding]:
         """Embeddings for every key: cached ones at once, the missing ones through one `encode(indices)` call."""
-        out: list[torch.Tensor | None] = [None] * len(keys)
+        out: list[Embedding | None] = [None] * len(keys)
         while True:
             missing: list[int] = []
-            owned: dict[str, asyncio.Future[torch.Tensor | None]] = {}
-            waits: dict[int, asyncio.Future[torch.Tensor | None]] = {}
+            owned: dict[str, asyncio.Future[Embedding | None]] = {}
+            waits: dict[int, asyncio.Future[Embedding | None]] = {}
             for i, key in enumerate(keys):
                 if out[i] is not None:
                     continue
@@ -97,8 +107,8 @@ class EmbeddingCache:
                 return out  # type: ignore[return-value]
 
     async def _encode_owned(self, keys: Sequence[str], missing: list[int],
-                            owned: dict[str, asyncio.Future[torch.Tensor | None]], encode: Encoder,
-                            out: list[torch.Tensor | None]) -> None:
+                            owned: dict[str, asyncio.Future[Embedding | None]], encode: Encoder,
+                            out: list[Embedding | None]) -> None:
         try:
             embs = await encode(missing)
             for i, emb in zip(missing, embs, strict=True):

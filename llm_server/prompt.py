@@ -1,22 +1,32 @@
 """Turning a gRPC conversation into the model's prompt text, the way vLLM's chat endpoint renders it.
 
-The chat template receives OpenAI-style content lists (`{"type": "image"}`, `{"type": "text", ...}`), which is
-what vLLM passes for templates of the "openai" content format (InternVL3.5's), so the same conversation yields
-the same prompt, and therefore the same tokens, on DvD and on stock vLLM.
+The chat template receives OpenAI-style content lists (`{"type": "image"}`, `{"type": "video"}`,
+`{"type": "text", ...}`), which is what vLLM passes for templates of the "openai" content format (InternVL3.5's),
+so the same conversation yields the same prompt, and therefore the same tokens, on DvD and on stock vLLM.
+
+A video reaches vLLM as its frames: vLLM's InternVL puts "Frame1: <img>{256 x <|video_pad|>}</img>Frame2: ..." where
+the template wrote `<video>`, and fills the pads with the frames' embeddings. vLLM 0.32 cannot take that from
+embeddings (its InternVL video processor needs the frame count it only knows from pixels), so each frame is given
+as an image embedding in a "Frame{i}: <image>" text of the same shape: the same tokens at every text position, the
+frame's rows where vLLM puts them, and rows per frame free to differ (ViR on Flash checkpoints).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from vllm.renderers.chat_utils import _postprocess_messages
 from vllm.renderers.hf import safe_apply_chat_template
 
 from dvd.conversation import image_error, role_error, template_role, tool_calls_error
-from dvd.v1 import llm_pb2
+from dvd.v1 import llm_pb2, vision_pb2
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+_PLACEHOLDER = re.compile(f"{IMAGE_PLACEHOLDER}|{VIDEO_PLACEHOLDER}")
+_KIND = {IMAGE_PLACEHOLDER: vision_pb2.MEDIA_KIND_IMAGE, VIDEO_PLACEHOLDER: vision_pb2.MEDIA_KIND_VIDEO}
 
 
 class PromptError(ValueError):
@@ -30,16 +40,18 @@ class PromptError(ValueError):
 @dataclass(frozen=True)
 class Conversation:
     messages: list[dict]
-    images: list[bytes]
-    image_max_tiles: list[int]  # per image: its own tile cap (image_url.detail), 0 = the request's
+    media: list[bytes]  # encoded images and videos, in conversation order
+    kinds: list[int]  # vision_pb2.MediaKind of each
+    max_tiles: list[int]  # per file: an image's own tile cap (image_url.detail), 0 = the request's
 
 
 def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
     if not messages:
         raise PromptError("the conversation has no messages")
     out: list[dict] = []
-    images: list[bytes] = []
-    image_max_tiles: list[int] = []
+    media: list[bytes] = []
+    kinds: list[int] = []
+    max_tiles: list[int] = []
     for i, m in enumerate(messages):
         if (error := role_error(m.role)) is not None:
             raise PromptError(f"messages[{i}]: {error}")
@@ -48,14 +60,16 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
             kind = part.WhichOneof("part")
             if kind == "text":
                 parts.append({"type": "text", "text": part.text})
-            elif kind == "image":
+            elif kind in ("image", "video"):
                 if (error := image_error(m.role)) is not None:
                     raise PromptError(f"messages[{i}]: {error}")
-                if not part.image:
-                    raise PromptError(f"messages[{i}]: empty image")
-                parts.append({"type": "image"})
-                images.append(part.image)
-                image_max_tiles.append(part.max_tiles)
+                data = getattr(part, kind)
+                if not data:
+                    raise PromptError(f"messages[{i}]: empty {kind}")
+                parts.append({"type": kind})
+                media.append(data)
+                kinds.append(vision_pb2.MEDIA_KIND_VIDEO if kind == "video" else vision_pb2.MEDIA_KIND_IMAGE)
+                max_tiles.append(part.max_tiles)
             else:
                 raise PromptError(f"messages[{i}]: empty content part")
         message: dict = {"role": template_role(m.role), "content": parts}
@@ -76,7 +90,7 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
         _postprocess_messages(out)  # vLLM's: tool-call arguments as the objects templates expect
     except ValueError as e:
         raise PromptError(str(e), param="messages") from e
-    return Conversation(out, images, image_max_tiles)
+    return Conversation(out, media, kinds, max_tiles)
 
 
 def render_prompt(tokenizer, conversation: Conversation, model_config, template_kwargs: dict,
@@ -84,11 +98,19 @@ def render_prompt(tokenizer, conversation: Conversation, model_config, template_
     """The chat template through vLLM's own call (`template_kwargs` filtered to what the template reads)."""
     prompt = safe_apply_chat_template(model_config, tokenizer, conversation.messages, tools=tools, tokenize=False,
                                       **template_kwargs)
-    found = prompt.count(IMAGE_PLACEHOLDER)
-    if found != len(conversation.images):
-        raise PromptError(f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholders for {len(conversation.images)} "
-                          f"images (text may not contain the literal {IMAGE_PLACEHOLDER})")
+    found = [_KIND[p] for p in _PLACEHOLDER.findall(prompt)]
+    if found != conversation.kinds:
+        raise PromptError(f"the prompt has {len(found)} {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholders for "
+                          f"{len(conversation.kinds)} images and videos (text may not contain the literal "
+                          f"{IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER})")
     return prompt
+
+
+def expand_videos(prompt: str, frames: list[int]) -> str:
+    """Each `<video>`, in order, as its frames: "Frame1: <image>Frame2: <image>..." (vLLM's InternVL video text)."""
+    it = iter(frames)
+    return re.sub(re.escape(VIDEO_PLACEHOLDER),
+                  lambda _: "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}" for i in range(next(it))), prompt)
 
 
 def text_token_ids(tokenizer, prompt: str) -> list[int]:

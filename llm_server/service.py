@@ -33,8 +33,8 @@ from llm_server.answer import (
     parser_class,
     template_tools,
 )
-from llm_server.embedding_cache import EmbeddingCache, embedding_keys
-from llm_server.prompt import PromptError, parse_messages, render_prompt, text_token_ids
+from llm_server.embedding_cache import Embedding, EmbeddingCache, embedding_keys
+from llm_server.prompt import PromptError, expand_videos, parse_messages, render_prompt, text_token_ids
 from llm_server.vision_pool import VisionError, VisionPool
 
 log = logging.getLogger("llm_server.service")
@@ -241,30 +241,47 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         conversation = parse_messages(list(request.messages))
         prompt = render_prompt(self.tokenizer, conversation, self.model_config, template_kwargs,
                                template_tools(openai, self.tools))
-        options = vision_pb2.EncodeOptions(vir=request.vision.vir, max_tiles=request.vision.max_dynamic_patch)
-        inputs: dict = {"prompt": prompt}
+        options = vision_pb2.EncodeOptions(vir=request.vision.vir, max_tiles=request.vision.max_dynamic_patch,
+                                           video=request.vision.video)
         embedding_bytes = 0
-        embeddings: list[torch.Tensor] = []
+        values: list[Embedding] = []
         keys: list[str] = []
         vision_summary = vision_pb2.EncodeSummary()
-        if conversation.images:
-            images = conversation.images
+        if conversation.media:
+            media, kinds = conversation.media, conversation.kinds
 
-            async def encode(indices: list[int]) -> list[torch.Tensor]:
+            async def encode(indices: list[int]) -> list[Embedding]:
                 nonlocal embedding_bytes, vision_summary
-                encoded = await self.pool.encode(request_id, [images[i] for i in indices], options,
-                                                 [conversation.image_max_tiles[i] for i in indices])
+                encoded = await self.pool.encode(request_id, [media[i] for i in indices], options,
+                                                 [conversation.max_tiles[i] for i in indices],
+                                                 [kinds[i] for i in indices])
                 embedding_bytes, vision_summary = encoded.bytes_received, encoded.summary
                 metrics.VISION_WAIT.observe(encoded.seconds)
                 for transport, n in encoded.bytes_by_transport.items():
                     metrics.EMBEDDING_BYTES.labels(transport=transport).inc(n)
                 # Once, before the cache keeps them; cached embeddings are not checked again.
                 validate_embeddings(encoded.embeddings, len(indices), self.hidden_size, indices)
-                return [e.to(self.model_config.dtype) for e in encoded.embeddings]
+                out: list[Embedding] = []
+                for i, emb, rows in zip(indices, encoded.embeddings, encoded.tile_rows, strict=True):
+                    emb = emb.to(self.model_config.dtype)
+                    out.append(tuple(emb.split(rows)) if kinds[i] == vision_pb2.MEDIA_KIND_VIDEO else emb)
+                return out
 
-            keys = embedding_keys(images, options, self.request_wide_vir, conversation.image_max_tiles)
-            embeddings = await self.cache.lookup(keys, encode)
+            keys = embedding_keys(media, options, self.request_wide_vir, conversation.max_tiles, kinds)
+            values = await self.cache.lookup(keys, encode)
         t_vision = time.perf_counter()
+        # vLLM's images in prompt order: an image's rows, or a video's frames one by one (prompt.py says why).
+        embeddings: list[torch.Tensor] = []
+        uuids: list[str] = []
+        for key, value in zip(keys, values, strict=True):
+            if isinstance(value, tuple):
+                embeddings += value
+                uuids += [f"{key}:frame{f}" for f in range(len(value))]
+            else:
+                embeddings.append(value)
+                uuids.append(key)
+        prompt = expand_videos(prompt, [len(v) for v in values if isinstance(v, tuple)])
+        inputs: dict = {"prompt": prompt}
         visual_tokens = sum(e.shape[0] for e in embeddings)
         text_ids = text_token_ids(self.tokenizer, prompt)
         prompt_tokens = len(text_ids) + visual_tokens
@@ -275,7 +292,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                  constraint)
         if embeddings:
             inputs["multi_modal_data"] = {"image": embeddings}
-            inputs["multi_modal_uuids"] = {"image": keys}
+            inputs["multi_modal_uuids"] = {"image": uuids}
             metrics.VISUAL_TOKENS.inc(visual_tokens)
 
         # As vLLM's server tells the engine where the reasoning ends (structured outputs start after it).

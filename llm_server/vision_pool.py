@@ -41,7 +41,8 @@ class VisionProtocolError(RuntimeError):
 
 @dataclass
 class EncodedImages:
-    embeddings: list[torch.Tensor]  # one (tokens_i, hidden) bf16 tensor per image
+    embeddings: list[torch.Tensor]  # one (tokens_i, hidden) bf16 tensor per image or video
+    tile_rows: list[list[int]]  # per image or video, the rows of each of its tiles (a video's tiles are its frames)
     server: str
     seconds: float
     summary: vision_pb2.EncodeSummary
@@ -93,10 +94,11 @@ class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
         return h.ready, float(h.queued_tiles)
 
     async def encode(self, request_id: str, images: list[bytes], options: vision_pb2.EncodeOptions,
-                     image_max_tiles: Sequence[int] = ()) -> EncodedImages:
-        """Embeddings for every image, from one server; other servers are tried when one fails.
+                     image_max_tiles: Sequence[int] = (), kinds: Sequence[int] = ()) -> EncodedImages:
+        """Embeddings for every image (or video), from one server; other servers are tried when one fails.
 
-        `image_max_tiles`: per image, its own tile cap (0 = options.max_tiles); empty = none."""
+        `image_max_tiles`: per image, its own tile cap (0 = options.max_tiles); empty = none. `kinds`: per file, its
+        vision_pb2.MediaKind; empty = all images."""
         deadline = time.monotonic() + self.timeout_s
         tried: set[str] = set()
         errors: list[str] = []
@@ -107,7 +109,8 @@ class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
             if remaining <= 0:
                 break
             try:
-                return await self._encode_on(backend, request_id, images, options, image_max_tiles, remaining)
+                return await self._encode_on(backend, request_id, images, options, image_max_tiles, kinds,
+                                             remaining)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise VisionError(e.code(), e.details() or "invalid image") from e
@@ -133,21 +136,27 @@ class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
         raise VisionError(grpc.StatusCode.FAILED_PRECONDITION, f"no vision server could encode the images ({detail})")
 
     async def _encode_on(self, b: VisionBackend, request_id: str, images: list[bytes],
-                         options: vision_pb2.EncodeOptions, image_max_tiles: Sequence[int],
+                         options: vision_pb2.EncodeOptions, image_max_tiles: Sequence[int], kinds: Sequence[int],
                          timeout: float) -> EncodedImages:
         t0 = time.perf_counter()
         health = b.status or vision_pb2.VisionHealthResponse()  # not probed yet: no shortcuts offered
         budget = options.max_tiles or health.max_tiles or 12
         caps = [c or budget for c in image_max_tiles] or [budget] * len(images)
-        tiles_bound = sum(c + (c > 1) for c in caps)  # a thumbnail whenever there is more than one tile
+        # Sizes the shared-memory offer only: a tile beyond it travels inline. A video's default is vLLM's 32.
+        asked = options.video.num_frames
+        frames = asked if asked > 0 else 32 if asked == 0 else health.max_video_frames or 128
+        tiles_bound = sum(frames if kind == vision_pb2.MEDIA_KIND_VIDEO else c + (c > 1)  # + an image's thumbnail
+                          for c, kind in zip(caps, kinds or [vision_pb2.MEDIA_KIND_IMAGE] * len(images), strict=True))
         receiver = await TileReceiver.open(
             self.transport, self.executor, self.slots, health.shm_domain, b.host,
             health.data_port if self.tcp_allowed else 0, tiles_bound * TILE_ROWS * self.hidden_size * BF16_BYTES,
             timeout)
         request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options,
                                            data_plane=receiver.offer(),
-                                           image_max_tiles=image_max_tiles if any(image_max_tiles) else ())
+                                           image_max_tiles=image_max_tiles if any(image_max_tiles) else (),
+                                           kinds=kinds if any(kinds) else ())
         embs: list[torch.Tensor | None] = [None] * len(images)
+        tile_rows: list[list[int]] = [[] for _ in images]
         filled = [0] * len(images)  # rows received per image
         counts = [0] * len(images)  # tiles received per image
         by_transport: dict[str, int] = {}
@@ -166,12 +175,13 @@ class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
                     items.append((tile, emb[filled[i]:filled[i] + tile.rows]))
                     filled[i] += tile.rows
                     counts[i] += 1
+                    tile_rows[i].append(tile.rows)
                     name = TRANSPORT_NAMES.get(tile.transport, "grpc")
                     by_transport[name] = by_transport.get(name, 0) + tile.nbytes
                 await receiver.receive(items)
                 if msg.HasField("summary"):
-                    return EncodedImages(self._check_summary(embs, filled, counts, msg.summary), b.address,
-                                         time.perf_counter() - t0, msg.summary, by_transport)
+                    return EncodedImages(self._check_summary(embs, filled, counts, msg.summary), tile_rows,
+                                         b.address, time.perf_counter() - t0, msg.summary, by_transport)
         finally:
             b.outstanding -= 1
             call.cancel()

@@ -33,7 +33,8 @@ def create_app(config: RouterConfig) -> FastAPI:
     metrics = Metrics()
     pool = BackendPool(config.llm, health_interval=config.health_interval, auth=config.internal)
     limiter = Limiter(config.max_concurrency, config.max_queue)
-    images = ImageLoader(FetchLimits(max_bytes=config.max_image_bytes, timeout=config.image_fetch_timeout,
+    images = ImageLoader(FetchLimits(max_bytes=config.max_image_bytes, max_video_bytes=config.max_video_bytes,
+                                     timeout=config.image_fetch_timeout,
                                      max_redirects=config.max_image_redirects,
                                      allow_private=config.allow_private_image_urls,
                                      max_images=config.max_images_per_request,

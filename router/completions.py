@@ -28,7 +28,7 @@ from router.images import ImageLoader
 from router.limits import Limiter
 from router.metrics import Metrics, RequestTracker
 from router.schemas import ChatCompletionRequest, RequestError, parse_chat_request
-from router.translate import ChunkBuilder, CompletionBuilder, image_urls, to_generate_request
+from router.translate import ChunkBuilder, CompletionBuilder, media_urls, to_generate_request
 
 log = logging.getLogger("router.completions")
 T = TypeVar("T")
@@ -113,8 +113,8 @@ class Completions:
             req = parse_chat_request(await read_body(request, self.max_body_bytes))
             self._check_model(req.model)
             held.admitted(await guarded(request, self.limiter.acquire(), deadline))
-            images = await guarded(request, self.images.load_all(image_urls(req)), deadline)
-            held.stream = self.pool.generate(to_generate_request(req, images, request_id), deadline)
+            media = await guarded(request, self.images.load_all(media_urls(req)), deadline)
+            held.stream = self.pool.generate(to_generate_request(req, media, request_id), deadline)
             first = await guarded(request, anext(held.stream, None), deadline)
             if first is None:
                 raise APIError(502, "the language server closed the stream without a response", code="empty_stream")

@@ -20,16 +20,17 @@ class RouterConfig:
     api_keys: tuple[str, ...] = option((), "accepted Bearer keys; comma-separated or repeated (none = no auth)",
                                        env="DVD_API_KEY", flag="--api-key")
     allow_private_image_urls: bool = option(
-        False, "let image URLs reach loopback/private/link-local addresses (tests, trusted networks)",
+        False, "let image and video URLs reach loopback/private/link-local addresses (tests, trusted networks)",
         env="DVD_ALLOW_PRIVATE_IMAGE_URLS")
     max_body_bytes: int = option(32 * MIB, "413 above this")
     max_concurrency: int = option(256, "requests forwarded at once; more wait in the queue")
     max_queue: int = option(1024, "requests waiting for a slot; beyond this, 429")
-    image_fetch_timeout: float = option(10.0, "seconds for one http(s) image, redirects included")
+    image_fetch_timeout: float = option(10.0, "seconds for one http(s) image or video, redirects included")
     max_image_bytes: int = option(20 * MIB, "bytes of one image")
     max_image_redirects: int = option(3, "redirects followed for one image URL")
-    max_images_per_request: int = option(16, "images in one request")
-    max_image_total_bytes: int = option(128 * MIB, "all images of one request together")
+    max_video_bytes: int = option(64 * MIB, "bytes of one video (a data: URL is also bound by --max-body-bytes)")
+    max_images_per_request: int = option(16, "images and videos in one request")
+    max_image_total_bytes: int = option(128 * MIB, "all images and videos of one request together")
     request_timeout: float = option(600.0, "seconds from request to last token; 504 after")
     health_interval: float = option(2.0, "seconds between health checks of each language server")
     # Longer than clients and load balancers keep idle connections (nginx 75 s, AWS ALB 60 s, httpx 5 s): the side

@@ -1,4 +1,4 @@
-"""Turning `image_url` parts into encoded image bytes: `data:` URLs decoded, http(s) URLs fetched safely.
+"""Turning `image_url` and `video_url` parts into encoded bytes: `data:` URLs decoded, http(s) URLs fetched safely.
 
 Fetching is server-side request forgery's classic door, so unless the operator allows private targets every hop
 (first URL and each redirect) is resolved here, every address it resolves to must be public, and the connection
@@ -27,17 +27,18 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 @dataclass(frozen=True)
 class FetchLimits:
     max_bytes: int = 20 * 1024 * 1024
+    max_video_bytes: int = 64 * 1024 * 1024
     timeout: float = 10.0
     max_redirects: int = 3
     allow_private: bool = False
     # Per request: caps what one body can make the gateway fetch and hold, below the language server's 256 MiB.
-    max_images: int = 16
+    max_images: int = 16  # images and videos together
     max_total_bytes: int = 128 * 1024 * 1024
     concurrency: int = 4
 
 
 class ImageError(APIError):
-    """A client-side problem with one image: always a 400 that names the image."""
+    """A client-side problem with one image or video: always a 400 that names it."""
 
     def __init__(self, message: str, code: str = "invalid_image") -> None:
         super().__init__(400, message, code=code, param="messages")
@@ -47,23 +48,24 @@ def _short(url: str) -> str:
     return url if len(url) <= 80 else url[:77] + "..."
 
 
-def decode_data_url(url: str, max_bytes: int) -> bytes:
-    """`data:image/...;base64,...` -> bytes. Whether the bytes are an image is the vision server's call."""
+def decode_data_url(url: str, max_bytes: int, kind: str = "image") -> bytes:
+    """`data:image/...;base64,...` (or `video/...` for a video) -> bytes. Whether the bytes really are one is the
+    vision server's call."""
     header, sep, payload = url[5:].partition(",")
     if not sep or not header.endswith(";base64"):
-        raise ImageError("image data URLs must look like 'data:image/<type>;base64,<data>'")
+        raise ImageError(f"{kind} data URLs must look like 'data:{kind}/<type>;base64,<data>'")
     media_type = header.removesuffix(";base64").split(";")[0].strip().lower()
-    if media_type and not media_type.startswith("image/") and media_type != "application/octet-stream":
-        raise ImageError(f"data URL media type {media_type!r} is not an image")
+    if media_type and not media_type.startswith(f"{kind}/") and media_type != "application/octet-stream":
+        raise ImageError(f"data URL media type {media_type!r} is not a{'n' if kind == 'image' else ''} {kind}")
     payload = "".join(payload.split())
     if len(payload) * 3 // 4 > max_bytes:
-        raise ImageError(f"image larger than {max_bytes} bytes", code="image_too_large")
+        raise ImageError(f"{kind} larger than {max_bytes} bytes", code=f"{kind}_too_large")
     try:
         data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ImageError(f"invalid base64 in image data URL: {exc}", code="invalid_base64") from None
+        raise ImageError(f"invalid base64 in {kind} data URL: {exc}", code="invalid_base64") from None
     if not data:
-        raise ImageError("empty image in data URL")
+        raise ImageError(f"empty {kind} in data URL")
     return data
 
 
@@ -113,59 +115,61 @@ class ImageLoader:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def load_all(self, urls: Iterable[tuple[str, str]]) -> list[bytes]:
-        """(url, param) pairs -> their bytes, a few at a time; the first failure names its `param`."""
+    async def load_all(self, urls: Iterable[tuple[str, str, str]]) -> list[bytes]:
+        """(url, param, kind) triples -> their bytes, a few at a time; the first failure names its `param`. `kind`
+        is "image" or "video"."""
         urls = list(urls)
         if len(urls) > self.limits.max_images:
-            raise ImageError(f"{len(urls)} images in one request; at most {self.limits.max_images} are accepted",
-                             code="too_many_images")
+            raise ImageError(f"{len(urls)} images and videos in one request; at most {self.limits.max_images} are "
+                             "accepted", code="too_many_images")
         slots = asyncio.Semaphore(self.limits.concurrency)
         loaded = 0
 
-        async def one(url: str, param: str) -> bytes:
+        async def one(url: str, param: str, kind: str) -> bytes:
             nonlocal loaded
             async with slots:
-                data = await self.load(url, param)
+                data = await self.load(url, param, kind)
             loaded += len(data)
             if loaded > self.limits.max_total_bytes:
-                raise ImageError(f"the request's images exceed {self.limits.max_total_bytes} bytes in total",
-                                 code="images_too_large")
+                raise ImageError(f"the request's images and videos exceed {self.limits.max_total_bytes} bytes in "
+                                 "total", code="images_too_large")
             return data
 
-        tasks = [asyncio.ensure_future(one(url, param)) for url, param in urls]
+        tasks = [asyncio.ensure_future(one(url, param, kind)) for url, param, kind in urls]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
             for task in tasks:  # one failure ends the request: stop fetching the others
                 task.cancel()
 
-    async def load(self, url: str, param: str = "messages") -> bytes:
+    async def load(self, url: str, param: str = "messages", kind: str = "image") -> bytes:
         try:
-            return await self._load(url)
+            return await self._load(url, kind)
         except ImageError as exc:
             exc.param = param
             raise
 
-    async def _load(self, url: str) -> bytes:
+    async def _load(self, url: str, kind: str) -> bytes:
         scheme = url.split(":", 1)[0].lower()
+        limit = self.limits.max_video_bytes if kind == "video" else self.limits.max_bytes
         if scheme == "data":
-            return decode_data_url(url, self.limits.max_bytes)
+            return decode_data_url(url, limit, kind)
         if scheme not in ("http", "https"):
-            raise ImageError(f"unsupported image URL scheme {scheme!r} (use data:, http: or https:)",
+            raise ImageError(f"unsupported {kind} URL scheme {scheme!r} (use data:, http: or https:)",
                              code="invalid_image_url")
         try:
-            return await asyncio.wait_for(self._fetch(httpx.URL(url)), self.limits.timeout)
+            return await asyncio.wait_for(self._fetch(httpx.URL(url), limit, kind), self.limits.timeout)
         except asyncio.TimeoutError:
-            raise ImageError(f"timed out after {self.limits.timeout:g}s fetching image {_short(url)}",
+            raise ImageError(f"timed out after {self.limits.timeout:g}s fetching {kind} {_short(url)}",
                              code="image_fetch_failed") from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise ImageError(f"could not fetch image {_short(url)}: {exc or type(exc).__name__}",
+            raise ImageError(f"could not fetch {kind} {_short(url)}: {exc or type(exc).__name__}",
                              code="image_fetch_failed") from None
 
-    async def _fetch(self, url: httpx.URL) -> bytes:
+    async def _fetch(self, url: httpx.URL, limit: int, kind: str) -> bytes:
         for _ in range(self.limits.max_redirects + 1):
             if url.scheme not in ("http", "https"):
-                raise ImageError(f"image redirect to unsupported scheme {url.scheme!r}", code="invalid_image_url")
+                raise ImageError(f"{kind} redirect to unsupported scheme {url.scheme!r}", code="invalid_image_url")
             request = await self._request(url)
             response = await self._client.send(request, stream=True)
             try:
@@ -173,13 +177,13 @@ class ImageLoader:
                     url = url.join(response.headers["location"])
                     continue
                 if response.status_code != 200:
-                    raise ImageError(f"image URL {_short(str(url))} answered HTTP {response.status_code}",
+                    raise ImageError(f"{kind} URL {_short(str(url))} answered HTTP {response.status_code}",
                                      code="image_fetch_failed")
-                return await self._read(response)
+                return await self._read(response, limit, kind)
             finally:
                 await response.aclose()
-        raise ImageError(f"more than {self.limits.max_redirects} redirects fetching an image",
-                         code="image_fetch_failed")
+        raise ImageError(f"more than {self.limits.max_redirects} redirects fetching a{'n' if kind == 'image' else ''} "
+                         f"{kind}", code="image_fetch_failed")
 
     async def _request(self, url: httpx.URL) -> httpx.Request:
         if self.limits.allow_private:
@@ -190,16 +194,15 @@ class ImageLoader:
                                           headers={"Host": url.netloc.decode("ascii")},
                                           extensions={"sni_hostname": url.host})
 
-    async def _read(self, response: httpx.Response) -> bytes:
-        limit = self.limits.max_bytes
+    async def _read(self, response: httpx.Response, limit: int, kind: str) -> bytes:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise ImageError(f"image larger than {limit} bytes", code="image_too_large")
+            raise ImageError(f"{kind} larger than {limit} bytes", code=f"{kind}_too_large")
         data = bytearray()
         async for piece in response.aiter_bytes():
             data += piece
             if len(data) > limit:
-                raise ImageError(f"image larger than {limit} bytes", code="image_too_large")
+                raise ImageError(f"{kind} larger than {limit} bytes", code=f"{kind}_too_large")
         if not data:
-            raise ImageError("empty image body", code="invalid_image")
+            raise ImageError(f"empty {kind} body", code=f"invalid_{kind}")
         return bytes(data)

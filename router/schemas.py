@@ -51,17 +51,25 @@ class ImageURL(_Request):
     detail: Literal["auto", "low", "high"] | None = None
 
 
+class VideoURL(_Request):
+    """vLLM's `video_url` part: a video file (MP4, WebM, AVI, ...) as a data: or http(s) URL."""
+
+    url: str = Field(min_length=1)
+
+
 class ContentPart(_Request):
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _known_type(cls, data: Any) -> Any:
         kind = data.get("type") if isinstance(data, dict) else None
-        if isinstance(kind, str) and kind not in ("text", "image_url"):
-            raise _unsupported(kind, "content parts are not supported (use 'text' or 'image_url')", param="type")
+        if isinstance(kind, str) and kind not in ("text", "image_url", "video_url"):
+            raise _unsupported(kind, "content parts are not supported (use 'text', 'image_url' or 'video_url')",
+                               param="type")
         return data
 
     @model_validator(mode="after")
@@ -70,7 +78,18 @@ class ContentPart(_Request):
             raise ValueError("a 'text' part needs a 'text' string")
         if self.type == "image_url" and self.image_url is None:
             raise ValueError("an 'image_url' part needs an 'image_url' object with a 'url'")
+        if self.type == "video_url" and self.video_url is None:
+            raise ValueError("a 'video_url' part needs a 'video_url' object with a 'url'")
         return self
+
+    @property
+    def media_url(self) -> tuple[str, str] | None:
+        """(url, kind) of an image or video part, the kind being "image" or "video"."""
+        if self.type == "image_url" and self.image_url is not None:
+            return self.image_url.url, "image"
+        if self.type == "video_url" and self.video_url is not None:
+            return self.video_url.url, "video"
+        return None
 
 
 class ChatMessage(_Request):
@@ -101,7 +120,7 @@ class ChatMessage(_Request):
             raise _unsupported("tool_calls", f"are not allowed here: {error}", param="tool_calls")
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content'")
-        if any(p.type == "image_url" for p in self.content or ()) and (error := image_error(self.role)):
+        if any(p.media_url for p in self.content or ()) and (error := image_error(self.role)):
             raise ValueError(error)
         return self
 
@@ -139,6 +158,27 @@ class ResponseFormat(_Request):
 
 class MMProcessorKwargs(_Request):
     max_dynamic_patch: int | None = Field(None, ge=1, le=MAX_DYNAMIC_PATCH)
+
+
+class VideoIOKwargs(_Request):
+    """vLLM's frame sampling for videos (its VideoMediaIO options): `num_frames` spread uniformly (-1 = every
+    frame; default 32), at most `fps` frames per second of video when set. The vision server bounds the frames."""
+
+    num_frames: int | None = Field(None, ge=-1, le=UINT32_MAX >> 1)
+    fps: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+
+    @field_validator("num_frames")
+    @classmethod
+    def _not_zero(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("'num_frames' must be -1 (every frame) or at least 1")
+        return value
+
+
+class MediaIOKwargs(_Request):
+    """vLLM's `media_io_kwargs`, keyed by modality; DvD takes the video sampling options."""
+
+    video: VideoIOKwargs | None = None
 
 
 def _none(value: Any) -> bool:
@@ -206,6 +246,7 @@ class ChatCompletionRequest(_Request):
     # OpenAI's, checked by vLLM in the language server; "none" turns the template's thinking off, as in vLLM.
     reasoning_effort: str | None = None
     mm_processor_kwargs: MMProcessorKwargs | None = None
+    media_io_kwargs: MediaIOKwargs | None = None
     # DvD's own: the Flash checkpoints' Visual Resolution Router, and InternVL's tile budget per image.
     vir: Literal["auto", "off"] | None = None
     max_dynamic_patch: int | None = Field(None, ge=1, le=MAX_DYNAMIC_PATCH)

@@ -16,6 +16,7 @@ from router.schemas import (
     ChoiceLogprobs,
     ChunkChoice,
     CompletionTokensDetails,
+    ContentPart,
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
@@ -34,23 +35,32 @@ _VIR = {None: vision_pb2.VIR_MODE_UNSPECIFIED, "auto": vision_pb2.VIR_MODE_AUTO,
 DETAIL_TILES = {"low": 1}
 
 
-def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
-    """Every image URL in prompt order, with its field path for error messages."""
-    return [(part.image_url.url, f"messages[{i}].content[{j}].image_url.url")
-            for i, message in enumerate(req.messages)
-            for j, part in enumerate(message.content or ())
-            if part.image_url is not None]
+def media_urls(req: ChatCompletionRequest) -> list[tuple[str, str, str]]:
+    """Every image and video URL in prompt order: (url, its field path for error messages, "image" | "video")."""
+    out = []
+    for i, message in enumerate(req.messages):
+        for j, part in enumerate(message.content or ()):
+            if (found := part.media_url) is not None:
+                url, kind = found
+                out.append((url, f"messages[{i}].content[{j}].{part.type}.url", kind))
+    return out
 
 
-def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request_id: str) -> llm_pb2.GenerateRequest:
-    """`images` are the bytes of `image_urls(req)`, in the same order."""
-    pending = iter(images)
+def _part(p: ContentPart, pending: Iterator[bytes]) -> llm_pb2.ContentPart:
+    if p.type == "image_url" and p.image_url is not None:
+        return llm_pb2.ContentPart(image=next(pending), max_tiles=DETAIL_TILES.get(p.image_url.detail or "", 0))
+    if p.type == "video_url":
+        return llm_pb2.ContentPart(video=next(pending))
+    return llm_pb2.ContentPart(text=p.text or "")
+
+
+def to_generate_request(req: ChatCompletionRequest, media: list[bytes], request_id: str) -> llm_pb2.GenerateRequest:
+    """`media` are the bytes of `media_urls(req)`, in the same order."""
+    pending = iter(media)
     messages = [
         llm_pb2.ChatMessage(
             role=template_role(m.role),
-            content=[llm_pb2.ContentPart(image=next(pending), max_tiles=DETAIL_TILES.get(p.image_url.detail or "", 0))
-                     if p.image_url is not None
-                     else llm_pb2.ContentPart(text=p.text or "") for p in m.content or ()],
+            content=[_part(p, pending) for p in m.content or ()],
             tool_call_id=m.tool_call_id or "", tool_calls=json.dumps(m.tool_calls) if m.tool_calls else "")
         for m in req.messages
     ]
@@ -65,8 +75,11 @@ def to_generate_request(req: ChatCompletionRequest, images: list[bytes], request
     if req.structured_outputs:
         optional["structured_outputs"] = json.dumps(req.structured_outputs)
     sampling = llm_pb2.SamplingParams(n=req.n or 1, stop=stop, stop_token_ids=req.stop_token_ids or [], **optional)
+    video = req.media_io_kwargs.video if req.media_io_kwargs and req.media_io_kwargs.video else None
     vision = llm_pb2.VisionOptions(vir=_VIR[req.vir],
-                                   max_dynamic_patch=req.max_dynamic_patch or req.dynamic_patch_kwarg or 0)
+                                   max_dynamic_patch=req.max_dynamic_patch or req.dynamic_patch_kwarg or 0,
+                                   video=vision_pb2.VideoSampling(num_frames=video.num_frames or 0,
+                                                                  fps=video.fps or 0.0) if video else None)
     return llm_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling, vision=vision,
                                    chat_template_kwargs=json.dumps(req.chat_template_kwargs)
                                    if req.chat_template_kwargs else "",

@@ -123,7 +123,7 @@ def start_stock_vllm(name: str, model: Path, *extra: str) -> tuple[Service, str]
     port = free_port()
     svc = Service(name, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                          "--trust-remote-code", "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "16384",
-                         "--served-model-name", "tiny", "--limit-mm-per-prompt", '{"image": 8}', *extra],
+                         "--served-model-name", "tiny", "--limit-mm-per-prompt", '{"image": 8, "video": 2}', *extra],
                   env=engine_env())
     svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=VLLM_START_TIMEOUT)
     return svc, f"http://127.0.0.1:{port}/v1"

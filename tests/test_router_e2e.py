@@ -4,6 +4,7 @@ the official `openai` client, sync and async. Extra routers share the session's 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import time
@@ -258,22 +259,29 @@ def test_tile_budget_reaches_the_vision_server(client: openai.OpenAI, model: str
 async def test_image_detail_equals_stock_vllm_tile_budget(aclient: openai.AsyncOpenAI, model: str,
                                                           colocated_tiny: str) -> None:
     """image_url.detail "low" is that image as one 448 px tile: the same prompt tokens and greedy text as stock vLLM
-    given a one-tile budget (it ignores `detail`); "high" and "auto" keep the full budget; a low image next to a
-    high one is cut alone (and the embedding cache keeps the two apart)."""
+    given that tile (the image resized to 448 x 448 as InternVL's one-tile budget resizes it: stock vLLM ignores
+    `detail`, and vLLM 0.32 refuses a per-request `max_dynamic_patch` once the tokenizer has InternVL's video token,
+    as every InternVL3.5 checkpoint's does: "InternVLVideoProcessor.__init__() got an unexpected keyword argument");
+    "high" and "auto" keep the full budget; a low image next to a high one is cut alone (and the embedding cache
+    keeps the two apart)."""
+    from PIL import Image
+
     ref_client = openai.AsyncOpenAI(base_url=colocated_tiny, api_key="none", max_retries=0)
     args: dict[str, Any] = {"max_tokens": 8, "temperature": 0}
 
-    def messages(*details: str | None) -> list[dict[str, Any]]:
-        parts = [{"type": "image_url", "image_url": {"url": data_url(BLUE), **({"detail": d} if d else {})}}
+    def messages(*details: str | None, image: bytes = BLUE) -> list[dict[str, Any]]:
+        parts = [{"type": "image_url", "image_url": {"url": data_url(image), **({"detail": d} if d else {})}}
                  for d in details]
         return [{"role": "user", "content": [*parts, {"type": "text", "text": "What colour is it?"}]}]
 
     async def ours(*details: str | None) -> Any:
         return await aclient.chat.completions.create(model=model, messages=messages(*details), **args)
 
+    tile = io.BytesIO()
+    Image.open(io.BytesIO(BLUE)).convert("RGB").resize((448, 448)).save(tile, format="PNG")
     full = await ref_client.chat.completions.create(model="tiny", messages=messages(None), **args)
-    one = await ref_client.chat.completions.create(model="tiny", messages=messages(None), **args,
-                                                   extra_body={"mm_processor_kwargs": {"max_dynamic_patch": 1}})
+    one = await ref_client.chat.completions.create(model="tiny", messages=messages(None, image=tile.getvalue()),
+                                                   **args)
     assert one.usage.prompt_tokens < full.usage.prompt_tokens
     for detail, ref in (("high", full), ("low", one), ("auto", full), (None, full)):
         got = await ours(detail)

@@ -13,7 +13,7 @@ from router.errors import APIError
 from router.images import FetchLimits, ImageError, ImageLoader, decode_data_url, is_public_address, public_addresses
 from router.limits import Limiter
 from router.schemas import RequestError, parse_chat_request
-from router.translate import ChunkBuilder, CompletionBuilder, image_urls, to_generate_request
+from router.translate import ChunkBuilder, CompletionBuilder, media_urls, to_generate_request
 from tests.helpers.router import data_url, image_server, png_bytes, user_message
 
 IMG = png_bytes()
@@ -35,6 +35,8 @@ def body(**fields: object) -> bytes:
     {"logprobs": True}, {"logprobs": True, "top_logprobs": 20},
     {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto", "parallel_tool_calls": False},
     {"chat_template_kwargs": {"enable_thinking": False}, "include_reasoning": False},
+    {"media_io_kwargs": {"video": {"num_frames": -1, "fps": 2.5}}}, {"media_io_kwargs": {"video": {}}},
+    {"messages": [user_message({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}})]},
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
                   {"role": "tool", "content": "x", "tool_call_id": "1"}]},
@@ -69,6 +71,14 @@ def test_accepted_requests(fields: dict) -> None:
      "messages[0]"),
     ({"messages": [user_message({"type": "image_url", "image_url": {"url": "x", "uuid": "u"}})]},
      "messages[0].content[0].image_url.uuid"),
+    ({"messages": [user_message({"type": "video_url"})]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "video_url", "video_url": {"url": "x"}}]}]},
+     "messages[0]"),
+    ({"media_io_kwargs": {"video": {"num_frames": 0}}}, "media_io_kwargs.video.num_frames"),
+    ({"media_io_kwargs": {"video": {"num_frames": -2}}}, "media_io_kwargs.video.num_frames"),
+    ({"media_io_kwargs": {"video": {"fps": 0}}}, "media_io_kwargs.video.fps"),
+    ({"media_io_kwargs": {"video": {"backend": "torchcodec"}}}, "media_io_kwargs.video.backend"),
+    ({"media_io_kwargs": {"image": {"size": 1}}}, "media_io_kwargs.image"),
 ])
 def test_refused_requests_name_the_field(fields: dict, param: str) -> None:
     with pytest.raises(RequestError) as err:
@@ -93,8 +103,8 @@ def test_to_generate_request_keeps_order_and_options() -> None:
                      user_message("compare", images=("data:a", "data:b")),
                      {"role": "assistant", "content": "ok"},
                      user_message("and this", images=("data:c",))]}).encode())
-    assert [u for u, _ in image_urls(req)] == ["data:a", "data:b", "data:c"]
-    assert image_urls(req)[2][1] == "messages[3].content[0].image_url.url"
+    assert [u for u, _, _ in media_urls(req)] == ["data:a", "data:b", "data:c"]
+    assert media_urls(req)[2][1:] == ("messages[3].content[0].image_url.url", "image")
     g = to_generate_request(req, [b"A", b"B", b"C"], "rid")
     assert [m.role for m in g.messages] == ["system", "user", "assistant", "user"]
     assert [p.WhichOneof("part") for p in g.messages[1].content] == ["image", "image", "text"]
@@ -103,6 +113,20 @@ def test_to_generate_request_keeps_order_and_options() -> None:
     assert (s.n, list(s.stop), s.max_tokens, s.temperature, s.seed, s.top_k) == (2, ["END"], 7, 0.0, 3, 4)
     assert not s.HasField("top_p") and not s.HasField("ignore_eos")  # unset means vLLM's default
     assert g.vision.vir == vision_pb2.VIR_MODE_OFF and g.vision.max_dynamic_patch == 2
+    assert not g.vision.HasField("video")
+
+
+def test_videos_travel_in_order_with_their_sampling() -> None:
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    req = parse_chat_request(json.dumps({
+        "model": "m", "media_io_kwargs": {"video": {"num_frames": 8, "fps": 1.5}},
+        "messages": [user_message(video, "and", images=("data:a",))]}).encode())
+    assert [(param, kind) for _, param, kind in media_urls(req)] == [
+        ("messages[0].content[0].image_url.url", "image"), ("messages[0].content[1].video_url.url", "video")]
+    g = to_generate_request(req, [b"I", b"V"], "rid")
+    assert [p.WhichOneof("part") for p in g.messages[0].content] == ["image", "video", "text"]
+    assert g.messages[0].content[1].video == b"V"
+    assert (g.vision.video.num_frames, g.vision.video.fps) == (8, 1.5)
 
 
 def _response(*deltas: tuple[int, str, str], usage: tuple[int, int] | None = None) -> llm_pb2.GenerateResponse:
@@ -144,6 +168,13 @@ def test_data_urls() -> None:
         with pytest.raises(ImageError) as err:
             decode_data_url(bad, 1000)
         assert err.value.code == code and err.value.status == 400
+    clip = data_url(b"\x00\x00\x00\x18ftypmp42", "video/mp4")
+    assert decode_data_url(clip, 10**6, "video") == b"\x00\x00\x00\x18ftypmp42"
+    for bad, kind, code in [(data_url(IMG), "video", "invalid_image"), (clip, "image", "invalid_image"),
+                            (data_url(b"x" * 2000, "video/webm"), "video", "video_too_large")]:
+        with pytest.raises(ImageError, match=r"not a|larger") as err:
+            decode_data_url(bad, 1000, kind)
+        assert err.value.code == code
 
 
 @pytest.mark.parametrize("address", [
@@ -220,12 +251,12 @@ async def test_per_request_image_count_and_total_size_are_capped() -> None:
     url = data_url(IMG)
     loader = ImageLoader(FetchLimits(max_images=3, max_total_bytes=2 * len(IMG) + 1))
     try:
-        assert await loader.load_all([(url, "a"), (url, "b")]) == [IMG, IMG]
+        assert await loader.load_all([(url, "a", "image"), (url, "b", "image")]) == [IMG, IMG]
         with pytest.raises(ImageError, match="at most 3") as too_many:
-            await loader.load_all([(url, "m")] * 4)
+            await loader.load_all([(url, "m", "image")] * 4)
         assert too_many.value.status == 400 and too_many.value.code == "too_many_images"
         with pytest.raises(ImageError, match="in total") as too_big:
-            await loader.load_all([(url, "m")] * 3)
+            await loader.load_all([(url, "m", "image")] * 3)
         assert too_big.value.code == "images_too_large"
     finally:
         await loader.aclose()

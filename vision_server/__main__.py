@@ -90,7 +90,7 @@ async def serve(cfg: ServerConfig) -> None:
         listener = DataListener()
         await listener.start(cfg.host, cfg.data_port)
     servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir, listener)
-    max_msg = cfg.max_images * cfg.max_image_bytes + 2**20
+    max_msg = cfg.max_images * max(cfg.max_image_bytes, cfg.max_video_bytes) + 2**20
     server, health, bound = await start_server(
         cfg.internal, cfg.host, cfg.port, lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, s),
         "dvd.v1.VisionService",

@@ -20,11 +20,16 @@ from vision_server.config import ModelConfig, ServerConfig
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
 from vision_server.metrics import Metrics
 from vision_server.preprocess import BadImage, Tiled, preprocess
+from vision_server.video import BadVideo, Sampling, VideoLimits, preprocess_video
 from vision_server.vir import decide_compression
 
 log = logging.getLogger("vision_server.service")
 
 MAX_TILES_PER_MESSAGE = 8  # descriptors (and, on the gRPC fallback, bytes: 16 MiB at hidden 4096) per message
+
+
+def _name(kind: int, index: int) -> str:
+    return f"{'video' if kind == vision_pb2.MEDIA_KIND_VIDEO else 'image'} {index}"
 
 
 class RequestError(Exception):
@@ -61,7 +66,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     # -- validation ---------------------------------------------------------------------------------------------
     def _check(self, request: vision_pb2.EncodeRequest) -> list[int]:
-        """Refuse what can be refused before any work; returns each image's effective max grid tiles."""
+        """Refuse what can be refused before any work; returns each file's most tiles: an image's grid budget, a
+        video's sampled frames (at most)."""
         if not self.ready:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "vision server is not ready (starting or stopping)")
         n = len(request.images)
@@ -69,11 +75,14 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no images")
         if n > self.cfg.max_images:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"request has {n} images, the limit is {self.cfg.max_images}")
-        for i, data in enumerate(request.images):
-            if len(data) > self.cfg.max_image_bytes:
+                               f"request has {n} images and videos, the limit is {self.cfg.max_images}")
+        kinds = self._kinds(request)
+        for i, (data, kind) in enumerate(zip(request.images, kinds, strict=True)):
+            limit = self.cfg.max_video_bytes if kind == vision_pb2.MEDIA_KIND_VIDEO else self.cfg.max_image_bytes
+            if len(data) > limit:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"image {i} is {len(data)} bytes, the limit is {self.cfg.max_image_bytes}")
+                                   f"{_name(kind, i)} is {len(data)} bytes, the limit is {limit}")
+        frames = self._sampling(request.options.video)
         model_max = self.model_cfg.max_tiles
         asked = request.options.max_tiles
         if asked > model_max:
@@ -88,24 +97,59 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         if (worst := max(caps)) > model_max:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"image_max_tiles {worst} is above the model's maximum of {model_max}")
-        return [c or asked or model_max for c in caps]
+        video_tiles = frames.num_frames if frames.num_frames > 0 else self.cfg.max_video_frames
+        return [video_tiles if kind == vision_pb2.MEDIA_KIND_VIDEO else c or asked or model_max
+                for c, kind in zip(caps, kinds, strict=True)]
 
-    async def _preprocess(self, images: list[bytes], max_nums: list[int]) -> list[Tiled]:
+    @staticmethod
+    def _kinds(request: vision_pb2.EncodeRequest) -> list[int]:
+        kinds = list(request.kinds) or [vision_pb2.MEDIA_KIND_IMAGE] * len(request.images)
+        if len(kinds) != len(request.images):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"kinds has {len(kinds)} entries for {len(request.images)} files")
+        if unknown := set(kinds) - set(vision_pb2.MediaKind.values()):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown media kind {min(unknown)}")
+        return kinds
+
+    def _sampling(self, video: vision_pb2.VideoSampling) -> Sampling:
+        """The request's frame sampling, the server's default filled in; a request for more frames than one request
+        may have is refused before any decoding."""
+        num_frames = video.num_frames or self.cfg.video_num_frames
+        if num_frames < -1 or num_frames > self.cfg.max_video_frames:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"num_frames {num_frames} is not -1 (every frame) or 1..{self.cfg.max_video_frames}")
+        if not video.fps >= 0 or video.fps == float("inf"):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"fps {video.fps} is not a finite number >= 0")
+        return Sampling(num_frames=num_frames, fps=video.fps or -1.0)
+
+    async def _preprocess(self, request: vision_pb2.EncodeRequest, max_nums: list[int]) -> list[Tiled]:
         m = self.model_cfg
         least = m.min_dynamic_patch if m.dynamic_image_size else 1
-        fn = partial(preprocess, image_size=m.image_size, use_thumbnail=m.use_thumbnail,
-                     max_pixels=self.cfg.max_image_pixels)
+        image = partial(preprocess, image_size=m.image_size, use_thumbnail=m.use_thumbnail,
+                        max_pixels=self.cfg.max_image_pixels)
+        limits = VideoLimits(max_frames=self.cfg.max_video_frames, max_seconds=self.cfg.max_video_seconds,
+                             max_pixels=self.cfg.max_image_pixels)
+        video = partial(preprocess_video, image_size=m.image_size, sampling=self._sampling(request.options.video),
+                        limits=limits)
+        kinds = self._kinds(request)
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, partial(fn, data, min_num=min(least, k), max_num=k))
-              for data, k in zip(images, max_nums, strict=True)), return_exceptions=True)
+            *(loop.run_in_executor(self.pool, partial(video, data) if kind == vision_pb2.MEDIA_KIND_VIDEO
+                                   else partial(image, data, min_num=min(least, k), max_num=k))
+              for data, k, kind in zip(request.images, max_nums, kinds, strict=True)), return_exceptions=True)
         out: list[Tiled] = []
-        for i, r in enumerate(results):
-            if isinstance(r, BadImage):
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"image {i}: {r}")
+        for i, (r, kind) in enumerate(zip(results, kinds, strict=True)):
+            if isinstance(r, BadImage | BadVideo):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{_name(kind, i)}: {r}")
             if isinstance(r, BaseException):
                 raise r
             out.append(r)
+        frames = sum(t.pixels.shape[0] for t, kind in zip(out, kinds, strict=True)
+                     if kind == vision_pb2.MEDIA_KIND_VIDEO)
+        if frames > self.cfg.max_video_frames:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the request's videos have {frames} sampled frames together, above the limit of "
+                               f"{self.cfg.max_video_frames}")
         return out
 
     # -- the RPCs -----------------------------------------------------------------------------------------------
@@ -121,14 +165,14 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             max_nums = self._check(request)
             # Reserve the worst case before decoding, so that many large requests cannot all hold their decoded
             # pixels at once while the queue-full check below waits for preprocessing to finish.
-            bound = sum(k + 1 for k in max_nums)
+            bound = sum(k + 1 for k in max_nums)  # + 1: an image's thumbnail
             if self.batcher.queued_tiles + self.preprocessing_tiles + bound > self.cfg.max_queue_tiles:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"vision queue is full ({self.batcher.queued_tiles} tiles waiting, "
                                    f"{self.preprocessing_tiles} being decoded)")
             self.preprocessing_tiles += bound
             try:
-                tiled = await self._preprocess(list(request.images), max_nums)
+                tiled = await self._preprocess(request, max_nums)
             finally:
                 self.preprocessing_tiles -= bound
             t_pre = time.monotonic() - t0
@@ -253,7 +297,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             flash=self.model_cfg.flash, queued_tiles=self.batcher.queued_tiles,
             inflight_requests=self.inflight, devices=[r.device for r in self.batcher.runners],
             max_tiles=self.model_cfg.max_tiles, data_port=self.listener.port if self.listener else 0,
-            shm_domain=self.shm_domain)
+            shm_domain=self.shm_domain, max_video_frames=self.cfg.max_video_frames)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,5 +1,6 @@
-"""Deterministic test images, encoded the way clients send them (they live in dvd.media, shared with benchmarks)."""
+"""Deterministic test images and clips, encoded the way clients send them (they live in dvd.media, shared with
+benchmarks)."""
 
-from dvd.media import data_url, image_bytes, make_image
+from dvd.media import data_url, image_bytes, make_image, video_bytes
 
-__all__ = ["data_url", "image_bytes", "make_image"]
+__all__ = ["data_url", "image_bytes", "make_image", "video_bytes"]
