@@ -85,6 +85,7 @@ def hostile_requests() -> list[tuple[str, bytes, dict[str, str]]]:
         return json.dumps({**normal_body(), **over}).encode()
 
     junk = "data:image/png;base64," + base64.b64encode(os.urandom(4096)).decode()
+    junk_video = "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00\x18ftypmp42" + os.urandom(8192)).decode()
     bomb = "data:image/png;base64," + base64.b64encode(bomb_png()).decode()
     image = {"type": "image_url", "image_url": {}}
     nested = "[" * 5000 + "1" + "]" * 5000
@@ -105,6 +106,11 @@ def hostile_requests() -> list[tuple[str, bytes, dict[str, str]]]:
         ("not JSON", b"\x00\x01garbage", js),
         ("too many images", body(messages=[{"role": "user", "content": [
             {**image, "image_url": {"url": IMAGE}}] * 40}]), js),
+        ("random bytes as video", body(messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": junk_video}}, {"type": "text", "text": "?"}]}]), js),
+        ("100k frames asked of a video", body(messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": junk_video}}]}],
+            media_io_kwargs={"video": {"num_frames": 100_000}}), js),
     ]
 
 

@@ -43,6 +43,7 @@ class Conversation:
     media: list[bytes]  # encoded images and videos, in conversation order
     kinds: list[int]  # vision_pb2.MediaKind of each
     max_tiles: list[int]  # per file: an image's own tile cap (image_url.detail), 0 = the request's
+    paths: list[str]  # per file: where the client put it ("messages[0].content[1].video_url.url"), for errors
 
 
 def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
@@ -52,11 +53,12 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
     media: list[bytes] = []
     kinds: list[int] = []
     max_tiles: list[int] = []
+    paths: list[str] = []
     for i, m in enumerate(messages):
         if (error := role_error(m.role)) is not None:
             raise PromptError(f"messages[{i}]: {error}")
         parts: list[dict] = []
-        for part in m.content:
+        for j, part in enumerate(m.content):
             kind = part.WhichOneof("part")
             if kind == "text":
                 parts.append({"type": "text", "text": part.text})
@@ -70,6 +72,7 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
                 media.append(data)
                 kinds.append(vision_pb2.MEDIA_KIND_VIDEO if kind == "video" else vision_pb2.MEDIA_KIND_IMAGE)
                 max_tiles.append(part.max_tiles)
+                paths.append(f"messages[{i}].content[{j}].{kind}_url.url")
             else:
                 raise PromptError(f"messages[{i}]: empty content part")
         message: dict = {"role": template_role(m.role), "content": parts}
@@ -90,7 +93,7 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
         _postprocess_messages(out)  # vLLM's: tool-call arguments as the objects templates expect
     except ValueError as e:
         raise PromptError(str(e), param="messages") from e
-    return Conversation(out, media, kinds, max_tiles)
+    return Conversation(out, media, kinds, max_tiles, paths)
 
 
 def render_prompt(tokenizer, conversation: Conversation, model_config, template_kwargs: dict,

@@ -214,7 +214,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         except VisionError as e:
             status = VISION_STATUS.get(e.code, "vision_error")
             log.info("vision refused", extra={"request_id": request_id, "code": e.code.name, "reason": str(e)})
-            await context.abort(e.code, str(e))
+            await context.abort(e.code, str(e), param_metadata(e.param))
         except grpc.aio.AioRpcError as e:  # a vision call that was cancelled or ran out of time
             status = e.code().name.lower()
             await context.abort(e.code(), e.details() or "vision call failed")
@@ -252,9 +252,14 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
 
             async def encode(indices: list[int]) -> list[Embedding]:
                 nonlocal embedding_bytes, vision_summary
-                encoded = await self.pool.encode(request_id, [media[i] for i in indices], options,
-                                                 [conversation.max_tiles[i] for i in indices],
-                                                 [kinds[i] for i in indices])
+                try:
+                    encoded = await self.pool.encode(request_id, [media[i] for i in indices], options,
+                                                     [conversation.max_tiles[i] for i in indices],
+                                                     [kinds[i] for i in indices])
+                except VisionError as e:  # one bad file: name it as the client did
+                    if e.item is not None and e.item < len(indices):
+                        e.param = conversation.paths[indices[e.item]]
+                    raise
                 embedding_bytes, vision_summary = encoded.bytes_received, encoded.summary
                 metrics.VISION_WAIT.observe(encoded.seconds)
                 for transport, n in encoded.bytes_by_transport.items():

@@ -13,6 +13,7 @@ import grpc
 import torch
 
 from dvd.backend_pool import Backend, BackendPool
+from dvd.errors import ITEM_KEY, PARAM_KEY
 from dvd.security import InternalAuth
 from dvd.tensor_codec import BF16_BYTES
 from dvd.v1 import vision_pb2, vision_pb2_grpc
@@ -30,9 +31,11 @@ class VisionError(Exception):
     queue is full: back-pressure, retry later), FAILED_PRECONDITION (no vision server could: the pool, not this
     replica, so the router does not retry elsewhere), DEADLINE_EXCEEDED (out of time)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, item: int | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.item = item  # INVALID_ARGUMENT about one file: its index in the encode call's list
+        self.param = param  # ... or about a request field, as the client named it
 
 
 class VisionProtocolError(RuntimeError):
@@ -113,7 +116,10 @@ class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
                                              remaining)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise VisionError(e.code(), e.details() or "invalid image") from e
+                    meta = dict(e.trailing_metadata() or ())
+                    item = meta.get(ITEM_KEY, "")
+                    raise VisionError(e.code(), e.details() or "invalid image", int(item) if item.isdigit() else None,
+                                      meta.get(PARAM_KEY)) from e
                 if e.code() == grpc.StatusCode.CANCELLED:
                     raise
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the whole budget is spent: no retry

@@ -29,9 +29,11 @@ ARGS: dict[str, Any] = {"max_tokens": 6, "temperature": 0, "logprobs": True, "to
                         "extra_body": {"ignore_eos": True}}
 
 
-def video_message(clip: bytes, *, image: bytes | None = None, mime: str = "video/mp4") -> list[dict[str, Any]]:
+def video_message(clip: bytes, *, image: bytes | None = None, mime: str = "video/mp4",
+                  url: str | None = None) -> list[dict[str, Any]]:
+    """A user turn: an image (if given), the clip (as a data: URL, or `url`), a question."""
     parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []
-    parts += [{"type": "video_url", "video_url": {"url": data_url(clip, mime)}},
+    parts += [{"type": "video_url", "video_url": {"url": url or data_url(clip, mime)}},
               {"type": "text", "text": "What happens in the video?"}]
     return [{"role": "user", "content": parts}]
 
@@ -151,28 +153,44 @@ def test_resent_video_is_one_vision_call(client: openai.OpenAI, llm_tiny_metrics
     assert misses() == before + 2 and fewer.usage.prompt_tokens < first.usage.prompt_tokens
 
 
+def test_http_video_url_equals_the_data_url(client: openai.OpenAI) -> None:
+    """An http(s) video goes through the image fetcher's limits and SSRF rules (this router allows loopback)."""
+    from tests.helpers.router import image_server
+
+    args: dict[str, Any] = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    with image_server({"clip.avi": CLIP_B}) as (base, _):
+        by_http = client.chat.completions.create(messages=video_message(b"", url=f"{base}/img/clip.avi"), **args)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(messages=video_message(b"", url=f"{base}/missing.avi"), **args)
+    assert err.value.code == "image_fetch_failed" and err.value.param == "messages[0].content[0].video_url.url"
+    by_data = client.chat.completions.create(messages=video_message(CLIP_B), **args)
+    assert (by_http.usage.prompt_tokens, by_http.choices[0].message.content) == \
+        (by_data.usage.prompt_tokens, by_data.choices[0].message.content)
+
+
+VIDEO_PART = "messages[0].content[0].video_url.url"
 BAD = {
-    "corrupt": (video_message(b"definitely not a video" * 50), {}, "could not open", None),
-    "truncated": (video_message(CUT_MP4), {}, "could not open", None),
-    "damaged": (video_message(DAMAGED), {}, "truncated or corrupt", None),
+    "corrupt": (video_message(b"definitely not a video" * 50), {}, "could not open", VIDEO_PART),
+    "truncated": (video_message(CUT_MP4), {}, "could not open", VIDEO_PART),
+    "damaged": (video_message(DAMAGED), {}, "truncated or corrupt", VIDEO_PART),
+    "after-an-image": (video_message(DAMAGED, image=image_bytes(64, 48)), {}, "truncated or corrupt",
+                       "messages[0].content[1].video_url.url"),
     "too-many-frames": (video_message(CLIP_A), {"media_io_kwargs": {"video": {"num_frames": 500}}}, "num_frames 500",
-                        None),
+                        "media_io_kwargs.video.num_frames"),
     "zero-frames": (video_message(CLIP_A), {"media_io_kwargs": {"video": {"num_frames": 0}}}, "num_frames",
                     "media_io_kwargs.video.num_frames"),
-    "image-media-type": (video_message(CLIP_A, mime="image/png"), {}, "is not a video",
-                         "messages[0].content[0].video_url.url"),
+    "image-media-type": (video_message(CLIP_A, mime="image/png"), {}, "is not a video", VIDEO_PART),
     "other-modality-options": (video_message(CLIP_A), {"media_io_kwargs": {"image": {"x": 1}}}, "image",
                                "media_io_kwargs.image"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_videos_are_400s_and_the_next_request_works(client: openai.OpenAI, case: str) -> None:
+def test_bad_videos_are_400s_naming_the_part_and_the_next_request_works(client: openai.OpenAI, case: str) -> None:
     messages, extra, match, param = BAD[case]
     with pytest.raises(openai.BadRequestError, match=match) as err:
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body=extra)
-    if param:
-        assert err.value.param == param
+    assert err.value.param == param
     ok = client.chat.completions.create(model="tiny", messages=video_message(CLIP_B), max_tokens=2)
     assert ok.usage.completion_tokens == 2
 

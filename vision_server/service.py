@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from dvd.data_plane import shm_domain
+from dvd.errors import ITEM_KEY, PARAM_KEY
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from vision_server.batcher import Batcher, TileResult
 from vision_server.config import ModelConfig, ServerConfig
@@ -25,6 +26,8 @@ from vision_server.vir import decide_compression
 
 log = logging.getLogger("vision_server.service")
 
+# The client-facing name of EncodeOptions.video: vLLM's request field the gateway takes it from.
+VIDEO_PARAM = "media_io_kwargs.video"
 MAX_TILES_PER_MESSAGE = 8  # descriptors (and, on the gRPC fallback, bytes: 16 MiB at hidden 4096) per message
 
 
@@ -33,12 +36,19 @@ def _name(kind: int, index: int) -> str:
 
 
 class RequestError(Exception):
-    """A request the server refuses, with the gRPC status to answer."""
+    """A request the server refuses, with the gRPC status to answer; `item` (the file at fault) and `param` (the
+    request field at fault, as the client named it) travel as trailing metadata (dvd/errors.py)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, item: int | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.metadata: tuple[tuple[str, str], ...] = ()
+        if item is not None:
+            self.metadata = ((ITEM_KEY, str(item)),)
+        elif param:
+            self.metadata = ((PARAM_KEY, param),)
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             limit = self.cfg.max_video_bytes if kind == vision_pb2.MEDIA_KIND_VIDEO else self.cfg.max_image_bytes
             if len(data) > limit:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{_name(kind, i)} is {len(data)} bytes, the limit is {limit}")
+                                   f"{_name(kind, i)} is {len(data)} bytes, the limit is {limit}", item=i)
         frames = self._sampling(request.options.video)
         model_max = self.model_cfg.max_tiles
         asked = request.options.max_tiles
@@ -117,9 +127,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         num_frames = video.num_frames or self.cfg.video_num_frames
         if num_frames < -1 or num_frames > self.cfg.max_video_frames:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"num_frames {num_frames} is not -1 (every frame) or 1..{self.cfg.max_video_frames}")
+                               f"num_frames {num_frames} is not -1 (every frame) or 1..{self.cfg.max_video_frames}",
+                               param=f"{VIDEO_PARAM}.num_frames")
         if not video.fps >= 0 or video.fps == float("inf"):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"fps {video.fps} is not a finite number >= 0")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"fps {video.fps} is not a finite number >= 0",
+                               param=f"{VIDEO_PARAM}.fps")
         return Sampling(num_frames=num_frames, fps=video.fps or -1.0)
 
     async def _preprocess(self, request: vision_pb2.EncodeRequest, max_nums: list[int]) -> list[Tiled]:
@@ -140,7 +152,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         out: list[Tiled] = []
         for i, (r, kind) in enumerate(zip(results, kinds, strict=True)):
             if isinstance(r, BadImage | BadVideo):
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{_name(kind, i)}: {r}")
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{_name(kind, i)}: {r}", item=i)
             if isinstance(r, BaseException):
                 raise r
             out.append(r)
@@ -149,7 +161,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         if frames > self.cfg.max_video_frames:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"the request's videos have {frames} sampled frames together, above the limit of "
-                               f"{self.cfg.max_video_frames}")
+                               f"{self.cfg.max_video_frames}", param=f"{VIDEO_PARAM}.num_frames")
         return out
 
     # -- the RPCs -----------------------------------------------------------------------------------------------
@@ -191,7 +203,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             status = e.code.name.lower()
             log.info("encode refused", extra={"request_id": request.request_id, "code": e.code.name,
                                               "reason": e.message})
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, e.message, e.metadata)
         except asyncio.CancelledError:
             status = "cancelled"
             raise
