@@ -114,10 +114,3 @@ def expand_videos(prompt: str, frames: list[int]) -> str:
     it = iter(frames)
     return re.sub(re.escape(VIDEO_PLACEHOLDER),
                   lambda _: "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}" for i in range(next(it))), prompt)
-
-
-def text_token_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt's tokens with each `<image>` as an empty `<img></img>` pair: vLLM's tokens minus the
-    `<IMG_CONTEXT>` rows it puts between them. The three are special tokens, which the tokenizer never merges with
-    their neighbours, so the prompt's length is `len(these) + rows`, in a time that does not grow with the image."""
-    return tokenizer.encode("<img></img>".join(prompt.split(IMAGE_PLACEHOLDER)), add_special_tokens=False)

@@ -34,7 +34,7 @@ from llm_server.answer import (
     template_tools,
 )
 from llm_server.embedding_cache import Embedding, EmbeddingCache, embedding_keys
-from llm_server.prompt import PromptError, expand_videos, parse_messages, render_prompt, text_token_ids
+from llm_server.prompt import PromptError, expand_videos, parse_messages, render_prompt
 from llm_server.vision_pool import VisionError, VisionPool
 
 log = logging.getLogger("llm_server.service")
@@ -288,20 +288,24 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         prompt = expand_videos(prompt, [len(v) for v in values if isinstance(v, tuple)])
         inputs: dict = {"prompt": prompt}
         visual_tokens = sum(e.shape[0] for e in embeddings)
-        text_ids = text_token_ids(self.tokenizer, prompt)
-        prompt_tokens = len(text_ids) + visual_tokens
+        if embeddings:
+            inputs["multi_modal_data"] = {"image": embeddings}
+            inputs["multi_modal_uuids"] = {"image": uuids}
+            metrics.VISUAL_TOKENS.inc(visual_tokens)
+        # The prompt is tokenised once, by vLLM's renderer as its chat server does it (placeholders expanded to the
+        # embeddings' rows); the engine takes the rendered input as it is, and its length sizes max_tokens.
+        (engine_input,) = await self.engine.renderer.render_cmpl_async([inputs], openai.build_tok_params(
+            self.model_config))
+        prompt_ids: list[int] = engine_input["prompt_token_ids"]
+        prompt_tokens = len(prompt_ids)
         if prompt_tokens >= self.max_model_len:
             raise PromptError(f"the prompt has {prompt_tokens} tokens ({visual_tokens} of them visual), more than the "
                               f"model's context of {self.max_model_len} tokens")
         params = sampling_params(request.sampling, self.default_sampling, prompt_tokens, self.max_model_len,
                                  constraint)
-        if embeddings:
-            inputs["multi_modal_data"] = {"image": embeddings}
-            inputs["multi_modal_uuids"] = {"image": uuids}
-            metrics.VISUAL_TOKENS.inc(visual_tokens)
 
         # As vLLM's server tells the engine where the reasoning ends (structured outputs start after it).
-        reasoning = {"reasoning_ended": openai.resolve_reasoning_ended(answer.choices[0].parser, text_ids),
+        reasoning = {"reasoning_ended": openai.resolve_reasoning_ended(answer.choices[0].parser, prompt_ids),
                      "reasoning_parser_kwargs": {"chat_template_kwargs": template_kwargs}
                      if answer.parses_reasoning else None}
 
@@ -311,7 +315,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         completion_tokens = 0
         cached = 0
         first_token_at: float | None = None
-        async for out in self.engine.generate(inputs, params, request_id, **reasoning):
+        async for out in self.engine.generate(engine_input, params, request_id, **reasoning):
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             prompt_tokens = len(out.prompt_token_ids or []) or prompt_tokens
