@@ -21,6 +21,10 @@ from typing import Any, TypeVar
 ROUTER_PORT = 8000  # OpenAI HTTP API (and /metrics)
 VISION_PORT = 50051  # vision server gRPC
 LLM_PORT = 50061  # language server gRPC
+# Video frames: sampled per video when a request does not say (vLLM's VideoMediaIO default), and at most per request
+# (the vision server's --video-num-frames and --max-video-frames; the language server sizes buffers from them).
+VIDEO_NUM_FRAMES = 32
+MAX_VIDEO_FRAMES = 128
 
 C = TypeVar("C")
 

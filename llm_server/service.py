@@ -291,7 +291,6 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         if embeddings:
             inputs["multi_modal_data"] = {"image": embeddings}
             inputs["multi_modal_uuids"] = {"image": uuids}
-            metrics.VISUAL_TOKENS.inc(visual_tokens)
         # The prompt is tokenised once, by vLLM's renderer as its chat server does it (placeholders expanded to the
         # embeddings' rows); the engine takes the rendered input as it is, and its length sizes max_tokens.
         (engine_input,) = await self.engine.renderer.render_cmpl_async([inputs], openai.build_tok_params(
@@ -303,6 +302,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                               f"model's context of {self.max_model_len} tokens")
         params = sampling_params(request.sampling, self.default_sampling, prompt_tokens, self.max_model_len,
                                  constraint)
+        metrics.VISUAL_TOKENS.inc(visual_tokens)  # counted once the request is accepted
 
         # As vLLM's server tells the engine where the reasoning ends (structured outputs start after it).
         reasoning = {"reasoning_ended": openai.resolve_reasoning_ended(answer.choices[0].parser, prompt_ids),
@@ -318,7 +318,6 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         async for out in self.engine.generate(engine_input, params, request_id, **reasoning):
             if first_token_at is None:
                 first_token_at = time.perf_counter()
-            prompt_tokens = len(out.prompt_token_ids or []) or prompt_tokens
             cached = out.num_cached_tokens or cached
             completion_tokens += sum(len(o.token_ids) for o in out.outputs)
             yield llm_pb2.GenerateResponse(choices=answer.deltas(out, logprobs))

@@ -13,6 +13,7 @@ import grpc
 import torch
 
 from dvd.backend_pool import Backend, BackendPool
+from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES
 from dvd.errors import ITEM_KEY, PARAM_KEY
 from dvd.security import InternalAuth
 from dvd.tensor_codec import BF16_BYTES
@@ -148,9 +149,9 @@ class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
         health = b.status or vision_pb2.VisionHealthResponse()  # not probed yet: no shortcuts offered
         budget = options.max_tiles or health.max_tiles or 12
         caps = [c or budget for c in image_max_tiles] or [budget] * len(images)
-        # Sizes the shared-memory offer only: a tile beyond it travels inline. A video's default is vLLM's 32.
+        # Sizes the shared-memory offer only: a tile beyond it travels inline.
         asked = options.video.num_frames
-        frames = asked if asked > 0 else 32 if asked == 0 else health.max_video_frames or 128
+        frames = asked if asked > 0 else VIDEO_NUM_FRAMES if asked == 0 else health.max_video_frames or MAX_VIDEO_FRAMES
         tiles_bound = sum(frames if kind == vision_pb2.MEDIA_KIND_VIDEO else c + (c > 1)  # + an image's thumbnail
                           for c, kind in zip(caps, kinds or [vision_pb2.MEDIA_KIND_IMAGE] * len(images), strict=True))
         receiver = await TileReceiver.open(

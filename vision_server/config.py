@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvd.config import VISION_PORT, option
+from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES, VISION_PORT, option
 from dvd.security import InternalAuth
 
 
@@ -117,9 +117,11 @@ class ServerConfig:
     max_image_bytes: int = option(20 * 2**20, "bytes of one encoded image")
     max_image_pixels: int = option(64_000_000, "decompression bomb guard (also for one video frame)")
     max_video_bytes: int = option(64 * 2**20, "bytes of one encoded video")
-    max_video_frames: int = option(128, "sampled frames of one request's videos together (a frame is one tile)")
+    max_video_frames: int = option(MAX_VIDEO_FRAMES,
+                                   "sampled frames of one request's videos together (a frame is one tile)")
     max_video_seconds: float = option(600.0, "duration of one video (its frames are decoded up to the last sampled)")
-    video_num_frames: int = option(32, "frames sampled from a video whose request does not say (vLLM's default)")
+    video_num_frames: int = option(VIDEO_NUM_FRAMES,
+                                   "frames sampled from a video whose request does not say (vLLM's default)")
     max_queue_tiles: int = option(4096, "RESOURCE_EXHAUSTED beyond this backlog")
     vir_relative_threshold: float | None = option(None, "override the checkpoint's value")
     vir_absolute_threshold: float | None = option(None, "override the checkpoint's value")

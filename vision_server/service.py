@@ -52,6 +52,15 @@ class RequestError(Exception):
 
 
 @dataclass(frozen=True)
+class Checked:
+    """What validation found out about a request, for the steps after it."""
+
+    kinds: list[int]  # vision_pb2.MediaKind per file
+    max_nums: list[int]  # per file, its most tiles: an image's grid budget, a video's sampled frames (at most)
+    sampling: Sampling  # the request's frame sampling, the server's default filled in
+
+
+@dataclass(frozen=True)
 class VirSettings:
     relative: float
     absolute: float
@@ -75,9 +84,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.preprocessing_tiles = 0  # worst-case tiles of requests still being decoded
 
     # -- validation ---------------------------------------------------------------------------------------------
-    def _check(self, request: vision_pb2.EncodeRequest) -> list[int]:
-        """Refuse what can be refused before any work; returns each file's most tiles: an image's grid budget, a
-        video's sampled frames (at most)."""
+    def _check(self, request: vision_pb2.EncodeRequest) -> Checked:
+        """Refuse what can be refused before any work."""
         if not self.ready:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "vision server is not ready (starting or stopping)")
         n = len(request.images)
@@ -92,7 +100,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             if len(data) > limit:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"{_name(kind, i)} is {len(data)} bytes, the limit is {limit}", item=i)
-        frames = self._sampling(request.options.video)
+        sampling = self._sampling(request.options.video)
         model_max = self.model_cfg.max_tiles
         asked = request.options.max_tiles
         if asked > model_max:
@@ -107,9 +115,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         if (worst := max(caps)) > model_max:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"image_max_tiles {worst} is above the model's maximum of {model_max}")
-        video_tiles = frames.num_frames if frames.num_frames > 0 else self.cfg.max_video_frames
-        return [video_tiles if kind == vision_pb2.MEDIA_KIND_VIDEO else c or asked or model_max
-                for c, kind in zip(caps, kinds, strict=True)]
+        video_tiles = sampling.num_frames if sampling.num_frames > 0 else self.cfg.max_video_frames
+        return Checked(kinds, [video_tiles if kind == vision_pb2.MEDIA_KIND_VIDEO else c or asked or model_max
+                               for c, kind in zip(caps, kinds, strict=True)], sampling)
 
     @staticmethod
     def _kinds(request: vision_pb2.EncodeRequest) -> list[int]:
@@ -134,21 +142,21 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                                param=f"{VIDEO_PARAM}.fps")
         return Sampling(num_frames=num_frames, fps=video.fps or -1.0)
 
-    async def _preprocess(self, request: vision_pb2.EncodeRequest, max_nums: list[int]) -> list[Tiled]:
+    async def _preprocess(self, request: vision_pb2.EncodeRequest, checked: Checked) -> list[Tiled]:
         m = self.model_cfg
         least = m.min_dynamic_patch if m.dynamic_image_size else 1
         image = partial(preprocess, image_size=m.image_size, use_thumbnail=m.use_thumbnail,
                         max_pixels=self.cfg.max_image_pixels)
         limits = VideoLimits(max_frames=self.cfg.max_video_frames, max_seconds=self.cfg.max_video_seconds,
                              max_pixels=self.cfg.max_image_pixels)
-        video = partial(preprocess_video, image_size=m.image_size, sampling=self._sampling(request.options.video),
-                        limits=limits)
-        kinds = self._kinds(request)
+        video = partial(preprocess_video, image_size=m.image_size, sampling=checked.sampling, limits=limits)
+        kinds = checked.kinds
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
             *(loop.run_in_executor(self.pool, partial(video, data) if kind == vision_pb2.MEDIA_KIND_VIDEO
                                    else partial(image, data, min_num=min(least, k), max_num=k))
-              for data, k, kind in zip(request.images, max_nums, kinds, strict=True)), return_exceptions=True)
+              for data, k, kind in zip(request.images, checked.max_nums, kinds, strict=True)),
+            return_exceptions=True)
         out: list[Tiled] = []
         for i, (r, kind) in enumerate(zip(results, kinds, strict=True)):
             if isinstance(r, BadImage | BadVideo):
@@ -174,17 +182,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         sender: TileSender | None = None
         status = "ok"
         try:
-            max_nums = self._check(request)
+            checked = self._check(request)
             # Reserve the worst case before decoding, so that many large requests cannot all hold their decoded
             # pixels at once while the queue-full check below waits for preprocessing to finish.
-            bound = sum(k + 1 for k in max_nums)  # + 1: an image's thumbnail
+            bound = sum(k + 1 for k in checked.max_nums)  # + 1: an image's thumbnail
             if self.batcher.queued_tiles + self.preprocessing_tiles + bound > self.cfg.max_queue_tiles:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"vision queue is full ({self.batcher.queued_tiles} tiles waiting, "
                                    f"{self.preprocessing_tiles} being decoded)")
             self.preprocessing_tiles += bound
             try:
-                tiled = await self._preprocess(request, max_nums)
+                tiled = await self._preprocess(request, checked)
             finally:
                 self.preprocessing_tiles -= bound
             t_pre = time.monotonic() - t0

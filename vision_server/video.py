@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dvd.config import VIDEO_NUM_FRAMES
 from vision_server.preprocess import Tiled, tile_image
 
-DEFAULT_NUM_FRAMES = 32  # vLLM's VideoMediaIO default
 # FFmpeg reports every damaged macroblock of a corrupt clip on stderr (thousands of lines for one bad request); the
 # request's error says what matters. An operator can set these to see them.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
@@ -50,7 +50,7 @@ class VideoLimits:
 class Sampling:
     """vLLM's `media_io_kwargs["video"]`: `num_frames` (-1 = every frame) and `fps` (> 0: at most duration x fps)."""
 
-    num_frames: int = DEFAULT_NUM_FRAMES
+    num_frames: int = VIDEO_NUM_FRAMES
     fps: float = -1.0
 
 
