@@ -25,7 +25,7 @@ from dvd.v1 import llm_pb2
 from router.backends import BackendPool, NoBackendError
 from router.errors import APIError
 from router.images import ImageLoader
-from router.limits import Limiter
+from router.limits import Limiter, read_capped
 from router.metrics import Metrics, RequestTracker
 from router.schemas import ChatCompletionRequest, RequestError, parse_chat_request
 from router.translate import ChunkBuilder, CompletionBuilder, media_urls, to_generate_request
@@ -77,19 +77,6 @@ async def guarded(request: Request, work: Awaitable[T], deadline: float) -> T:
     raise APIError(504, "request timed out", code="timeout")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    too_large = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
-
-
 class Completions:
     def __init__(self, pool: BackendPool, images: ImageLoader, limiter: Limiter, metrics: Metrics,
                  *, max_body_bytes: int, request_timeout: float) -> None:
@@ -110,7 +97,10 @@ class Completions:
         held = _Held(self.limiter, RequestTracker(self.metrics, request_id))
         handed_over = False  # a streaming response releases `held` once its last byte is out (or the client left)
         try:
-            req = parse_chat_request(await read_body(request, self.max_body_bytes))
+            self.limiter.refuse_if_full()
+            req = parse_chat_request(await read_capped(
+                request.stream(), request.headers.get("content-length", ""), self.max_body_bytes,
+                APIError(413, f"request body larger than {self.max_body_bytes} bytes", code="request_too_large")))
             self._check_model(req.model)
             held.admitted(await guarded(request, self.limiter.acquire(), deadline))
             media = await guarded(request, self.images.load_all(media_urls(req)), deadline)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import httpx
 
 from router.errors import APIError
+from router.limits import read_capped
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -195,14 +196,8 @@ class ImageLoader:
                                           extensions={"sni_hostname": url.host})
 
     async def _read(self, response: httpx.Response, limit: int, kind: str) -> bytes:
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ImageError(f"{kind} larger than {limit} bytes", code=f"{kind}_too_large")
-        data = bytearray()
-        async for piece in response.aiter_bytes():
-            data += piece
-            if len(data) > limit:
-                raise ImageError(f"{kind} larger than {limit} bytes", code=f"{kind}_too_large")
+        data = await read_capped(response.aiter_bytes(), response.headers.get("content-length", ""), limit,
+                                 ImageError(f"{kind} larger than {limit} bytes", code=f"{kind}_too_large"))
         if not data:
             raise ImageError(f"empty {kind} body", code=f"invalid_{kind}")
-        return bytes(data)
+        return data

@@ -13,6 +13,7 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import AsyncIterator
 
 from router.errors import APIError
 
@@ -43,11 +44,16 @@ class Limiter:
         return APIError(429, f"server busy: {self.active} requests running and {self.waiting} queued; retry later",
                         code="too_many_requests", headers=headers)
 
+    def refuse_if_full(self) -> None:
+        """429 when every slot and queue place is taken. Checked once before the request's body is read, so that
+        a refusal under overload costs no parsing, and again by acquire()."""
+        if self.active + self.waiting >= self.capacity:
+            raise self.refusal()
+
     async def acquire(self) -> float:
         """Take a slot, waiting in the queue if there is room in it; returns when it was granted (pass it to
         release(), exactly once)."""
-        if self.active + self.waiting >= self.capacity:
-            raise self.refusal()
+        self.refuse_if_full()
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -60,3 +66,16 @@ class Limiter:
         self.hold_s += HOLD_EWMA * (time.monotonic() - granted_at - self.hold_s)
         self.active -= 1
         self._slots.release()
+
+
+async def read_capped(pieces: AsyncIterator[bytes], content_length: str, limit: int, too_large: Exception) -> bytes:
+    """A body of at most `limit` bytes, refused by its declared length where it has one, else as soon as it grows
+    past: neither a client's upload nor an image server's answer can make us hold more."""
+    if content_length.isdigit() and int(content_length) > limit:
+        raise too_large
+    body = bytearray()
+    async for piece in pieces:
+        body += piece
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)

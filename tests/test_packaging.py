@@ -4,6 +4,7 @@ carries the gRPC stubs, declares each node's dependencies as extras, and its ser
 from __future__ import annotations
 
 import email
+import os
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,9 @@ def test_a_wheel_from_a_clean_tree_is_complete(tmp_path: Path) -> None:
     requires = meta.get_all("Requires-Dist")
     assert any(r.startswith("grpcio-health-checking") for r in requires)
     assert any(r.startswith("vllm") and 'extra == "language"' in r for r in requires)
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import vision_server.__main__ as v, router.app as r; "
-             "print(v.__file__); print(r.__file__)")
-    out = subprocess.run([sys.executable, "-I", "-c", probe, str(tmp_path / "unpacked")], capture_output=True,
-                         text=True, check=True, cwd=tmp_path, timeout=300).stdout.split()
+    # The unpacked wheel comes first on the path, ahead of this checkout's editable install.
+    probe = "import vision_server.__main__ as v, router.app as r; print(v.__file__); print(r.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "unpacked")}
+    out = subprocess.run([sys.executable, "-s", "-c", probe], capture_output=True, env=env, text=True, check=True,
+                         cwd=tmp_path, timeout=300).stdout.split()
     assert all(p.startswith(str(tmp_path / "unpacked")) for p in out), out

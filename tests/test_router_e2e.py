@@ -359,6 +359,13 @@ def test_over_the_limit_is_429_and_the_deadline_is_504(single_slot_router: str, 
         headers = err.value.response.headers  # when to come back: seconds (RFC 9110) and ms (as OpenAI's API)
         wait_ms = int(headers["retry-after-ms"])
         assert 0 < wait_ms <= 60_000 and int(headers["retry-after"]) == max(1, -(-wait_ms // 1000))
+        # Refused before its body is read: under overload a refusal costs no parsing (this body is no JSON at all),
+        # and the connection stays usable for the next request.
+        with httpx.Client(base_url=single_slot_router) as raw:
+            for _ in range(2):
+                refused = raw.post("/chat/completions", content=b"\xff" * 2**20,
+                                   headers={"content-type": "application/json"})
+                assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_requests"
     wait_until(lambda: metric(single_slot_router, "dvd_router_requests_in_flight") == 0)
     wait_until(lambda: running_requests(llm_tiny) == 0)
     strict = openai.OpenAI(base_url=strict_router, api_key=KEY, max_retries=0)
