@@ -13,6 +13,8 @@ import grpc
 from dvd.health import Health
 from dvd.security import InternalAuth
 
+DRAIN_POLL_S = 0.05  # how often a draining server looks whether its in-flight calls are done
+
 
 async def start_server(auth: InternalAuth, host: str, port: int, register: Callable[[grpc.aio.Server], None],
                        service_name: str, options: Sequence[tuple[str, Any]] = ()) -> tuple[grpc.aio.Server, Health,
@@ -40,8 +42,14 @@ async def wait_for_stop() -> None:
 
 
 async def drain(server: grpc.aio.Server, health: Health, service: Any, grace: float) -> None:
-    """Graceful stop: `service.ready` off and health NOT_SERVING (new calls go elsewhere), then in-flight calls get
-    `grace` seconds to finish before the server stops."""
+    """Graceful stop: `service.ready` off (new calls are refused UNAVAILABLE, which callers retry elsewhere) and
+    health NOT_SERVING, then in-flight calls (`service.inflight`) get up to `grace` seconds to finish, and only then
+    does the server stop. Until then it keeps answering health checks, so probes and pools read NOT_SERVING rather
+    than a refused connection; a server with nothing in flight stops at once."""
     service.ready = False
     await health.set(False)
-    await server.stop(grace)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while service.inflight > 0 and loop.time() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
+    await server.stop(max(deadline - loop.time(), 0.0))

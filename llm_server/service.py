@@ -184,7 +184,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.tools = tools or ToolOptions()
         self.parser_cls = parser_class(engine.vllm_config.structured_outputs_config.reasoning_parser,
                                        self.tokenizer, self.model_config.model, self.tools)
-        self.ready = True
+        self.ready = True  # off while draining: new calls are refused UNAVAILABLE, which the router retries elsewhere
+        self.inflight = 0  # Generate calls in progress: a drain waits for them
 
     def _logprobs(self, token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None,
                   top: int | None) -> list[llm_pb2.TokenLogprob]:
@@ -201,6 +202,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
 
     async def Generate(self, request: llm_pb2.GenerateRequest, context) -> AsyncIterator[llm_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "language server is stopping")
+        self.inflight += 1
         metrics.INFLIGHT.inc()
         status = "error"
         try:
@@ -223,6 +227,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e),
                                 param_metadata(getattr(e, "parameter", None)))
         finally:
+            self.inflight -= 1
             metrics.INFLIGHT.dec()
             metrics.REQUESTS.labels(status=status).inc()
 

@@ -1,6 +1,7 @@
 """The deployment files, checked as CI can without Docker or a cluster: every compose file resolves with Compose
 v2's own binary from its .env.example, every manifest validates strictly against the Kubernetes schema, and every
-service command written in them parses with that service's real command line (a renamed flag fails here)."""
+service command written in them parses with that service's real command line (a renamed flag fails here), and the
+exact commands of both compose files, started here on the tiny checkpoint, answer an OpenAI client."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from openai import OpenAI
+
+from dvd.media import data_url, image_bytes
+from dvd.procs import PY, Service, cpu_engine_env, engine_cpus
+from dvd.security import InternalAuth
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -109,3 +115,64 @@ def test_make_certs_writes_a_ca_and_a_node_certificate(tmp_path: Path) -> None:
     san = node.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"vision-node", "localhost", "llm"} <= set(san.get_values_for_type(x509.DNSName))
     assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.1.2.3"}
+
+
+def as_started_here(service: dict, **addresses: str) -> list[str]:
+    """A compose service's command run on this host as its container would run it: the image's entry point
+    (python3 -m ...) with this interpreter, ports the OS picks and reports, localhost, the CPU's device settings
+    for the GPU's, and the address of each other service where compose names a container. Every other flag stays
+    as compose writes it."""
+    command = list(service["command"])
+    argv = [PY, *command[1:]] if command[0] == "python3" else [PY, "-m", "vision_server", *command]
+    replace = {"--port": "0", "--data-port": "0", "--metrics-port": "0", "--host": "127.0.0.1",
+               # The GPU settings, as the vision server picks them for a CPU (bfloat16 batches of 64 take minutes
+               # on a 2-core machine without native bfloat16).
+               "--devices": "cpu", "--dtype": "auto", "--max-batch-tiles": "0"}
+    replace |= {f"--{name}": address for name, address in addresses.items()}
+    return [replace.get(argv[i - 1], arg) if i else arg for i, arg in enumerate(argv)]
+
+
+def service_env(service: dict, certs: Path, hf: Path) -> dict[str, str]:
+    """The container's environment, its mounts (/certs, /hf) mapped to folders here."""
+    mounts = {"/certs": str(certs), "/hf": str(hf)}
+    env = {}
+    for name, value in service["environment"].items():
+        root = str(value).split("/", 2)[1] if str(value).startswith("/") else ""
+        env[name] = str(value).replace(f"/{root}", mounts[f"/{root}"], 1) if f"/{root}" in mounts else str(value)
+    return env
+
+
+def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """Both nodes' compose commands, as `docker compose config` writes them from .env.example with the model, the
+    token and the vision node's address set as a user sets them, under the default mutual TLS (make-certs.sh)."""
+    certs, hf = tmp_path / "certs", tmp_path / "hf"
+    subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), str(certs), "vision-node"], check=True,
+                   capture_output=True, timeout=60)
+    user = {"DVD_INTERNAL_TOKEN": "t0ken", "MODEL": str(tiny_ckpt), "MAX_MODEL_LEN": "4096"}
+    started: list[Service] = []
+    try:
+        spec = json.loads(compose_config("vision", **user).stdout)["services"]["vision"]
+        env = service_env(spec, certs, hf)
+        auth = InternalAuth(internal_token=env["DVD_INTERNAL_TOKEN"], tls_cert=env["DVD_TLS_CERT"],
+                            tls_key=env["DVD_TLS_KEY"], tls_ca=env["DVD_TLS_CA"])
+        assert auth.tls and str(tiny_ckpt) in spec["command"]
+        started.append(Service("compose-vision", as_started_here(spec), env={**env, "OMP_NUM_THREADS": "1"}))
+        vision = started[-1].wait_grpc(120, auth)
+        language = json.loads(compose_config("language", **user, VISION_ADDRS=vision).stdout)["services"]
+        engine = cpu_engine_env(engine_cpus(0), kv_gib=1)
+        started.append(Service("compose-llm", as_started_here(language["llm"]),
+                               env={**service_env(language["llm"], certs, hf), **engine}))
+        llm = started[-1].wait_grpc(600, auth)
+        assert language["router"]["depends_on"]["llm"]["condition"] == "service_healthy"
+        started.append(Service("compose-router", as_started_here(language["router"], llm=llm),
+                               env=service_env(language["router"], certs, hf)))
+        client = OpenAI(base_url=f"{started[-1].wait_http()}/v1", api_key="unused")
+        served = client.models.list().data[0].id
+        assert served == "internvl"  # the name the README's client example asks for
+        reply = client.chat.completions.create(model=served, max_tokens=4, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image_bytes(448, 448))}},
+                                         {"type": "text", "text": "What is this?"}]}])
+        assert reply.choices[0].message.content and reply.usage and reply.usage.prompt_tokens > 256
+    finally:
+        for svc in reversed(started):
+            svc.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -11,7 +12,9 @@ import psutil
 import pytest
 
 from dvd.health import check, main
-from tests.conftest import start_llm
+from dvd.v1 import vision_pb2_grpc
+from tests.conftest import start_llm, start_vision
+from tests.helpers.vision import collect, encode, noise_image, request
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,5 +43,37 @@ def test_dead_engine_is_not_serving(tiny_ckpt: Path) -> None:
         while time.monotonic() < deadline and check(address):
             time.sleep(0.5)
         assert not check(address)
+    finally:
+        svc.stop()
+
+
+def test_a_draining_server_says_not_serving_and_finishes_its_calls(tiny_ckpt: Path) -> None:
+    """SIGTERM with a call in flight: health answers NOT_SERVING (not a refused connection) while the call runs to
+    its end, new calls are refused UNAVAILABLE (callers retry elsewhere), then the server exits on its own."""
+    svc, address = start_vision("vision-draining", tiny_ckpt)
+    try:
+        images = [encode(noise_image(1344, 1344, seed=i), "PNG") for i in range(16)]  # 10 tiles each
+        # This client reads one message and then stops reading: HTTP/2 flow control (its window kept small) holds
+        # the call open on the server for as long as the test likes.
+        options = [("grpc.http2.bdp_probe", 0), ("grpc.max_send_message_length", 256 * 2**20)]
+        with grpc.insecure_channel(address, options=options) as channel:
+            stub = vision_pb2_grpc.VisionServiceStub(channel)
+            call = stub.Encode(request(images), timeout=120)
+            first = next(call)
+            os.killpg(svc.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while check(address) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not check(address)  # NOT_SERVING, answered: a refused connection would raise here
+            with pytest.raises(grpc.RpcError) as refused:
+                collect(stub.Encode(request(images[:1]), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert svc.alive()  # still draining: the first call has not been read to its end
+            rest = collect(call)
+        tiles = list(first.tiles) + rest.tiles  # every tile of every image, whole
+        assert rest.summary is not None and {t.image_index for t in tiles} == set(range(16))
+        assert all(sum(t.image_index == i for t in tiles) == t.num_tiles > 1 for i in range(16) for t in tiles
+                   if t.image_index == i)
+        assert svc.proc.wait(30) == 0
     finally:
         svc.stop()
