@@ -140,6 +140,11 @@ class Tally:
     def count(self, predicate: Callable[[str], bool]) -> int:
         return sum(n for s, n in self.statuses.items() if predicate(s))
 
+    def merge(self, other: Tally) -> None:
+        self.statuses += other.statuses
+        self.latencies += other.latencies
+        self.retry_after_missing += other.retry_after_missing
+
 
 async def one_request(client: httpx.AsyncClient, tally: Tally, body: dict[str, Any],
                       timeout: float) -> tuple[str, float]:
@@ -331,24 +336,38 @@ def row(name: str, tally: Tally, figure: str, target: str, met: bool, speed_targ
                round(q99, 3) if q99 else None, figure, target, met, speed_target, speed_met)
 
 
-async def unloaded(stack: Stack, seconds: float) -> Tally:
-    return await load(stack.base, CONCURRENCY, seconds)
-
-
-async def overload(stack: Stack, seconds: float, base_rate: float) -> tuple[Row, dict[str, int]]:
-    watch, stop = RssWatch(stack), asyncio.Event()
-    watcher = asyncio.create_task(watch.run(stop))
-    tally = await load(stack.base, 10 * CONCURRENCY, seconds)
-    stop.set()
-    await watcher
-    rate = tally.statuses["200"] / seconds
-    bad = tally.count(lambda s: s not in ("200", "429"))
-    met = bad == 0 and tally.retry_after_missing == 0
-    figure = (f"{tally.statuses['200']} x 200, {tally.statuses['429']} x 429, {bad} other; admitted "
-              f"{rate:.2f} req/s vs {base_rate:.2f} unloaded")
-    return row(f"overload ({10 * CONCURRENCY} clients, {seconds:.0f} s)", tally, figure,
-               "only 200/429 (with Retry-After)", met, "admitted req/s >= 0.9x unloaded",
-               rate >= 0.9 * base_rate), dict(watch.peak_mb)
+async def unloaded_and_overload(stack: Stack, phase_s: float, cycles: int) -> tuple[Tally, Row, Row, dict[str, int]]:
+    """The unloaded reference (CONCURRENCY clients) and the overload (10x) in alternating phases, ABBA order, so
+    that the machine's drift weighs on both alike: on 2 shared vCPUs the same 4-client phase gave 8.6 and then
+    16.0 req/s a minute apart. The speed figure compares admitted requests over equal total times."""
+    base, over = Tally(), Tally()
+    watch = RssWatch(stack)
+    ratios = []
+    for _ in range(cycles):
+        done = Counter[int]()
+        for clients in (CONCURRENCY, 10 * CONCURRENCY, 10 * CONCURRENCY, CONCURRENCY):
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch.run(stop)) if clients > CONCURRENCY else None
+            tally = await load(stack.base, clients, phase_s)
+            stop.set()
+            if watcher:
+                await watcher
+            (over if watcher else base).merge(tally)
+            done[clients] += tally.statuses["200"]
+        ratios.append(done[10 * CONCURRENCY] / max(done[CONCURRENCY], 1))
+    seconds = 2 * cycles * phase_s
+    base_rate, rate = base.statuses["200"] / seconds, over.statuses["200"] / seconds
+    reference = row(f"unloaded ({CONCURRENCY} clients, {seconds:.0f} s)", base, f"{base_rate:.2f} req/s",
+                    "reference", True)
+    bad = over.count(lambda s: s not in ("200", "429"))
+    met = bad == 0 and over.retry_after_missing == 0
+    ratio = rate / base_rate if base_rate else 0.0
+    figure = (f"{over.statuses['200']} x 200, {over.statuses['429']} x 429, {bad} other; admitted {rate:.2f} req/s "
+              f"vs {base_rate:.2f} unloaded ({ratio:.2f}x; per ABBA cycle "
+              f"{', '.join(f'{r:.2f}x' for r in ratios)})")
+    overload = row(f"overload ({10 * CONCURRENCY} clients, {seconds:.0f} s)", over, figure,
+                   "only 200/429 (with Retry-After)", met, "admitted req/s >= 0.9x unloaded", ratio >= 0.9)
+    return base, reference, overload, dict(watch.peak_mb)
 
 
 async def vision_kills(stack: Stack, seconds: float, every: float, base: Tally) -> Row:
@@ -536,13 +555,9 @@ def plot(rows: list[Row], path: Path) -> None:
 
 async def run(stack: Stack, quick: bool) -> tuple[list[Row], dict[str, int], dict[str, Any]]:
     d = 12.0 if quick else 60.0
-    log.info("scenario: unloaded reference")
-    base = await unloaded(stack, d / 2)
-    base_rate = base.statuses["200"] / (d / 2)
-    rows = [row(f"unloaded ({CONCURRENCY} clients)", base, f"{base_rate:.2f} req/s", "reference", True)]
-    log.info("scenario: overload")
-    over, peaks = await overload(stack, d, base_rate)
-    rows.append(over)
+    log.info("scenario: unloaded reference and overload, alternating")
+    base, reference, over, peaks = await unloaded_and_overload(stack, d / 2 if quick else d / 4, 1 if quick else 2)
+    rows = [reference, over]
     log.info("scenario: vision kills")
     rows.append(await vision_kills(stack, d if quick else 2 * d, 4.0 if quick else 10.0, base))
     log.info("scenario: language server kill")
