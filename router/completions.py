@@ -102,8 +102,9 @@ class Completions:
                 request.stream(), request.headers.get("content-length", ""), self.max_body_bytes,
                 APIError(413, f"request body larger than {self.max_body_bytes} bytes", code="request_too_large")))
             self._check_model(req.model)
-            held.admitted(await guarded(request, self.limiter.acquire(), deadline))
+            held.reserve()
             media = await guarded(request, self.images.load_all(media_urls(req)), deadline)
+            held.admitted(await guarded(request, self.limiter.take(), deadline))
             held.stream = self.pool.generate(to_generate_request(req, media, request_id), deadline)
             first = await guarded(request, anext(held.stream, None), deadline)
             if first is None:
@@ -168,9 +169,15 @@ class _Held:
     def __init__(self, limiter: Limiter, tracker: RequestTracker) -> None:
         self.limiter, self.tracker = limiter, tracker
         self.stream: AsyncGenerator[llm_pb2.GenerateResponse, None] | None = None
+        self._reserved = False  # holds a queue place (its images load meanwhile), no slot yet
         self._granted_at: float | None = None  # when the limiter gave this request its slot
 
+    def reserve(self) -> None:
+        self.limiter.reserve()
+        self._reserved = True
+
     def admitted(self, granted_at: float) -> None:
+        self._reserved = False  # take() turned the queue place into the slot
         self._granted_at = granted_at
         self.tracker.admitted()
 
@@ -178,6 +185,9 @@ class _Held:
         stream, self.stream = self.stream, None
         if stream is not None:
             await stream.aclose()  # cancels the gRPC call if it is still running
+        if self._reserved:
+            self._reserved = False
+            self.limiter.unreserve()
         if self._granted_at is not None:
             granted_at, self._granted_at = self._granted_at, None
             self.limiter.release(granted_at)

@@ -46,21 +46,36 @@ class Limiter:
 
     def refuse_if_full(self) -> None:
         """429 when every slot and queue place is taken. Checked once before the request's body is read, so that
-        a refusal under overload costs no parsing, and again by acquire()."""
+        a refusal under overload costs no parsing, and again by reserve()."""
         if self.active + self.waiting >= self.capacity:
             raise self.refusal()
 
-    async def acquire(self) -> float:
-        """Take a slot, waiting in the queue if there is room in it; returns when it was granted (pass it to
-        release(), exactly once)."""
+    def reserve(self) -> None:
+        """Take a queue place (429 when none is left). A request holds it while its images load, so that a slow
+        image fetch holds no model slot, then waits in it for a slot (take()); give it back with unreserve() if
+        the request ends before take() returns."""
         self.refuse_if_full()
         self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
+
+    async def take(self) -> float:
+        """The slot for a request holding a queue place; returns when it was granted (pass it to release(), exactly
+        once). The queue place becomes the slot in one step, so a cancelled wait leaves the place still held."""
+        await self._slots.acquire()
+        self.waiting -= 1
         self.active += 1
         return time.monotonic()
+
+    def unreserve(self) -> None:
+        self.waiting -= 1
+
+    async def acquire(self) -> float:
+        """reserve() and take() in one."""
+        self.reserve()
+        try:
+            return await self.take()
+        except BaseException:
+            self.unreserve()
+            raise
 
     def release(self, granted_at: float) -> None:
         self.hold_s += HOLD_EWMA * (time.monotonic() - granted_at - self.hold_s)

@@ -295,3 +295,26 @@ async def test_refused_clients_come_back_when_half_the_queue_has_drained() -> No
     limiter.release(second)
     limiter.release(await queued[0])
     assert limiter.active == 0 and limiter.waiting == 0
+
+
+async def test_a_queue_place_is_held_while_images_load_and_given_back_on_any_end() -> None:
+    limiter = Limiter(concurrency=1, queue=1)
+    running = await limiter.acquire()
+    limiter.reserve()  # a request loading its images: it holds the one queue place, not the slot
+    assert (limiter.active, limiter.waiting) == (1, 1)
+    with pytest.raises(APIError):  # slot and queue place both taken
+        limiter.reserve()
+    waiting = asyncio.create_task(limiter.take())
+    await asyncio.sleep(0)
+    waiting.cancel()  # the client left while queued: the place is still held until given back
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert limiter.waiting == 1
+    limiter.unreserve()
+    limiter.reserve()
+    taking = asyncio.create_task(limiter.take())
+    await asyncio.sleep(0)
+    limiter.release(running)
+    granted = await taking  # the queue place became the slot
+    assert (limiter.active, limiter.waiting) == (1, 0)
+    limiter.release(granted)
+    assert (limiter.active, limiter.waiting) == (0, 0)
