@@ -68,15 +68,6 @@ class Limiter:
     def unreserve(self) -> None:
         self.waiting -= 1
 
-    async def acquire(self) -> float:
-        """reserve() and take() in one."""
-        self.reserve()
-        try:
-            return await self.take()
-        except BaseException:
-            self.unreserve()
-            raise
-
     def release(self, granted_at: float) -> None:
         self.hold_s += HOLD_EWMA * (time.monotonic() - granted_at - self.hold_s)
         self.active -= 1

@@ -273,17 +273,21 @@ def test_sampling_fields_are_listed_once_from_the_proto() -> None:
 
 async def test_refused_clients_come_back_when_half_the_queue_has_drained() -> None:
     limiter = Limiter(concurrency=2, queue=4)
-    first = await limiter.acquire()
-    second = await limiter.acquire()
+    limiter.reserve()
+    first = await limiter.take()
+    limiter.reserve()
+    second = await limiter.take()
     limiter.release(first - 2.0)  # as if held 2 s: the running mean (1 s before any) moves a fifth of the way
     assert 1.19 < limiter.hold_s < 1.21
     limiter.hold_s = 0.8
-    queued = [asyncio.create_task(limiter.acquire()) for _ in range(5)]  # 1 slot free + the 4 queue places
+    for _ in range(5):  # 1 slot free + the 4 queue places
+        limiter.reserve()
+    queued = [asyncio.create_task(limiter.take()) for _ in range(5)]
     await asyncio.sleep(0)
     waits = []
     for _ in range(50):
         with pytest.raises(APIError) as refused:
-            await limiter.acquire()
+            limiter.reserve()
         headers = refused.value.headers
         waits.append(int(headers["retry-after-ms"]))
         assert refused.value.status == 429 and int(headers["Retry-After"]) == max(1, -(-waits[-1] // 1000))
@@ -291,6 +295,7 @@ async def test_refused_clients_come_back_when_half_the_queue_has_drained() -> No
     assert all(400 <= w <= 1200 for w in waits) and max(waits) - min(waits) > 100
     for task in queued[1:]:
         task.cancel()
+        limiter.unreserve()  # as the gateway gives back the place of a request that ends while queued
     await asyncio.gather(*queued[1:], return_exceptions=True)
     limiter.release(second)
     limiter.release(await queued[0])
@@ -299,7 +304,8 @@ async def test_refused_clients_come_back_when_half_the_queue_has_drained() -> No
 
 async def test_a_queue_place_is_held_while_images_load_and_given_back_on_any_end() -> None:
     limiter = Limiter(concurrency=1, queue=1)
-    running = await limiter.acquire()
+    limiter.reserve()
+    running = await limiter.take()
     limiter.reserve()  # a request loading its images: it holds the one queue place, not the slot
     assert (limiter.active, limiter.waiting) == (1, 1)
     with pytest.raises(APIError):  # slot and queue place both taken
