@@ -449,7 +449,7 @@ def native_bf16() -> bool:
 
 def engine_env(cpus: str | None, kv_gib: int) -> dict[str, str]:
     """vLLM on CPU bound to `cpus` (dvd.procs.cpu_engine_env); None keeps vLLM's own `auto` binding."""
-    return cpu_engine_env(cpus, kv_gib) if cpus is not None else {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    return cpu_engine_env(cpus, kv_gib, bind=cpus is not None)
 
 
 @contextlib.contextmanager

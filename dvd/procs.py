@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from dvd.runtime import PORTS_ENV
+from dvd.runtime import PORTS_ENV, SHM_POLL_ENV
 
 if TYPE_CHECKING:
     from dvd.security import InternalAuth
@@ -48,16 +48,28 @@ def engine_cpus(index: int) -> str:
     return str(cpus[index % len(cpus)])
 
 
-def cpu_engine_env(cpus: str | None = None, kv_gib: int = 2) -> dict[str, str]:
-    """vLLM on CPU: a fixed KV budget, and its OpenMP threads bound to `cpus` (default: every usable CPU).
+# How long a CPU engine's processes sleep between checks of vLLM's shared-memory queue (dvd.runtime.SHM_POLL_ENV).
+# vLLM spins on sched_yield for 1 s after each message, so under load its worker and scheduler processes each burn
+# a core waiting for the other: py-spy put 84% of a busy worker's samples there, and on a 2-vCPU AMD EPYC the
+# chaos stack's two engines served 13-15 req/s spinning and 33-42 req/s sleeping 0.2 ms. A sleep adds at most
+# ~0.3 ms per engine step (tens of ms on a real model on CPU). vLLM's own idle path (a zmq wake-up) is not a fix:
+# with it the same stack lost wake-ups to its 5 s recheck and served 0.24 req/s.
+CPU_SHM_POLL_S = 0.0002
+
+
+def cpu_engine_env(cpus: str | None = None, kv_gib: int = 2, *, bind: bool = True) -> dict[str, str]:
+    """vLLM on CPU: a fixed KV budget, no spinning on its message queue, and its OpenMP threads bound to `cpus`
+    (default: every usable CPU; `bind=False` keeps vLLM's own `auto` binding).
 
     vLLM's own `auto` binding keeps one core for its scheduler process, which on 2 cores halves the model's
     compute; binding every CPU lets the language engine and the vision server share the machine, each taking
     the cores the other leaves idle. The API and scheduler processes keep one thread so that they do not spin
     against the model's threads.
     """
-    return {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_OMP_THREADS_BIND": cpus or usable_cpus(),
-            "OMP_NUM_THREADS": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), SHM_POLL_ENV: str(CPU_SHM_POLL_S)}
+    if bind:
+        env |= {"VLLM_CPU_OMP_THREADS_BIND": cpus or usable_cpus(), "OMP_NUM_THREADS": "1"}
+    return env
 
 
 def free_port() -> int:
@@ -103,6 +115,28 @@ class Service:
     def last_lines(self, n: int) -> str:
         """The service's last `n` output lines, for error messages."""
         return "\n".join(list(self.tail)[-n:])
+
+    def pids(self) -> list[int]:
+        """The service and every process it started (its process group: each service has its own session)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(stat[2]) == self.proc.pid:  # the process group id
+                    pids.append(int(entry))
+        return pids
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the processes of `pids()` that are still running."""
+        ticks = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -3,12 +3,17 @@
 It swaps vLLM's InternVLChatModel for `DvdInternVLChatModel` (internvl_model.py), which fixes the ragged
 image-embedding bug and accepts InternVL3.5-Flash checkpoints; and in the engine processes a language server
 starts, it arms the parent-death signal: vLLM's EngineCore otherwise outlives a language server that is killed
-(or SIGTERMed before its engine is up), holding its memory and, on a GPU node, the GPU.
+(or SIGTERMed before its engine is up), holding its memory and, on a GPU node, the GPU. Where DVD_SHM_POLL_S
+is set (dvd.procs.cpu_engine_env does on CPU hosts, for stock vLLM baselines too), vLLM's processes sleep between
+checks of their shared-memory message queue instead of spinning on it.
 """
 
 from __future__ import annotations
 
 import os
+import time
+
+from dvd.runtime import SHM_POLL_ENV
 
 ENGINE_PARENT_ENV = "DVD_ENGINE_PARENT"  # set by llm_server to its pid before it starts vLLM's engine
 
@@ -28,8 +33,33 @@ def die_with_parent_engine() -> None:
         os._exit(1)
 
 
+def poll_message_queue_gently() -> None:
+    """Sleep SHM_POLL_ENV seconds where vLLM's queue reader would spin (sched_yield) in the first second after a
+    message. On a GPU node the spin costs one idle core; on a CPU host it takes the cores the engine computes on
+    (measurements: dvd/procs.py, CPU_SHM_POLL_S). vLLM 0.32 has no setting for it (upstream PRs #52814, #52848)."""
+    pause = float(os.environ.get(SHM_POLL_ENV) or 0)
+    if pause <= 0:
+        return
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    spin = shm_broadcast.SpinCondition
+    spin_wait = spin.wait
+    if getattr(spin_wait, "dvd_pause", None) is not None:  # plugins load once per process, but may load again
+        return
+
+    def wait(self: shm_broadcast.SpinCondition, timeout_ms: int | None = None) -> None:
+        if self.is_reader and time.monotonic() <= self.last_read + self.busy_loop_s:
+            time.sleep(pause)  # the caller checks the queue again, exactly as after vLLM's sched_yield
+            return
+        spin_wait(self, timeout_ms)
+
+    wait.dvd_pause = pause  # type: ignore[attr-defined]
+    spin.wait = wait  # type: ignore[method-assign]
+
+
 def register() -> None:
     die_with_parent_engine()
+    poll_message_queue_gently()
     from vllm import ModelRegistry
 
     ModelRegistry.register_model("InternVLChatModel", "llm_server.internvl_model:DvdInternVLChatModel")

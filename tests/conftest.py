@@ -28,6 +28,7 @@ VISION_ENV = {"OMP_NUM_THREADS": "1"}
 _engines = itertools.count()
 VLLM_START_TIMEOUT = 300
 METRICS_URLS: dict[str, str] = {}
+LANGUAGE_SERVICES: dict[str, Service] = {}  # address -> the language server started there by start_llm
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +66,9 @@ def start_llm(name: str, model: Path, vision: str, *extra: str, env: dict[str, s
     """A language server on port 0 with the tests' defaults (`extra`: its options, e.g. --served-model-name)."""
     svc = language_server(model, vision, "--max-model-len", "16384", *extra, name=name,
                           env={**engine_env(), **(env or {})})
-    return svc, svc.wait_grpc(VLLM_START_TIMEOUT, auth)
+    address = svc.wait_grpc(VLLM_START_TIMEOUT, auth)
+    LANGUAGE_SERVICES[address] = svc
+    return svc, address
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +104,12 @@ def llm_tiny_flash(tiny_flash_ckpt: Path, vision_tiny_flash: str) -> Iterator[st
     svc, address = start_llm("llm-tiny-flash", tiny_flash_ckpt, vision_tiny_flash, "--served-model-name", "tiny-flash")
     yield address
     svc.stop()
+
+
+@pytest.fixture(scope="session")
+def llm_tiny_service(llm_tiny: str) -> Service:
+    """The process of `llm_tiny` (with the engine processes it started)."""
+    return LANGUAGE_SERVICES[llm_tiny]
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 import torch
 
+from dvd.procs import Service
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server.prompt import PromptError
 from llm_server.service import EmbeddingError, sampling_params, validate_embeddings
@@ -23,6 +25,19 @@ async def test_vision_tower_is_not_loaded(llm_tiny: str) -> None:
     assert h.ready
     assert h.vision_parameters == 0, "the language engine built vision weights"
     assert h.vision_servers_ready == 1
+
+
+async def test_the_engine_sleeps_between_steps_instead_of_spinning(llm_tiny: str,
+                                                                   llm_tiny_service: Service) -> None:
+    """vLLM's queue readers spin on sched_yield for 1 s after every message, a core each (its worker and its
+    scheduler); on CPU hosts the plugin makes them sleep instead (dvd.procs.CPU_SHM_POLL_S). Inside that second,
+    right after a request, the whole language server must use a small share of one core."""
+    service = llm_tiny_service
+    await generate(llm_tiny, [text("Hi")], max_tokens=2)
+    before, t0 = service.cpu_seconds(), time.monotonic()
+    await asyncio.sleep(0.6)
+    cores = (service.cpu_seconds() - before) / (time.monotonic() - t0)
+    assert cores < 0.25, f"an idle language server used {cores:.2f} cores in its engine's first idle second"
 
 
 async def test_text_only_skips_the_vision_pool(llm_tiny: str) -> None:
