@@ -271,7 +271,7 @@ def test_sampling_fields_are_listed_once_from_the_proto() -> None:
     assert set(PASS_THROUGH) <= set(ChatCompletionRequest.model_fields)
 
 
-async def test_refused_clients_come_back_when_half_the_queue_has_drained() -> None:
+async def test_refused_clients_get_turns_spaced_like_finishing_requests() -> None:
     limiter = Limiter(concurrency=2, queue=4)
     limiter.reserve()
     first = await limiter.take()
@@ -291,8 +291,11 @@ async def test_refused_clients_come_back_when_half_the_queue_has_drained() -> No
         headers = refused.value.headers
         waits.append(int(headers["retry-after-ms"]))
         assert refused.value.status == 429 and int(headers["Retry-After"]) == max(1, -(-waits[-1] // 1000))
-    # half the queue (2 turns) of 0.8 s per slot over 2 slots = 0.8 s, jittered by +-50%
-    assert all(400 <= w <= 1200 for w in waits) and max(waits) - min(waits) > 100
+    # A request finishes every 0.8 s / 2 slots = 0.4 s: the first turn comes when half the queue (2 places) has
+    # drained, 0.8 s, each next one 0.4 s later (jittered +-10%), up to the 60 s the openai clients accept.
+    for k, wait in enumerate(waits):
+        assert 0.9 * (800 + 400 * k) - 1 <= wait <= min(1.1 * (800 + 400 * k) + 1, 60_000)
+    assert waits[-1] > 19_000
     for task in queued[1:]:
         task.cancel()
         limiter.unreserve()  # as the gateway gives back the place of a request that ends while queued
