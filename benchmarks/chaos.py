@@ -50,8 +50,7 @@ CONCURRENCY, QUEUE = 4, 8  # the router's limits in this run: overload is 10x th
 
 def photo(seed: int) -> str:
     """A 448 px image as chat clients send photos: JPEG, about 110 kB. (A 530 kB PNG of the same noise made every
-    refused try upload half a megabyte: under overload the load generator, sharing the server's 2 vCPUs, then took
-    an eighth of a core more than unloaded, and admitted throughput measured 0.88x.)"""
+    refused try upload half a megabyte, on the 2 vCPUs the load generator shares with the server.)"""
     return data_url(image_bytes(448, 448, seed=seed, fmt="JPEG"), "image/jpeg")
 
 
