@@ -50,10 +50,10 @@ def engine_cpus(index: int) -> str:
 
 # How long a CPU engine's processes sleep between checks of vLLM's shared-memory queue (dvd.runtime.SHM_POLL_ENV).
 # vLLM spins on sched_yield for 1 s after each message, so under load its worker and scheduler processes each burn
-# a core waiting for the other: py-spy put 84% of a busy worker's samples there, and on a 2-vCPU AMD EPYC the
-# chaos stack's two engines served 13-15 req/s spinning and 33-42 req/s sleeping 0.2 ms. A sleep adds at most
-# ~0.3 ms per engine step (tens of ms on a real model on CPU). vLLM's own idle path (a zmq wake-up) is not a fix:
-# with it the same stack lost wake-ups to its 5 s recheck and served 0.24 req/s.
+# a core waiting for the other: py-spy put 84% of a busy worker's samples there, and on a 2-vCPU AMD EPYC (family
+# 25 model 17) the chaos stack's two engines served 13-15 req/s spinning and 44-61 req/s sleeping 0.2 ms. A sleep
+# adds at most ~0.3 ms per engine step (tens of ms on a real model on CPU). vLLM's own idle path (a zmq wake-up) is
+# not a fix: with it the same stack lost wake-ups to its 5 s recheck and served 0.24 req/s.
 CPU_SHM_POLL_S = 0.0002
 
 
