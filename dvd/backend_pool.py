@@ -6,9 +6,12 @@ Targets are `host:port` (one backend) or `dns:name:port`: every address the name
 the name is resolved again every `resolve_interval` seconds, so scaling a Kubernetes headless Service (or any
 DNS round-robin name) needs no edit. Backends that leave the DNS answer are dropped once their calls finish.
 
-Load: a backend's load is what it reports waiting (`Probe` decides: queued tiles for a vision server, running
-requests for a language server) plus `outstanding_weight` for each call this client has in flight on it; the
-weight stands for what a call adds before the next health report shows it, in the reported unit.
+Load: a backend's load is what others put on it plus what this client does. Others': what it reported in its last
+health reply (`Probe` decides: queued tiles for a vision server, running requests for a language server) less
+this client's own calls at that moment; this client's: `outstanding_weight` (a call's size in the reported unit)
+for each call in flight now. Adding the report to every own call instead counted each call twice, once as stale:
+a single router whose last report caught a replica at 3 of 4 requests sent it nothing new for the next health
+interval, and the two replicas took turns at 3 and 1 (the chaos suite measured 1.48 vs 1.15 requests running).
 
 Health: a refused or reset probe marks a backend down at once (the process is gone: fail over now). A probe that
 only runs out of time marks it down after `failure_threshold` in a row, as Kubernetes' probe failureThreshold
@@ -48,6 +51,7 @@ class Backend(Generic[S]):
     ready: bool = False
     reported_load: float = 0.0
     outstanding: int = 0  # calls this client has in flight on it
+    outstanding_at_report: int = 0  # ... when its last health reply came
     status: Any = None  # the last health reply
     last_error: str = "not checked yet"
     target: str = ""  # the configured target it came from (a dns: name, or the address itself)
@@ -187,7 +191,7 @@ class BackendPool(Generic[S]):
         if ready != backend.ready:
             log.info("backend ready" if ready else "backend not ready",
                      extra={"pool": self.name, "backend": backend.address})
-        backend.ready, backend.reported_load = ready, load
+        backend.ready, backend.reported_load, backend.outstanding_at_report = ready, load, backend.outstanding
         backend.last_error = "" if ready else "reports not ready"
 
     def mark_down(self, backend: Backend[S], why: str) -> None:
@@ -201,7 +205,8 @@ class BackendPool(Generic[S]):
         return [b for b in self.backends if b.ready]
 
     def load(self, backend: Backend[S]) -> float:
-        return backend.reported_load + self.outstanding_weight * backend.outstanding
+        others = max(backend.reported_load - self.outstanding_weight * backend.outstanding_at_report, 0.0)
+        return others + self.outstanding_weight * backend.outstanding
 
     def pick(self, exclude: set[str] | frozenset[str] = frozenset(), *,
              fallback_to_unready: bool = False) -> Backend[S] | None:

@@ -33,8 +33,8 @@ Backend = PoolBackend[llm_pb2_grpc.LanguageServiceStub]  # .status: the last Lan
 
 
 class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
-    """The language servers: each request goes to the one with the fewest requests running (reported by the
-    replica, every router's included) plus this router's own calls not yet reported (weight 1)."""
+    """The language servers: each request goes to the one with the fewest requests, counting those other routers
+    have running there (its last report less this router's calls at that time) and this router's calls now."""
 
     def __init__(self, targets: tuple[str, ...], health_interval: float = 2.0, health_timeout: float = 2.0,
                  auth: InternalAuth | None = None) -> None:

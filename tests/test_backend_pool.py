@@ -80,6 +80,27 @@ async def test_least_load_counts_outstanding_calls_with_their_weight() -> None:
     await pool.close()
 
 
+async def test_a_stale_report_does_not_count_this_clients_own_calls_twice() -> None:
+    """A single router: the last report caught replica 1 at 3 requests, all its own; two of them have finished
+    since and replica 2 has 2. Replica 1 is the lighter one (1 vs 2), not the heavier (3 + 1 vs 0 + 2)."""
+    running = {"127.0.0.1:1": 3.0, "127.0.0.1:2": 0.0}
+
+    async def probe(backend: Backend) -> tuple[bool, float]:
+        return True, running[backend.address]
+
+    pool = pool_for(tuple(running), probe)
+    await pool.resolve()
+    one, two = sorted(pool.backends, key=lambda b: b.address)
+    one.outstanding = 3
+    await pool.check_all()
+    one.outstanding, two.outstanding = 1, 2
+    assert pool.pick() is one
+    running.update({"127.0.0.1:1": 1.0, "127.0.0.1:2": 5.0})  # another router's 3 requests join our 2 on replica 2
+    await pool.check_all()
+    assert (pool.load(one), pool.load(two)) == (1.0, 5.0)
+    await pool.close()
+
+
 async def test_unreachable_backends_are_down_and_skipped() -> None:
     async def probe(backend: Backend) -> tuple[bool, float]:
         if backend.address.endswith(":1"):
