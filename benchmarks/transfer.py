@@ -38,6 +38,7 @@ from dvd.tensor_codec import BF16_BYTES
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.vision_pool import VisionPool
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
+from vision_server.service import add_to_server
 
 log = logging.getLogger("benchmarks.transfer")
 ROWS = 256  # embedding rows of one uncompressed InternVL tile
@@ -62,7 +63,7 @@ class TileStreamer(vision_pb2_grpc.VisionServiceServicer):
         self.tile = torch.randn(ROWS, hidden, generator=gen).to(torch.bfloat16)  # as the projector leaves it
 
     async def Encode(self, request: vision_pb2.EncodeRequest,
-                     context: object) -> AsyncIterator[vision_pb2.EncodeResponse]:
+                     context: object) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
         n = request.options.max_tiles + 1
         sender = await TileSender.open(request.data_plane, self.executor, self.listener, self.maps)
         try:
@@ -75,7 +76,7 @@ class TileStreamer(vision_pb2_grpc.VisionServiceServicer):
                 if lo + self.per_message >= n:
                     msg.summary.CopyFrom(vision_pb2.EncodeSummary(
                         images=[vision_pb2.ImageSummary(num_tiles=n, num_tokens=n * ROWS)]))
-                yield msg
+                yield await sender.outgoing(msg)
                 await sender.follow(msg.tiles, wire)
         finally:
             sender.close()
@@ -93,7 +94,7 @@ async def serve(port: int, hidden: int, per_message: int) -> None:
     await listener.start("127.0.0.1", 0)
     streamer = TileStreamer(hidden, listener, per_message)
     server, health, bound = await start_server(
-        InternalAuth(), "127.0.0.1", port, lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(streamer, s),
+        InternalAuth(), "127.0.0.1", port, lambda s: add_to_server(streamer, s),
         "dvd.v1.VisionService", options=CHANNEL_OPTIONS)
     await health.set(True)
     freeze_heap()

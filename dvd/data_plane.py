@@ -17,12 +17,16 @@ from pathlib import Path
 
 import torch
 
+from dvd.v1 import vision_pb2
+
 TICKET_BYTES = 16  # what a TCP data connection sends first: the ticket of the Encode call it serves
 SHM_DIR = Path("/dev/shm")
 SHM_NAME = re.compile(r"dvd-\d+-[0-9a-f]{32}")  # the only names a vision server opens: never a path
 TRANSPORTS = ("auto", "shm", "tcp", "grpc")
 # Raw transports send the tensor's own bytes: the wire format (little-endian bf16) is the host's on x86 and ARM.
 RAW_BYTES_OK = sys.byteorder == "little"
+# EncodeResponse's field for the gRPC fallback's tile bytes, written and read by dvd.tensor_codec.append_raw/split_raw
+RAW_TILE_FIELD = vision_pb2.EncodeResponse.DESCRIPTOR.fields_by_name["raw_tile_contents"].number
 
 
 def shm_domain() -> str:

@@ -2,7 +2,7 @@
 connection to one on another, and the one copy of each tile into the image's preallocated tensor.
 
 Copies per received byte before vLLM gets it: one on every transport (segment -> tensor, socket -> tensor with
-`recv_into`, protobuf bytes -> tensor).
+`recv_into`, gRPC's received message -> tensor: `read_response` leaves the inline bytes where gRPC put them).
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import torch
 
-from dvd.data_plane import RAW_BYTES_OK, SHM_DIR, SHM_NAME, TICKET_BYTES, byte_view, shm_domain
-from dvd.v1 import vision_pb2
+from dvd.data_plane import RAW_BYTES_OK, RAW_TILE_FIELD, SHM_DIR, SHM_NAME, TICKET_BYTES, byte_view, shm_domain
+from dvd.tensor_codec import split_raw
+from dvd.v1 import vision_pb2, vision_pb2_grpc
 
 log = logging.getLogger("llm_server.data_plane")
 
@@ -39,6 +41,23 @@ def image_buffer(rows: int, hidden: int) -> torch.Tensor:
     if PIN_MEMORY:
         return torch.empty((rows, hidden), dtype=torch.bfloat16, pin_memory=True)
     return torch.from_numpy(np.empty(rows * hidden, dtype=np.uint16)).view(torch.bfloat16).view(rows, hidden)
+
+
+def read_response(data: bytes) -> tuple[vision_pb2.EncodeResponse, list[memoryview]]:
+    """Encode's response deserializer: the descriptors parsed, the inline tiles' bytes (`raw_tile_contents`) left as
+    views of the message gRPC received. A message that is not one makes gRPC log and yield None."""
+    head, raw = split_raw(data, RAW_TILE_FIELD)
+    return vision_pb2.EncodeResponse.FromString(head), raw
+
+
+class VisionStub(vision_pb2_grpc.VisionServiceStub):
+    """The generated stub, but Encode's answers come as `read_response` gives them: (message, inline bytes)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        super().__init__(channel)
+        self.Encode = channel.unary_stream("/dvd.v1.VisionService/Encode",
+                                           request_serializer=vision_pb2.EncodeRequest.SerializeToString,
+                                           response_deserializer=read_response)
 
 
 class DataPlaneError(RuntimeError):
@@ -184,19 +203,23 @@ class TileReceiver:
             return vision_pb2.DataPlaneOffer(tcp_ticket=self.ticket)
         return vision_pb2.DataPlaneOffer()
 
-    async def receive(self, items: list[tuple[vision_pb2.TileEmbedding, torch.Tensor]]) -> None:
-        """Copy each tile's bytes into its `dst` (a contiguous slice of its image's tensor), wherever they travel.
+    async def receive(self, items: list[tuple[vision_pb2.TileEmbedding, torch.Tensor]],
+                      inline: list[memoryview]) -> None:
+        """Copy each tile's bytes into its `dst` (a contiguous slice of its image's tensor), wherever they travel;
+        `inline`: the message's raw_tile_contents, one per TRANSPORT_GRPC tile in order.
 
         One message's tiles in one thread hop: the copies run off the event loop, which keeps streaming tokens."""
-        jobs: list[tuple[int, vision_pb2.TileEmbedding, bytes, torch.Tensor]] = []
+        jobs: list[tuple[int, vision_pb2.TileEmbedding, memoryview | None, torch.Tensor]] = []
+        payloads = iter(inline)
         for tile, dst in items:  # descriptors already checked against their rows (VisionPool._check_tile)
             out = byte_view(dst)
             transport = tile.transport or vision_pb2.TRANSPORT_GRPC
-            data = b""
+            data = None
             if transport == vision_pb2.TRANSPORT_GRPC:
-                data = tile.data  # each read of a bytes field makes a new copy: read it once
-                if len(data) != out.numel():
-                    raise DataPlaneError(f"tile carries {len(data)} bytes, expected {out.numel()}")
+                data = next(payloads, None)
+                if data is None or len(data) != out.numel():
+                    raise DataPlaneError(f"inline tile carries {0 if data is None else len(data)} bytes, expected "
+                                         f"{out.numel()}")
             elif transport == vision_pb2.TRANSPORT_SHM and self.slot is not None:
                 if tile.offset != self.shm_end or tile.offset + tile.nbytes > self.slot.size:
                     raise DataPlaneError(f"tile at segment offset {tile.offset}+{tile.nbytes} is out of order or "
@@ -205,12 +228,14 @@ class TileReceiver:
             elif not (transport == vision_pb2.TRANSPORT_TCP and self.conn is not None):
                 raise DataPlaneError(f"tile sent over transport {transport}, which this request did not offer")
             jobs.append((transport, tile, data, out))
+        if next(payloads, None) is not None:
+            raise DataPlaneError(f"message carries {len(inline)} inline payloads for fewer inline tiles")
         if jobs:
             await asyncio.get_running_loop().run_in_executor(self.executor, self._copy, jobs)
 
-    def _copy(self, jobs: list[tuple[int, vision_pb2.TileEmbedding, bytes, torch.Tensor]]) -> None:
+    def _copy(self, jobs: list[tuple[int, vision_pb2.TileEmbedding, memoryview | None, torch.Tensor]]) -> None:
         for transport, tile, data, out in jobs:
-            if transport == vision_pb2.TRANSPORT_GRPC:
+            if data is not None:
                 np.copyto(out.numpy(), np.frombuffer(data, dtype=np.uint8))
             elif transport == vision_pb2.TRANSPORT_SHM:
                 assert self.slot is not None

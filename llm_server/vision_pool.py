@@ -17,8 +17,8 @@ from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES
 from dvd.errors import ITEM_KEY, PARAM_KEY
 from dvd.security import InternalAuth
 from dvd.tensor_codec import BF16_BYTES
-from dvd.v1 import vision_pb2, vision_pb2_grpc
-from llm_server.data_plane import DataPlaneError, ShmSlots, TileReceiver, image_buffer
+from dvd.v1 import vision_pb2
+from llm_server.data_plane import DataPlaneError, ShmSlots, TileReceiver, VisionStub, image_buffer
 
 log = logging.getLogger("llm_server.vision_pool")
 
@@ -57,13 +57,13 @@ class EncodedImages:
         return sum(self.bytes_by_transport.values())
 
 
-VisionBackend = Backend[vision_pb2_grpc.VisionServiceStub]  # .status: the last VisionHealthResponse
+VisionBackend = Backend[VisionStub]  # .status: the last VisionHealthResponse
 # A call in flight counts as this many queued tiles until the server's next health report shows its tiles: an
 # InternVL3.5 image is at most 12 tiles plus a thumbnail, rounded up.
 OUTSTANDING_TILES = 16
 
 
-class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
+class VisionPool(BackendPool[VisionStub]):
     def __init__(self, targets: tuple[str, ...], hidden_size: int, timeout_s: float = 120.0,
                  health_interval_s: float = 2.0, transport: str = "auto", shm_budget_bytes: int = 2**30,
                  auth: InternalAuth | None = None) -> None:
@@ -75,7 +75,7 @@ class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
         self.tcp_allowed = transport == "tcp" or (transport == "auto" and not auth.tls)
         self.slots = ShmSlots(shm_budget_bytes if transport in ("auto", "shm") else 0)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
-        super().__init__(targets, vision_pb2_grpc.VisionServiceStub, self._probe, "vision", auth=auth,
+        super().__init__(targets, VisionStub, self._probe, "vision", auth=auth,
                          channel_options=[("grpc.max_receive_message_length", 64 * 2**20)],
                          health_interval=health_interval_s, outstanding_weight=OUTSTANDING_TILES)
 
@@ -170,7 +170,10 @@ class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
         b.outstanding += 1
         call = b.stub.Encode(request, timeout=timeout)
         try:
-            async for msg in call:
+            async for answer in call:
+                if answer is None:  # read_response failed; gRPC logged why
+                    raise VisionProtocolError("a message that is not an EncodeResponse")
+                msg, inline = answer
                 items = []
                 for tile in msg.tiles:
                     self._check_tile(tile, embs, filled, counts)
@@ -185,7 +188,7 @@ class VisionPool(BackendPool[vision_pb2_grpc.VisionServiceStub]):
                     tile_rows[i].append(tile.rows)
                     name = TRANSPORT_NAMES.get(tile.transport, "grpc")
                     by_transport[name] = by_transport.get(name, 0) + tile.nbytes
-                await receiver.receive(items)
+                await receiver.receive(items, inline)
                 if msg.HasField("summary"):
                     return EncodedImages(self._check_summary(embs, filled, counts, msg.summary), tile_rows,
                                          b.address, time.perf_counter() - t0, msg.summary, by_transport)

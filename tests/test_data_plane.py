@@ -16,15 +16,18 @@ import httpx
 import pytest
 import torch
 
-from dvd.data_plane import SHM_DIR, shm_domain
+from dvd.data_plane import RAW_TILE_FIELD, SHM_DIR, shm_domain
 from dvd.procs import free_port
+from dvd.tensor_codec import append_raw, split_raw
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots, remove_orphan_segments
 from llm_server.vision_pool import EncodedImages, VisionError, VisionPool
 from tests.conftest import start_llm, start_vision
 from tests.helpers.llm import generate, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes
+from tests.helpers.vision import Encoded, collect
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
+from vision_server.service import add_to_server
 
 pytestmark = pytest.mark.timeout(600)
 TRANSPORTS = ("grpc", "tcp", "shm")
@@ -109,23 +112,47 @@ async def test_failover_when_a_server_dies_mid_transfer(vision_tiny: str, tiny_c
     assert same_bytes(encoded.embeddings, expected.embeddings)
 
 
-def raw_encode(address: str, offer: vision_pb2.DataPlaneOffer) -> list[vision_pb2.TileEmbedding]:
+def raw_encode(address: str, offer: vision_pb2.DataPlaneOffer) -> Encoded:
     req = vision_pb2.EncodeRequest(request_id="dp-raw", images=[image_bytes(448, 448, seed=89)], data_plane=offer)
     with grpc.insecure_channel(address) as channel:
-        return [t for msg in vision_pb2_grpc.VisionServiceStub(channel).Encode(req, timeout=30) for t in msg.tiles]
+        return collect(vision_pb2_grpc.VisionServiceStub(channel).Encode(req, timeout=30))
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "dvd-1-" + "0" * 32, "psm_12345678"])
 def test_server_writes_only_into_real_client_segments(vision_tiny: str, name: str) -> None:
     """A path, a missing segment, or someone else's segment: the tiles come inline instead."""
-    tiles = raw_encode(vision_tiny, vision_pb2.DataPlaneOffer(shm=vision_pb2.ShmTarget(name=name, size=2**20)))
-    assert tiles and all(t.transport == vision_pb2.TRANSPORT_GRPC and len(t.data) == t.nbytes for t in tiles)
+    got = raw_encode(vision_tiny, vision_pb2.DataPlaneOffer(shm=vision_pb2.ShmTarget(name=name, size=2**20)))
+    assert got.tiles and all(t.transport == vision_pb2.TRANSPORT_GRPC and len(got.payload(t)) == t.nbytes
+                             for t in got.tiles)
 
 
 def test_unclaimed_ticket_falls_back_inline(vision_tiny: str) -> None:
     """A TCP ticket whose connection never arrives (a load balancer sent it elsewhere): inline after a short wait."""
-    tiles = raw_encode(vision_tiny, vision_pb2.DataPlaneOffer(tcp_ticket=secrets.token_bytes(16)))
-    assert tiles and all(t.transport == vision_pb2.TRANSPORT_GRPC and len(t.data) == t.nbytes for t in tiles)
+    got = raw_encode(vision_tiny, vision_pb2.DataPlaneOffer(tcp_ticket=secrets.token_bytes(16)))
+    assert got.tiles and all(t.transport == vision_pb2.TRANSPORT_GRPC and len(got.payload(t)) == t.nbytes
+                             for t in got.tiles)
+
+
+def test_inline_bytes_are_a_plain_protobuf_field() -> None:
+    """What the sender appends by hand is what any protobuf reader parses, and the receiver's split reads any
+    encoding of the message (here protobuf's own, payloads interleaved with nothing) into the same parts."""
+    msg = vision_pb2.EncodeResponse()
+    msg.tiles.add(tile_index=0, rows=3, hidden_size=5, transport=vision_pb2.TRANSPORT_GRPC)
+    msg.tiles.add(tile_index=1, rows=3, hidden_size=5, transport=vision_pb2.TRANSPORT_GRPC)
+    msg.summary.images.add(num_tiles=2, num_tokens=6)
+    tensors = [torch.randn(3, 5, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(2)]
+    wire = append_raw(msg.SerializeToString(), RAW_TILE_FIELD, tensors)
+    parsed = vision_pb2.EncodeResponse.FromString(wire)
+    assert list(parsed.raw_tile_contents) == [t.view(torch.int16).numpy().tobytes() for t in tensors]
+    del parsed.raw_tile_contents[:]
+    assert parsed == msg
+    for encoding in (wire, vision_pb2.EncodeResponse.FromString(wire).SerializeToString()):
+        head, raw = split_raw(encoding, RAW_TILE_FIELD)
+        assert vision_pb2.EncodeResponse.FromString(head) == msg
+        assert [bytes(r) for r in raw] == [t.view(torch.int16).numpy().tobytes() for t in tensors]
+    for broken in (wire[:-1], b"\x1b", b"\x1a\xff"):  # truncated payload, wire type 3, truncated length
+        with pytest.raises(ValueError):
+            split_raw(broken, RAW_TILE_FIELD)
 
 
 # -- protocol checks against a vision server that lies about its bytes -----------------------------------------------
@@ -142,7 +169,7 @@ class LyingVision(vision_pb2_grpc.VisionServiceServicer):
         self.executor = ThreadPoolExecutor(2)
 
     async def Encode(self, request: vision_pb2.EncodeRequest,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse]:
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
         sender = await TileSender.open(request.data_plane, self.executor, self.listener, self.maps)
         emb = torch.ones(256, 128, dtype=torch.bfloat16)
         msg = vision_pb2.EncodeResponse()
@@ -158,9 +185,11 @@ class LyingVision(vision_pb2_grpc.VisionServiceServicer):
             msg.tiles[1].image_rows = 1024
         elif self.fault == "not-offered":
             msg.tiles[1].transport = vision_pb2.TRANSPORT_SHM
+        elif self.fault == "inline-short":
+            sender.inline[1] = emb[:255]
         msg.summary.images.add(num_tiles=2, num_tokens=512)
         try:
-            yield msg
+            yield b"\xff\xff" if self.fault == "garbage" else await sender.outgoing(msg)
             if self.fault == "tcp-short":
                 assert sender.conn is not None
                 sender.conn.sendall(b"\0" * 1000)
@@ -183,12 +212,14 @@ class LyingVision(vision_pb2_grpc.VisionServiceServicer):
     ("image-rows", "tcp", "does not fit"),
     ("not-offered", "tcp", "did not offer"),
     ("tcp-short", "tcp", "closed after 1000"),
+    ("inline-short", "grpc", "carries 65280 bytes, expected 65536"),
+    ("garbage", "grpc", "not an EncodeResponse"),
 ])
 async def test_a_lying_server_is_a_protocol_error(fault: str, transport: str, message: str) -> None:
     listener = DataListener()
     await listener.start("127.0.0.1", 0)
     server = grpc.aio.server()
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(LyingVision(fault, listener), server)
+    add_to_server(LyingVision(fault, listener), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     pool = VisionPool((f"127.0.0.1:{port}",), hidden_size=128, timeout_s=20, transport=transport)

@@ -71,6 +71,8 @@ def test_a_draining_server_says_not_serving_and_finishes_its_calls(tiny_ckpt: Pa
             assert svc.alive()  # still draining: the first call has not been read to its end
             rest = collect(call)
         tiles = list(first.tiles) + rest.tiles  # every tile of every image, whole
+        assert len(first.raw_tile_contents) == len(first.tiles)
+        assert all(len(rest.payload(t)) == t.nbytes > 0 for t in rest.tiles)
         assert rest.summary is not None and {t.image_index for t in tiles} == set(range(16))
         assert all(sum(t.image_index == i for t in tiles) == t.num_tiles > 1 for i in range(16) for t in tiles
                    if t.image_index == i)

@@ -15,14 +15,13 @@ from dvd.config import parse
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
-from dvd.v1 import vision_pb2_grpc
 from vision_server.batcher import Batcher, DeviceRunner
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.data_plane import DataListener
 from vision_server.metrics import Metrics
 from vision_server.model import build_model
 from vision_server.preprocess import install_image_limits
-from vision_server.service import VirSettings, VisionServicer
+from vision_server.service import VirSettings, VisionServicer, add_to_server
 from vision_server.weights import load_vision_weights, wanted
 
 log = logging.getLogger("vision_server")
@@ -92,7 +91,7 @@ async def serve(cfg: ServerConfig) -> None:
     servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir, listener)
     max_msg = cfg.max_images * max(cfg.max_image_bytes, cfg.max_video_bytes) + 2**20
     server, health, bound = await start_server(
-        cfg.internal, cfg.host, cfg.port, lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, s),
+        cfg.internal, cfg.host, cfg.port, lambda s: add_to_server(servicer, s),
         "dvd.v1.VisionService",
         options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", -1)])
     if cfg.metrics_port:

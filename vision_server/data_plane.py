@@ -1,7 +1,7 @@
 """Sending side of the data plane: the TCP data port, the clients' shared-memory segments, one sender per request.
 
 Each tile is copied once on its way out: into the client's shared-memory segment, into the kernel's socket buffer,
-or into the protobuf `data` field on the gRPC fallback.
+or into the serialized message on the gRPC fallback (`dvd.tensor_codec.append_raw`; gRPC copies that once more).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dvd.data_plane import RAW_BYTES_OK, SHM_DIR, SHM_NAME, TICKET_BYTES, byte_view
-from dvd.tensor_codec import encode_bf16
+from dvd.data_plane import RAW_BYTES_OK, RAW_TILE_FIELD, SHM_DIR, SHM_NAME, TICKET_BYTES, byte_view
+from dvd.tensor_codec import append_raw, encode_bf16
 from dvd.v1 import vision_pb2
 
 log = logging.getLogger("vision_server.data_plane")
@@ -197,8 +197,9 @@ class ShmMaps:
 
 class TileSender:
     """One Encode call's way of delivering tile bytes. `place` fills a message's tile descriptors and, for shared
-    memory and gRPC, places their bytes before the message is sent; `follow` sends TCP bytes after it, so a client
-    never waits for bytes whose descriptor it has not read. One thread hop per message, not per tile."""
+    memory, places their bytes before the message is sent; `outgoing` gives the message as it goes out (with its
+    inline gRPC bytes); `follow` sends TCP bytes after it, so a client never waits for bytes whose descriptor it has
+    not read. One thread hop per message, not per tile."""
 
     def __init__(self, executor: ThreadPoolExecutor, shm: tuple[mmap.mmap, int] | None = None,
                  conn: socket.socket | None = None) -> None:
@@ -206,6 +207,7 @@ class TileSender:
         self.shm = shm
         self.conn = conn
         self.offset = 0
+        self.inline: list[torch.Tensor] = []  # the placed message's TRANSPORT_GRPC tiles, in order
 
     @classmethod
     async def open(cls, offer: vision_pb2.DataPlaneOffer, executor: ThreadPoolExecutor,
@@ -236,11 +238,22 @@ class TileSender:
             elif self.conn is not None:
                 tile.transport = vision_pb2.TRANSPORT_TCP
             else:  # gRPC, or a tile that does not fit the client's segment
-                tile.transport, tile.data = vision_pb2.TRANSPORT_GRPC, encode_bf16(emb)
+                tile.transport = vision_pb2.TRANSPORT_GRPC
+                self.inline.append(emb if RAW_BYTES_OK else torch.frombuffer(bytearray(encode_bf16(emb)),
+                                                                             dtype=torch.uint8))
         if writes:
             assert self.shm is not None
             await asyncio.get_running_loop().run_in_executor(self.executor, _write_shm, self.shm[0], writes)
         return wire
+
+    async def outgoing(self, msg: vision_pb2.EncodeResponse) -> vision_pb2.EncodeResponse | bytes:
+        """The placed message as it goes out: itself, or serialized with its inline tiles' bytes appended (as
+        `raw_tile_contents`) off the event loop. `serialize_response` passes those bytes to gRPC untouched."""
+        if not self.inline:
+            return msg
+        payloads, self.inline = self.inline, []
+        return await asyncio.get_running_loop().run_in_executor(self.executor, append_raw, msg.SerializeToString(),
+                                                                RAW_TILE_FIELD, payloads)
 
     async def follow(self, tiles: Sequence[vision_pb2.TileEmbedding], wire: list[torch.Tensor]) -> None:
         sends = [emb for tile, emb in zip(tiles, wire, strict=True) if tile.transport == vision_pb2.TRANSPORT_TCP]
@@ -254,6 +267,11 @@ class TileSender:
                 self.conn.shutdown(socket.SHUT_RDWR)
             self.conn.close()
             self.conn = None
+
+
+def serialize_response(msg: vision_pb2.EncodeResponse | bytes) -> bytes:
+    """Encode's response serializer: a message `TileSender.outgoing` already serialized goes out as it is."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
 def _write_shm(mm: mmap.mmap, writes: list[tuple[int, torch.Tensor]]) -> None:

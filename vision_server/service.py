@@ -18,7 +18,7 @@ from dvd.errors import ITEM_KEY, PARAM_KEY
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from vision_server.batcher import Batcher, TileResult
 from vision_server.config import ModelConfig, ServerConfig
-from vision_server.data_plane import DataListener, ShmMaps, TileSender
+from vision_server.data_plane import DataListener, ShmMaps, TileSender, serialize_response
 from vision_server.metrics import Metrics
 from vision_server.preprocess import BadImage, Tiled, preprocess
 from vision_server.video import BadVideo, Sampling, VideoLimits, preprocess_video
@@ -174,7 +174,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     # -- the RPCs -----------------------------------------------------------------------------------------------
     async def Encode(self, request: vision_pb2.EncodeRequest,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse]:
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
         t0 = time.monotonic()
         self.inflight += 1
         self.metrics.inflight.inc()
@@ -231,7 +231,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def _stream(self, request_id: str, tiled: list[Tiled], per_image: list[list[asyncio.Future[TileResult]]],
                       router: bool, t_pre: float, t0: float,
-                      sender: TileSender) -> AsyncIterator[vision_pb2.EncodeResponse]:
+                      sender: TileSender) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
         """Tiles in order as soon as they are ready; with the router on, only after the request-wide decision."""
         flat = [f for fs in per_image for f in fs]
         compress: list[bool] = [False] * len(flat)
@@ -278,7 +278,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 log.info("encoded", extra={"request_id": request_id, "tiles": len(flat),
                                            "compressed": sum(compress), "images": len(tiled),
                                            "seconds": round(time.monotonic() - t0, 4)})
-            yield msg
+            yield await sender.outgoing(msg)
             await sender.follow(msg.tiles, wire)
 
     def _image_rows(self, per_image: list[list[asyncio.Future[TileResult]]], compress: list[bool]) -> list[int]:
@@ -323,3 +323,19 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.data_executor.shutdown(wait=False, cancel_futures=True)
         self.shm_maps.close()
+
+
+def add_to_server(servicer: vision_pb2_grpc.VisionServiceServicer, server: grpc.aio.Server) -> None:
+    """The generated `add_VisionServiceServicer_to_server`, but Encode's answers go out through
+    `serialize_response`, which sends the bytes `TileSender.outgoing` built as they are."""
+    handlers = {
+        "Encode": grpc.unary_stream_rpc_method_handler(
+            servicer.Encode, request_deserializer=vision_pb2.EncodeRequest.FromString,
+            response_serializer=serialize_response),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=vision_pb2.VisionHealthRequest.FromString,
+            response_serializer=vision_pb2.VisionHealthResponse.SerializeToString),
+    }
+    name = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

@@ -44,15 +44,19 @@ def png_header_only(width: int, height: int) -> bytes:
 class Encoded:
     tiles: list[vision_pb2.TileEmbedding] = field(default_factory=list)
     summary: vision_pb2.EncodeSummary | None = None
+    inline: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (image, tile) -> its raw_tile_contents
 
     def image_tiles(self, image_index: int) -> list[vision_pb2.TileEmbedding]:
         return [t for t in self.tiles if t.image_index == image_index]
 
+    def payload(self, tile: vision_pb2.TileEmbedding) -> bytes:
+        return self.inline[(tile.image_index, tile.tile_index)]
+
     def tensor(self, tile: vision_pb2.TileEmbedding) -> torch.Tensor:
-        return decode_bf16(tile.data, tile.rows, tile.hidden_size)
+        return decode_bf16(self.payload(tile), tile.rows, tile.hidden_size)
 
     def fingerprint(self) -> list[tuple[int, int, int, bool, bytes]]:
-        return [(t.image_index, t.tile_index, t.rows, t.compressed, t.data) for t in self.tiles]
+        return [(t.image_index, t.tile_index, t.rows, t.compressed, self.payload(t)) for t in self.tiles]
 
 
 def request(images: list[bytes], vir: int = vision_pb2.VIR_MODE_UNSPECIFIED, max_tiles: int = 0,
@@ -62,9 +66,15 @@ def request(images: list[bytes], vir: int = vision_pb2.VIR_MODE_UNSPECIFIED, max
 
 
 def collect(responses: Iterable[vision_pb2.EncodeResponse]) -> Encoded:
+    """Read with plain protobuf, as any client would: each inline tile's bytes are its message's next
+    raw_tile_contents entry."""
     out = Encoded()
     for r in responses:
         out.tiles.extend(r.tiles)
+        inline = [t for t in r.tiles if t.transport in (vision_pb2.TRANSPORT_UNSPECIFIED, vision_pb2.TRANSPORT_GRPC)]
+        assert len(inline) == len(r.raw_tile_contents), "one raw_tile_contents entry per inline tile"
+        for t, data in zip(inline, r.raw_tile_contents, strict=True):
+            out.inline[(t.image_index, t.tile_index)] = data
         if r.HasField("summary"):
             out.summary = r.summary
     return out
