@@ -295,7 +295,7 @@ async def test_refused_clients_get_turns_spaced_like_finishing_requests() -> Non
     # drained, 0.8 s, each next one 0.4 s later (jittered +-10%), up to the 60 s the openai clients accept.
     for k, wait in enumerate(waits):
         assert 0.9 * (800 + 400 * k) - 1 <= wait <= min(1.1 * (800 + 400 * k) + 1, 60_000)
-    assert waits[-1] > 19_000
+    assert waits[-1] > 18_000  # 20.4 s less its jitter: turns keep their spacing, they do not bunch up
     for task in queued[1:]:
         task.cancel()
         limiter.unreserve()  # as the gateway gives back the place of a request that ends while queued
