@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from dvd.checkpoint import resolve_model
 from dvd.config import ROUTER_PORT, option, parse
-from dvd.procs import LOCALHOST, Service, cpu_engine_env, language_server, router, vision_server
+from dvd.procs import LOCALHOST, Service, cpu_engine_env, language_server, router, shared_cpu_env, vision_server
 
 ENGINE_START_TIMEOUT = 600.0  # vLLM: ~45 s for the tiny model on 2 CPU cores, minutes for real weights
 
@@ -83,7 +83,8 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
     try:
         # Port 0 everywhere: each service binds any free port and reports it (no port picked here can be taken by
         # another process before the service binds it).
-        vision = launch(vision_server, str(model_dir), *vision_args, name="vision", devices=devices)
+        vision = launch(vision_server, str(model_dir), *vision_args, name="vision", devices=devices,
+                        env=shared_cpu_env() if devices == "cpu" else None)
         vision_address = f"{LOCALHOST}:{vision.wait_port('grpc', timeout)}"
         # On CPU vLLM would otherwise reserve most of the memory; on a GPU it shares the card with the vision server.
         # On CPU the engine and the vision server share every core (each takes what the other leaves idle).
