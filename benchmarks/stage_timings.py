@@ -1,75 +1,176 @@
-"""Where a DvD request spends its time: vision (preprocess, queue, compute, transfer), prefill, decode.
+"""Where a DvD request spends its time, and what DvD adds over the work itself (p50 / p99 per resolution).
 
-    python benchmarks/stage_timings.py                    # starts the stack on the tiny checkpoint
-    python benchmarks/stage_timings.py --llm HOST:PORT    # measures a running language server
+    python benchmarks/stage_timings.py                                  # starts the stack on the tiny checkpoint
+    python benchmarks/stage_timings.py --llm HOST:PORT --router URL     # measures a running deployment
 
-Requests are sent one at a time (no contention), so each figure is the stage's own latency.
+Requests are sent one at a time (no contention), so each figure is a stage's own latency. Each resolution is asked
+twice over, with different images (the language server caches embeddings by content): straight to the language
+server over gRPC, whose last message reports the stages, and through the router with the official `openai` client,
+as a user would. The work is vision preprocessing and compute, and prefill; DvD's own part is
+- hop: the vision call less the vision server's own stages (gRPC, the embedding transfer, its checks);
+- gateway: the router's time to first token less the language server's (HTTP, JSON, base64, the gRPC hop), as a
+  difference of the two passes' medians (different requests).
+Writes JSON, markdown and a PNG with --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import json
 import statistics
+import time
+from pathlib import Path
 
 import grpc
+import numpy as np
 
 from dvd.logs import setup_logging
 from dvd.media import image_bytes
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 
-FIELDS = ("vision_preprocess_seconds", "vision_queue_seconds", "vision_compute_seconds", "vision_seconds",
+PROMPT = "Describe the image."
+STAGES = ("vision_preprocess_seconds", "vision_queue_seconds", "vision_compute_seconds", "vision_seconds",
           "queue_seconds", "decode_seconds")
+COLUMNS = ("vision_preprocess", "vision_queue", "vision_compute", "hop", "prefill", "ttft_grpc", "decode",
+           "ttft_router", "gateway")
+MEASURED_DIRECT = COLUMNS[:7]
 
 
-async def one(stub: llm_pb2_grpc.LanguageServiceStub, size: int, seed: int, output_len: int) -> dict[str, float]:
+async def one_grpc(stub: llm_pb2_grpc.LanguageServiceStub, size: int, seed: int, output_len: int) -> dict[str, float]:
     req = llm_pb2.GenerateRequest(
         messages=[llm_pb2.ChatMessage(role="user", content=[
-            llm_pb2.ContentPart(image=image_bytes(size, size, seed=seed)),
-            llm_pb2.ContentPart(text="Describe the image.")])],
+            llm_pb2.ContentPart(image=image_bytes(size, size, seed=seed)), llm_pb2.ContentPart(text=PROMPT)])],
         sampling=llm_pb2.SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0))
+    t0 = time.perf_counter()
+    ttft = None
     last = None
     async for msg in stub.Generate(req):
+        if ttft is None and any(c.token_ids for c in msg.choices):
+            ttft = time.perf_counter() - t0
         last = msg
-    assert last is not None
-    row = {f: getattr(last.timings, f) for f in FIELDS}
-    row["transfer_and_client_seconds"] = row["vision_seconds"] - sum(row[f] for f in FIELDS[:3])
-    row["visual_tokens"] = last.usage.visual_tokens
-    row["embedding_mib"] = last.timings.embedding_bytes / 2**20
-    return row
+    assert last is not None and ttft is not None
+    t = {f: getattr(last.timings, f) for f in STAGES}
+    own = t["vision_preprocess_seconds"] + t["vision_queue_seconds"] + t["vision_compute_seconds"]
+    return {"vision_preprocess": t["vision_preprocess_seconds"], "vision_compute": t["vision_compute_seconds"],
+            "vision_queue": t["vision_queue_seconds"], "hop": t["vision_seconds"] - own, "prefill": t["queue_seconds"],
+            "decode": t["decode_seconds"], "ttft_grpc": ttft, "visual_tokens": last.usage.visual_tokens,
+            "embedding_mib": last.timings.embedding_bytes / 2**20}
 
 
-async def measure(address: str, sizes: list[int], repeats: int, output_len: int) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def one_router(client: object, model: str, size: int, seed: int, output_len: int) -> float:
+    """Time to the first streamed token through the gateway, as the official client sees it."""
+    url = "data:image/png;base64," + base64.b64encode(image_bytes(size, size, seed=seed)).decode()
+    t0 = time.perf_counter()
+    stream = await client.chat.completions.create(  # type: ignore[attr-defined]
+        model=model, max_tokens=output_len, temperature=0.0, stream=True, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": PROMPT}]}])
+    ttft = None
+    async for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.perf_counter() - t0
+    assert ttft is not None, "the stream carried no text"
+    return ttft
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+async def measure(llm: str, router_url: str, api_key: str, sizes: list[int], repeats: int,
+                  output_len: int) -> list[dict[str, object]]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=router_url, api_key=api_key, max_retries=0)
+    model = (await client.models.list()).data[0].id
+    rows: list[dict[str, object]] = []
+    async with grpc.aio.insecure_channel(llm) as channel:
         stub = llm_pb2_grpc.LanguageServiceStub(channel)
-        await one(stub, 448, 999, 2)  # warm-up
-        print(f"{'px':>5} {'tokens':>6} {'MiB':>5} " + " ".join(f"{k.replace('_seconds', ''):>18}" for k in
-                                                         (*FIELDS, "transfer_and_client_seconds")) + "   (ms, median)")
+        await one_grpc(stub, 448, 10**6, 2)  # warm-up, both ways
+        await one_router(client, model, 448, 10**6 + 1, 2)
         for size in sizes:
-            rows = [await one(stub, size, seed, output_len) for seed in range(repeats)]
-            med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-            print(f"{size:>5} {int(med['visual_tokens']):>6} {med['embedding_mib']:>5.2f} "
-                  + " ".join(f"{1000 * med[k]:>18.1f}" for k in (*FIELDS, "transfer_and_client_seconds")))
+            direct = [await one_grpc(stub, size, seed, output_len) for seed in range(repeats)]
+            gateway = [await one_router(client, model, size, 10**5 + seed, output_len) for seed in range(repeats)]
+            row: dict[str, object] = {"px": size, "requests": repeats,
+                                      "visual_tokens": direct[0]["visual_tokens"],
+                                      "embedding_mib": direct[0]["embedding_mib"]}
+            for key in MEASURED_DIRECT:
+                values = [d[key] for d in direct]
+                row[key] = {"p50": statistics.median(values), "p99": percentile(values, 99)}
+            row["ttft_router"] = {"p50": statistics.median(gateway), "p99": percentile(gateway, 99)}
+            row["gateway"] = {"p50": row["ttft_router"]["p50"] - row["ttft_grpc"]["p50"],  # type: ignore[index]
+                              "p99": row["ttft_router"]["p99"] - row["ttft_grpc"]["p99"]}  # type: ignore[index]
+            rows.append(row)
+    await client.close()
+    return rows
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    head = "| px | visual tokens | MiB | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    for r in rows:
+        cells = [f"{1000 * r[k]['p50']:.1f} / {1000 * r[k]['p99']:.1f}" for k in COLUMNS]  # type: ignore[index]
+        lines.append(f"| {r['px']} | {r['visual_tokens']} | {r['embedding_mib']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nms, p50 / p99 of one-at-a-time requests; hop and gateway are what DvD adds.\n"
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    """Stacked p50 stages up to the first token, per resolution; DvD's own parts (hop, gateway) in red tones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = (("vision_preprocess", "#8da0cb"), ("vision_queue", "#b3b3b3"), ("vision_compute", "#4c72b0"),
+             ("hop", "#c44e52"), ("prefill", "#55a868"), ("gateway", "#dd8452"))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [f"{r['px']} px" for r in rows]
+    bottom = np.zeros(len(rows))
+    for key, color in parts:
+        ms = np.array([max(0.0, 1000 * r[key]["p50"]) for r in rows])  # type: ignore[index]
+        ax.bar(names, ms, bottom=bottom, color=color, label=key)
+        bottom += ms
+    ax.set_ylabel("ms to the first token (p50)")
+    ax.set_title("One request at a time: the work and what DvD adds", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--llm", help="address of a running language server (default: start the tiny stack)")
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--llm", help="address of a running language server (default: start the stack)")
+    p.add_argument("--router", help="base URL (.../v1) of the router in front of --llm")
+    p.add_argument("--api-key", default="not-needed")
+    p.add_argument("--model", default="tiny", help="checkpoint or preset of the stack started without --llm")
     p.add_argument("--sizes", default="448,896,1344")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20, help="requests per resolution and path")
     p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--out", type=Path, default=None, help="write stage_timings.json and stage_timings.md here")
     args = p.parse_args()
+    if bool(args.llm) != bool(args.router):
+        p.error("--llm and --router go together")
     setup_logging("WARNING")
     sizes = [int(s) for s in args.sizes.split(",")]
     with contextlib.ExitStack() as stack:
-        address = args.llm
-        if not address:
+        llm, router_url = args.llm, args.router
+        if not llm:
             from router.local import start_stack
 
-            address = stack.enter_context(start_stack(args.model, port=0, sink=None)).llm_address
-        asyncio.run(measure(address, sizes, args.repeats, args.output_len))
+            started = stack.enter_context(start_stack(args.model, port=0, sink=None))
+            llm, router_url = started.llm_address, started.base_url
+        rows = asyncio.run(measure(llm, router_url, args.api_key, sizes, args.repeats, args.output_len))
+    md = markdown(rows)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "stage_timings.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "stage_timings.md").write_text(md)
+        plot(rows, args.out / "stage_timings.png")
 
 
 if __name__ == "__main__":

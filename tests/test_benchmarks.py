@@ -111,6 +111,21 @@ def test_transfer_benchmark_tiny(tmp_path: Path) -> None:
     assert (tmp_path / "transfer.md").read_text().count("| shm |") == 1 and (tmp_path / "transfer.png").stat().st_size
 
 
+def test_stage_timings_against_the_running_stack(tmp_path: Path, llm_tiny: str, router_tiny: str) -> None:
+    """Both passes run (gRPC to the language server, the official client through the router) and every stage of
+    every resolution is reported; the stages add up to no more than the time to the first token."""
+    stdout = run_script("benchmarks/stage_timings.py", "--llm", llm_tiny, "--router", router_tiny, "--sizes",
+                        "448,896", "--repeats", "2", "--output-len", "4", "--out", str(tmp_path), timeout=300)
+    assert "| 448 |" in stdout and "| 896 |" in stdout
+    rows = json.loads((tmp_path / "stage_timings.json").read_text())
+    assert [r["px"] for r in rows] == [448, 896] and [r["visual_tokens"] for r in rows] == [256, 1280]
+    for r in rows:
+        assert r["vision_compute"]["p50"] > 0 and r["prefill"]["p50"] > 0 and r["ttft_router"]["p50"] > 0
+        work = sum(r[k]["p50"] for k in ("vision_preprocess", "vision_queue", "vision_compute", "hop"))
+        assert r["hop"]["p50"] >= 0 and work <= r["ttft_grpc"]["p50"]
+    assert (tmp_path / "stage_timings.md").exists() and (tmp_path / "stage_timings.png").stat().st_size
+
+
 # ------------------------------------------------------------------------------------------- pure pieces, no services
 
 def timed(ttft: float, tpot: float, tokens: int = 16, ok: bool = True) -> RequestResult:
