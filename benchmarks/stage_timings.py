@@ -9,7 +9,7 @@ server over gRPC, whose last message reports the stages, and through the router 
 as a user would. The work is vision preprocessing and compute, and prefill; DvD's own part is
 - hop: the vision call less the vision server's own stages (gRPC, the embedding transfer, its checks);
 - gateway: the router's time to first token less the language server's (HTTP, JSON, base64, the gRPC hop), as a
-  difference of the two passes' medians (different requests).
+  difference of the two passes' medians (different requests: a p50 only, within the spread of the two medians).
 Writes JSON, markdown and a PNG with --out.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import statistics
@@ -28,7 +27,7 @@ import grpc
 import numpy as np
 
 from dvd.logs import setup_logging
-from dvd.media import image_bytes
+from dvd.media import data_url, image_bytes
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 
 PROMPT = "Describe the image."
@@ -39,10 +38,10 @@ COLUMNS = ("vision_preprocess", "vision_queue", "vision_compute", "hop", "prefil
 MEASURED_DIRECT = COLUMNS[:7]
 
 
-async def one_grpc(stub: llm_pb2_grpc.LanguageServiceStub, size: int, seed: int, output_len: int) -> dict[str, float]:
+async def one_grpc(stub: llm_pb2_grpc.LanguageServiceStub, image: bytes, output_len: int) -> dict[str, float]:
     req = llm_pb2.GenerateRequest(
         messages=[llm_pb2.ChatMessage(role="user", content=[
-            llm_pb2.ContentPart(image=image_bytes(size, size, seed=seed)), llm_pb2.ContentPart(text=PROMPT)])],
+            llm_pb2.ContentPart(image=image), llm_pb2.ContentPart(text=PROMPT)])],
         sampling=llm_pb2.SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0))
     t0 = time.perf_counter()
     ttft = None
@@ -60,9 +59,10 @@ async def one_grpc(stub: llm_pb2_grpc.LanguageServiceStub, size: int, seed: int,
             "embedding_mib": last.timings.embedding_bytes / 2**20}
 
 
-async def one_router(client: object, model: str, size: int, seed: int, output_len: int) -> float:
-    """Time to the first streamed token through the gateway, as the official client sees it."""
-    url = "data:image/png;base64," + base64.b64encode(image_bytes(size, size, seed=seed)).decode()
+async def one_router(client: object, model: str, image: bytes, fmt: str, output_len: int) -> float:
+    """Time to the first streamed token through the gateway, as the official client sees it (its JSON encoding of
+    the request included, as for any server)."""
+    url = data_url(image, f"image/{fmt.lower()}")
     t0 = time.perf_counter()
     stream = await client.chat.completions.create(  # type: ignore[attr-defined]
         model=model, max_tokens=output_len, temperature=0.0, stream=True, extra_body={"ignore_eos": True},
@@ -80,8 +80,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-async def measure(llm: str, router_url: str, api_key: str, sizes: list[int], repeats: int,
-                  output_len: int) -> list[dict[str, object]]:
+async def measure(llm: str, router_url: str, api_key: str, sizes: list[int], repeats: int, output_len: int,
+                  fmt: str) -> list[dict[str, object]]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=router_url, api_key=api_key, max_retries=0)
@@ -89,31 +89,35 @@ async def measure(llm: str, router_url: str, api_key: str, sizes: list[int], rep
     rows: list[dict[str, object]] = []
     async with grpc.aio.insecure_channel(llm) as channel:
         stub = llm_pb2_grpc.LanguageServiceStub(channel)
-        await one_grpc(stub, 448, 10**6, 2)  # warm-up, both ways
-        await one_router(client, model, 448, 10**6 + 1, 2)
+        await one_grpc(stub, image_bytes(448, 448, 10**6, fmt), 2)  # warm-up, both ways
+        await one_router(client, model, image_bytes(448, 448, 10**6 + 1, fmt), fmt, 2)
         for size in sizes:
-            direct = [await one_grpc(stub, size, seed, output_len) for seed in range(repeats)]
-            gateway = [await one_router(client, model, size, 10**5 + seed, output_len) for seed in range(repeats)]
-            row: dict[str, object] = {"px": size, "requests": repeats,
+            images = [image_bytes(size, size, seed, fmt) for seed in range(2 * repeats)]  # each image asked once
+            direct = [await one_grpc(stub, image, output_len) for image in images[:repeats]]
+            gateway = [await one_router(client, model, image, fmt, output_len) for image in images[repeats:]]
+            row: dict[str, object] = {"px": size, "requests": repeats, "format": fmt,
+                                      "image_kib": statistics.median(len(i) for i in images) / 1024,
                                       "visual_tokens": direct[0]["visual_tokens"],
                                       "embedding_mib": direct[0]["embedding_mib"]}
             for key in MEASURED_DIRECT:
                 values = [d[key] for d in direct]
                 row[key] = {"p50": statistics.median(values), "p99": percentile(values, 99)}
             row["ttft_router"] = {"p50": statistics.median(gateway), "p99": percentile(gateway, 99)}
-            row["gateway"] = {"p50": row["ttft_router"]["p50"] - row["ttft_grpc"]["p50"],  # type: ignore[index]
-                              "p99": row["ttft_router"]["p99"] - row["ttft_grpc"]["p99"]}  # type: ignore[index]
+            # Two samples of different requests: their medians compare, their tails do not (no p99).
+            row["gateway"] = {"p50": row["ttft_router"]["p50"] - row["ttft_grpc"]["p50"]}  # type: ignore[index]
             rows.append(row)
     await client.close()
     return rows
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
-    head = "| px | visual tokens | MiB | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    head = "| px | image KiB | visual tokens | embeddings MiB | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
     for r in rows:
-        cells = [f"{1000 * r[k]['p50']:.1f} / {1000 * r[k]['p99']:.1f}" for k in COLUMNS]  # type: ignore[index]
-        lines.append(f"| {r['px']} | {r['visual_tokens']} | {r['embedding_mib']:.2f} | " + " | ".join(cells) + " |")
+        cells = [f"{1000 * r[k]['p50']:.1f} / " + (f"{1000 * r[k]['p99']:.1f}" if "p99" in r[k] else "-")  # type: ignore
+                 for k in COLUMNS]
+        lines.append(f"| {r['px']} | {r['image_kib']:.0f} | {r['visual_tokens']} | {r['embedding_mib']:.2f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nms, p50 / p99 of one-at-a-time requests; hop and gateway are what DvD adds.\n"
 
 
@@ -150,6 +154,8 @@ def main() -> None:
     p.add_argument("--sizes", default="448,896,1344")
     p.add_argument("--repeats", type=int, default=20, help="requests per resolution and path")
     p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--image-format", default="JPEG", choices=("JPEG", "PNG"),
+                   help="as benchmarks/throughput.py; PNG of the generated pictures is ~10x the bytes")
     p.add_argument("--out", type=Path, default=None, help="write stage_timings.json and stage_timings.md here")
     args = p.parse_args()
     if bool(args.llm) != bool(args.router):
@@ -163,7 +169,8 @@ def main() -> None:
 
             started = stack.enter_context(start_stack(args.model, port=0, sink=None))
             llm, router_url = started.llm_address, started.base_url
-        rows = asyncio.run(measure(llm, router_url, args.api_key, sizes, args.repeats, args.output_len))
+        rows = asyncio.run(measure(llm, router_url, args.api_key, sizes, args.repeats, args.output_len,
+                                   args.image_format))
     md = markdown(rows)
     print(md)
     if args.out:
