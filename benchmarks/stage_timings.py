@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from benchmarks.throughput import pct
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes
 from dvd.v1 import llm_pb2, llm_pb2_grpc
@@ -76,10 +77,6 @@ async def one_router(client: object, model: str, image: bytes, fmt: str, output_
     return ttft
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
-
-
 async def measure(llm: str, router_url: str, api_key: str, sizes: list[int], repeats: int, output_len: int,
                   fmt: str) -> list[dict[str, object]]:
     from openai import AsyncOpenAI
@@ -101,8 +98,8 @@ async def measure(llm: str, router_url: str, api_key: str, sizes: list[int], rep
                                       "embedding_mib": direct[0]["embedding_mib"]}
             for key in MEASURED_DIRECT:
                 values = [d[key] for d in direct]
-                row[key] = {"p50": statistics.median(values), "p99": percentile(values, 99)}
-            row["ttft_router"] = {"p50": statistics.median(gateway), "p99": percentile(gateway, 99)}
+                row[key] = {"p50": pct(values, 50), "p99": pct(values, 99)}
+            row["ttft_router"] = {"p50": pct(gateway, 50), "p99": pct(gateway, 99)}
             # Two samples of different requests: their medians compare, their tails do not (no p99).
             row["gateway"] = {"p50": row["ttft_router"]["p50"] - row["ttft_grpc"]["p50"]}  # type: ignore[index]
             rows.append(row)
