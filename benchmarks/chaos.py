@@ -416,10 +416,14 @@ async def llm_kill(stack: Stack, seconds: float) -> Row:
         await asyncio.sleep(seconds / 3)
         # Kill while streams are in flight there: 48-token streams take ~0.2 s and the 4 clients move in step, so a
         # kill at a fixed time can fall between two rounds and test nothing.
+        # A request killed before its first token is retried on the other replica unseen (a 200, no error event),
+        # so the kill waits until requests have been running there for a while: past their first token.
         for _ in range(100):
-            streaming = (await running_requests(stack))[0]
-            if streaming:
-                break
+            if (await running_requests(stack))[0]:
+                await asyncio.sleep(0.05)
+                streaming = (await running_requests(stack))[0]
+                if streaming:
+                    break
             await asyncio.sleep(0.01)
         svc, port = stack.llm[0]
         stack.kill(svc)
