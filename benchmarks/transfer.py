@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks.machine import cpu_model
 from dvd.data_plane import shm_domain
 from dvd.logs import setup_logging
 from dvd.procs import Service
@@ -156,20 +156,10 @@ def memcpy_rate(mib: int, repeats: int = 3) -> float:
     return best
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def write_report(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "transfer.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Embedding transfer ({result['cpu']}, {os.cpu_count()} CPUs)", "",
+    lines = [f"# Embedding transfer ({result['cpu']})", "",
              f"Tiles of {ROWS} x {result['hidden']} bf16 ({result['tile_bytes'] / 2**20:.1f} MiB), "
              f"{TILES_PER_IMAGE} per image, {result['images']} images per path over {result['streams']} stream(s). "
              f"memcpy: {result['memcpy_bytes_per_s'] / 2**30:.2f} GiB/s ({result['copy_mib']} MiB, one thread).", "",

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.flops import vision_tile_flops
+from benchmarks.machine import cpu_model
 from dvd.checkpoint import resolve_model
 from dvd.procs import vision_server
 from dvd.v1 import vision_pb2, vision_pb2_grpc
@@ -201,6 +202,8 @@ def main() -> None:
     vir = vision_pb2.VIR_MODE_OFF if a.vir == "off" else vision_pb2.VIR_MODE_AUTO
     with_router = cfg.flash and a.vir == "auto"
     threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_model()
+    print(f"on {where}", flush=True)
     print(f"model={cfg.name} flash={cfg.flash} device={device} dtype={dtype} batching={a.batching} "
           f"max_batch={max_batch} threads={threads} images={a.images}x{a.image_size} concurrency={a.concurrency}",
           flush=True)

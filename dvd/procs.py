@@ -48,13 +48,18 @@ def engine_cpus(index: int) -> str:
     return str(cpus[index % len(cpus)])
 
 
-# How long a CPU engine's processes sleep between checks of vLLM's shared-memory queue (dvd.runtime.SHM_POLL_ENV).
-# vLLM spins on sched_yield for 1 s after each message, so under load its worker and scheduler processes each burn
-# a core waiting for the other: py-spy put 84% of a busy worker's samples there, and on a 2-vCPU AMD EPYC (family
-# 25 model 17) the chaos stack's two engines served 13-15 req/s spinning and 44-61 req/s sleeping 0.2 ms. A sleep
-# adds at most ~0.3 ms per engine step (tens of ms on a real model on CPU). vLLM's own idle path (a zmq wake-up) is
-# not a fix: with it the same stack lost wake-ups to its 5 s recheck and served 0.24 req/s.
-CPU_SHM_POLL_S = 0.0002
+# How long a CPU engine's processes sleep between checks of vLLM's shared-memory queue (dvd.runtime.SHM_POLL_ENV;
+# a user's own value wins). vLLM spins on sched_yield for 1 s after each message, so under load its worker and
+# scheduler processes each burn a core waiting for the other: py-spy put 84% of a busy worker's samples there, and on
+# a 2-vCPU AMD EPYC (family 25 model 17) the chaos stack's two engines served 13-15 req/s spinning and 44-61 req/s
+# sleeping 0.2 ms. vLLM's own idle path (a zmq wake-up) is not a fix: with it the same stack lost wake-ups to its 5 s
+# recheck and served 0.24 req/s. Each wake-up still preempts a thread of whatever computes on the same cores, and
+# OpenMP's barriers wait for that thread: two processes waking every 0.2 ms slowed a 2-thread `small` ViT forward
+# from 50 to 62 ms (Zen 5 EPYC, family 26 model 2). 1 ms between checks adds at most ~1 ms per engine step (TPOT
+# p50 8.1 -> 8.6 ms at 896 px) and measured, `benchmarks/throughput.py --configs baseline,dvd --resolutions 896,1344
+# --num-requests 24`, two alternating runs each on that Zen 5: stock vLLM 2.18 -> 2.43 / 1.04 -> 1.16 req/s, DvD
+# 1.70 -> 2.12 / 0.90 -> 1.04 req/s at 896 / 1344 px.
+CPU_SHM_POLL_S = 0.001
 
 
 # libgomp (torch's OpenMP, in the vision server and in vLLM's CPU worker) lets a thread that finished its share of a
@@ -82,7 +87,8 @@ def cpu_engine_env(cpus: str | None = None, kv_gib: int = 2, *, bind: bool = Tru
     the cores the other leaves idle. The API and scheduler processes keep one thread so that they do not spin
     against the model's threads.
     """
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), SHM_POLL_ENV: str(CPU_SHM_POLL_S), **shared_cpu_env()}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), SHM_POLL_ENV: os.environ.get(SHM_POLL_ENV, str(CPU_SHM_POLL_S)),
+           **shared_cpu_env()}
     if bind:
         env |= {"VLLM_CPU_OMP_THREADS_BIND": cpus or usable_cpus(), "OMP_NUM_THREADS": "1"}
     return env

@@ -117,7 +117,9 @@ def test_stage_timings_against_the_running_stack(tmp_path: Path, llm_tiny: str, 
     stdout = run_script("benchmarks/stage_timings.py", "--llm", llm_tiny, "--router", router_tiny, "--sizes",
                         "448,896", "--repeats", "2", "--output-len", "4", "--out", str(tmp_path), timeout=300)
     assert "| 448 |" in stdout and "| 896 |" in stdout
-    rows = json.loads((tmp_path / "stage_timings.json").read_text())
+    record = json.loads((tmp_path / "stage_timings.json").read_text())
+    assert record["machine"]["cpu_model"] in stdout
+    rows = record["rows"]
     assert [r["px"] for r in rows] == [448, 896] and [r["visual_tokens"] for r in rows] == [256, 1280]
     for r in rows:
         assert r["vision_compute"]["p50"] > 0 and r["prefill"]["p50"] > 0 and r["ttft_router"]["p50"] > 0
