@@ -33,12 +33,26 @@ def die_with_parent_engine() -> None:
         os._exit(1)
 
 
+# The shortest sleep between checks, and the share of the time already waited that the next sleep may add.
+MIN_POLL_S = 0.0001
+POLL_BACKOFF = 0.25
+
+
+def poll_pause(waited_s: float, longest_s: float) -> float:
+    """Sleep a quarter of the time already waited, between MIN_POLL_S and `longest_s`: an answer that comes quickly
+    (a step's second RPC, the next step's schedule) is seen within 0.1 ms, while a reader waiting through a long
+    step wakes at most every `longest_s`. Each wake-up preempts a thread computing on the same cores, and OpenMP's
+    barriers wait for that thread (dvd/procs.py, CPU_SHM_POLL_S)."""
+    return min(longest_s, max(MIN_POLL_S, waited_s * POLL_BACKOFF))
+
+
 def poll_message_queue_gently() -> None:
-    """Sleep SHM_POLL_ENV seconds where vLLM's queue reader would spin (sched_yield) in the first second after a
-    message. On a GPU node the spin costs one idle core; on a CPU host it takes the cores the engine computes on
-    (measurements: dvd/procs.py, CPU_SHM_POLL_S). vLLM 0.32 has no setting for it (upstream PRs #52814, #52848)."""
-    pause = float(os.environ.get(SHM_POLL_ENV) or 0)
-    if pause <= 0:
+    """Sleep (poll_pause, at most SHM_POLL_ENV seconds) where vLLM's queue reader would spin (sched_yield) in the
+    first second after a message. On a GPU node the spin costs one idle core; on a CPU host it takes the cores the
+    engine computes on (measurements: dvd/procs.py, CPU_SHM_POLL_S). vLLM 0.32 has no setting for it (upstream PRs
+    #52814, #52848)."""
+    longest = float(os.environ.get(SHM_POLL_ENV) or 0)
+    if longest <= 0:
         return
     from vllm.distributed.device_communicators import shm_broadcast
 
@@ -48,12 +62,15 @@ def poll_message_queue_gently() -> None:
         return
 
     def wait(self: shm_broadcast.SpinCondition, timeout_ms: int | None = None) -> None:
-        if self.is_reader and time.monotonic() <= self.last_read + self.busy_loop_s:
-            time.sleep(pause)  # the caller checks the queue again, exactly as after vLLM's sched_yield
-            return
+        if self.is_reader:
+            waited = time.monotonic() - self.last_read
+            if waited <= self.busy_loop_s:
+                # the caller checks the queue again, exactly as after vLLM's sched_yield
+                time.sleep(poll_pause(waited, longest))
+                return
         spin_wait(self, timeout_ms)
 
-    wait.dvd_pause = pause  # type: ignore[attr-defined]
+    wait.dvd_pause = longest  # type: ignore[attr-defined]
     spin.wait = wait  # type: ignore[method-assign]
 
 

@@ -125,3 +125,21 @@ def test_killed_launcher_leaves_no_engine_behind(tiny_ckpt) -> None:
     for p in alive:
         p.kill()
     assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+
+
+def test_engine_queue_polling_backs_off_with_the_wait() -> None:
+    """A quick answer is seen within 0.1 ms; a long wait wakes the reader at most every DVD_SHM_POLL_S (the
+    wake-ups stall OpenMP threads computing on the same cores) and never sleeps longer than that."""
+    from dvd.procs import CPU_SHM_POLL_S
+    from llm_server.vllm_plugin import MIN_POLL_S, poll_pause
+
+    assert poll_pause(0.0, CPU_SHM_POLL_S) == MIN_POLL_S == 0.0001
+    pauses = [poll_pause(w / 1e4, CPU_SHM_POLL_S) for w in range(0, 1000)]
+    assert pauses == sorted(pauses) and max(pauses) == CPU_SHM_POLL_S
+    assert poll_pause(0.002, CPU_SHM_POLL_S) == 0.0005  # a quarter of the time already waited
+    assert poll_pause(0.9, CPU_SHM_POLL_S) == CPU_SHM_POLL_S
+    # a reader waiting through a 50 ms step wakes about 60 times, not 250 (0.2 ms) or 1 per sched_yield
+    t, wakes = 0.0, 0
+    while t < 0.05:
+        t, wakes = t + poll_pause(t, CPU_SHM_POLL_S), wakes + 1
+    assert 45 <= wakes <= 70
