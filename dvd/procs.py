@@ -55,10 +55,10 @@ def engine_cpus(index: int) -> str:
 # sleeping 0.2 ms. vLLM's own idle path (a zmq wake-up) is not a fix: with it the same stack lost wake-ups to its 5 s
 # recheck and served 0.24 req/s. Each wake-up still preempts a thread of whatever computes on the same cores, and
 # OpenMP's barriers wait for that thread: two processes waking every 0.2 ms slowed a 2-thread `small` ViT forward
-# from 50 to 62 ms (Zen 5 EPYC, family 26 model 2). 1 ms between checks adds at most ~1 ms per engine step (TPOT
-# p50 8.1 -> 8.6 ms at 896 px) and measured, `benchmarks/throughput.py --configs baseline,dvd --resolutions 896,1344
-# --num-requests 24`, two alternating runs each on that Zen 5: stock vLLM 2.18 -> 2.43 / 1.04 -> 1.16 req/s, DvD
-# 1.70 -> 2.12 / 0.90 -> 1.04 req/s at 896 / 1344 px.
+# from 50 to 62 ms (Zen 5 EPYC, family 26 model 2). Checks every 1 ms measured, `benchmarks/throughput.py --configs
+# baseline,dvd --resolutions 896,1344 --num-requests 24`, two alternating runs each on that Zen 5: stock vLLM 2.18 ->
+# 2.43 / 1.04 -> 1.16 req/s, DvD 1.70 -> 2.12 / 0.90 -> 1.04 req/s at 896 / 1344 px; but a lone request paid 4-5 ms
+# per token, so readers back off from 0.1 ms to this longest sleep (llm_server/vllm_plugin.py, poll_pause).
 CPU_SHM_POLL_S = 0.001
 
 

@@ -63,10 +63,13 @@ def poll_message_queue_gently() -> None:
 
     def wait(self: shm_broadcast.SpinCondition, timeout_ms: int | None = None) -> None:
         if self.is_reader:
-            waited = time.monotonic() - self.last_read
-            if waited <= self.busy_loop_s:
+            now = time.monotonic()
+            if now <= self.last_read + self.busy_loop_s:
+                # The wait starts at the first check after a read (last_read is before the reader's own work).
+                if getattr(self, "dvd_read", None) != self.last_read:
+                    self.dvd_read, self.dvd_wait_start = self.last_read, now
                 # the caller checks the queue again, exactly as after vLLM's sched_yield
-                time.sleep(poll_pause(waited, longest))
+                time.sleep(poll_pause(now - self.dvd_wait_start, longest))
                 return
         spin_wait(self, timeout_ms)
 
