@@ -36,7 +36,7 @@ def cpu_model() -> str:
     name = info.get("model name") or platform.processor() or "unknown CPU"
     flags = set(info.get("flags", "").split())
     isa = [label for flag, label in ISA_FLAGS.items() if flag in flags]
-    if "AVX-512" in isa:
+    if "AVX-512" in isa and "AVX2" in isa:
         isa.remove("AVX2")  # implied
     details = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info else []
     details += [" ".join(isa)] if isa else []
