@@ -7,8 +7,12 @@ Two vision servers, two language servers (vLLM) and one router on the tiny check
 service through the same launcher as dvd-local. Scenarios, in order, each bounded in time and count:
 overload (10x the router's concurrency), vision servers SIGKILLed and restarted under load, a language server
 SIGKILLed under streaming load and restarted, hostile inputs mixed into normal traffic, and a soak of mixed
-requests. Writes chaos.json, chaos.md and chaos.png to --out; exits 1 when a row misses its target (speed
-targets count in the full run only: --quick is the test suite's, and CI machines' timings are noise).
+requests. Then a second stack, one vision server behind one language server per transport (shared memory, TCP,
+inline gRPC), each with a router at its default limits: a burst of 200 simultaneous mixed requests on each transport
+in turn and a concurrency sweep past the data plane's segment and mapping limits. Last, /dev/shm must hold nothing
+that was not there before the run. Writes chaos.json, chaos.md and chaos.png to --out; exits 1 when a row misses
+its target (speed targets count in the full run only: --quick is the test suite's, and CI machines' timings are
+noise).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import json
 import logging
 import os
 import random
-import signal
 import statistics
 import struct
 import sys
@@ -38,11 +41,14 @@ import aiohttp
 import grpc
 import httpx
 
+from benchmarks.burst import body as burst_body
+from benchmarks.burst import burst, image_part, jpeg, mixed_bodies, plain_bodies
 from benchmarks.machine import machine
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes
-from dvd.procs import Service, cpu_engine_env, engine_cpus, language_server, router, vision_server
+from dvd.procs import Service, cpu_engine_env, engine_cpus, language_server, router, shared_cpu_env, vision_server
+from dvd.shm_orphans import shm_entries
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 
 log = logging.getLogger("benchmarks.chaos")
@@ -268,10 +274,9 @@ class Stack:
         return port_of(svc.wait_grpc(600))
 
     def kill(self, svc: Service) -> None:
-        """SIGKILL the service and everything it started (its process group), as a crash or OOM kill would."""
-        with suppress(ProcessLookupError):
-            os.killpg(svc.proc.pid, signal.SIGKILL)
-        svc.proc.wait(30)
+        """SIGKILL the service and everything it started (its process group), as a crash or OOM kill would; the
+        launcher then removes the shared memory it left (`Service.kill`)."""
+        svc.kill()
 
 
 @contextmanager
@@ -549,6 +554,80 @@ async def running_requests(stack: Stack) -> list[int]:
     return out
 
 
+# -- bursts on one vision server, per transport -------------------------------------------------------------------
+TRANSPORTS = ("shm", "tcp", "grpc")
+# The shared-memory language server's segment budget in the burst stack: 64 segments of 1-2 MiB at most, so that
+# the burst and the sweep run far past it (the rest falls back inline) as well as past the vision server's 64
+# cached mappings (vision_server.data_plane.ShmMaps).
+BURST_SHM_GB = 0.0625
+
+
+@contextmanager
+def burst_stack(model: Path, log_dir: Path) -> Iterator[dict[str, str]]:
+    """One vision server; one language server per transport on it (started at once), each behind a router at its
+    default limits (256 running, 1024 queued: a burst reaches the vision server). Yields transport -> router URL."""
+    services: list[Service] = []
+
+    def logs(name: str) -> dict[str, Any]:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        return {"sink": QUIET, "log_file": log_dir / f"{name}.log"}
+
+    try:
+        vision = vision_server(model, name="burst-vision", env=shared_cpu_env(), **logs("burst-vision"))
+        services.append(vision)
+        address = vision.wait_grpc(180)
+        llms = {}
+        for i, transport in enumerate(TRANSPORTS):
+            llms[transport] = language_server(
+                model, address, "--served-model-name", "tiny", "--max-model-len", "16384", "--vision-transport",
+                transport, "--vision-shm-gb", str(BURST_SHM_GB), "--embedding-cache-gb", str(CACHE_GB),
+                name=f"burst-llm-{transport}", env=cpu_engine_env(engine_cpus(i), kv_gib=1),
+                **logs(f"burst-llm-{transport}"))
+            services.append(llms[transport])
+        bases = {}
+        for transport, svc in llms.items():
+            front = router(svc.wait_grpc(600), "--request-timeout", "300", name=f"burst-router-{transport}",
+                           **logs(f"burst-router-{transport}"))
+            services.append(front)
+            bases[transport] = front.wait_http()
+        yield bases
+    finally:
+        for svc in reversed(services):
+            svc.stop()
+
+
+def burst_row(name: str, result: Any) -> Row:
+    tally = Tally(statuses=result.statuses)
+    tally.retry_after_missing = result.retry_after_missing
+    return row(name, tally, result.figure() + (f"; e.g. {result.errors[0][:160]}" if result.errors else ""),
+               "only 200/429 (with Retry-After), then a normal answer", result.ok)
+
+
+async def bursts(bases: dict[str, str], requests: int, sweep: tuple[int, ...], sweep_transports: tuple[str, ...],
+                 seed: int) -> list[Row]:
+    """`requests` simultaneous mixed requests on each transport in turn; then, on `sweep_transports`, bursts of
+    one-tile requests at each concurrency of `sweep` (past the segment budget and the mapping table)."""
+    after = burst_body("tiny", [image_part(jpeg(448, 448, seed=11))], 4)
+    rows = []
+    for k, transport in enumerate(TRANSPORTS):
+        log.info("burst", extra={"transport": transport, "requests": requests})
+        result = await burst(bases[transport], mixed_bodies("tiny", requests, 4, seed=seed * 10 + k), after)
+        rows.append(burst_row(f"burst of {requests} mixed requests, one vision server, {transport}", result))
+    for transport in sweep_transports:
+        for n, concurrency in enumerate(sweep):
+            bodies = plain_bodies("tiny", concurrency, 1, [(448, 448)], 4, seed=seed * 1000 + 100 + n)
+            result = await burst(bases[transport], bodies, after)
+            rows.append(burst_row(f"sweep: {concurrency} simultaneous one-tile requests, {transport}", result))
+    return rows
+
+
+def shm_row(before: set[str]) -> Row:
+    left = sorted(shm_entries() - before)
+    return Row("shared memory after every stack stopped", 0, {}, None, None,
+               f"{len(left)} new entries in /dev/shm" + (f": {', '.join(left[:6])}" if left else ""),
+               "none left (vLLM's psm_* and sem.mp-*, DvD's dvd-*)", not left)
+
+
 # -- report ------------------------------------------------------------------------------------------------------
 def markdown(rows: list[Row], peaks: dict[str, int], cpu: str, command: str) -> str:
     lines = [f"Chaos suite on {cpu}; `{command}`", "",
@@ -612,10 +691,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     random.seed(args.seed)
     model = resolve_model(args.model)
+    shm_before = shm_entries()
     t0 = time.monotonic()
     with running_stack(model, args.out / "logs") as stack:
         log.info("stack ready", extra={"seconds": round(time.monotonic() - t0, 1), "router": stack.base})
         rows, peaks, detail = asyncio.run(run(stack, args.quick))
+    t0 = time.monotonic()
+    with burst_stack(model, args.out / "logs") as bases:
+        log.info("burst stack ready", extra={"seconds": round(time.monotonic() - t0, 1)})
+        sweep = (32, 128, 320) if args.quick else (32, 128, 320, 640)
+        rows += asyncio.run(bursts(bases, 200 if args.quick else 400, sweep,
+                                   ("shm",) if args.quick else TRANSPORTS, args.seed))
+    rows.append(shm_row(shm_before))
     info = machine()
     command = "python benchmarks/chaos.py" + (" --quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)

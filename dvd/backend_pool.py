@@ -17,6 +17,12 @@ Health: a refused or reset probe marks a backend down at once (the process is go
 only runs out of time marks it down after `failure_threshold` in a row, as Kubernetes' probe failureThreshold
 does: a busy server on a loaded host can answer one probe late, and dropping the only backend for that turned
 a 429 into a 503 in CI.
+
+Calls: a failure tied to one request (its bytes, its segment, an error the server raised while encoding it)
+fails or retries that request only. A backend leaves the rotation for failures of the backend: unreachable or
+not ready (`mark_down`), or `error_threshold` failed calls in a row across requests (`call_failed`), and comes
+back on its own at its next good health probe. Before this rule one request's data-plane error took the only
+vision server out of rotation, and every request behind it got a 503 until the next probe.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class Backend(Generic[S]):
     last_error: str = "not checked yet"
     target: str = ""  # the configured target it came from (a dns: name, or the address itself)
     slow_probes: int = 0  # health probes in a row that ran out of time
+    failed_calls: int = 0  # calls in a row that failed on this backend (any success resets it)
 
     @property
     def host(self) -> str:
@@ -91,6 +98,7 @@ class BackendPool(Generic[S]):
     resolve_interval: float = 10.0
     outstanding_weight: float = 1.0
     failure_threshold: int = 3
+    error_threshold: int = 3
     backends: list[Backend[S]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -188,6 +196,8 @@ class BackendPool(Generic[S]):
                 self.mark_down(backend, f"{e.code().name}: {e.details()}")
             return
         backend.slow_probes = 0
+        if ready and not backend.ready:
+            backend.failed_calls = 0  # back in rotation with a clean slate
         if ready != backend.ready:
             log.info("backend ready" if ready else "backend not ready",
                      extra={"pool": self.name, "backend": backend.address})
@@ -195,9 +205,20 @@ class BackendPool(Generic[S]):
         backend.last_error = "" if ready else "reports not ready"
 
     def mark_down(self, backend: Backend[S], why: str) -> None:
+        """Out of rotation until its next good health probe: the backend itself failed (gone, not ready)."""
         if backend.ready:
             log.warning("backend down", extra={"pool": self.name, "backend": backend.address, "error": why})
         backend.ready, backend.last_error = False, why
+
+    def call_failed(self, backend: Backend[S], why: str) -> None:
+        """A call failed in a way that may be the request's alone: the backend leaves the rotation only once
+        `error_threshold` calls in a row failed on it."""
+        backend.failed_calls += 1
+        if backend.failed_calls >= self.error_threshold:
+            self.mark_down(backend, f"{backend.failed_calls} calls in a row failed, the last: {why}")
+
+    def call_succeeded(self, backend: Backend[S]) -> None:
+        backend.failed_calls = 0
 
     # -- choice -------------------------------------------------------------------------------------------------
     @property

@@ -10,14 +10,22 @@ more branch in the two `TileSender`/`TileReceiver` classes; nothing else in the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import logging
 import os
 import re
 import sys
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import torch
 
 from dvd.v1 import vision_pb2
+
+log = logging.getLogger("dvd.data_plane")
 
 TICKET_BYTES = 16  # what a TCP data connection sends first: the ticket of the Encode call it serves
 SHM_DIR = Path("/dev/shm")
@@ -49,3 +57,58 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
         raise ValueError("byte_view needs a contiguous tensor")
     return t.reshape(-1).view(torch.uint8)
+
+
+def owner_gone(path: Path) -> bool:
+    """True when the DvD segment at `path` has no owner left: its creator holds a shared flock for the segment's
+    whole life (llm_server.data_plane.ShmSlots), so an exclusive lock can be taken only once that process died."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # the lock, if taken, goes with the descriptor
+
+
+def remove_orphan_segments() -> list[str]:
+    """Delete DvD segments whose creator died (SIGKILL skips every cleanup); live owners hold their locks. Either
+    side of the data plane runs it: the language server at start, the vision server when it sweeps its mappings,
+    and every launcher when a service it started is gone (dvd.procs). Returns the names removed."""
+    removed = []
+    for path in SHM_DIR.glob("dvd-*"):
+        if SHM_NAME.fullmatch(path.name) and owner_gone(path):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path.name)
+    if removed:
+        log.info("removed orphaned shared-memory segments", extra={"count": len(removed)})
+    return removed
+
+
+class Pending:
+    """The one blocking data-plane operation (a copy, a send, a receive) a request has running in a worker thread.
+
+    A request can end (cancelled, failed) while its operation still runs: the thread cannot be stopped, so what it
+    uses (a mapping, a segment, a socket) may only be released once it is done. `release` runs then, on the event
+    loop, never while the thread still holds the resource."""
+
+    def __init__(self) -> None:
+        self._op: Future[None] | None = None
+
+    async def run(self, executor: Executor, fn: Callable[..., None], *args: object) -> None:
+        self._op = executor.submit(fn, *args)
+        await asyncio.wrap_future(self._op)
+
+    def release(self, fn: Callable[[], None]) -> None:
+        """`fn()` now when nothing runs, else on the event loop as soon as the running operation ends."""
+        op, self._op = self._op, None
+        if op is None or op.done():
+            fn()
+            return
+        loop = asyncio.get_running_loop()
+        op.add_done_callback(lambda _: loop.call_soon_threadsafe(fn))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from dvd.runtime import PORTS_ENV, SHM_POLL_ENV
+from dvd.shm_orphans import remove_orphans, shm_entries
 
 if TYPE_CHECKING:
     from dvd.security import InternalAuth
@@ -116,6 +117,7 @@ class Service:
         self._ports_dir = Path(tempfile.mkdtemp(prefix="dvd-ports-"))
         self.ports_file = self._ports_dir / "ports.json"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", PORTS_ENV: str(self.ports_file), **(env or {})}
+        self._shm_before = shm_entries()  # what /dev/shm held before this service: never its to remove
         # The child dies with this process (dvd/die_with_parent.py), even when this process is SIGKILLed.
         guarded = [sys.executable, "-m", "dvd.die_with_parent", str(os.getpid()), *self.argv]
         self.proc = subprocess.Popen(guarded, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -203,8 +205,26 @@ class Service:
         self.wait_ready(lambda: http_ok(base + path), timeout)
         return base
 
+    def kill(self) -> None:
+        """SIGKILL the service and everything it started (its process group), as a crash or OOM kill would, then
+        remove the shared memory its processes left."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self.remove_leftovers()
+
+    def remove_leftovers(self) -> None:
+        """Shared memory that appeared while the service ran and that no live process uses any more (vLLM's queues
+        and semaphores, DvD's segments: dvd.shm_orphans). Its whole process group must be gone first."""
+        for _ in range(50):  # the group's last processes may take a moment to exit after the leader
+            if not self.pids():
+                break
+            time.sleep(0.1)
+        remove_orphans(shm_entries() - self._shm_before)
+
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM the whole process group (vLLM spawns workers), then SIGKILL what is left."""
+        """SIGTERM the whole process group (vLLM spawns workers), then SIGKILL what is left, and remove the shared
+        memory a killed process could not."""
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -216,6 +236,7 @@ class Service:
                 self.proc.wait(10)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        self.remove_leftovers()
         if self._log:
             self._log.close()
             self._log = None

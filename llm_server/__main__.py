@@ -14,6 +14,7 @@ from dvd.health import Health
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
+from dvd.shm_orphans import remove_orphans
 from dvd.v1 import llm_pb2_grpc
 from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
@@ -41,6 +42,9 @@ async def watch_health(health: Health, service: LanguageService, engine: AsyncLL
 async def serve() -> None:
     config, engine_args = parse_args()
     tune_allocator()
+    # A container restarted in its pod (or a host whose last engine was SIGKILLed) still has the dead engine's
+    # queues and semaphores in /dev/shm: nothing else would ever remove them.
+    remove_orphans()
     os.environ[ENGINE_PARENT_ENV] = str(os.getpid())  # vLLM's engine processes die with this one (vllm_plugin.py)
     engine = AsyncLLM.from_engine_args(engine_args)
     model_config = engine.model_config

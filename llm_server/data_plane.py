@@ -22,7 +22,16 @@ import grpc
 import numpy as np
 import torch
 
-from dvd.data_plane import RAW_BYTES_OK, RAW_TILE_FIELD, SHM_DIR, SHM_NAME, TICKET_BYTES, byte_view, shm_domain
+from dvd.data_plane import (
+    RAW_BYTES_OK,
+    RAW_TILE_FIELD,
+    SHM_DIR,
+    TICKET_BYTES,
+    Pending,
+    byte_view,
+    remove_orphan_segments,
+    shm_domain,
+)
 from dvd.tensor_codec import split_raw
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 
@@ -109,7 +118,13 @@ class ShmSlots:
         self._used += size
         return slot
 
-    def release(self, slot: ShmSlot) -> None:
+    def release(self, slot: ShmSlot, reuse: bool = True) -> None:
+        """Give a segment back. `reuse=False` for a call that ended before its last tile: its server may still be
+        writing into the segment, so it is removed (the server's writes land in memory nobody reads again) rather
+        than handed to the next call, whose tiles they would overwrite."""
+        if not reuse:
+            self._destroy(slot)
+            return
         self._free.append(slot)
         while len(self._free) > self.keep_free:
             self._destroy(self._free.pop(0))
@@ -140,29 +155,6 @@ class ShmSlots:
             self._destroy(self._free.pop())
 
 
-def remove_orphan_segments() -> int:
-    """Delete segments left by dead processes (SIGKILL skips every cleanup); live owners hold their locks."""
-    removed = 0
-    for path in SHM_DIR.glob("dvd-*"):
-        if not SHM_NAME.fullmatch(path.name):
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(path)
-            removed += 1
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    if removed:
-        log.info("removed orphaned shared-memory segments", extra={"count": removed})
-    return removed
-
-
 class TileReceiver:
     """One Encode attempt's receiving end: what to offer the server, and each tile's bytes into its place."""
 
@@ -174,6 +166,8 @@ class TileReceiver:
         self.slot = slot
         self.conn = conn
         self.shm_end = 0  # bytes of the segment already read: tiles arrive at increasing offsets
+        self.complete = False  # every tile received: the server is done with the segment and the connection
+        self.pending = Pending()
 
     @classmethod
     async def open(cls, mode: str, executor: ThreadPoolExecutor, slots: ShmSlots, server_domain: str,
@@ -231,9 +225,10 @@ class TileReceiver:
         if next(payloads, None) is not None:
             raise DataPlaneError(f"message carries {len(inline)} inline payloads for fewer inline tiles")
         if jobs:
-            await asyncio.get_running_loop().run_in_executor(self.executor, self._copy, jobs)
+            await self.pending.run(self.executor, self._copy, jobs)
 
     def _copy(self, jobs: list[tuple[int, vision_pb2.TileEmbedding, memoryview | None, torch.Tensor]]) -> None:
+        # Runs in a worker thread; `close` keeps the slot and connection alive until it returns.
         for transport, tile, data, out in jobs:
             if data is not None:
                 np.copyto(out.numpy(), np.frombuffer(data, dtype=np.uint8))
@@ -246,14 +241,20 @@ class TileReceiver:
                 _recv_exactly(self.conn, out)
 
     def close(self) -> None:
-        if self.slot is not None and self.slots is not None:
-            self.slots.release(self.slot)
-            self.slot = None
-        if self.conn is not None:
+        """Give the segment and connection back, once a copy still running in a thread (a cancelled call) ends."""
+        slot, slots, conn, reuse = self.slot, self.slots, self.conn, self.complete
+        self.slot = self.conn = None
+        if conn is not None:
             with contextlib.suppress(OSError):
-                self.conn.shutdown(socket.SHUT_RDWR)  # wakes a receive still blocked in its thread
-            self.conn.close()
-            self.conn = None
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a receive still blocked in its thread
+
+        def release() -> None:
+            if slot is not None and slots is not None:
+                slots.release(slot, reuse)
+            if conn is not None:
+                conn.close()
+
+        self.pending.release(release)
 
 
 def _connect(host: str, port: int, ticket: bytes, timeout: float) -> socket.socket:

@@ -113,10 +113,11 @@ class VisionPool(BackendPool[VisionStub]):
             if remaining <= 0:
                 break
             try:
-                return await self._encode_on(backend, request_id, images, options, image_max_tiles, kinds,
-                                             remaining)
+                encoded = await self._encode_on(backend, request_id, images, options, image_max_tiles, kinds,
+                                                remaining)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    self.call_succeeded(backend)  # it answered, about the request
                     meta = dict(e.trailing_metadata() or ())
                     item = meta.get(ITEM_KEY, "")
                     raise VisionError(e.code(), e.details() or "invalid image", int(item) if item.isdigit() else None,
@@ -126,13 +127,23 @@ class VisionPool(BackendPool[VisionStub]):
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the whole budget is spent: no retry
                     raise VisionError(e.code(), f"vision encoding took longer than {self.timeout_s:.0f}s") from e
                 busy += e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                errors.append(f"{backend.address}: {e.code().name} {e.details()}")
-                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                    self.mark_down(backend, errors[-1])
+                unreachable = e.code() == grpc.StatusCode.UNAVAILABLE  # or says it is not ready
+                # gRPC's own UNAVAILABLE details name the address: the log has them, the client does not.
+                errors.append("UNAVAILABLE: a vision server is unreachable or not ready" if unreachable
+                              else f"{e.code().name}: {e.details()}")
+                if unreachable:
+                    self.mark_down(backend, f"UNAVAILABLE: {e.details()}")
+                elif e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # a full queue is load, not a fault
+                    self.call_failed(backend, errors[-1])
             except (VisionProtocolError, DataPlaneError) as e:
-                errors.append(f"{backend.address}: {e}")
-                self.mark_down(backend, errors[-1])
+                errors.append(str(e))
+                self.call_failed(backend, errors[-1])
+            else:
+                self.call_succeeded(backend)
+                return encoded
+            # Addresses go to the log only: a client's error message says what failed, not where.
             log.warning("vision server failed; trying another", extra={"request_id": request_id,
+                                                                          "server": backend.address,
                                                                           "error": errors[-1]})
         if time.monotonic() >= deadline:
             raise VisionError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -190,6 +201,7 @@ class VisionPool(BackendPool[VisionStub]):
                     by_transport[name] = by_transport.get(name, 0) + tile.nbytes
                 await receiver.receive(items, inline)
                 if msg.HasField("summary"):
+                    receiver.complete = True
                     return EncodedImages(self._check_summary(embs, filled, counts, msg.summary), tile_rows,
                                          b.address, time.perf_counter() - t0, msg.summary, by_transport)
         finally:

@@ -22,6 +22,7 @@ from dvd.procs import (
     vision_server,
 )
 from dvd.security import InternalAuth
+from dvd.shm_orphans import shm_entries
 
 REPO = Path(__file__).resolve().parent.parent
 VISION_ENV = {"OMP_NUM_THREADS": "1"}
@@ -29,6 +30,23 @@ _engines = itertools.count()
 VLLM_START_TIMEOUT = 300
 METRICS_URLS: dict[str, str] = {}
 LANGUAGE_SERVICES: dict[str, Service] = {}  # address -> the language server started there by start_llm
+
+
+SHM_AT_START: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    SHM_AT_START.update(shm_entries())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite ends with /dev/shm as it began: every service it started (several SIGKILLed on purpose) is gone by
+    now, session fixtures included, and whatever they left in shared memory must have been removed by their
+    launcher (dvd.procs.Service) or the surviving side of the data plane."""
+    left = sorted(shm_entries() - SHM_AT_START)
+    if left:
+        sys.stderr.write(f"\nFAILED: the test suite left {len(left)} entries in /dev/shm: {', '.join(left[:10])}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

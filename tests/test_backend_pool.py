@@ -150,3 +150,23 @@ async def test_a_late_probe_needs_company_before_a_backend_is_down() -> None:
 def test_targets_must_name_a_port() -> None:
     with pytest.raises(ValueError, match="host:port"):
         pool_for(("dns:no-port",), always_ready)
+
+
+async def test_one_requests_failure_is_not_the_backends() -> None:
+    """A call that fails for its own reasons leaves the backend in rotation; failures in a row across requests take
+    it out, and its next good probe brings it back with a clean slate."""
+    pool = pool_for(("127.0.0.1:1",), always_ready, error_threshold=3)
+    await pool.resolve()
+    await pool.check_all()
+    (backend,) = pool.backends
+    pool.call_failed(backend, "INTERNAL: one request's segment")
+    pool.call_failed(backend, "INTERNAL: another's")
+    pool.call_succeeded(backend)
+    pool.call_failed(backend, "INTERNAL: a third's")
+    assert backend.ready and pool.pick() is backend  # a success between them: never three in a row
+    pool.call_failed(backend, "INTERNAL: again")
+    pool.call_failed(backend, "INTERNAL: and again")
+    assert not backend.ready and "3 calls in a row" in backend.last_error
+    await pool.check_all()
+    assert backend.ready and backend.failed_calls == 0  # back on its own
+    await pool.close()

@@ -8,19 +8,21 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 import torch
 
-from dvd.data_plane import RAW_TILE_FIELD, SHM_DIR, shm_domain
+from dvd.data_plane import RAW_TILE_FIELD, SHM_DIR, Pending, remove_orphan_segments, shm_domain
 from dvd.procs import free_port
 from dvd.tensor_codec import append_raw, split_raw
 from dvd.v1 import vision_pb2, vision_pb2_grpc
-from llm_server.data_plane import ShmSlots, remove_orphan_segments
+from llm_server.data_plane import ShmSlots
 from llm_server.vision_pool import EncodedImages, VisionError, VisionPool
 from tests.conftest import start_llm, start_vision
 from tests.helpers.llm import generate, image, stock_vllm_tokens, text
@@ -256,6 +258,74 @@ def test_segments_are_reused_within_their_budget() -> None:
     assert not own_segments()
 
 
+def test_a_mapping_outlives_its_eviction_while_a_request_writes() -> None:
+    """Issue 30's race: more client segments than the table holds evicted the least recently used mapping while a
+    request still wrote into it ("mmap closed or invalid"). Eviction now waits for the mapping's last lease."""
+    slots = ShmSlots(budget_bytes=8 * 2**20)
+    maps = ShmMaps(capacity=2)
+    segments = [slots.acquire(2**20) for _ in range(5)]
+    try:
+        assert all(s is not None for s in segments)
+        first = maps.open(segments[0].name, 2**20)  # type: ignore[union-attr]
+        assert first is not None
+        others = [maps.open(s.name, 2**20) for s in segments[1:]]  # type: ignore[union-attr]
+        assert all(o is not None for o in others)
+        for o in others[:-1]:
+            maps.release(o)  # type: ignore[arg-type]
+        assert len(maps) <= 2 + 2  # idle mappings within capacity, those in use kept
+        np.frombuffer(first.mm, dtype=np.uint8, count=4096)[:] = 7  # still mapped: this raised before
+        assert bytes(segments[0].mm[:4]) == b"\x07" * 4  # type: ignore[union-attr]
+        maps.release(first)
+        maps.release(others[-1])  # type: ignore[arg-type]
+        assert len(maps) == 2  # the idle ones beyond capacity are gone once nobody uses them
+    finally:
+        maps.close()
+        for s in segments:
+            if s is not None:
+                slots.release(s)
+        slots.close()
+    assert not own_segments()
+
+
+def test_a_segment_from_an_unfinished_call_is_not_reused() -> None:
+    """A call that ended early may still have its server writing into its segment: it is removed, not handed to the
+    next call, whose tiles the late writes would overwrite."""
+    slots = ShmSlots(budget_bytes=4 * 2**20)
+    try:
+        a = slots.acquire(2**20)
+        assert a is not None
+        slots.release(a, reuse=False)
+        assert a.name not in own_segments()
+        b = slots.acquire(2**20)
+        assert b is not None and b.name != a.name
+        slots.release(b)
+    finally:
+        slots.close()
+
+
+async def test_resources_wait_for_the_operation_using_them() -> None:
+    """`Pending.release` runs after the worker thread's copy or send ends, never under it (a cancelled call's
+    thread keeps running: closing its mapping or socket then broke it, or handed its fd to someone else)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate, released = threading.Event(), asyncio.Event()
+    pending = Pending()
+    with ThreadPoolExecutor(1) as executor:
+        task = asyncio.create_task(pending.run(executor, gate.wait, 10))
+        await asyncio.sleep(0.05)
+        task.cancel()  # the call goes away; its thread still waits in the copy
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        pending.release(released.set)
+        await asyncio.sleep(0.1)
+        assert not released.is_set()
+        gate.set()
+        await asyncio.wait_for(released.wait(), 5)
+    done = asyncio.Event()
+    Pending().release(done.set)  # nothing running: at once
+    assert done.is_set()
+
+
 def test_segments_of_a_killed_process_are_removed() -> None:
     """SIGKILL skips every cleanup; the next language server on the host removes what the dead one left."""
     code = ("import sys, time; from llm_server.data_plane import ShmSlots; s = ShmSlots(2**22); "
@@ -270,7 +340,7 @@ def test_segments_of_a_killed_process_are_removed() -> None:
         assert (SHM_DIR / name).exists()  # its owner is alive: kept
         child.send_signal(signal.SIGKILL)
         child.wait(10)
-        assert remove_orphan_segments() >= 1
+        assert name in remove_orphan_segments()
         assert not (SHM_DIR / name).exists()
         assert mine is not None and (SHM_DIR / mine.name).exists()  # a live owner's segment is never touched
         live.release(mine)

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dvd.data_plane import RAW_BYTES_OK, RAW_TILE_FIELD, SHM_DIR, SHM_NAME, TICKET_BYTES, byte_view
+from dvd.data_plane import (
+    RAW_BYTES_OK,
+    RAW_TILE_FIELD,
+    SHM_DIR,
+    SHM_NAME,
+    TICKET_BYTES,
+    Pending,
+    byte_view,
+    owner_gone,
+)
 from dvd.tensor_codec import append_raw, encode_bf16
 from dvd.v1 import vision_pb2
 
@@ -29,7 +38,7 @@ log = logging.getLogger("vision_server.data_plane")
 
 CLAIM_TIMEOUT_S = 2.0      # an Encode call waits this long for its data connection, then sends inline
 UNCLAIMED_TTL_S = 30.0     # a data connection nobody claims is closed after this
-MAX_PENDING = 256          # connections waiting to be claimed, at most
+MAX_PENDING = 1024         # connections waiting to be claimed, at most
 SEND_TIMEOUT_S = 120.0     # a client that stops reading is cut off after this
 
 
@@ -49,7 +58,7 @@ class DataListener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(128)
+        sock.listen(MAX_PENDING)  # a burst connects all at once: a short backlog drops SYNs (1 s retries)
         sock.setblocking(False)
         self._sock, self.port = sock, sock.getsockname()[1]
         self._spawn(self._accept_loop())
@@ -127,15 +136,32 @@ class DataListener:
 
 
 @dataclass
+class ShmLease:
+    """One request's use of a client's segment: the mapping stays open until every lease on it is released."""
+
+    mm: mmap.mmap
+    size: int  # bytes the request may write: what it offered, within the segment
+    mapping: _Mapping
+
+
+@dataclass
 class _Mapping:
+    name: str
     inode: int
     size: int
     mm: mmap.mmap
+    users: int = 0  # leases not yet released
+    cached: bool = True  # still in ShmMaps' table; once evicted it closes with its last lease
 
 
 class ShmMaps:
     """The clients' segments, mapped once and reused: a fresh mapping of a 26 MiB image costs more page faults
-    than the copy itself. Entries whose name is gone or points at another file are dropped."""
+    than the copy itself. Entries whose name is gone, points at another file, or whose owner died are dropped.
+
+    Lifetimes: a mapping is closed only when it has left the table (evicted, stale) and its last lease is released,
+    so eviction never touches a mapping a request is still writing into. The table holds at most `capacity`
+    mappings nobody uses; mappings in use are never evicted (as many as requests in flight, which the vision
+    queue bounds)."""
 
     def __init__(self, capacity: int = 64, sweep_every_s: float = 5.0) -> None:
         self.capacity = capacity
@@ -143,8 +169,11 @@ class ShmMaps:
         self._maps: OrderedDict[str, _Mapping] = OrderedDict()
         self._last_sweep = time.monotonic()
 
-    def open(self, name: str, size: int) -> tuple[mmap.mmap, int] | None:
-        """The mapping of segment `name` and how many bytes of it may be written; None when it cannot be used."""
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def open(self, name: str, size: int) -> ShmLease | None:
+        """A lease on segment `name` for `size` bytes at most; None when it cannot be used. Release it once."""
         if not SHM_NAME.fullmatch(name):
             return None
         self._sweep()
@@ -154,28 +183,40 @@ class ShmMaps:
             return None
         try:
             st = os.fstat(fd)
-            cached = self._maps.get(name)
-            if cached is not None and cached.inode == st.st_ino and cached.size == st.st_size:
-                self._maps.move_to_end(name)
-                return cached.mm, min(size, cached.size)
-            if st.st_size == 0:
-                return None
-            mm = mmap.mmap(fd, st.st_size)
+            m = self._maps.get(name)
+            if m is None or m.inode != st.st_ino or m.size != st.st_size:
+                if st.st_size == 0:
+                    return None
+                m = _Mapping(name, st.st_ino, st.st_size, mmap.mmap(fd, st.st_size))
+                self._evict(name)
+                self._maps[name] = m
         except OSError:
             return None
         finally:
             os.close(fd)
-        self._drop(name)
-        self._maps[name] = _Mapping(st.st_ino, st.st_size, mm)
-        while len(self._maps) > self.capacity:
-            self._drop(next(iter(self._maps)))
-        return mm, min(size, st.st_size)
+        self._maps.move_to_end(name)
+        m.users += 1
+        self._trim()
+        return ShmLease(m.mm, min(size, m.size), m)
 
-    def _drop(self, name: str) -> None:
+    def release(self, lease: ShmLease) -> None:
+        m = lease.mapping
+        m.users -= 1
+        if m.users == 0 and not m.cached:
+            _close(m.mm)
+        self._trim()
+
+    def _trim(self) -> None:
+        idle = [n for n, m in self._maps.items() if m.users == 0]  # least recently used first
+        for name in idle[:max(0, len(idle) - self.capacity)]:
+            self._evict(name)
+
+    def _evict(self, name: str) -> None:
         m = self._maps.pop(name, None)
         if m is not None:
-            with contextlib.suppress(BufferError):  # a send still holds a view: the GC closes it afterwards
-                m.mm.close()
+            m.cached = False
+            if m.users == 0:
+                _close(m.mm)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -183,31 +224,45 @@ class ShmMaps:
             return
         self._last_sweep = now
         for name, m in list(self._maps.items()):
+            path = SHM_DIR / name
             try:
-                alive = (SHM_DIR / name).stat().st_ino == m.inode
+                alive = path.stat().st_ino == m.inode
             except OSError:
                 alive = False
+            if alive and owner_gone(path):  # its language server died: this side survives, so it removes it
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    log.info("removed a dead client's segment", extra={"segment": name})
+                alive = False
             if not alive:
-                self._drop(name)
+                self._evict(name)
 
     def close(self) -> None:
         for name in list(self._maps):
-            self._drop(name)
+            self._evict(name)
+
+
+def _close(mm: mmap.mmap) -> None:
+    with contextlib.suppress(BufferError):  # a view still exported (numpy): the GC closes it afterwards
+        mm.close()
 
 
 class TileSender:
     """One Encode call's way of delivering tile bytes. `place` fills a message's tile descriptors and, for shared
     memory, places their bytes before the message is sent; `outgoing` gives the message as it goes out (with its
     inline gRPC bytes); `follow` sends TCP bytes after it, so a client never waits for bytes whose descriptor it has
-    not read. One thread hop per message, not per tile."""
+    not read. One thread hop per message, not per tile. `close` gives the segment lease and the connection back
+    only once a copy or send still running for a cancelled call has finished (`Pending`)."""
 
-    def __init__(self, executor: ThreadPoolExecutor, shm: tuple[mmap.mmap, int] | None = None,
+    def __init__(self, executor: ThreadPoolExecutor, shm: ShmLease | None = None, maps: ShmMaps | None = None,
                  conn: socket.socket | None = None) -> None:
         self.executor = executor
         self.shm = shm
+        self.maps = maps
         self.conn = conn
         self.offset = 0
         self.inline: list[torch.Tensor] = []  # the placed message's TRANSPORT_GRPC tiles, in order
+        self.pending = Pending()
 
     @classmethod
     async def open(cls, offer: vision_pb2.DataPlaneOffer, executor: ThreadPoolExecutor,
@@ -217,7 +272,7 @@ class TileSender:
             shm = maps.open(offer.shm.name, offer.shm.size)
             if shm is None:
                 log.warning("shared-memory segment unusable; sending inline", extra={"segment": offer.shm.name})
-            return cls(executor, shm=shm)
+            return cls(executor, shm=shm, maps=maps)
         if target == "tcp_ticket" and listener is not None:
             conn = await listener.claim(offer.tcp_ticket)
             if conn is None:
@@ -231,7 +286,7 @@ class TileSender:
         writes: list[tuple[int, torch.Tensor]] = []
         for tile, emb in zip(tiles, wire, strict=True):
             tile.nbytes = emb.numel() * emb.element_size()
-            if self.shm is not None and self.offset + tile.nbytes <= self.shm[1]:
+            if self.shm is not None and self.offset + tile.nbytes <= self.shm.size:
                 tile.transport, tile.offset = vision_pb2.TRANSPORT_SHM, self.offset
                 writes.append((self.offset, emb))
                 self.offset += tile.nbytes
@@ -243,7 +298,7 @@ class TileSender:
                                                                              dtype=torch.uint8))
         if writes:
             assert self.shm is not None
-            await asyncio.get_running_loop().run_in_executor(self.executor, _write_shm, self.shm[0], writes)
+            await self.pending.run(self.executor, _write_shm, self.shm.mm, writes)
         return wire
 
     async def outgoing(self, msg: vision_pb2.EncodeResponse) -> vision_pb2.EncodeResponse | bytes:
@@ -259,14 +314,22 @@ class TileSender:
         sends = [emb for tile, emb in zip(tiles, wire, strict=True) if tile.transport == vision_pb2.TRANSPORT_TCP]
         if sends:
             assert self.conn is not None
-            await asyncio.get_running_loop().run_in_executor(self.executor, _send_all, self.conn, sends)
+            await self.pending.run(self.executor, _send_all, self.conn, sends)
 
     def close(self) -> None:
-        if self.conn is not None:
+        shm, maps, conn = self.shm, self.maps, self.conn
+        self.shm = self.conn = None
+        if conn is not None:
             with contextlib.suppress(OSError):
-                self.conn.shutdown(socket.SHUT_RDWR)
-            self.conn.close()
-            self.conn = None
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a send still blocked in its thread; the fd stays its own
+
+        def release() -> None:
+            if shm is not None and maps is not None:
+                maps.release(shm)
+            if conn is not None:
+                conn.close()
+
+        self.pending.release(release)
 
 
 def serialize_response(msg: vision_pb2.EncodeResponse | bytes) -> bytes:
