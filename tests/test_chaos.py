@@ -1,5 +1,6 @@
 """The reliability suite's short run, so that a regression in any scenario fails CI: a real stack (two vision
-servers, two language servers, one router) through overload, SIGKILLed replicas, hostile inputs and a soak."""
+servers, two language servers, one router) through overload, SIGKILLed replicas, hostile inputs and a soak; then
+bursts of simultaneous requests on one vision server over each transport, and /dev/shm left as it was."""
 
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ def test_chaos_quick(tmp_path: Path) -> None:
     missed = [r for r in record["rows"] if not r["met"]]
     assert proc.returncode == 0 and not missed, json.dumps(missed, indent=1) + proc.stdout[-3000:]
     scenarios = " ".join(r["scenario"] for r in record["rows"])
-    for word in ("overload", "vision server SIGKILL", "language server SIGKILL", "hostile", "soak"):
-        assert word in scenarios
+    for word in ("overload", "vision server SIGKILL", "language server SIGKILL", "hostile", "soak",
+                 "burst of 200 mixed requests, one vision server, shm", "burst of 200 mixed requests, one vision "
+                 "server, tcp", "burst of 200 mixed requests, one vision server, grpc", "sweep: 320",
+                 "shared memory after"):
+        assert word in scenarios, word
+    bursts = [r for r in record["rows"] if r["scenario"].startswith(("burst", "sweep"))]
+    assert all(set(r["outcomes"]) <= {"200", "429"} and r["outcomes"].get("200") for r in bursts), bursts
     assert any(r["speed_target"] and r["speed_met"] is not None for r in record["rows"])
     assert (tmp_path / "chaos.md").exists() and (tmp_path / "chaos.png").exists()

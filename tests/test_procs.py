@@ -143,3 +143,45 @@ def test_engine_queue_polling_backs_off_with_the_wait() -> None:
     while t < 0.05:
         t, wakes = t + poll_pause(t, CPU_SHM_POLL_S), wakes + 1
     assert 45 <= wakes <= 70
+
+
+LEAKER = """
+import multiprocessing, time
+from multiprocessing import shared_memory
+shm = shared_memory.SharedMemory(create=True, size=4096)  # what vLLM's message queues are (psm_*)
+lock = multiprocessing.get_context("spawn").Lock()  # a named semaphore (sem.mp-*), as vLLM's processes use
+print(shm.name, lock._semlock.name, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_dead_services_shared_memory_is_removed(how: str) -> None:
+    """SIGKILL runs no cleanup and takes multiprocessing's resource tracker with it (same process group): the
+    launcher removes what the service's processes left in /dev/shm; what a live process uses is never touched."""
+    from multiprocessing import shared_memory
+
+    from dvd.procs import Service
+    from dvd.shm_orphans import MIN_AGE_S
+
+    bystander = shared_memory.SharedMemory(create=True, size=4096)  # a live process's segment, made meanwhile
+    try:
+        svc = Service("leaker", [sys.executable, "-c", LEAKER], sink=None)
+        deadline = time.monotonic() + 30
+        while not svc.tail and time.monotonic() < deadline:
+            time.sleep(0.1)
+        segment, semaphore = svc.tail[0].split()
+        names = [segment, "sem." + semaphore.lstrip("/")]
+        assert all(os.path.exists(f"/dev/shm/{n}") for n in names), names
+        time.sleep(MIN_AGE_S + 0.5)  # the launcher leaves younger entries alone (created, not yet mapped)
+        if how == "kill":
+            svc.kill()
+        else:
+            os.killpg(svc.proc.pid, signal.SIGKILL)  # it died on its own; the launcher stops it later
+            svc.proc.wait(10)
+            svc.stop()
+        assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+        assert os.path.exists(f"/dev/shm/{bystander.name}")
+    finally:
+        bystander.close()
+        bystander.unlink()

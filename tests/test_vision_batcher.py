@@ -177,3 +177,26 @@ async def test_queue_depth_ignores_cancelled_tiles() -> None:
     for f in cancelled:
         f.cancel()
     assert batcher.queued_tiles == 3
+
+
+async def test_the_queue_knows_how_long_it_takes_to_drain() -> None:
+    """Admission's clock: the batches' measured seconds per tile, shared by the runners pulling from the queue; a
+    request is refused when the queue ahead of it would make it miss its deadline, never for its own size."""
+    from vision_server.service import DEADLINE_SHARE, too_late
+
+    runners = [FakeRunner(delay=0.05), FakeRunner(delay=0.05)]
+    batcher = Batcher(runners, max_batch=2, max_wait_s=0.0)  # type: ignore[arg-type]
+    assert batcher.drain_seconds(10) is None  # nothing measured: bound by the queue's size only
+    batcher.start()
+    try:
+        futures = batcher.submit(torch.zeros(8, 1, 1, 1), False)
+        await asyncio.gather(*futures)
+    finally:
+        await batcher.close()
+    per_tile = batcher.tile_seconds
+    assert per_tile is not None and 0.02 <= per_tile <= 0.5  # 0.05 s per batch of 2 on this machine's clock
+    assert batcher.drain_seconds(100) == pytest.approx(100 * per_tile / 2)
+    assert too_late(10.0, ahead=50, remaining=10.0)  # the queue ahead would make it miss
+    assert not too_late(DEADLINE_SHARE * 10.0 - 0.1, ahead=50, remaining=10.0)
+    assert not too_late(10.0, ahead=0, remaining=1.0)  # too big for its deadline alone: a timeout, not a 429
+    assert not too_late(None, ahead=50, remaining=1.0)

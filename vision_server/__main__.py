@@ -82,6 +82,7 @@ async def serve(cfg: ServerConfig) -> None:
     metrics = Metrics()
     batcher = Batcher(runners, cfg.resolved_max_batch(), cfg.max_wait_ms / 1000, on_batch=metrics.observe_batch,
                       granularity=max(r.micro_batch for r in runners))
+    batcher.tile_seconds = await asyncio.to_thread(runners[0].measure_tile_seconds, min(4, batcher.max_batch))
     metrics.bind_queue(lambda: batcher.queued_tiles)
     batcher.start()
     listener = None
@@ -89,6 +90,7 @@ async def serve(cfg: ServerConfig) -> None:
         listener = DataListener()
         await listener.start(cfg.host, cfg.data_port)
     servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir, listener)
+    sweeper = asyncio.create_task(servicer.shm_maps.sweep_forever(), name="shm-sweep")
     max_msg = cfg.max_images * max(cfg.max_image_bytes, cfg.max_video_bytes) + 2**20
     server, health, bound = await start_server(
         cfg.internal, cfg.host, cfg.port, lambda s: add_to_server(servicer, s),
@@ -109,6 +111,7 @@ async def serve(cfg: ServerConfig) -> None:
     log.info("stopping", extra={"inflight": servicer.inflight, "queued_tiles": batcher.queued_tiles})
     await drain(server, health, servicer, cfg.shutdown_grace)
     await batcher.close()
+    sweeper.cancel()
     servicer.close()
     if listener is not None:
         await listener.close()

@@ -109,6 +109,13 @@ class DeviceRunner:
     def _to_host(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.bfloat16).cpu()
 
+    def measure_tile_seconds(self, tiles: int) -> float:
+        """Seconds per tile of one warm batch of `tiles`: the queue's first estimate, before any request ran."""
+        side = self.model.cfg.image_size
+        t0 = time.monotonic()
+        self.run([torch.zeros(3, side, side)] * tiles, [False] * tiles)
+        return (time.monotonic() - t0) / tiles
+
     def warmup(self, with_router: bool) -> None:
         side = self.model.cfg.image_size
         res = self.run([torch.zeros(3, side, side)] * 2, [with_router, False])
@@ -155,6 +162,9 @@ class Batcher:
         self.max_batch = max(max_batch, self.granularity)
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
+        # Wall seconds per tile of a batch on one runner, a moving average (contention with whatever shares the
+        # device included): what admission uses to tell how long the queue takes to drain. None: not measured.
+        self.tile_seconds: float | None = None
         self._pending: deque[TileJob] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -164,6 +174,14 @@ class Batcher:
     def queued_tiles(self) -> int:
         """Tiles still wanted: cancelled ones behind live ones are not work (they are dropped when reached)."""
         return sum(not job.future.done() for job in self._pending)
+
+    def drain_seconds(self, tiles: int) -> float | None:
+        """About how long `tiles` queued tiles take to compute, every runner pulling from the queue."""
+        return None if self.tile_seconds is None else tiles * self.tile_seconds / len(self.runners)
+
+    def _observe(self, tiles: int, seconds: float) -> None:
+        per_tile = seconds / tiles
+        self.tile_seconds = per_tile if self.tile_seconds is None else 0.8 * self.tile_seconds + 0.2 * per_tile
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work(r), name=f"batcher-{r.device}") for r in self.runners]
@@ -244,8 +262,10 @@ class Batcher:
             for job, res in zip(batch, results, strict=True):
                 if not job.future.done():
                     job.future.set_result(res)
+            seconds = time.monotonic() - t0
+            self._observe(len(batch), seconds)
             if self.on_batch:
-                self.on_batch(len(batch), time.monotonic() - t0)
+                self.on_batch(len(batch), seconds)
 
     async def close(self) -> None:
         """Finish everything queued, then stop the workers and their threads."""

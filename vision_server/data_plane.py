@@ -176,7 +176,7 @@ class ShmMaps:
         """A lease on segment `name` for `size` bytes at most; None when it cannot be used. Release it once."""
         if not SHM_NAME.fullmatch(name):
             return None
-        self._sweep()
+        self.sweep()
         try:
             fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -218,7 +218,9 @@ class ShmMaps:
             if m.users == 0:
                 _close(m.mm)
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
+        """Drop mappings of segments that are gone or ownerless (at most every `sweep_every_s`): on each `open`, and
+        periodically (`sweep_forever`), so a dead client's segments go even when no request follows."""
         now = time.monotonic()
         if now - self._last_sweep < self.sweep_every_s:
             return
@@ -236,6 +238,11 @@ class ShmMaps:
                 alive = False
             if not alive:
                 self._evict(name)
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_every_s)
+            self.sweep()
 
     def close(self) -> None:
         for name in list(self._maps):

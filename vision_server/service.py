@@ -29,6 +29,18 @@ log = logging.getLogger("vision_server.service")
 # The client-facing name of EncodeOptions.video: vLLM's request field the gateway takes it from.
 VIDEO_PARAM = "media_io_kwargs.video"
 MAX_TILES_PER_MESSAGE = 8  # descriptors (and, on the gRPC fallback, bytes: 16 MiB at hidden 4096) per message
+# A request is admitted only if the queue ahead of it and its own tiles should be computed within this share of
+# its deadline (the rest: preprocessing, ViR, the transfer, and the estimate's error). Without it, a burst of
+# large requests was admitted by queue size alone (4096 tiles), and half of them hit the language server's 120 s
+# deadline in the queue: a 504 after two minutes instead of a 429 at once.
+DEADLINE_SHARE = 0.75
+
+
+def too_late(seconds: float | None, ahead: int, remaining: float) -> bool:
+    """Whether `seconds` of vision work (the queue ahead and the request's own tiles) overrun DEADLINE_SHARE of the
+    `remaining` deadline because of a queue. A request too large for its deadline on an empty queue is not refused:
+    the queue is not why, and a 429 would tell its client to retry what can never fit (it ends as a timeout)."""
+    return seconds is not None and ahead > 0 and seconds > DEADLINE_SHARE * remaining
 
 
 def _name(kind: int, index: int) -> str:
@@ -119,6 +131,16 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         return Checked(kinds, [video_tiles if kind == vision_pb2.MEDIA_KIND_VIDEO else c or asked or model_max
                                for c, kind in zip(caps, kinds, strict=True)], sampling)
 
+    def _admit_in_time(self, ahead: int, own: int, context: grpc.aio.ServicerContext) -> None:
+        """Refuse now (back-pressure: the client may retry) a request that the `ahead` tiles queued before it would
+        keep from finishing within its call's deadline; a call without a deadline is bound by the queue's size."""
+        remaining = context.time_remaining()
+        if remaining is not None and too_late(self.batcher.drain_seconds(ahead + own), ahead, remaining):
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"vision queue is full (about {self.batcher.drain_seconds(ahead + own):.0f} s of work "
+                               f"for {ahead} queued tiles and this request's {own}, the call has {remaining:.0f} s "
+                               "left)")
+
     @staticmethod
     def _kinds(request: vision_pb2.EncodeRequest) -> list[int]:
         kinds = list(request.kinds) or [vision_pb2.MEDIA_KIND_IMAGE] * len(request.images)
@@ -190,6 +212,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"vision queue is full ({self.batcher.queued_tiles} tiles waiting, "
                                    f"{self.preprocessing_tiles} being decoded)")
+            self._admit_in_time(self.batcher.queued_tiles + self.preprocessing_tiles, bound, context)
             self.preprocessing_tiles += bound
             try:
                 tiled = await self._preprocess(request, checked)
@@ -200,6 +223,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             if self.batcher.queued_tiles + n_tiles > self.cfg.max_queue_tiles:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"vision queue is full ({self.batcher.queued_tiles} tiles waiting)")
+            self._admit_in_time(self.batcher.queued_tiles, n_tiles, context)
             # A single tile is never compressed (the quantile of one value is itself): skip the router for it.
             router = (self.model_cfg.flash and request.options.vir != vision_pb2.VIR_MODE_OFF and n_tiles > 1)
             per_image = [self.batcher.submit(t.pixels, router) for t in tiled]
