@@ -42,31 +42,46 @@ def shm_entries() -> set[str]:
     return {n for n in names if FOREIGN.fullmatch(n) or n.startswith("dvd-")}
 
 
-def in_use() -> set[str]:
-    """Names under /dev/shm that a live process maps or holds open (every process this user may inspect: all of
-    them as root, this user's otherwise, and only this user's can use its 0600 segments)."""
-    used: set[str] = set()
-    prefix = f"{SHM_DIR}/"
+def used_inodes() -> set[int]:
+    """Inodes of /dev/shm files that a live process maps or holds open (every process this user may inspect: all
+    of them as root, this user's otherwise, and only this user's can use its 0600 entries).
+
+    By inode, not by name: glibc's sem_open creates a semaphore under a temporary name, maps it, then links it to
+    its real name and unlinks the temporary one, so its creator's mapping reads `/dev/shm/sem.XXXXXX (deleted)`.
+    Matching names removed a starting vLLM engine's semaphore from under it (`sem_unlink`: no such file)."""
+    used: set[int] = set()
+    marker = f" {SHM_DIR}/".encode()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/maps", "rb") as f:
                 for line in f:
-                    at = line.find(prefix.encode())
-                    if at >= 0:
-                        used.add(line[at + len(prefix):].split(b" ")[0].strip().decode(errors="replace"))
+                    if marker in line:
+                        used.add(int(line.split()[4]))  # address perms offset dev inode path
             fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
         for fd in fds:
             try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{SHM_DIR}/"):
+                    used.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
             except OSError:
                 continue
-            if target.startswith(prefix):
-                used.add(target[len(prefix):].split(" ")[0])
     return used
+
+
+def unused(names: Iterable[str]) -> set[str]:
+    """Those of `names` (entries of /dev/shm) that no live process maps or holds open."""
+    used = used_inodes()
+    out = set()
+    for name in names:
+        try:
+            if Path(SHM_DIR, name).stat().st_ino not in used:
+                out.add(name)
+        except OSError:
+            continue  # gone already
+    return out
 
 
 def remove_orphans(candidates: Iterable[str] | None = None) -> list[str]:
@@ -76,9 +91,8 @@ def remove_orphans(candidates: Iterable[str] | None = None) -> list[str]:
     removed = []
     foreign = {n for n in names if FOREIGN.fullmatch(n)}
     if foreign:
-        used = in_use()
         now = time.time()
-        for name in sorted(foreign - used):
+        for name in sorted(unused(foreign)):
             path = Path(SHM_DIR, name)
             try:
                 st = path.stat()

@@ -225,20 +225,7 @@ class TileReceiver:
         if next(payloads, None) is not None:
             raise DataPlaneError(f"message carries {len(inline)} inline payloads for fewer inline tiles")
         if jobs:
-            await self.pending.run(self.executor, self._copy, jobs)
-
-    def _copy(self, jobs: list[tuple[int, vision_pb2.TileEmbedding, memoryview | None, torch.Tensor]]) -> None:
-        # Runs in a worker thread; `close` keeps the slot and connection alive until it returns.
-        for transport, tile, data, out in jobs:
-            if data is not None:
-                np.copyto(out.numpy(), np.frombuffer(data, dtype=np.uint8))
-            elif transport == vision_pb2.TRANSPORT_SHM:
-                assert self.slot is not None
-                src = np.frombuffer(self.slot.mm, dtype=np.uint8, count=tile.nbytes, offset=tile.offset)
-                np.copyto(out.numpy(), src)  # one thread: torch's parallel copy fights the sender for the cores
-            else:
-                assert self.conn is not None
-                _recv_exactly(self.conn, out)
+            await self.pending.run(self.executor, _copy, jobs, self.slot, self.conn)
 
     def close(self) -> None:
         """Give the segment and connection back, once a copy still running in a thread (a cancelled call) ends."""
@@ -255,6 +242,22 @@ class TileReceiver:
                 conn.close()
 
         self.pending.release(release)
+
+
+def _copy(jobs: list[tuple[int, vision_pb2.TileEmbedding, memoryview | None, torch.Tensor]], slot: ShmSlot | None,
+          conn: socket.socket | None) -> None:
+    """One message's tiles into place, in a worker thread: it gets the segment and connection it reads from, which
+    `TileReceiver.close` keeps alive until it returns."""
+    for transport, tile, data, out in jobs:
+        if data is not None:
+            np.copyto(out.numpy(), np.frombuffer(data, dtype=np.uint8))
+        elif transport == vision_pb2.TRANSPORT_SHM:
+            assert slot is not None
+            src = np.frombuffer(slot.mm, dtype=np.uint8, count=tile.nbytes, offset=tile.offset)
+            np.copyto(out.numpy(), src)  # one thread: torch's parallel copy fights the sender for the cores
+        else:
+            assert conn is not None
+            _recv_exactly(conn, out)
 
 
 def _connect(host: str, port: int, ticket: bytes, timeout: float) -> socket.socket:

@@ -22,7 +22,7 @@ from dvd.procs import (
     vision_server,
 )
 from dvd.security import InternalAuth
-from dvd.shm_orphans import in_use, shm_entries
+from dvd.shm_orphans import shm_entries, unused
 
 REPO = Path(__file__).resolve().parent.parent
 VISION_ENV = {"OMP_NUM_THREADS": "1"}
@@ -44,7 +44,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     now, session fixtures included, and whatever they left in shared memory must have been removed by their
     launcher (dvd.procs.Service) or the surviving side of the data plane. Entries a live process still uses belong
     to something else running on this machine (the suite's own processes are gone: test_procs checks that)."""
-    left = sorted(shm_entries() - SHM_AT_START - in_use())
+    left = sorted(unused(shm_entries() - SHM_AT_START))
     if left:
         sys.stderr.write(f"\nFAILED: the test suite left {len(left)} entries in /dev/shm: {', '.join(left[:10])}\n")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
