@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,18 +78,22 @@ def plain_bodies(model: str, n: int, images: int, sizes: list[tuple[int, int]], 
     return out
 
 
-def mixed_bodies(model: str, n: int, max_tokens: int, seed: int = 0) -> list[bytes]:
-    """The mixed burst: images from 1 to 13 tiles (InternVL's 448 px tiles, thumbnail included), one to three per
-    request, and every fifth request a short video; all distinct."""
+# (width, height) -> tiles at max_dynamic_patch 12: 448x448 -> 1, 896x448 -> 2 + thumbnail, 896x896 -> 4 + 1,
+# 1344x896 -> 6 + 1, 1792x1344 -> 12 + 1 (InternVL's 448 px tiles)
+MIX_SIZES = [(448, 448), (896, 448), (896, 896), (1344, 896), (1792, 1344)]
+
+
+def mixed_bodies(model: str, n: int, max_tokens: int, seed: int = 0, weights: Sequence[float] = (1, 1, 1, 1, 1),
+                 most_images: int = 3) -> list[bytes]:
+    """The mixed burst: images of 1 to 13 tiles (MIX_SIZES, drawn with `weights`), one to `most_images` per
+    request, and every fifth request a short video (4 frames); all distinct, so none is served from a cache."""
     rng = random.Random(seed)
-    # (width, height) -> tiles at max_dynamic_patch 12: 448x448 -> 1, 896x448 -> 2+1, 1344x896 -> 6+1, 1792x1344 -> 12+1
-    sizes = [(448, 448), (640, 480), (896, 448), (1344, 896), (1792, 1344)]
     clip = video_bytes(64, 64, frames=4, fps=4.0, seed=seed)
     out = []
     for i in range(n):
-        parts = [image_part(jpeg(*rng.choice(sizes), seed=seed * 100_000 + i * 16 + k))
-                 for k in range(rng.randint(1, 3))]
-        if i % 5 == 4:
+        parts = [image_part(jpeg(*rng.choices(MIX_SIZES, weights)[0], seed=seed * 100_000 + i * 16 + k))
+                 for k in range(rng.randint(1, most_images))]
+        if i % 5 == 4:  # trailing bytes make each clip distinct; containers ignore them
             parts.append({"type": "video_url", "video_url": {"url": data_url(clip + i.to_bytes(4, "little"),
                                                                              "video/mp4")}})
         out.append(body(model, parts, max_tokens))

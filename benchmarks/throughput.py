@@ -590,6 +590,13 @@ def plot(summaries: list[dict[str, Any]], configs: Sequence[str], resolutions: S
 
 # -------------------------------------------------------------------------------------------------------------- main
 
+OUTPUT_LENS = {"chat": 128, "reasoning": 1024}  # output tokens of a chat answer, and of a reasoning model's
+
+
+def output_len(text: str) -> int:
+    return OUTPUT_LENS[text] if text in OUTPUT_LENS else int(text)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -602,7 +609,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="Poisson arrivals in req/s (inf: all requests at once, bounded by --concurrency); "
                         "multiturn: conversation starts")
-    p.add_argument("--output-len", type=int, default=16, help="max_tokens, with ignore_eos")
+    p.add_argument("--output-len", type=output_len, default=OUTPUT_LENS["chat"],
+                   help="max_tokens, with ignore_eos: a number, or chat (128, a chat answer) or reasoning (1024, a "
+                        "thinking model's answer)")
     p.add_argument("--workload", default="single", choices=WORKLOADS,
                    help="single: one image and prompt per request; multiturn: conversations of --turns turns, each "
                         "resending the history (image included) with the previous answer and a follow-up question")

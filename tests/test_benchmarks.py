@@ -218,3 +218,39 @@ def test_multiturn_request_bodies() -> None:
     assert [msgs[1]["content"], msgs[3]["content"]] == ["answer one", "answer two"]
     assert [msgs[2]["content"][0]["text"], msgs[4]["content"][0]["text"]] == list(FOLLOW_UPS[:2])
     assert body["max_tokens"] == 4 and body["stream"] and body["ignore_eos"]
+
+
+def test_goodput_is_the_highest_rate_that_meets_the_attainment() -> None:
+    from benchmarks.rate_sweep import derive_slos, goodput
+
+    points = [(0.5, 1.0), (1.0, 0.95), (2.0, 0.6), (4.0, 0.1)]
+    assert goodput(points, 0.9) == 1.0
+    assert goodput(points, 0.99) == 0.5
+    assert goodput([(1.0, 0.5)], 0.9) == 0.0
+    assert derive_slos({"ttft_p50_s": 0.2, "tpot_p50_s": 0.01}, 5) == pytest.approx({"ttft": 1000.0, "tpot": 50.0})
+
+
+def test_rate_sweep_against_running_endpoints(tmp_path: Path, colocated_tiny: str, router_tiny: str) -> None:
+    """SLOs from the baseline's unloaded latencies, rates from its unloaded capacity, the same for DvD; attainment
+    per rate, goodput per configuration, JSON + markdown + PNG."""
+    out = tmp_path / "sweep"
+    stdout = run_script("benchmarks/rate_sweep.py", "--configs", "dvd,baseline", "--endpoint",
+                        f"baseline={colocated_tiny}", "--endpoint", f"dvd={router_tiny}", "--resolutions", "448",
+                        "--num-requests", "3", "--output-len", "4", "--unloaded-requests", "2", "--model", "tiny",
+                        "--out", str(out))
+    assert "| DvD |" in stdout and "goodput (req/s)" in stdout
+    record = json.loads((out / "sweep.json").read_text())
+    per = record["resolutions"]["448"]
+    assert list(per["configs"]) == ["baseline", "dvd"]  # the baseline first: it sets SLOs and rates
+    unloaded = per["unloaded"]
+    assert per["slo_ms"]["ttft"] == pytest.approx(5 * unloaded["ttft_p50_s"] * 1e3)
+    assert per["slo_ms"]["tpot"] == pytest.approx(5 * unloaded["tpot_p50_s"] * 1e3)
+    assert len(per["rates"]) == 5 and per["rates"] == sorted(per["rates"]) and per["rates"][0] > 0
+    for config, cells in per["configs"].items():
+        assert [c["rate"] for c in cells] == per["rates"]
+        for c in cells:
+            assert c["requests"] == 3 and c["failed"] == 0 and 0 <= c["attainment"] <= 1
+        met = [c["rate"] for c in cells if c["attainment"] >= 0.9]
+        assert per["goodput"][config] == (max(met) if met else 0.0)
+    assert (out / "attainment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "SLOs: TTFT <=" in (out / "sweep.md").read_text()
