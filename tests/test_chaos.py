@@ -14,10 +14,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_chaos_quick(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "benchmarks/chaos.py", "--quick", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=1150)
+                          capture_output=True, text=True, timeout=1750)
     record = json.loads((tmp_path / "chaos.json").read_text())
     # Correctness targets only: speed targets are the full benchmark's (timed assertions on a shared CI machine
     # measure the machine), and --quick exits 0 whatever they show.
