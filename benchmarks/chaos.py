@@ -273,12 +273,6 @@ class Stack:
     def wait_llm(self, svc: Service) -> int:
         return port_of(svc.wait_grpc(600))
 
-    def kill(self, svc: Service) -> None:
-        """SIGKILL the service and everything it started (its process group), as a crash or OOM kill would; the
-        launcher then removes the shared memory it left (`Service.kill`)."""
-        svc.kill()
-
-
 @contextmanager
 def running_stack(model: Path, log_dir: Path) -> Iterator[Stack]:
     stack = Stack(model, log_dir)
@@ -400,7 +394,7 @@ async def vision_kills(stack: Stack, seconds: float, every: float, base: Tally) 
             await asyncio.sleep(every)
             i = kills % 2
             svc, port = stack.vision[i]
-            stack.kill(svc)
+            svc.kill()  # SIGKILL the process group, as a crash would; the shared memory it left is removed
             kills += 1
             stack.vision[i] = await asyncio.to_thread(stack.start_vision, i, port)
 
@@ -431,7 +425,7 @@ async def llm_kill(stack: Stack, seconds: float) -> Row:
                     break
             await asyncio.sleep(0.01)
         svc, port = stack.llm[0]
-        stack.kill(svc)
+        svc.kill()
         restarted = await asyncio.to_thread(stack.start_llm, 0, port)
         await asyncio.to_thread(stack.wait_llm, restarted)
         stack.llm[0] = (restarted, port)

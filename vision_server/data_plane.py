@@ -146,7 +146,6 @@ class ShmLease:
 
 @dataclass
 class _Mapping:
-    name: str
     inode: int
     size: int
     mm: mmap.mmap
@@ -187,7 +186,7 @@ class ShmMaps:
             if m is None or m.inode != st.st_ino or m.size != st.st_size:
                 if st.st_size == 0:
                     return None
-                m = _Mapping(name, st.st_ino, st.st_size, mmap.mmap(fd, st.st_size))
+                m = _Mapping(st.st_ino, st.st_size, mmap.mmap(fd, st.st_size))
                 self._evict(name)
                 self._maps[name] = m
         except OSError:

@@ -135,9 +135,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         """Refuse now (back-pressure: the client may retry) a request that the `ahead` tiles queued before it would
         keep from finishing within its call's deadline; a call without a deadline is bound by the queue's size."""
         remaining = context.time_remaining()
-        if remaining is not None and too_late(self.batcher.drain_seconds(ahead + own), ahead, remaining):
+        seconds = self.batcher.drain_seconds(ahead + own)
+        if remaining is not None and too_late(seconds, ahead, remaining):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"vision queue is full (about {self.batcher.drain_seconds(ahead + own):.0f} s of work "
+                               f"vision queue is full (about {seconds:.0f} s of work "
                                f"for {ahead} queued tiles and this request's {own}, the call has {remaining:.0f} s "
                                "left)")
 
