@@ -82,3 +82,55 @@ def machine() -> dict[str, Any]:
     return {"cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "memory_gib": mem_gib, "gpus": gpus, "python": platform.python_version(), "platform": platform.platform(),
             "versions": versions, "hostname": platform.node()}
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, SMT siblings counted once (2 vCPUs can be one core's two threads)."""
+    seen = set()
+    for cpu in os.sched_getaffinity(0):
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            seen.add((topo / "physical_package_id").read_text().strip() + ":" + (topo / "core_id").read_text().strip())
+        except OSError:
+            seen.add(str(cpu))
+    return len(seen)
+
+
+def cpu_clock_ghz() -> tuple[float, str]:
+    """The highest clock the kernel reports (cpufreq's maximum, else /proc/cpuinfo's, which a VM fixes at the
+    nominal clock) and where it came from."""
+    with contextlib.suppress(OSError, ValueError):
+        khz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text())
+        return khz / 1e6, "cpufreq max"
+    with contextlib.suppress(ValueError):
+        return float(cpuinfo().get("cpu MHz", "")) / 1e3, "/proc/cpuinfo"
+    return 0.0, "unknown"
+
+
+def flop_per_cycle(bf16: bool) -> tuple[int, str]:
+    """Dense FLOP one core can issue per cycle, from its vector units (vendor optimisation manuals):
+    two FMA pipes of 8 (AVX2) or 16 (AVX-512) fp32 lanes; Zen 4 runs AVX-512 on 256-bit pipes; AVX512-BF16's
+    dot products double the fp32 rate; AMX tiles do 1024 bf16 FLOP per cycle. Without native bf16 a bf16 GEMM is
+    emulated in fp32, so its ceiling is the fp32 one."""
+    info = cpuinfo()
+    flags = set(info.get("flags", "").split())
+    amd_zen4 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25" and "avx512f" in flags
+    if bf16 and "amx_bf16" in flags:
+        return 1024, "AMX bf16"
+    if "avx512f" in flags:
+        fp32 = 32 if amd_zen4 else 64
+        if bf16 and "avx512_bf16" in flags:
+            return 2 * fp32, "AVX512-BF16"
+        return fp32, "AVX-512 fp32 FMA"
+    if "fma" in flags:
+        return 32, "AVX2 fp32 FMA"
+    return 8, "SSE"
+
+
+def cpu_peak_flops(bf16: bool) -> tuple[float, str]:
+    """Nominal peak FLOP/s of the cores this process may use (cores x clock x FLOP per cycle), and how it was
+    derived. A ceiling no code reaches (turbo, thermal limits and a VM's neighbours move the real one)."""
+    cores = physical_cores()
+    ghz, where = cpu_clock_ghz()
+    per_cycle, unit = flop_per_cycle(bf16)
+    return cores * ghz * 1e9 * per_cycle, f"{cores} cores x {ghz:.2f} GHz ({where}) x {per_cycle} FLOP/cycle ({unit})"

@@ -470,7 +470,8 @@ def dvd_stack(model: Path, split: CpuSplit, args: argparse.Namespace, log_dir: P
         service_env["vision"] = {"OMP_NUM_THREADS": str(count_cpus(split.vision))}
     with open(os.devnull, "w") as quiet, start_stack(
             model, 0, devices="cpu", max_model_len=args.max_model_len, sink=quiet, log_dir=log_dir,
-            cpus=cpus, service_env=service_env, vision_args=["--dtype", args.dtype, *args.vision_arg],
+            cpus=cpus, service_env=service_env, core_budget=args.core_budget == "on",
+            vision_args=["--dtype", args.dtype, *args.vision_arg],
             llm_args=["--dtype", args.dtype, *args.llm_arg]) as stack:
         yield stack.base_url
 
@@ -628,6 +629,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-split", default="shared", type=CpuSplit.parse,
                    help="shared: DvD's vision server and language engine both use every CPU (the baseline engine "
                         "too); VISION_CPUS:LLM_CPUS: disjoint cores for DvD; none: no binding at all")
+    p.add_argument("--core-budget", choices=("on", "off"), default="on",
+                   help="DvD on shared cores: the engine and the vision server split them only while both compute "
+                        "(dvd/core_budget.py; dvd-local's default); off: all threads of both float over every core")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                    help="compute dtype of every engine (baseline vLLM, DvD's language engine and vision server), the "
                         "same for all so that the comparison is of serving designs, not of precisions; auto: "
@@ -704,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "goodput_targets_ms": args.goodput, "dtype": args.dtype,
         "models": {"baseline": args.model, "dvd": args.model, "dvd-vir": args.flash_model},
         "endpoints": args.endpoints, "cpu_split": {**args.cpu_split.describe(), "note": CPU_SPLIT_NOTE},
+        "core_budget": args.core_budget,
         "configs": {}, "summaries": [],
     }
     log.info("benchmark start", extra={"out": str(out), "configs": ",".join(args.configs),

@@ -21,6 +21,8 @@ from typing import IO, Any
 
 from dvd.checkpoint import resolve_model
 from dvd.config import ROUTER_PORT, option, parse
+from dvd.core_budget import ENV as CORE_BUDGET_ENV
+from dvd.core_budget import CoreBudget
 from dvd.procs import LOCALHOST, Service, cpu_engine_env, language_server, router, shared_cpu_env, vision_server
 
 ENGINE_START_TIMEOUT = 600.0  # vLLM: ~45 s for the tiny model on 2 CPU cores, minutes for real weights
@@ -55,20 +57,25 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
                 llm_args: Sequence[str] = (), vision_args: Sequence[str] = (), sink: IO[str] | None = None,
                 log_dir: Path | None = None, timeout: float = ENGINE_START_TIMEOUT,
                 cpus: Mapping[str, str] | None = None,
-                service_env: Mapping[str, Mapping[str, str]] | None = None) -> Iterator[Stack]:
+                service_env: Mapping[str, Mapping[str, str]] | None = None,
+                core_budget: bool = True) -> Iterator[Stack]:
     """Start vision -> language -> router, each waited on until ready; stop them all (reverse order) on exit.
 
     `port` is the router's HTTP port (0 = any free one: the Stack's base_url says which).
     A service that dies or stays unready raises RuntimeError/TimeoutError carrying its last log lines.
     `cpus` pins a service ("vision", "llm", "router") and every process it spawns to a CPU list ("0", "1-3")
     with `taskset`, `service_env` adds environment variables per service: the benchmark uses both to split one
-    machine's cores between the services explicitly instead of letting them compete.
+    machine's cores between the services explicitly instead of letting them compete. Without `cpus`, on CPU,
+    `core_budget` has the engine and the vision server split the cores only while both compute
+    (dvd/core_budget.py).
     """
     model_dir = resolve_model(str(model))  # generates a preset checkpoint on first use
     # Clients name the model as the user did ("tiny"), or by the checkpoint directory's name.
     served_name = model_dir.name if Path(str(model)).expanduser().is_dir() else str(model)
     devices = devices or ("cuda" if has_cuda() else "cpu")
     services: list[Service] = []
+    budget = CoreBudget.create() if core_budget and devices == "cpu" and not cpus else None
+    budget_env = {CORE_BUDGET_ENV: str(budget)} if budget else {}
 
     def launch(start: Callable[..., Service], *args: str, name: str, env: dict[str, str] | None = None,
                **kw: Any) -> Service:
@@ -84,11 +91,11 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
         # Port 0 everywhere: each service binds any free port and reports it (no port picked here can be taken by
         # another process before the service binds it).
         vision = launch(vision_server, str(model_dir), *vision_args, name="vision", devices=devices,
-                        env=shared_cpu_env() if devices == "cpu" else None)
+                        env={**shared_cpu_env(), **budget_env} if devices == "cpu" else None)
         vision_address = f"{LOCALHOST}:{vision.wait_port('grpc', timeout)}"
         # On CPU vLLM would otherwise reserve most of the memory; on a GPU it shares the card with the vision server.
         # On CPU the engine and the vision server share every core (each takes what the other leaves idle).
-        engine_env = cpu_engine_env(kv_gib=2) if devices == "cpu" else {}
+        engine_env = {**cpu_engine_env(kv_gib=2), **budget_env} if devices == "cpu" else {}
         engine_opts = [] if devices == "cpu" else ["--gpu-memory-utilization", "0.7"]
         llm = launch(language_server, str(model_dir), vision_address, "--max-model-len", str(max_model_len),
                      "--served-model-name", served_name, *engine_opts, *llm_args, name="llm", env=engine_env)
@@ -102,6 +109,8 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
     finally:
         for svc in reversed(services):
             svc.stop()
+        if budget:
+            budget.unlink(missing_ok=True)
 
 
 def demo_image_data_url() -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from dvd.checkpoint import resolve_model
+from dvd.core_budget import ENV as CORE_BUDGET_ENV
+from dvd.core_budget import CoreBudget
 from dvd.procs import (
     Service,
     cpu_engine_env,
@@ -91,9 +93,17 @@ def start_llm(name: str, model: Path, vision: str, *extra: str, env: dict[str, s
 
 
 @pytest.fixture(scope="session")
-def vision_tiny(tiny_ckpt: Path) -> Iterator[str]:
+def session_core_budget() -> Iterator[Path]:
+    """The core budget `vision_tiny` and `llm_tiny` share, as dvd-local's vision server and engine do on CPU."""
+    path = CoreBudget.create()
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def vision_tiny(tiny_ckpt: Path, session_core_budget: Path) -> Iterator[str]:
     """Address of a vision server on the tiny (non-Flash) checkpoint."""
-    svc, address = start_vision("vision-tiny", tiny_ckpt)
+    svc, address = start_vision("vision-tiny", tiny_ckpt, env={CORE_BUDGET_ENV: str(session_core_budget)})
     yield address
     svc.stop()
 
@@ -107,11 +117,11 @@ def vision_tiny_flash(tiny_flash_ckpt: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def llm_tiny(tiny_ckpt: Path, vision_tiny: str) -> Iterator[str]:
+def llm_tiny(tiny_ckpt: Path, vision_tiny: str, session_core_budget: Path) -> Iterator[str]:
     """Address of a language server (served as `tiny`) on the tiny checkpoint, fed by the tiny vision server."""
     metrics_port = free_port()
     svc, address = start_llm("llm-tiny", tiny_ckpt, vision_tiny, "--served-model-name", "tiny",
-                             "--metrics-port", str(metrics_port))
+                             "--metrics-port", str(metrics_port), env={CORE_BUDGET_ENV: str(session_core_budget)})
     METRICS_URLS[address] = f"http://127.0.0.1:{metrics_port}/metrics"
     yield address
     svc.stop()

@@ -111,6 +111,24 @@ def test_transfer_benchmark_tiny(tmp_path: Path) -> None:
     assert (tmp_path / "transfer.md").read_text().count("| shm |") == 1 and (tmp_path / "transfer.png").stat().st_size
 
 
+def test_vision_bench_tiny_against_vllm(tmp_path: Path) -> None:
+    """Every side runs in one process (the service, our loop, vLLM's InternViT on the same tiles) and the report
+    carries each side's tiles/s and MFU against both references."""
+    stdout = run_script("benchmarks/vision_bench.py", "--model", "tiny", "--images", "2", "--image-size", "448x448",
+                        "--repeats", "1", "--rounds", "1", "--batch-sizes", "1,2", "--lone-requests", "2",
+                        "--concurrency", "2", "--matmul-n", "512", "--out", str(tmp_path), timeout=300)
+    assert "vs vllm :" in stdout and "of the matmul" in stdout
+    r = json.loads((tmp_path / "vision_bench.json").read_text())
+    assert r["dtype"] in ("float32", "bfloat16") and r["gflop_per_tile"] > 0
+    for side in ("service_tiles_per_s", "plain_tiles_per_s", "vllm_tiles_per_s", "matmul_flops", "peak_flops"):
+        assert r[side] > 0, side
+    assert r["service_vs_vllm"] == pytest.approx(r["service_tiles_per_s"] / r["vllm_tiles_per_s"])
+    assert r["vllm_batch"] in (1, 2) and r["plain_batch"] in (1, 2)
+    md = (tmp_path / "vision_bench.md").read_text()
+    assert "| vLLM's InternViT |" in md and "| service |" in md
+    assert (tmp_path / "vision_bench.png").stat().st_size
+
+
 def test_stage_timings_against_the_running_stack(tmp_path: Path, llm_tiny: str, router_tiny: str) -> None:
     """Both passes run (gRPC to the language server, the official client through the router) and every stage of
     every resolution is reported; the stages add up to no more than the time to the first token."""

@@ -22,53 +22,23 @@ REPO = Path(__file__).resolve().parent.parent
 def vllm_reference(image_path: str, port: int, jobs: list[tuple[str, str]]) -> None:
     """vLLM end to end for each (checkpoint, output) pair: media loader -> InternVLImageProcessor ->
     InternVisionModel -> pixel_shuffle -> mlp1, in float32 and bfloat16."""
-    import functools
-    import types
-
-    from safetensors.torch import load_file
     from transformers import AutoConfig
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.model_executor.models.internvl import InternVLChatModel
     from vllm.multimodal.media.image import ImageMediaIO
     from vllm.transformers_utils.processors.internvl import InternVLImageProcessor
 
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
-        initialize_model_parallel(1, 1)
-        for ckpt, out_path in jobs:
-            cfg = AutoConfig.from_pretrained(ckpt, trust_remote_code=True)
-            image = ImageMediaIO().load_bytes(Path(image_path).read_bytes()).media
-            proc = InternVLImageProcessor(image_size=cfg.force_image_size, min_dynamic_patch=cfg.min_dynamic_patch,
-                                          max_dynamic_patch=cfg.max_dynamic_patch,
-                                          dynamic_image_size=cfg.dynamic_image_size,
-                                          use_thumbnail=cfg.use_thumbnail)
-            pixels = proc(image)["pixel_values_flat"]
-            weights = load_file(str(Path(ckpt) / "model.safetensors"))
-            out: dict[str, torch.Tensor] = {"pixels": pixels}
-            for dtype in (torch.float32, torch.bfloat16):
-                # vLLM's own builders and forward, on a stand-in for the chat model (no language model).
-                ns = types.SimpleNamespace(downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version)
-                vit = InternVLChatModel._init_vision_model(ns, cfg, quant_config=None, prefix="vision_model")
-                vit = vit.to(dtype)
-                names = {n for n, _ in vit.named_parameters()}  # layers past select_layer are not built
-                loaded = vit.load_weights((k, v.to(dtype)) for k, v in
-                                          ((k.removeprefix("vision_model."), v) for k, v in weights.items())
-                                          if k in names)
-                assert loaded == names, names - loaded
-                for m in vit.modules():  # what vLLM's loader does after loading (CPU GEMM dispatch)
-                    qm = getattr(m, "quant_method", None)
-                    if qm is not None and hasattr(qm, "process_weights_after_loading"):
-                        qm.process_weights_after_loading(m)
-                mlp1 = InternVLChatModel._init_mlp1(ns, cfg).to(dtype)
-                mlp1.load_state_dict({k.removeprefix("mlp1."): v.to(dtype) for k, v in weights.items()
-                                      if k.startswith("mlp1.")})
-                ns.vision_model, ns.mlp1 = vit.eval(), mlp1.eval()
-                ns.pixel_shuffle = functools.partial(InternVLChatModel.pixel_shuffle, ns)
-                with torch.inference_mode():
-                    out[str(dtype)] = InternVLChatModel.extract_feature(ns, pixels.to(dtype))
-            torch.save(out, out_path)
+    from benchmarks.vllm_vision import vllm_extract_feature
+
+    for ckpt, out_path in jobs:
+        cfg = AutoConfig.from_pretrained(ckpt, trust_remote_code=True)
+        image = ImageMediaIO().load_bytes(Path(image_path).read_bytes()).media
+        proc = InternVLImageProcessor(image_size=cfg.force_image_size, min_dynamic_patch=cfg.min_dynamic_patch,
+                                      max_dynamic_patch=cfg.max_dynamic_patch,
+                                      dynamic_image_size=cfg.dynamic_image_size, use_thumbnail=cfg.use_thumbnail)
+        pixels = proc(image)["pixel_values_flat"]
+        out: dict[str, torch.Tensor] = {"pixels": pixels}
+        for dtype in (torch.float32, torch.bfloat16):
+            out[str(dtype)] = vllm_extract_feature(Path(ckpt), dtype, port=port)(pixels)
+        torch.save(out, out_path)
 
 
 def make_vit6b_style(tiny: Path, out: Path) -> Path:

@@ -12,6 +12,7 @@ import torch
 
 from dvd.checkpoint import resolve_model
 from dvd.config import parse
+from dvd.core_budget import CoreBudget
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
@@ -19,7 +20,7 @@ from vision_server.batcher import Batcher, DeviceRunner
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.data_plane import DataListener
 from vision_server.metrics import Metrics
-from vision_server.model import build_model
+from vision_server.model import build_model, compile_vit
 from vision_server.preprocess import install_image_limits
 from vision_server.service import VirSettings, VisionServicer, add_to_server
 from vision_server.weights import load_vision_weights, wanted
@@ -53,8 +54,13 @@ def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
     runners = []
     for device in cfg.devices:
         model = build_model(model_cfg, tensors, device, dtype)
+        if cfg.compile:
+            compile_vit(model)
         runner = DeviceRunner(model, device)
+        t0 = time.monotonic()
         runner.warmup(with_router=model_cfg.flash)
+        log.info("warmed up", extra={"device": device, "compiled": cfg.compile,
+                                     "seconds": round(time.monotonic() - t0, 2)})
         padded = cfg.batching == "padded"
         if cfg.batching == "auto":
             t0 = time.monotonic()
@@ -63,6 +69,13 @@ def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
                                                          "seconds": round(time.monotonic() - t0, 2)})
         if padded:
             runner.micro_batch = cfg.resolved_micro_batch()
+        budget = CoreBudget.from_env() if device == "cpu" else None
+        if budget is not None:
+            share = len(budget.cpus) // 2
+            if share and runner.thread_invariant(min(share, torch.get_num_threads())):
+                runner.budget = budget
+            log.info("core budget", extra={"shared_with_engine": runner.budget is not None, "cpus": len(budget.cpus),
+                                           "vision_share_when_both_busy": share})
         runners.append(runner)
     log.info("model ready", extra={"model": model_cfg.name, "flash": model_cfg.flash, "devices": ",".join(cfg.devices),
                                    "dtype": str(dtype), "max_batch": cfg.resolved_max_batch(),

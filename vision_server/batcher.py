@@ -22,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from dvd.core_budget import CoreBudget
 from vision_server.model import VisionModel
 
 log = logging.getLogger("vision_server.batcher")
@@ -56,12 +58,34 @@ class TileJob:
 class DeviceRunner:
     """One model copy on one device, fed from a single thread; `micro_batch` > 0 pads every forward to that shape."""
 
-    def __init__(self, model: VisionModel, device: str, micro_batch: int = 0) -> None:
+    def __init__(self, model: VisionModel, device: str, micro_batch: int = 0, budget: CoreBudget | None = None) -> None:
         self.model = model
         self.device = device
         self.micro_batch = micro_batch
         self.dtype = next(model.parameters()).dtype
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vision-{device}")
+        # CPU hosts shared with a language engine (dvd/core_budget.py); only set where thread_invariant() holds.
+        self.budget = budget
+        self._threads = torch.get_num_threads()
+
+    @contextlib.contextmanager
+    def _cores(self) -> Iterator[None]:
+        """A batch's cores under the core budget: the runner's thread is pinned to them, and the OpenMP pool
+        shrinks to their number (its threads float; they idle while it is 1)."""
+        budget = self.budget
+        if budget is None:
+            yield
+            return
+        budget.set_vision_busy(True)
+        cpus = budget.vision_cpus()
+        try:
+            os.sched_setaffinity(0, cpus)  # the calling thread only
+            torch.set_num_threads(min(self._threads, len(cpus)))
+            yield
+        finally:
+            budget.set_vision_busy(False)
+            os.sched_setaffinity(0, budget.cpus)
+            torch.set_num_threads(self._threads)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """`fn` over the leading dimension: in one call, or in zero-padded fixed micro-batches."""
@@ -80,6 +104,10 @@ class DeviceRunner:
     @torch.inference_mode()
     def run(self, pixels: list[torch.Tensor], with_router: list[bool]) -> list[TileResult]:
         """Tiles in, per-tile results out, in order; runs on the runner's own thread."""
+        with self._cores():
+            return self._run(pixels, with_router)
+
+    def _run(self, pixels: list[torch.Tensor], with_router: list[bool]) -> list[TileResult]:
         start = time.monotonic()
         model = self.model
         grid = self._apply(model.features, torch.stack(pixels).to(self.device, non_blocking=True))
@@ -103,7 +131,8 @@ class DeviceRunner:
     def project(self, grids: list[torch.Tensor], compressed: bool) -> list[torch.Tensor]:
         """Router tiles after the decision: (1, side, side, D) features -> bf16 rows on the host, one per tile."""
         x = torch.cat(grids)
-        return list(self._to_host(self._apply(lambda g: self.model.project(g, compressed=compressed), x)))
+        with self._cores():
+            return list(self._to_host(self._apply(lambda g: self.model.project(g, compressed=compressed), x)))
 
     @staticmethod
     def _to_host(x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +173,20 @@ class DeviceRunner:
                 if not all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)):
                     return False
         return True
+
+    @torch.inference_mode()
+    def thread_invariant(self, threads: int) -> bool:
+        """Whether a tile's bytes are the same computed with `threads` OpenMP threads as with the runner's own
+        count (the core budget changes it with the language engine's load)."""
+        side = self.model.cfg.image_size
+        tiles = list(torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1)))
+        ref = [r.emb256 for r in self._run(tiles, [False, False])]
+        torch.set_num_threads(threads)
+        try:
+            got = [r.emb256 for r in self._run(tiles, [False, False])]
+        finally:
+            torch.set_num_threads(self._threads)
+        return all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

@@ -111,6 +111,8 @@ class ServerConfig:
         "micro-batches; auto: variable where a start-up check proves it gives every tile the bytes it gets alone, "
         "padded otherwise (batcher.py)", choices=("auto", "variable", "padded"))
     micro_batch_tiles: int = option(0, "padded batching's fixed forward shape in tiles (0 = 4 on CPU, 8 on GPU)")
+    compile: bool = option(False, "torch.compile the ViT (inductor, batch size dynamic): compiled at start-up, "
+                                  "before the batch-invariance check, so the check covers the compiled graph")
     max_wait_ms: float = option(0.0, "how long a tile may wait for company before a free device starts "
                                      "(0 = never waits)")
     max_images: int = option(16, "images in one request")

@@ -308,6 +308,17 @@ class VisionModel(nn.Module):
         return TileOutputs(emb256, self.project(grid, compressed=True), self.route(grid, pixels.shape[0]))
 
 
+def compile_vit(model: VisionModel) -> None:
+    """The ViT through inductor with a symbolic batch size: one graph for every group size, built by the first
+    forward (the warm-up). Per-row kernels keep a tile's bytes independent of its neighbours; the start-up
+    batch-invariance check still proves it on the device. Freezing folds the weights into the graph as constants
+    (pre-packed for oneDNN on CPU): the server never trains or reloads them."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    model.vision_model = torch.compile(model.vision_model, dynamic=True)  # type: ignore[assignment]
+
+
 def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> VisionModel:
     model = VisionModel(cfg)
     model.load_checkpoint_tensors(tensors)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU figures in one run, on a machine with PyTorch and CUDA but no vLLM and no network (under 8 minutes on one
+# H100/H200-class GPU): the vision service on InternVL3.5-8B's real vision shapes (`vision8b`, bf16), eager and
+# compiled (`vision_server --compile`), against its bare forward loop, with MFU against an in-run bf16 matmul and
+# the card's data-sheet peak; then the embedding transfer benchmark.
+#
+#   benchmarks/gpu_check.sh [OUT_DIR]        # default results/gpu_check
+#
+# Needs, beside torch: grpcio, grpcio-health-checking, protobuf, numpy, Pillow, safetensors, tokenizers,
+# prometheus-client, matplotlib, tqdm, and the generated stubs in dvd/v1 (`./run.sh setup` makes them; copy them
+# along where setup cannot run). The checkpoint is generated locally (no hub).
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+out=$(readlink -f "${1:-results/gpu_check}")
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+"$py" - <<'EOF'
+import importlib.util, sys
+need = ["torch", "grpc", "grpc_health", "google.protobuf", "numpy", "PIL", "safetensors", "tokenizers",
+        "prometheus_client", "matplotlib", "tqdm", "dvd.v1.vision_pb2"]
+missing = [m for m in need if importlib.util.find_spec(m.split(".")[0]) is None
+           or (m.startswith("dvd.v1") and importlib.util.find_spec(m) is None)]
+if missing:
+    sys.exit(f"missing: {', '.join(missing)}")
+import torch
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device")
+print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), flush=True)
+EOF
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv || true
+
+bench() {  # name, args...
+  local name=$1; shift
+  echo "== vision_bench $name" >&2
+  timeout 240 "$py" benchmarks/vision_bench.py --device cuda --model vision8b --no-vllm --images 32 \
+    --image-size 896x896 --concurrency 8 --rounds 2 --repeats 2 --lone-requests 10 --out "$out/$name" "$@" \
+    2>&1 | grep -v -i warn | tee "$out/$name.log"
+}
+bench vision8b-eager
+bench vision8b-compiled --compile
+
+echo "== transfer" >&2
+timeout 150 "$py" benchmarks/transfer.py --images 48 --out "$out/transfer" 2>&1 | tee "$out/transfer.log"
