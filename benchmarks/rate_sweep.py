@@ -10,7 +10,9 @@ swept whose attainment is at least `--attainment` (90%). The SLOs are per resolu
 the baseline's own unloaded latencies: `--slo-scale` times stock vLLM's TTFT p50 and TPOT p50 with one request at a
 time (so the baseline runs first); `--slo ttft:MS tpot:MS` sets them instead. Rates default to multiples of the
 baseline's unloaded capacity at that resolution (1 / its unloaded end-to-end p50), the same rates for every
-configuration. Everything else (requests, images, output length, services, CPU split) is throughput.py's.
+configuration. Every rate sends images sent by no earlier request (caches would otherwise answer them), the same
+ones to every configuration. Everything else (requests, images, output length, services, CPU split) is
+throughput.py's.
 
 Writes sweep.json, sweep.md and attainment.png (attainment against rate, one panel per resolution).
 """
@@ -48,7 +50,7 @@ from benchmarks.throughput import parse_args as throughput_args
 from dvd.logs import setup_logging
 
 log = logging.getLogger("benchmarks.rate_sweep")
-DEFAULT_RATE_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)  # x the baseline's unloaded capacity at the resolution
+DEFAULT_RATE_FACTORS = (0.5, 1.0, 1.5, 2.0, 3.0)  # x the baseline's unloaded capacity at the resolution
 
 
 def goodput(points: Sequence[tuple[float, float]], attainment: float) -> float:
@@ -153,7 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = Workload(args.resolutions, args.num_requests, args.output_len, args.num_requests, math.inf,
                     args.image_format, args.seed)
-    images = base.images()
+    # Every rate sends images no earlier request sent (and the unloaded pass its own): a resent image would be
+    # served from the language server's embedding cache or vLLM's prefix cache, and the sweep would measure caches.
+    # The same images go to every configuration.
+    n_rates = len(args.rates) or len(DEFAULT_RATE_FACTORS)
+    unloaded_images = {r: [base.image_url(r, i) for i in range(args.unloaded_requests)] for r in args.resolutions}
+    rate_images = {r: [[base.image_url(r, 1000 * (k + 1) + i) for i in range(args.num_requests)]
+                       for k in range(n_rates)] for r in args.resolutions}
     per_res: dict[int, dict[str, Any]] = {r: {"configs": {}, "rates": list(args.rates), "slo_ms": dict(args.slo),
                                               "slo_source": "given (--slo)"} for r in args.resolutions}
     t_all = time.perf_counter()
@@ -165,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if config == "baseline":
                     unloaded_wl = replace(base, num_requests=args.unloaded_requests, concurrency=1)
                     unloaded = asyncio.run(measure(base_url, config, unloaded_wl, resolution,
-                                                   images[resolution][:args.unloaded_requests], {}, key))
+                                                   unloaded_images[resolution], {}, key))
                     per["unloaded"] = unloaded
                     if not args.slo:
                         per["slo_ms"] = derive_slos(unloaded, args.slo_scale)
@@ -174,10 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         capacity = 1.0 / unloaded["e2e_p50_s"]
                         per["rates"] = [round(f * capacity, 3) for f in DEFAULT_RATE_FACTORS]
                 cells = []
-                for rate in per["rates"]:
+                for k, rate in enumerate(per["rates"]):
                     wl = replace(base, request_rate=rate, seed=args.seed + int(rate * 1000))
-                    s = asyncio.run(measure(base_url, config, wl, resolution, images[resolution], per["slo_ms"],
-                                            key))
+                    s = asyncio.run(measure(base_url, config, wl, resolution, rate_images[resolution][k],
+                                            per["slo_ms"], key))
                     log.info("rate done", extra={"config": config, "resolution": resolution, "rate": rate,
                                                  "attainment": round(s["attainment"], 3),
                                                  "throughput_rps": round(s["throughput_rps"], 3)})
@@ -193,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = {"command": ["rate_sweep.py", *(argv if argv is not None else sys.argv[1:])], "machine": m,
               "started": datetime.now().isoformat(timespec="seconds"), "wall_s": time.perf_counter() - t_all,
               "attainment_target": args.attainment, "setup": setup, "workload": asdict(base),
-              "cpu_split": args.cpu_split.describe(), "resolutions": per_res}
+              "cpu_split": args.cpu_split.describe(), "core_budget": args.core_budget, "resolutions": per_res}
     md = markdown(record)
     (out / "sweep.json").write_text(json.dumps(record, indent=1, default=str))
     where = f"{m['cpu_model']}, {m['memory_gib']} GiB" + (f", {', '.join(m['gpus'])}" if m["gpus"] else ", no GPU")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 ENV = "DVD_CORE_BUDGET"
 ENGINE_IDLE_AFTER_S = 0.05
-_LAYOUT = struct.Struct("<qd")  # vision busy (batches running), engine's last step start (monotonic seconds)
+# vision busy (batches running), engine's last step start (monotonic seconds), threads of that step
+_LAYOUT = struct.Struct("<qdq")
 
 
 class CoreBudget:
@@ -43,11 +44,11 @@ class CoreBudget:
         """A fresh state file (nobody busy) for one stack; the launcher removes it."""
         # Not in /dev/shm: the data plane's sweepers own the dvd- names there. One page, rarely written back.
         fd, name = tempfile.mkstemp(prefix="dvd-core-budget-")
-        os.write(fd, _LAYOUT.pack(0, -1e9))
+        os.write(fd, _LAYOUT.pack(0, -1e9, 0))
         os.close(fd)
         return Path(name)
 
-    def _read(self) -> tuple[int, float]:
+    def _read(self) -> tuple[int, float, int]:
         return _LAYOUT.unpack_from(self._map)
 
     def set_vision_busy(self, busy: bool) -> None:
@@ -56,8 +57,12 @@ class CoreBudget:
     def vision_busy(self) -> bool:
         return self._read()[0] > 0
 
-    def engine_stepped(self) -> None:
-        struct.pack_into("<d", self._map, 8, time.monotonic())
+    def engine_stepped(self, threads: int = 0) -> None:
+        struct.pack_into("<dq", self._map, 8, time.monotonic(), threads)
+
+    def engine_step(self) -> tuple[float, int]:
+        """When the engine's last step began (monotonic seconds) and on how many threads."""
+        return self._read()[1:]
 
     def engine_busy(self) -> bool:
         return time.monotonic() - self._read()[1] < ENGINE_IDLE_AFTER_S

@@ -105,11 +105,11 @@ def share_cores_with_vision() -> None:
 
             init_logger("vllm.dvd").info("core budget shared with the vision server: %d threads, %d while it "
                                          "computes", state["bound"], state["bound"] - state["bound"] // 2)
-        budget.engine_stepped()
         want = budget.engine_threads(state["bound"])
         if want != state["now"]:
             torch._C.set_num_threads(want)
             state["now"] = want
+        budget.engine_stepped(want)
         return execute(self, *args, **kwargs)
 
     execute_model.dvd_budget = True  # type: ignore[attr-defined]

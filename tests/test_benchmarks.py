@@ -129,6 +129,15 @@ def test_vision_bench_tiny_against_vllm(tmp_path: Path) -> None:
     assert (tmp_path / "vision_bench.png").stat().st_size
 
 
+def test_core_sharing_tiny(tmp_path: Path) -> None:
+    """Every arrangement runs its processes together and reports their combined rate."""
+    stdout = run_script("benchmarks/core_sharing.py", "--model", "tiny", "--seconds", "1", "--rounds", "1",
+                        "--out", str(tmp_path), timeout=240)
+    r = json.loads((tmp_path / "core_sharing.json").read_text())
+    assert len(r["tiles_per_s"]) == 4 and all(len(v) == 1 and v[0] > 0 for v in r["tiles_per_s"].values())
+    assert "pinned to disjoint halves" in stdout and (tmp_path / "core_sharing.png").stat().st_size
+
+
 def test_stage_timings_against_the_running_stack(tmp_path: Path, llm_tiny: str, router_tiny: str) -> None:
     """Both passes run (gRPC to the language server, the official client through the router) and every stage of
     every resolution is reported; the stages add up to no more than the time to the first token."""

@@ -90,4 +90,50 @@ async def test_vllm_worker_steps_the_session_budget(session_core_budget: Path, l
 
     before = time.monotonic()
     await generate(llm_tiny, [text("Hi")], max_tokens=2)
-    assert CoreBudget(session_core_budget)._read()[1] > before
+    stepped, threads = CoreBudget(session_core_budget).engine_step()
+    assert stepped > before and threads >= 1
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to split")
+async def test_engine_answers_alike_on_its_share_and_on_every_core(tiny_ckpt: Path, vision_tiny: str) -> None:
+    """An engine bound to every core answers with the same greedy tokens and log-probabilities whether the budget
+    gives it all its threads (vision idle) or its share (vision busy): the split changes speed, not answers."""
+    import grpc
+
+    from dvd.core_budget import ENV
+    from dvd.procs import cpu_engine_env, language_server
+    from dvd.v1 import llm_pb2, llm_pb2_grpc
+    from tests.conftest import VLLM_START_TIMEOUT
+    from tests.helpers.llm import text
+
+    path = CoreBudget.create()
+    budget = CoreBudget(path)
+    svc = language_server(tiny_ckpt, vision_tiny, "--max-model-len", "4096", name="llm-budget",
+                          env={**cpu_engine_env(kv_gib=1), ENV: str(path)})
+    try:
+        address = svc.wait_grpc(VLLM_START_TIMEOUT)
+
+        async def answer(prompt: str) -> list[tuple[int, float]]:
+            req = llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(role="user", content=[text(prompt)])],
+                                          sampling=llm_pb2.SamplingParams(max_tokens=24, temperature=0.0,
+                                                                          logprobs=0, ignore_eos=True))
+            out: list[tuple[int, float]] = []
+            async with grpc.aio.insecure_channel(address) as channel:
+                async for msg in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req):
+                    for c in msg.choices:
+                        out += [(t, lp.logprob) for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
+            return out
+
+        prompts = ["Describe the sky", "What is on the table?", "Tell me about the river and the mountain " * 20]
+        threads = len(os.sched_getaffinity(0))
+        budget.set_vision_busy(False)
+        every_core = [await answer(p) for p in prompts]
+        assert budget.engine_step()[1] == threads
+        budget.set_vision_busy(True)
+        share = [await answer(p) for p in prompts]
+        assert budget.engine_step()[1] == threads - threads // 2
+        assert all(len(a) == 24 for a in every_core)
+        assert share == every_core
+    finally:
+        svc.stop()
+        path.unlink()
