@@ -34,8 +34,8 @@ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv || true
 bench() {  # name, args...
   local name=$1; shift
   echo "== vision_bench $name" >&2
-  timeout 240 "$py" benchmarks/vision_bench.py --device cuda --model vision8b --no-vllm --images 32 \
-    --image-size 896x896 --concurrency 8 --rounds 2 --repeats 2 --lone-requests 10 --out "$out/$name" "$@" \
+  timeout 240 "$py" benchmarks/vision_bench.py --device cuda --model vision8b --no-vllm --images 64 \
+    --image-size 896x896 --concurrency 8 --rounds 2 --repeats 3 --lone-requests 10 --out "$out/$name" "$@" \
     2>&1 | grep -v -i warn | tee "$out/$name.log"
 }
 bench vision8b-eager

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -141,7 +142,8 @@ def plot(record: dict[str, Any], path: Path, title: str) -> None:
         ax.set_title(f"{resolution} px", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    width = int(5.5 * len(items) * 14)  # characters that fit across the figure at this font size
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.splitlines()), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
