@@ -84,6 +84,18 @@ def test_vision_runner_takes_its_share_and_gives_it_back(tiny_ckpt: Path, budget
     assert not budget.vision_busy()
 
 
+def test_flash_runner_is_thread_invariant(tiny_flash_ckpt: Path) -> None:
+    """Embeddings, the ViR router's probabilities and the compressed projector: the same bytes on one thread."""
+    from vision_server.batcher import DeviceRunner
+    from vision_server.config import ModelConfig
+    from vision_server.model import build_model
+    from vision_server.weights import load_vision_weights
+
+    cfg = ModelConfig.from_checkpoint(tiny_flash_ckpt)
+    runner = DeviceRunner(build_model(cfg, load_vision_weights(tiny_flash_ckpt, True), "cpu", torch.float32), "cpu")
+    assert cfg.flash and runner.thread_invariant(1)
+
+
 async def test_vllm_worker_steps_the_session_budget(session_core_budget: Path, llm_tiny: str) -> None:
     """A request through the session's language server: vLLM's CPU worker (the plugin's hook) noted its steps."""
     from tests.helpers.llm import generate, text

@@ -58,14 +58,14 @@ class TileJob:
 class DeviceRunner:
     """One model copy on one device, fed from a single thread; `micro_batch` > 0 pads every forward to that shape."""
 
-    def __init__(self, model: VisionModel, device: str, micro_batch: int = 0, budget: CoreBudget | None = None) -> None:
+    def __init__(self, model: VisionModel, device: str, micro_batch: int = 0) -> None:
         self.model = model
         self.device = device
         self.micro_batch = micro_batch
         self.dtype = next(model.parameters()).dtype
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vision-{device}")
         # CPU hosts shared with a language engine (dvd/core_budget.py); only set where thread_invariant() holds.
-        self.budget = budget
+        self.budget: CoreBudget | None = None
         self._threads = torch.get_num_threads()
 
     @contextlib.contextmanager
@@ -180,10 +180,20 @@ class DeviceRunner:
         count (the core budget changes it with the language engine's load)."""
         side = self.model.cfg.image_size
         tiles = list(torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1)))
-        ref = [r.emb256 for r in self._run(tiles, [False, False])]
+        flash = self.model.cfg.flash
+
+        def outputs() -> list[torch.Tensor]:
+            out = [r.emb256 for r in self._run(tiles, [False, False])]  # type: ignore[misc]
+            if flash:  # the router's probabilities and the compressed projector too
+                routed = self._run(tiles, [True, True])
+                out += [r.p_compress for r in routed]  # type: ignore[misc]
+                out += [self.model.project(r.grid, compressed=True) for r in routed]  # type: ignore[arg-type]
+            return out
+
+        ref = outputs()
         torch.set_num_threads(threads)
         try:
-            got = [r.emb256 for r in self._run(tiles, [False, False])]
+            got = outputs()
         finally:
             torch.set_num_threads(self._threads)
         return all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
