@@ -333,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     address = a.address
     if address is None:
         env = {"OMP_NUM_THREADS": str(threads), "DVD_LOG_LEVEL": "WARNING"}
-        svc = vision_server(ckpt, "--dtype", a.dtype, "--batching", a.batching, "--max-batch-tiles", str(max_batch),
+        # The resolved dtype, not "auto": the server's own auto is float32 on every CPU, and the sides must match.
+        svc = vision_server(ckpt, "--dtype", str(dtype).removeprefix("torch."), "--batching", a.batching,
+                            "--max-batch-tiles", str(max_batch),
                             *(["--compile"] if a.compile else []),
                             *(["--preprocess-threads", str(a.preprocess_threads)] if a.preprocess_threads else []),
                             name="vision-bench", devices=device, env=env, sink=open(os.devnull, "w"))  # noqa: SIM115

@@ -19,17 +19,19 @@ _CONTEXTS: list[object] = []
 
 
 @functools.cache
-def init_vllm(port: int) -> None:
+def init_vllm() -> None:
     """vLLM's layers need a (single-rank) distributed group and a current config, once per process."""
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    from dvd.procs import free_port
 
     # The config stays current for the life of the process (vLLM's layers read it when built and run): the
     # context is entered and kept referenced, never exited.
     _CONTEXTS.append(set_current_vllm_config(VllmConfig()))
     _CONTEXTS[-1].__enter__()
     init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+                                 distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
     initialize_model_parallel(1, 1)
 
 
@@ -46,15 +48,12 @@ def _tensors(ckpt: Path, prefixes: tuple[str, ...]) -> Iterator[tuple[str, torch
                     yield n, f.get_tensor(n)
 
 
-def vllm_extract_feature(ckpt: Path, dtype: torch.dtype, device: str = "cpu",
-                         port: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def vllm_extract_feature(ckpt: Path, dtype: torch.dtype, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """`pixels (N, 3, H, W) -> (N, tokens, llm_hidden)` by vLLM's InternVLChatModel.extract_feature."""
     from transformers import AutoConfig
     from vllm.model_executor.models.internvl import InternVLChatModel
 
-    from dvd.procs import free_port
-
-    init_vllm(port or free_port())
+    init_vllm()
     ckpt = Path(ckpt)
     cfg = AutoConfig.from_pretrained(ckpt, trust_remote_code=True)
     ns = types.SimpleNamespace(downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version)

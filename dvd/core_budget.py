@@ -67,11 +67,20 @@ class CoreBudget:
     def engine_busy(self) -> bool:
         return time.monotonic() - self._read()[1] < ENGINE_IDLE_AFTER_S
 
+    @staticmethod
+    def engine_share(bound: int) -> int:
+        """The engine's threads while both compute, of the `bound` it was started with: its first n - n // 2."""
+        return bound - bound // 2 if bound > 1 else bound
+
+    def vision_share(self) -> list[int]:
+        """The vision server's cores while both compute: the last n // 2 (all of them on one core)."""
+        n = len(self.cpus)
+        return self.cpus[n - n // 2:] if n > 1 else self.cpus
+
     def engine_threads(self, bound: int) -> int:
-        """Threads for the engine's next step, of the `bound` it was started with (bound to cores in order)."""
-        return bound - bound // 2 if bound > 1 and self.vision_busy() else bound
+        """Threads for the engine's next step (its threads are bound to cores in order)."""
+        return self.engine_share(bound) if self.vision_busy() else bound
 
     def vision_cpus(self) -> list[int]:
-        """Cores for the vision server's next batch: the last half while the engine steps, else all."""
-        n = len(self.cpus)
-        return self.cpus[n - n // 2:] if n > 1 and self.engine_busy() else self.cpus
+        """Cores for the vision server's next batch: its share while the engine steps, else all."""
+        return self.vision_share() if self.engine_busy() else self.cpus

@@ -104,7 +104,7 @@ def share_cores_with_vision() -> None:
             from vllm.logger import init_logger
 
             init_logger("vllm.dvd").info("core budget shared with the vision server: %d threads, %d while it "
-                                         "computes", state["bound"], state["bound"] - state["bound"] // 2)
+                                         "computes", state["bound"], budget.engine_share(state["bound"]))
         want = budget.engine_threads(state["bound"])
         if want != state["now"]:
             torch._C.set_num_threads(want)

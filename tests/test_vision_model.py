@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def vllm_reference(image_path: str, port: int, jobs: list[tuple[str, str]]) -> None:
+def vllm_reference(image_path: str, jobs: list[tuple[str, str]]) -> None:
     """vLLM end to end for each (checkpoint, output) pair: media loader -> InternVLImageProcessor ->
     InternVisionModel -> pixel_shuffle -> mlp1, in float32 and bfloat16."""
     from transformers import AutoConfig
@@ -37,7 +37,7 @@ def vllm_reference(image_path: str, port: int, jobs: list[tuple[str, str]]) -> N
         pixels = proc(image)["pixel_values_flat"]
         out: dict[str, torch.Tensor] = {"pixels": pixels}
         for dtype in (torch.float32, torch.bfloat16):
-            out[str(dtype)] = vllm_extract_feature(Path(ckpt), dtype, port=port)(pixels)
+            out[str(dtype)] = vllm_extract_feature(Path(ckpt), dtype)(pixels)
         torch.save(out, out_path)
 
 
@@ -72,7 +72,6 @@ def make_vit6b_style(tiny: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def vllm_refs(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """One subprocess (vLLM's import is the slow part) computes the references for both checkpoints."""
-    from dvd.procs import free_port
     from tests.helpers.vision import encode, noise_image
 
     tmp = tmp_path_factory.mktemp("vllm_ref")
@@ -81,7 +80,7 @@ def vllm_refs(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     (tmp / "image.jpg").write_bytes(data)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     jobs = [f"{ckpt}={tmp / name}.pt" for name, ckpt in ckpts.items()]
-    proc = subprocess.run([sys.executable, __file__, str(tmp / "image.jpg"), str(free_port()), *jobs], env=env,
+    proc = subprocess.run([sys.executable, __file__, str(tmp / "image.jpg"), *jobs], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: {"bytes": data, "ckpt": ckpt, **torch.load(tmp / f"{name}.pt")} for name, ckpt in ckpts.items()}
@@ -228,4 +227,4 @@ def test_unused_pooling_layers_are_accepted_and_ignored(tiny_flash_ckpt: Path) -
 
 
 if __name__ == "__main__":
-    vllm_reference(sys.argv[1], int(sys.argv[2]), [tuple(job.split("=", 1)) for job in sys.argv[3:]])
+    vllm_reference(sys.argv[1], [tuple(job.split("=", 1)) for job in sys.argv[2:]])

@@ -71,8 +71,8 @@ def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
             runner.micro_batch = cfg.resolved_micro_batch()
         budget = CoreBudget.from_env() if device == "cpu" else None
         if budget is not None:
-            share = len(budget.cpus) // 2
-            if share and runner.thread_invariant(min(share, torch.get_num_threads())):
+            share = len(budget.vision_share())
+            if len(budget.cpus) > 1 and runner.thread_invariant(min(share, torch.get_num_threads())):
                 runner.budget = budget
             log.info("core budget", extra={"shared_with_engine": runner.budget is not None, "cpus": len(budget.cpus),
                                            "vision_share_when_both_busy": share})

@@ -130,9 +130,12 @@ class DeviceRunner:
     @torch.inference_mode()
     def project(self, grids: list[torch.Tensor], compressed: bool) -> list[torch.Tensor]:
         """Router tiles after the decision: (1, side, side, D) features -> bf16 rows on the host, one per tile."""
-        x = torch.cat(grids)
         with self._cores():
-            return list(self._to_host(self._apply(lambda g: self.model.project(g, compressed=compressed), x)))
+            return self._project(grids, compressed)
+
+    def _project(self, grids: list[torch.Tensor], compressed: bool) -> list[torch.Tensor]:
+        x = torch.cat(grids)
+        return list(self._to_host(self._apply(lambda g: self.model.project(g, compressed=compressed), x)))
 
     @staticmethod
     def _to_host(x: torch.Tensor) -> torch.Tensor:
@@ -152,51 +155,41 @@ class DeviceRunner:
             self.project([res[0].grid], compressed=True)
             self.project([res[0].grid], compressed=False)
 
+    @torch.inference_mode()
+    def _tile_outputs(self, group: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        """Every output the server sends for each tile of `group`, in one forward: its 256-token rows, and on Flash
+        checkpoints also the router's probability and the compressed projector's rows."""
+        plain = self._run(group, [False] * len(group))
+        rows: list[tuple[torch.Tensor, ...]] = [(r.emb256,) for r in plain]  # type: ignore[misc]
+        if self.model.cfg.flash:
+            routed = self._run(group, [True] * len(group))
+            emb64 = self._project([r.grid for r in routed], True)  # type: ignore[misc]
+            rows = [(*row, r.p_compress, e) for row, r, e in zip(rows, routed, emb64, strict=True)]  # type: ignore
+        return rows
+
+    @staticmethod
+    def _same(got: list[tuple[torch.Tensor, ...]], ref: list[tuple[torch.Tensor, ...]]) -> bool:
+        return all(torch.equal(a, b) for g, r in zip(got, ref, strict=False) for a, b in zip(g, r, strict=True))
+
     def batch_invariant(self, max_batch: int) -> bool:
         """Whether unpadded groups of every size up to `max_batch` give each tile, at every position, the same
         bytes as a forward of that tile alone (both projectors on Flash checkpoints)."""
         side = self.model.cfg.image_size
         tiles = list(torch.randn(max_batch, 3, side, side, generator=torch.Generator().manual_seed(0)))
-        flash = self.model.cfg.flash
+        alone = [self._tile_outputs([t])[0] for t in tiles]
+        return all(self._same(self._tile_outputs(tiles[:n]), alone) for n in range(2, max_batch + 1))
 
-        def outputs(group: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
-            res = self.run(group, [False] * len(group))
-            rows: list[tuple[torch.Tensor, ...]] = [(r.emb256,) for r in res]  # type: ignore[misc]
-            if flash:
-                grids = [r.grid for r in self.run(group, [True] * len(group))]
-                rows = [(*row, e) for row, e in zip(rows, self.project(grids, True), strict=True)]  # type: ignore
-            return rows
-
-        alone = [outputs([t])[0] for t in tiles]
-        for n in range(2, max_batch + 1):
-            for got, ref in zip(outputs(tiles[:n]), alone, strict=False):
-                if not all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)):
-                    return False
-        return True
-
-    @torch.inference_mode()
     def thread_invariant(self, threads: int) -> bool:
         """Whether a tile's bytes are the same computed with `threads` OpenMP threads as with the runner's own
         count (the core budget changes it with the language engine's load)."""
         side = self.model.cfg.image_size
         tiles = list(torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1)))
-        flash = self.model.cfg.flash
-
-        def outputs() -> list[torch.Tensor]:
-            out = [r.emb256 for r in self._run(tiles, [False, False])]  # type: ignore[misc]
-            if flash:  # the router's probabilities and the compressed projector too
-                routed = self._run(tiles, [True, True])
-                out += [r.p_compress for r in routed]  # type: ignore[misc]
-                out += [self.model.project(r.grid, compressed=True) for r in routed]  # type: ignore[arg-type]
-            return out
-
-        ref = outputs()
+        ref = self._tile_outputs(tiles)
         torch.set_num_threads(threads)
         try:
-            got = outputs()
+            return self._same(self._tile_outputs(tiles), ref)
         finally:
             torch.set_num_threads(self._threads)
-        return all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
