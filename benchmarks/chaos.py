@@ -47,7 +47,16 @@ from benchmarks.machine import machine
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes
-from dvd.procs import Service, cpu_engine_env, engine_cpus, language_server, router, shared_cpu_env, vision_server
+from dvd.procs import (
+    LOCALHOST,
+    Service,
+    cpu_engine_env,
+    engine_cpus,
+    language_server,
+    router,
+    shared_cpu_env,
+    vision_server,
+)
 from dvd.shm_orphans import shm_entries
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 
@@ -247,6 +256,7 @@ class Stack:
     llm: list[tuple[Service, int]] = field(default_factory=list)
     router: Service | None = None
     base: str = ""
+    internal: str = ""  # the router's operator port: /metrics, the detailed /ready
 
     def services(self) -> list[Service]:
         return [s for s, _ in self.vision + self.llm] + ([self.router] if self.router else [])
@@ -282,8 +292,10 @@ def running_stack(model: Path, log_dir: Path) -> Iterator[Stack]:
         stack.llm = [(svc, stack.wait_llm(svc)) for svc in starting]
         llm = ",".join(f"127.0.0.1:{p}" for _, p in stack.llm)
         stack.router = router(llm, "--health-interval", "0.5", "--max-concurrency", str(CONCURRENCY),
-                              "--max-queue", str(QUEUE), "--request-timeout", "120", **stack.logs("router"))
+                              "--max-queue", str(QUEUE), "--request-timeout", "120", "--metrics-port", "0",
+                              **stack.logs("router"))
         stack.base = stack.router.wait_http()
+        stack.internal = f"http://{LOCALHOST}:{stack.router.wait_port('metrics', 10)}"
         yield stack
     finally:
         for svc in reversed(stack.services()):
@@ -429,7 +441,7 @@ async def llm_kill(stack: Stack, seconds: float) -> Row:
         restarted = await asyncio.to_thread(stack.start_llm, 0, port)
         await asyncio.to_thread(stack.wait_llm, restarted)
         stack.llm[0] = (restarted, port)
-        async with httpx.AsyncClient(base_url=stack.base) as client:
+        async with httpx.AsyncClient(base_url=stack.internal) as client:
             for _ in range(20):
                 ready = (await client.get("/ready")).json()["backends"]
                 if all(v == "ready" for v in ready.values()):

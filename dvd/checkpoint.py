@@ -334,9 +334,11 @@ def default_checkpoint_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "dvd" / "checkpoints"
 
 
-def resolve_model(model: str, seed: int = 0, keep: Callable[[str], bool] | None = None) -> Path:
+def resolve_model(model: str, seed: int = 0, keep: Callable[[str], bool] | None = None,
+                  revision: str | None = None) -> Path:
     """A preset name (`tiny`, `small`, `vision8b`, each also `-flash`), a checkpoint directory, or a Hugging Face
-    repo id (`OpenGVLab/InternVL3_5-8B-Flash[@revision]`) fetched into the HF cache (HF_HOME, HF_TOKEN).
+    repo id (`OpenGVLab/InternVL3_5-8B-Flash[@revision]`, or `revision` given apart as vLLM's `--revision`) fetched
+    into the HF cache (HF_HOME, HF_TOKEN).
     `keep(tensor_name)` limits a download to the shards holding tensors it wants (the vision server's)."""
     preset, _, variant = model.partition("-")
     if preset in PRESETS and variant in ("", "flash"):
@@ -348,7 +350,7 @@ def resolve_model(model: str, seed: int = 0, keep: Callable[[str], bool] | None 
     if (path / "config.json").exists():
         return path
     if REPO_ID.fullmatch(model) and not path.exists():
-        return fetch_from_hub(model, keep)
+        return fetch_from_hub(model, keep, revision)
     raise FileNotFoundError(f"{model!r} is neither a preset ({', '.join(PRESETS)}, with -flash), a directory with "
                             "a config.json, nor a Hugging Face repo id (org/name)")
 
@@ -364,12 +366,13 @@ def _current(meta: Path) -> bool:
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
-def fetch_from_hub(model: str, keep: Callable[[str], bool] | None = None) -> Path:
+def fetch_from_hub(model: str, keep: Callable[[str], bool] | None = None, revision: str | None = None) -> Path:
     """The repo's snapshot directory in the HF cache: config, tokenizer and code files, then the weight shards
     (only those holding a tensor `keep` wants). Offline (HF_HUB_OFFLINE=1) it resolves from the cache alone."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    repo_id, _, revision = model.partition("@")
+    repo_id, _, pinned = model.partition("@")
+    revision = revision or pinned
     log.info("fetching from the Hugging Face Hub", extra={"repo": repo_id, "revision": revision or "main"})
     root = Path(snapshot_download(repo_id, revision=revision or None,
                                   allow_patterns=["*.json", "*.py", "*.txt", "*.model", "*.tiktoken"]))

@@ -1,8 +1,10 @@
 """One config pattern for every service: a frozen dataclass whose fields are the command line.
 
 Each field declared with `option()` becomes `--field-name` with the field's default, type and help; an `env`
-name gives the flag an environment fallback. `tuple[str, ...]` fields accept comma-separated values and may be
-repeated; a field whose type is such a dataclass brings that group's flags (options shared by services).
+name (or several, the first set wins) gives the flag an environment fallback; booleans read as people write them
+(true/false, yes/no, on/off, 1/0) and anything else is an error, never a silent false. `tuple[str, ...]` fields
+accept comma-separated values and may be repeated; a field whose type is such a dataclass brings that group's
+flags (options shared by services).
 Defaults live in the dataclass only, so the CLI, the tests and programmatic callers cannot disagree.
 The default ports of all services are here, in one table.
 """
@@ -29,7 +31,34 @@ MAX_VIDEO_FRAMES = 128
 C = TypeVar("C")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, env: str | None = None,
+_TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
+_FALSE = frozenset({"0", "false", "no", "off", "n", "f", ""})
+
+
+def parse_bool(value: str, name: str = "value") -> bool:
+    """`true`/`yes`/`on`/`1` and `false`/`no`/`off`/`0`, any case; anything else raises ValueError."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean (use true/false, yes/no, on/off or 1/0)")
+
+
+def env_value(names: str | Sequence[str] | None) -> tuple[str, str] | None:
+    """(name, value) of the first of `names` set, and not empty, in the environment (compose's `${X:-}` sets an
+    empty value for "not given")."""
+    for name in (names,) if isinstance(names, str) else names or ():
+        if os.environ.get(name):
+            return name, os.environ[name]
+    return None
+
+
+def env_label(names: str | Sequence[str]) -> str:
+    return names if isinstance(names, str) else " or ".join(names)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, env: str | Sequence[str] | None = None,
            choices: Sequence[str] | None = None, factory: Callable[[], Any] | None = None,
            flag: str | None = None) -> Any:
     """A dataclass field that is also a command-line flag."""
@@ -77,12 +106,15 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         env = f.metadata["env"]
         default = _default(f)
-        env_value = os.environ.get(env) if env else None
-        help_text = f.metadata["help"] + (f" (env {env})" if env else "")
+        from_env = env_value(env)
+        help_text = f.metadata["help"] + (f" (env {env_label(env)})" if env else "")
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text or None}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["default"] = env_value == "1" if env_value is not None else default
+            try:
+                kwargs["default"] = parse_bool(from_env[1], from_env[0]) if from_env else default
+            except ValueError as exc:  # at start-up, as argparse reports a bad flag
+                raise SystemExit(f"error: {exc}") from None
         elif typing.get_origin(hint) is tuple:
             kwargs["action"] = "append"
             kwargs["default"] = None
@@ -90,8 +122,8 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
         else:
             kwargs["type"] = hint
             kwargs["choices"] = f.metadata["choices"]
-            if env_value is not None:
-                kwargs["default"] = hint(env_value)
+            if from_env is not None:
+                kwargs["default"] = hint(from_env[1])
             elif default is dataclasses.MISSING:
                 kwargs["required"] = True
             else:
@@ -111,9 +143,9 @@ def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
             continue
         value = getattr(ns, f.name)
         if typing.get_origin(_base_type(hints[f.name])) is tuple:
-            env = f.metadata["env"]
-            if value is None and env and os.environ.get(env):
-                value = os.environ[env]
+            from_env = env_value(f.metadata["env"])
+            if value is None and from_env and from_env[1]:
+                value = from_env[1]
             value = split_list(value) if value is not None else _default(f)
         values[f.name] = value
     return cls(**values)

@@ -62,7 +62,8 @@ async def serve() -> None:
 
         start_http_server(config.metrics_port)
     service = LanguageService(engine, pool, served_name, vision_parameters=n_vision,
-                              cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30)), tools=config.tools)
+                              cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30), served_name),
+                              tools=config.tools)
     server, health, bound = await start_server(
         config.internal, config.host, config.port,
         lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), "dvd.v1.LanguageService",

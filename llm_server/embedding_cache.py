@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import torch
 
 from dvd.v1 import vision_pb2
-from llm_server import metrics
+from llm_server.metrics import Metrics
 
 # An image's rows, or a video's frames (each its own rows: ViR may compress some).
 Embedding = torch.Tensor | tuple[torch.Tensor, ...]
@@ -49,8 +49,9 @@ def embedding_keys(images: Sequence[bytes], options: vision_pb2.EncodeOptions, r
 
 
 class EmbeddingCache:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, model_name: str = "") -> None:
         self.max_bytes = max_bytes
+        self.metrics = Metrics(model_name)
         self._entries: OrderedDict[str, Embedding] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[Embedding | None]] = {}
         self.bytes = 0
@@ -71,11 +72,11 @@ class EmbeddingCache:
         while self.bytes + size > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self.bytes -= nbytes(old)
-            metrics.EMBEDDING_CACHE_EVICTIONS.inc()
+            self.metrics.cache_evictions.inc()
         self._entries[key] = emb
         self.bytes += size
-        metrics.EMBEDDING_CACHE_BYTES.set(self.bytes)
-        metrics.EMBEDDING_CACHE_ENTRIES.set(len(self._entries))
+        self.metrics.cache_bytes.set(self.bytes)
+        self.metrics.cache_entries.set(len(self._entries))
 
     async def lookup(self, keys: Sequence[str], encode: Encoder) -> list[Embedding]:
         """Embeddings for every key: cached ones at once, the missing ones through one `encode(indices)` call."""
@@ -89,16 +90,16 @@ class EmbeddingCache:
                     continue
                 if (emb := self._get(key)) is not None:
                     out[i] = emb
-                    metrics.EMBEDDING_CACHE_LOOKUPS.labels(result="hit").inc()
+                    self.metrics.cache_lookup("hit")
                 elif key in owned:  # the same image twice in one request: the vision server sees both
                     missing.append(i)
                 elif key in self._inflight:
                     waits[i] = self._inflight[key]
-                    metrics.EMBEDDING_CACHE_LOOKUPS.labels(result="shared").inc()
+                    self.metrics.cache_lookup("shared")
                 else:
                     owned[key] = self._inflight[key] = asyncio.get_running_loop().create_future()
                     missing.append(i)
-                    metrics.EMBEDDING_CACHE_LOOKUPS.labels(result="miss").inc()
+                    self.metrics.cache_lookup("miss")
             if missing:
                 await self._encode_owned(keys, missing, owned, encode, out)
             for i, fut in waits.items():

@@ -1,20 +1,47 @@
-"""Prometheus metrics of the language service (vLLM registers its own `vllm:*` metrics in the same registry)."""
+"""Prometheus metrics of the language service (`dvd_llm_*`, labelled `model_name` as vLLM's `vllm:*` beside them in
+the same default registry, which also carries the process metrics; dvd/metrics.py)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-REQUESTS = Counter("dvd_llm_requests_total", "Generate calls by outcome", ["status"])
-VISION_WAIT = Histogram("dvd_llm_vision_wait_seconds", "Time a request waited for its image embeddings",
-                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-EMBEDDING_BYTES = Counter("dvd_llm_embedding_bytes_total", "Embedding bytes received from the vision pool, by the "
-                          "data-plane transport they took (shm, tcp, grpc)", ["transport"])
-VISUAL_TOKENS = Counter("dvd_llm_visual_tokens_total", "Image embedding rows submitted to vLLM")
-INFLIGHT = Gauge("dvd_llm_inflight_requests", "Generate calls in progress")
-VISION_SERVERS_READY = Gauge("dvd_llm_vision_servers_ready", "Vision servers passing health checks")
-EMBEDDING_CACHE_LOOKUPS = Counter("dvd_llm_embedding_cache_lookups_total",
-                                  "Images looked up in the embedding cache: hit, miss (encoded), shared (waited for "
-                                  "another request's vision call)", ["result"])
-EMBEDDING_CACHE_BYTES = Gauge("dvd_llm_embedding_cache_bytes", "Bytes of embeddings held by the cache")
-EMBEDDING_CACHE_ENTRIES = Gauge("dvd_llm_embedding_cache_entries", "Images held by the embedding cache")
-EMBEDDING_CACHE_EVICTIONS = Counter("dvd_llm_embedding_cache_evictions_total", "Images evicted to stay in budget")
+from dvd.metrics import MODEL_LABEL, STAGE_BUCKETS
+
+_M = [MODEL_LABEL]
+_REQUESTS = Counter("dvd_llm_requests_total", "Generate calls by outcome", [*_M, "status"])
+_VISION_WAIT = Histogram("dvd_llm_vision_wait_seconds", "Time a request waited for its image embeddings", _M,
+                         buckets=STAGE_BUCKETS)
+_EMBEDDING_BYTES = Counter("dvd_llm_embedding_bytes_total", "Embedding bytes received from the vision pool, by the "
+                           "data-plane transport they took (shm, tcp, grpc)", [*_M, "transport"])
+_VISUAL_TOKENS = Counter("dvd_llm_visual_tokens_total", "Image embedding rows submitted to vLLM", _M)
+_INFLIGHT = Gauge("dvd_llm_inflight_requests", "Generate calls in progress", _M)
+_VISION_SERVERS_READY = Gauge("dvd_llm_vision_servers_ready", "Vision servers passing health checks", _M)
+_CACHE_LOOKUPS = Counter("dvd_llm_embedding_cache_lookups_total", "Images looked up in the embedding cache: hit, "
+                         "miss (encoded), shared (waited for another request's vision call)", [*_M, "result"])
+_CACHE_BYTES = Gauge("dvd_llm_embedding_cache_bytes", "Bytes of embeddings held by the cache", _M)
+_CACHE_ENTRIES = Gauge("dvd_llm_embedding_cache_entries", "Images held by the embedding cache", _M)
+_CACHE_EVICTIONS = Counter("dvd_llm_embedding_cache_evictions_total", "Images evicted to stay in budget", _M)
+
+
+class Metrics:
+    """The series of one served model (a process serves one; tests build several)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        m = {MODEL_LABEL: model_name}
+        self.vision_wait = _VISION_WAIT.labels(**m)
+        self.visual_tokens = _VISUAL_TOKENS.labels(**m)
+        self.inflight = _INFLIGHT.labels(**m)
+        self.vision_servers_ready = _VISION_SERVERS_READY.labels(**m)
+        self.cache_bytes = _CACHE_BYTES.labels(**m)
+        self.cache_entries = _CACHE_ENTRIES.labels(**m)
+        self.cache_evictions = _CACHE_EVICTIONS.labels(**m)
+
+    def request_done(self, status: str) -> None:
+        _REQUESTS.labels(model_name=self.model_name, status=status).inc()
+
+    def embedding_bytes(self, transport: str, n: int) -> None:
+        _EMBEDDING_BYTES.labels(model_name=self.model_name, transport=transport).inc(n)
+
+    def cache_lookup(self, result: str) -> None:
+        _CACHE_LOOKUPS.labels(model_name=self.model_name, result=result).inc()

@@ -23,7 +23,6 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from dvd.errors import PARAM_KEY
 from dvd.sampling import PASS_THROUGH
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
-from llm_server import metrics
 from llm_server.answer import (
     Answer,
     ToolOptions,
@@ -34,6 +33,7 @@ from llm_server.answer import (
     template_tools,
 )
 from llm_server.embedding_cache import Embedding, EmbeddingCache, embedding_keys
+from llm_server.metrics import Metrics
 from llm_server.prompt import PromptError, expand_videos, parse_messages, render_prompt
 from llm_server.vision_pool import VisionError, VisionPool
 
@@ -170,8 +170,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                  cache: EmbeddingCache | None = None, tools: ToolOptions | None = None) -> None:
         self.engine = engine
         self.pool = pool
-        self.cache = cache if cache is not None else EmbeddingCache(0)
+        self.cache = cache if cache is not None else EmbeddingCache(0, model_name)
         self.model_name = model_name
+        self.metrics = Metrics(model_name)
         self.vision_parameters = vision_parameters
         self.tokenizer = engine.get_tokenizer()
         self.model_config = engine.model_config
@@ -192,7 +193,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         return token_logprobs(token_ids, steps, top, lambda t: self.tokenizer.decode([t]))
 
     async def Health(self, request: llm_pb2.LanguageHealthRequest, context) -> llm_pb2.LanguageHealthResponse:
-        metrics.VISION_SERVERS_READY.set(self.pool.ready_count)
+        self.metrics.vision_servers_ready.set(self.pool.ready_count)
         alive = self.ready and not self.engine.errored
         return llm_pb2.LanguageHealthResponse(
             ready=alive, model=self.model_name, max_model_len=self.max_model_len,
@@ -205,7 +206,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "language server is stopping")
         self.inflight += 1
-        metrics.INFLIGHT.inc()
+        self.metrics.inflight.inc()
         status = "error"
         try:
             async for response in self._generate(request_id, request):
@@ -228,8 +229,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                 param_metadata(getattr(e, "parameter", None)))
         finally:
             self.inflight -= 1
-            metrics.INFLIGHT.dec()
-            metrics.REQUESTS.labels(status=status).inc()
+            self.metrics.inflight.dec()
+            self.metrics.request_done(status)
 
     async def _generate(self, request_id: str,
                         request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
@@ -266,9 +267,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                         e.param = conversation.paths[indices[e.item]]
                     raise
                 embedding_bytes, vision_summary = encoded.bytes_received, encoded.summary
-                metrics.VISION_WAIT.observe(encoded.seconds)
+                self.metrics.vision_wait.observe(encoded.seconds)
                 for transport, n in encoded.bytes_by_transport.items():
-                    metrics.EMBEDDING_BYTES.labels(transport=transport).inc(n)
+                    self.metrics.embedding_bytes(transport, n)
                 # Once, before the cache keeps them; cached embeddings are not checked again.
                 validate_embeddings(encoded.embeddings, len(indices), self.hidden_size, indices)
                 out: list[Embedding] = []
@@ -307,7 +308,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                               f"model's context of {self.max_model_len} tokens")
         params = sampling_params(request.sampling, self.default_sampling, prompt_tokens, self.max_model_len,
                                  constraint)
-        metrics.VISUAL_TOKENS.inc(visual_tokens)  # counted once the request is accepted
+        self.metrics.visual_tokens.inc(visual_tokens)  # counted once the request is accepted
 
         # As vLLM's server tells the engine where the reasoning ends (structured outputs start after it).
         reasoning = {"reasoning_ended": openai.resolve_reasoning_ended(answer.choices[0].parser, prompt_ids),

@@ -18,14 +18,23 @@ def main() -> None:
     setup_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per fetched image is noise
     # Bound here, before uvicorn starts: with --port 0 the launcher learns the port and no other process can take it.
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
+    sockets = [listen(config.host, config.port)]
+    ports = {"http": sockets[0].getsockname()[1]}
+    if config.metrics_port is not None:  # one server, two sockets: the app tells them apart by the local port
+        sockets.append(listen(config.host, config.metrics_port))
+        ports["metrics"] = sockets[1].getsockname()[1]
+    report_ports(**ports)
+    server = uvicorn.Server(uvicorn.Config(create_app(config, internal_port=ports.get("metrics")), log_config=None,
+                                           timeout_graceful_shutdown=5, timeout_keep_alive=int(config.keep_alive)))
+    server.run(sockets=sockets)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
+    sock.bind((host, port))
     sock.listen(2048)  # connections made once the port is reported wait in the backlog until uvicorn accepts them
-    report_ports(http=sock.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_config=None, timeout_graceful_shutdown=5,
-                                           timeout_keep_alive=int(config.keep_alive)))
-    server.run(sockets=[sock])
+    return sock
 
 
 if __name__ == "__main__":

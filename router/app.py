@@ -29,7 +29,9 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-def create_app(config: RouterConfig) -> FastAPI:
+def create_app(config: RouterConfig, internal_port: int | None = None) -> FastAPI:
+    """`internal_port`: requests arriving on that local port (the operators' --metrics-port) may read /metrics
+    and the detailed /ready; on the API port /metrics needs the API key and /ready says only ready or not."""
     metrics = Metrics()
     pool = BackendPool(config.llm, health_interval=config.health_interval, auth=config.internal)
     limiter = Limiter(config.max_concurrency, config.max_queue)
@@ -92,14 +94,22 @@ def create_app(config: RouterConfig) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    def internal(request: Request) -> bool:
+        server = request.scope.get("server")
+        return internal_port is not None and bool(server) and server[1] == internal_port
+
     @app.get("/ready")
-    async def ready() -> JSONResponse:
-        backends = {b.address: ("ready" if b.ready else b.last_error) for b in pool.backends}
+    async def ready(request: Request) -> JSONResponse:
         status = 200 if pool.ready_backends else 503
-        return JSONResponse({"ready": status == 200, "backends": backends}, status_code=status)
+        body: dict[str, object] = {"ready": status == 200}
+        if internal(request):  # backend addresses and their errors: for operators only
+            body["backends"] = {b.address: ("ready" if b.ready else b.last_error) for b in pool.backends}
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        if not internal(request):
+            authorize(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

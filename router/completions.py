@@ -102,6 +102,7 @@ class Completions:
                 request.stream(), request.headers.get("content-length", ""), self.max_body_bytes,
                 APIError(413, f"request body larger than {self.max_body_bytes} bytes", code="request_too_large")))
             self._check_model(req.model)
+            held.tracker.model_name = req.model
             held.reserve()
             media = await guarded(request, self.images.load_all(media_urls(req)), deadline)
             held.admitted(await guarded(request, self.limiter.take(), deadline))

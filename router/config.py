@@ -17,8 +17,12 @@ class RouterConfig:
                                   env="DVD_LLM")
     host: str = option("127.0.0.1", "address the HTTP API listens on", env="DVD_ROUTER_HOST")
     port: int = option(ROUTER_PORT, "HTTP port (0 = any free port, reported to a launcher)", env="DVD_ROUTER_PORT")
+    metrics_port: int | None = option(
+        None, "an internal port for /metrics and the detailed /ready (backend addresses and errors), to keep off "
+        "the public one (0 = any free port, reported to a launcher); unset: /metrics on the API port, behind the "
+        "API key, and no detailed /ready", env="DVD_ROUTER_METRICS_PORT")
     api_keys: tuple[str, ...] = option((), "accepted Bearer keys; comma-separated or repeated (none = no auth)",
-                                       env="DVD_API_KEY", flag="--api-key")
+                                       env=("DVD_API_KEY", "VLLM_API_KEY"), flag="--api-key")
     allow_private_image_urls: bool = option(
         False, "let image and video URLs reach loopback/private/link-local addresses (tests, trusted networks)",
         env="DVD_ALLOW_PRIVATE_IMAGE_URLS")

@@ -32,3 +32,48 @@ def test_flags_parse_to_typed_fields() -> None:
 def test_services_default_to_distinct_ports() -> None:
     assert len({ROUTER_PORT, VISION_PORT, LLM_PORT}) == 3
     assert {f.name for f in dataclasses.fields(LocalConfig)} >= {"llm_args", "vision_args", "router_args"}
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("True", True), ("yes", True), ("on", True),
+                                                 ("1", True), ("false", False), ("NO", False), ("off", False),
+                                                 ("0", False)])
+def test_boolean_settings_read_as_people_write_them(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                    expected: bool) -> None:
+    from router.config import parse_args as router_args
+
+    monkeypatch.setenv("DVD_ALLOW_PRIVATE_IMAGE_URLS", value)
+    assert router_args(["--llm", "x:1"]).allow_private_image_urls is expected
+    assert router_args(["--llm", "x:1", "--no-allow-private-image-urls"]).allow_private_image_urls is False
+
+
+def test_a_boolean_setting_that_is_not_one_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.config import parse_args as router_args
+
+    monkeypatch.setenv("DVD_ALLOW_PRIVATE_IMAGE_URLS", "ture")
+    with pytest.raises(SystemExit) as exc:
+        router_args(["--llm", "x:1"])
+    assert "DVD_ALLOW_PRIVATE_IMAGE_URLS='ture' is not a boolean" in str(exc.value)
+
+
+def test_the_api_key_also_comes_from_vllm_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment written for `vllm serve` sets VLLM_API_KEY; DVD_API_KEY wins when both are set."""
+    from router.config import parse_args as router_args
+
+    monkeypatch.delenv("DVD_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "k1")
+    assert router_args(["--llm", "x:1"]).api_keys == ("k1",)
+    monkeypatch.setenv("DVD_API_KEY", "")  # compose's ${DVD_API_KEY:-}: not given
+    assert router_args(["--llm", "x:1"]).api_keys == ("k1",)
+    monkeypatch.setenv("DVD_API_KEY", "k2")
+    assert router_args(["--llm", "x:1"]).api_keys == ("k2",)
+
+
+def test_latency_buckets_are_vllms() -> None:
+    """The gateway's histograms use vLLM's boundaries, so one dashboard query reads both (dvd/metrics.py)."""
+    from vllm.v1.metrics.buckets import histogram_buckets
+
+    from dvd.metrics import REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+
+    assert list(TTFT_BUCKETS) == list(histogram_buckets("time_to_first_token"))
+    assert list(TPOT_BUCKETS) == list(histogram_buckets("inter_token_latency"))
+    assert list(REQUEST_LATENCY_BUCKETS) == list(histogram_buckets("request_latency"))

@@ -408,6 +408,6 @@ async def test_tokens_equal_stock_vllm_across_hosts(llm_by_transport: dict[str, 
     tokens, final = await generate(address, [*(image(b) for b in images), text(question)], max_tokens=24)
     assert await stock_vllm_tokens(colocated_tiny, images, question, max_tokens=24) == tokens
     body = httpx.get(metrics_url, timeout=10).text
-    sample = f'dvd_llm_embedding_bytes_total{{transport="{transport}"}}'
+    sample = f'dvd_llm_embedding_bytes_total{{model_name="tiny",transport="{transport}"}}'
     got = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.splitlines() if line.startswith(sample)}
     assert got.get(sample, 0) >= final.timings.embedding_bytes > 0

@@ -237,9 +237,9 @@ async def test_metrics_cover_vision_wait_bytes_and_vllm(llm_tiny: str, llm_tiny_
     body = httpx.get(llm_tiny_metrics, timeout=10).text
     samples = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.splitlines()
                if line and not line.startswith("#")}
-    assert samples["dvd_llm_vision_wait_seconds_count"] >= 1
+    assert samples['dvd_llm_vision_wait_seconds_count{model_name="tiny"}'] >= 1
     # Same host: the bytes took shared memory.
-    assert samples['dvd_llm_embedding_bytes_total{transport="shm"}'] >= 256 * 128 * 2
+    assert samples['dvd_llm_embedding_bytes_total{model_name="tiny",transport="shm"}'] >= 256 * 128 * 2
     assert any(name.startswith("vllm:") for name in samples), "vLLM's own metrics are not exposed"
 
 

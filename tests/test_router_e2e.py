@@ -465,10 +465,13 @@ def test_no_retry_after_tokens_were_sent(flaky: tuple[FlakyLanguageServer, str],
 def test_router_finds_language_servers_through_dns(llm_tiny: str) -> None:
     """`--llm dns:NAME:PORT`: every address the name resolves to is a backend (a headless Service's pods)."""
     port = llm_tiny.rsplit(":", 1)[1]
-    svc, base = start_router("router-dns", f"dns:localhost:{port}")
+    svc, base = start_router("router-dns", f"dns:localhost:{port}", "--metrics-port", "0")
     try:
-        health = httpx.get(base.removesuffix("/v1") + "/ready", timeout=10).json()
-        assert f"127.0.0.1:{port}" in str(health)
+        internal = f"http://127.0.0.1:{svc.wait_port('metrics', 10)}"
+        health = httpx.get(f"{internal}/ready", timeout=10).json()
+        assert f"127.0.0.1:{port}" in str(health["backends"])  # the detail is on the operators' port only
+        assert httpx.get(base.removesuffix("/v1") + "/ready", timeout=10).json() == {"ready": True}
+        assert "dvd_router_backends_ready 1.0" in httpx.get(f"{internal}/metrics", timeout=10).text
         reply = openai.OpenAI(base_url=base, api_key="none").chat.completions.create(
             model="tiny", max_tokens=2, messages=[user_message("Hi")])
         assert reply.choices[0].finish_reason in ("length", "stop")

@@ -44,7 +44,8 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 def test_health_and_readiness(dead_router: str) -> None:
     assert httpx.get(f"{dead_router}/health").status_code == 200
     ready = httpx.get(f"{dead_router}/ready")
-    assert ready.status_code == 503 and ready.json()["ready"] is False
+    # Ready or not, nothing about the inside: the dead backend's address and error stay off the public port.
+    assert ready.status_code == 503 and ready.json() == {"ready": False}
 
 
 def test_api_key(dead_router: str) -> None:
@@ -85,9 +86,12 @@ def test_unknown_route_is_openai_shaped(dead_router: str) -> None:
 
 def test_metrics_count_outcomes(dead_router: str) -> None:
     chat(dead_router)
-    text = httpx.get(f"{dead_router}/metrics").text
-    assert 'dvd_router_requests_total{status="503"}' in text
-    assert 'dvd_router_errors_total{code="no_backend",type="service_unavailable"}' in text
+    assert httpx.get(f"{dead_router}/metrics").status_code == 401  # on the API port, behind the API key
+    text = httpx.get(f"{dead_router}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    # No served model is known when no backend is ready: the label stays empty rather than echo the client.
+    assert 'dvd_router_requests_total{model_name="",status="503"}' in text
+    assert 'dvd_router_errors_total{code="no_backend",model_name="",type="service_unavailable"}' in text
+    assert "process_cpu_seconds_total" in text
     for name in ("dvd_router_time_to_first_token_seconds", "dvd_router_time_per_output_token_seconds",
                  "dvd_router_e2e_request_latency_seconds", "dvd_router_requests_in_flight"):
         assert f"# TYPE {name}" in text

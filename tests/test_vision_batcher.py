@@ -141,15 +141,19 @@ def test_startup_check_proves_variable_groups_and_catches_batch_dependence(tiny_
 
 
 def test_metrics_exposition() -> None:
-    m = Metrics()
+    m = Metrics("tiny")
     m.bind_queue(lambda: 7)
     m.observe_batch(4, 0.1)
     m.observe_vir([True, False, False, True])
+    m.request_done("ok", 0.2)
     text = generate_latest(m.registry).decode()
-    assert "vision_tiles_total 4.0" in text
-    assert "vision_queue_tiles 7.0" in text
-    assert "vision_vir_compressed_share 0.5" in text
-    assert 'vision_batch_tiles_bucket{le="4.0"} 1.0' in text
+    assert 'dvd_vision_tiles_total{model_name="tiny"} 4.0' in text
+    assert 'dvd_vision_queue_tiles{model_name="tiny"} 7.0' in text
+    assert 'dvd_vision_vir_compressed_share{model_name="tiny"} 0.5' in text
+    assert 'dvd_vision_vir_tiles_total{compressed="true",model_name="tiny"} 2.0' in text
+    assert 'dvd_vision_batch_tiles_bucket{le="4.0",model_name="tiny"} 1.0' in text
+    assert 'dvd_vision_requests_total{model_name="tiny",status="ok"} 1.0' in text
+    assert "process_resident_memory_bytes" in text  # process metrics on the private registry too
 
 
 async def test_one_worker_per_device_shares_the_queue() -> None:

@@ -47,7 +47,8 @@ def resolve_dtype(cfg: ServerConfig) -> torch.dtype:
 
 def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
     """Read the vision weights once, place one model copy per device and warm each up."""
-    ckpt = resolve_model(cfg.model, keep=lambda name: wanted(name, flash=True))  # a repo id: vision shards only
+    # A repo id: vision shards only.
+    ckpt = resolve_model(cfg.model, keep=lambda name: wanted(name, flash=True), revision=cfg.revision)
     model_cfg = ModelConfig.from_checkpoint(ckpt, name=cfg.model if "/" not in cfg.model else None)
     tensors = load_vision_weights(ckpt, model_cfg.flash)
     dtype = resolve_dtype(cfg)
@@ -92,7 +93,7 @@ async def serve(cfg: ServerConfig) -> None:
         else cfg.vir_relative_threshold,
         absolute=model_cfg.vir_absolute_threshold if cfg.vir_absolute_threshold is None
         else cfg.vir_absolute_threshold)
-    metrics = Metrics()
+    metrics = Metrics(cfg.model)
     batcher = Batcher(runners, cfg.resolved_max_batch(), cfg.max_wait_ms / 1000, on_batch=metrics.observe_batch,
                       granularity=max(r.micro_batch for r in runners))
     batcher.tile_seconds = await asyncio.to_thread(runners[0].measure_tile_seconds, min(4, batcher.max_batch))

@@ -97,7 +97,9 @@ class ModelConfig:
 class ServerConfig:
     """Serving options, independent of the checkpoint; also the command line (dvd.config)."""
 
-    model: str = option(help="checkpoint directory or preset (tiny, tiny-flash, small, ...)")
+    model: str = option(help="checkpoint directory, preset (tiny, tiny-flash, small, ...) or Hugging Face repo id")
+    revision: str | None = option(None, "the repo's branch, tag or commit (as vLLM's --revision); pin the same on "
+                                        "both nodes")
     port: int = option(VISION_PORT, "gRPC port (0 = any free port, reported to a launcher)")
     host: str = option("0.0.0.0", "address gRPC, the data port and metrics listen on")
     data_port: int = option(

@@ -1,33 +1,47 @@
-"""Prometheus metrics of the vision service, on a private registry so several servers can share a process."""
+"""Prometheus metrics of the vision service (`dvd_vision_*`, labelled `model_name`: dvd/metrics.py), on a private
+registry so several servers can share a process."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from dvd.metrics import MODEL_LABEL, REQUEST_LATENCY_BUCKETS, STAGE_BUCKETS, service_registry
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.tiles = Counter("vision_tiles", "Tiles encoded (rate() gives tiles/s)", registry=r)
-        self.batch_tiles = Histogram("vision_batch_tiles", "Tiles per batch", buckets=BATCH_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("vision_batch_seconds", "Compute time per batch", buckets=LATENCY_BUCKETS,
-                                       registry=r)
-        self.queue_tiles = Gauge("vision_queue_tiles", "Tiles waiting for a batch slot", registry=r)
-        self.inflight = Gauge("vision_inflight_requests", "Encode calls in progress", registry=r)
-        self.requests = Counter("vision_requests", "Encode calls by outcome", ["status"], registry=r)
-        self.request_seconds = Histogram("vision_request_seconds", "Encode call latency", buckets=LATENCY_BUCKETS,
-                                         registry=r)
-        self.vir_tiles = Counter("vision_vir_tiles", "Tiles the ViR router decided on", ["compressed"], registry=r)
-        self.vir_share = Gauge("vision_vir_compressed_share", "Share of router-decided tiles compressed so far",
-                               registry=r)
+    def __init__(self, model_name: str) -> None:
+        self.registry = r = service_registry()
+        m = {MODEL_LABEL: model_name}
+        by_model = [MODEL_LABEL]
+        self.tiles = Counter("dvd_vision_tiles", "Tiles encoded (rate() gives tiles/s)", by_model,
+                             registry=r).labels(**m)
+        self.batch_tiles = Histogram("dvd_vision_batch_tiles", "Tiles per batch", by_model, buckets=BATCH_BUCKETS,
+                                     registry=r).labels(**m)
+        self.batch_seconds = Histogram("dvd_vision_batch_seconds", "Compute time per batch", by_model,
+                                       buckets=STAGE_BUCKETS, registry=r).labels(**m)
+        self.queue_tiles = Gauge("dvd_vision_queue_tiles", "Tiles waiting for a batch slot (the autoscaling signal)",
+                                 by_model, registry=r).labels(**m)
+        self.inflight = Gauge("dvd_vision_inflight_requests", "Encode calls in progress", by_model,
+                              registry=r).labels(**m)
+        self._requests = Counter("dvd_vision_requests", "Encode calls by outcome (a gRPC status name)",
+                                 [MODEL_LABEL, "status"], registry=r)
+        self.request_seconds = Histogram("dvd_vision_request_seconds", "Encode call latency", by_model,
+                                         buckets=REQUEST_LATENCY_BUCKETS, registry=r).labels(**m)
+        self._vir_tiles = Counter("dvd_vision_vir_tiles", "Tiles the ViR router decided on",
+                                  [MODEL_LABEL, "compressed"], registry=r)
+        self.vir_share = Gauge("dvd_vision_vir_compressed_share", "Share of router-decided tiles compressed so far",
+                               by_model, registry=r).labels(**m)
+        self.model_name = model_name
         self._vir_decided = 0
         self._vir_compressed = 0
+
+    def request_done(self, status: str, seconds: float) -> None:
+        self._requests.labels(model_name=self.model_name, status=status).inc()
+        self.request_seconds.observe(seconds)
 
     def bind_queue(self, depth: Callable[[], int]) -> None:
         """The queue gauge reads the live depth at scrape time instead of being pushed on every change."""
@@ -40,8 +54,8 @@ class Metrics:
 
     def observe_vir(self, decisions: list[bool]) -> None:
         n = sum(decisions)
-        self.vir_tiles.labels(compressed="true").inc(n)
-        self.vir_tiles.labels(compressed="false").inc(len(decisions) - n)
+        self._vir_tiles.labels(model_name=self.model_name, compressed="true").inc(n)
+        self._vir_tiles.labels(model_name=self.model_name, compressed="false").inc(len(decisions) - n)
         self._vir_decided += len(decisions)
         self._vir_compressed += n
         if self._vir_decided:

@@ -253,8 +253,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 sender.close()
             self.inflight -= 1
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(status=status).inc()
-            self.metrics.request_seconds.observe(time.monotonic() - t0)
+            self.metrics.request_done(status, time.monotonic() - t0)
 
     async def _stream(self, request_id: str, tiled: list[Tiled], per_image: list[list[asyncio.Future[TileResult]]],
                       router: bool, t_pre: float, t0: float,
