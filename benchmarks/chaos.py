@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/chaos"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    setup_logging()
+    setup_logging(fmt="text")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     random.seed(args.seed)
     model = resolve_model(args.model)

@@ -150,7 +150,7 @@ def plot(record: dict[str, Any], path: Path, title: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
+    setup_logging(fmt="text")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
     out: Path = args.out or REPO / "results" / f"sweep-{datetime.now():%Y%m%d-%H%M%S}"

@@ -162,7 +162,7 @@ def main() -> None:
     args = p.parse_args()
     if bool(args.llm) != bool(args.router):
         p.error("--llm and --router go together")
-    setup_logging("WARNING")
+    setup_logging("WARNING", fmt="text")
     sizes = [int(s) for s in args.sizes.split(",")]
     info = machine()
     where = info["cpu_model"]

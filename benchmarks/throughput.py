@@ -691,7 +691,7 @@ def flops_model(config: str, args: argparse.Namespace) -> FlopsModel | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
+    setup_logging(fmt="text")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bars
     args = parse_args(argv)
     out: Path = args.out or REPO / "results" / f"throughput-{datetime.now():%Y%m%d-%H%M%S}"

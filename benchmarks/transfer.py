@@ -186,7 +186,7 @@ def write_report(out: Path, result: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
+    setup_logging(fmt="text")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096, help="language hidden size (InternVL3.5-8B: 4096)")

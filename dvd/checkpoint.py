@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size-mb", type=float, default=1024.0)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(fmt="text")
     make_checkpoint(args.preset, args.out, flash=args.flash, seed=args.seed, shard_size_mb=args.shard_size_mb)
     print(args.out)
 

@@ -1,27 +1,65 @@
-"""One structured log format for every service: `time level logger message key=value ...`."""
+"""One structured log format for every service: JSON lines that a log shipper parses as they are.
+
+Each line has `time`, `level`, `logger`, `message`, the call's own fields, and the `request_id` and `trace_id` of
+the request being served (set once per request by `request_context`, read from context variables, so every line
+logged while serving it carries them, in whichever module). `DVD_LOG_FORMAT=text` writes
+`time level logger message key="value"` lines instead, for a terminal.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from contextvars import ContextVar
 
-# color_message: uvicorn's ANSI duplicate of the message.
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+
+from dvd.tracing import trace_id
+
+REQUEST_ID: ContextVar[str] = ContextVar("dvd_request_id", default="")
+FORMATS = ("json", "text")
+# color_message: uvicorn's ANSI duplicate of the message; taskName: asyncio's, on Python 3.12+.
+_HIDDEN = {*RESERVED_ATTRS, "color_message", "taskName"}
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+
+
+def request_context(request_id: str) -> None:
+    """Every line logged from here on in this task (and tasks it starts) names `request_id`."""
+    REQUEST_ID.set(request_id)
+
+
+class _RequestFields(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", "") and (rid := REQUEST_ID.get()):
+            record.request_id = rid
+        if not getattr(record, "trace_id", "") and (tid := trace_id()):
+            record.trace_id = tid
+        return True
 
 
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
-        if not extras:
-            return base
-        return base + " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        return " ".join([base, *(f"{k}={json.dumps(v, default=str)}" for k, v in extras.items())])
 
 
-def setup_logging(level: str | None = None) -> None:
+def setup_logging(level: str | None = None, fmt: str | None = None) -> None:
+    """Services log JSON by default; benchmarks and tools, read by people, pass fmt="text"."""
+    fmt = (fmt or os.environ.get("DVD_LOG_FORMAT", "json")).strip().lower()
+    if fmt not in FORMATS:
+        raise SystemExit(f"error: DVD_LOG_FORMAT={fmt!r} is not one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                           rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                                           reserved_attrs=sorted(_HIDDEN), json_default=str))
+    else:
+        handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(_RequestFields())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level or os.environ.get("DVD_LOG_LEVEL", "INFO"))

@@ -15,6 +15,7 @@ from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
 from dvd.shm_orphans import remove_orphans
+from dvd.tracing import setup_tracing
 from dvd.v1 import llm_pb2_grpc
 from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
@@ -48,7 +49,10 @@ async def serve() -> None:
     os.environ[ENGINE_PARENT_ENV] = str(os.getpid())  # vLLM's engine processes die with this one (vllm_plugin.py)
     engine = AsyncLLM.from_engine_args(engine_args)
     model_config = engine.model_config
-    served_name = model_config.served_model_name or model_config.model
+    # As vLLM's server: every --served-model-name is accepted, the first names the model; none = the model id.
+    names = engine_args.served_model_name
+    served_names = ([names] if isinstance(names, str) else list(names or ())) or [model_config.model]
+    served_name = served_names[0]
     n_vision = await vision_parameters(engine)
     log.info("engine ready", extra={"model": served_name, "max_model_len": model_config.max_model_len,
                                     "vision_parameters": n_vision})
@@ -61,7 +65,7 @@ async def serve() -> None:
         from prometheus_client import start_http_server
 
         start_http_server(config.metrics_port)
-    service = LanguageService(engine, pool, served_name, vision_parameters=n_vision,
+    service = LanguageService(engine, pool, served_name, aliases=served_names[1:], vision_parameters=n_vision,
                               cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30), served_name),
                               tools=config.tools)
     server, health, bound = await start_server(
@@ -92,6 +96,7 @@ def _stop_while_starting(signum: int, _frame: object) -> None:
 
 def main() -> None:
     setup_logging()
+    setup_tracing("dvd-llm")
     signal.signal(signal.SIGTERM, _stop_while_starting)  # serve() installs the graceful handler once it serves
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())

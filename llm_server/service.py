@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import torch
+from opentelemetry import trace
 from pydantic import TypeAdapter
 from vllm import SamplingParams
 from vllm.config import ModelConfig, StructuredOutputsConfig
@@ -21,7 +22,9 @@ from vllm.tokenizers import TokenizerLike
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from dvd.errors import PARAM_KEY
+from dvd.logs import request_context
 from dvd.sampling import PASS_THROUGH
+from dvd.tracing import incoming_context, outgoing_metadata, tracer
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server.answer import (
     Answer,
@@ -167,11 +170,13 @@ def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] 
 
 class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
     def __init__(self, engine: AsyncLLM, pool: VisionPool, model_name: str, vision_parameters: int = -1,
-                 cache: EmbeddingCache | None = None, tools: ToolOptions | None = None) -> None:
+                 cache: EmbeddingCache | None = None, tools: ToolOptions | None = None,
+                 aliases: Sequence[str] = ()) -> None:
         self.engine = engine
         self.pool = pool
         self.cache = cache if cache is not None else EmbeddingCache(0, model_name)
         self.model_name = model_name
+        self.model_names = [model_name, *aliases]
         self.metrics = Metrics(model_name)
         self.vision_parameters = vision_parameters
         self.tokenizer = engine.get_tokenizer()
@@ -199,10 +204,22 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             ready=alive, model=self.model_name, max_model_len=self.max_model_len,
             running_requests=self.engine.get_num_unfinished_requests(),
             vision_servers_ready=self.pool.ready_count, vision_parameters=self.vision_parameters,
+            model_names=self.model_names, model_root=self.model_config.model,
         )
 
     async def Generate(self, request: llm_pb2.GenerateRequest, context) -> AsyncIterator[llm_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
+        request_context(request_id)
+        with tracer.start_as_current_span("llm.generate", context=incoming_context(context.invocation_metadata()),
+                                          kind=trace.SpanKind.SERVER, attributes={"dvd.request_id": request_id,
+                                                                                  "gen_ai.request.model":
+                                                                                  self.model_name}):
+            async for response in self._serve(request_id, request, context):
+                yield response
+
+    async def _serve(self, request_id: str, request: llm_pb2.GenerateRequest,
+                     context) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        """Generate's outcomes: each failure aborts the call with its status, once, and is counted."""
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "language server is stopping")
         self.inflight += 1
@@ -259,9 +276,11 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             async def encode(indices: list[int]) -> list[Embedding]:
                 nonlocal embedding_bytes, vision_summary
                 try:
-                    encoded = await self.pool.encode(request_id, [media[i] for i in indices], options,
-                                                     [conversation.max_tiles[i] for i in indices],
-                                                     [kinds[i] for i in indices])
+                    with tracer.start_as_current_span("llm.vision", attributes={"dvd.media": len(indices)}) as span:
+                        encoded = await self.pool.encode(request_id, [media[i] for i in indices], options,
+                                                         [conversation.max_tiles[i] for i in indices],
+                                                         [kinds[i] for i in indices])
+                        span.set_attributes({f"dvd.bytes.{t}": n for t, n in encoded.bytes_by_transport.items()})
                 except VisionError as e:  # one bad file: name it as the client did
                     if e.item is not None and e.item < len(indices):
                         e.param = conversation.paths[indices[e.item]]
@@ -321,12 +340,24 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         completion_tokens = 0
         cached = 0
         first_token_at: float | None = None
-        async for out in self.engine.generate(engine_input, params, request_id, **reasoning):
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            cached = out.num_cached_tokens or cached
-            completion_tokens += sum(len(o.token_ids) for o in out.outputs)
-            yield llm_pb2.GenerateResponse(choices=answer.deltas(out, logprobs))
+        engine_span = tracer.start_span("llm.engine", attributes={"gen_ai.usage.input_tokens": prompt_tokens,
+                                                                  "dvd.visual_tokens": visual_tokens})
+        # vLLM's own spans (--otlp-traces-endpoint: queue, prefill and decode times) join this trace under it.
+        with trace.use_span(engine_span):
+            trace_headers = dict(outgoing_metadata())
+        try:
+            async for out in self.engine.generate(engine_input, params, request_id, trace_headers=trace_headers,
+                                                  **reasoning):
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    engine_span.add_event("first_token")
+                cached = out.num_cached_tokens or cached
+                completion_tokens += sum(len(o.token_ids) for o in out.outputs)
+                yield llm_pb2.GenerateResponse(choices=answer.deltas(out, logprobs))
+        finally:
+            engine_span.set_attributes({"gen_ai.usage.output_tokens": completion_tokens,
+                                        "dvd.cached_tokens": cached})
+            engine_span.end()
         t_end = time.perf_counter()
         timings = llm_pb2.StageTimings(vision_seconds=t_vision - t0,
                                        queue_seconds=(first_token_at or t_end) - t_vision,

@@ -17,6 +17,7 @@ from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES
 from dvd.errors import ITEM_KEY, PARAM_KEY
 from dvd.security import InternalAuth
 from dvd.tensor_codec import BF16_BYTES
+from dvd.tracing import outgoing_metadata
 from dvd.v1 import vision_pb2
 from llm_server.data_plane import DataPlaneError, ShmSlots, TileReceiver, VisionStub, image_buffer
 
@@ -179,7 +180,7 @@ class VisionPool(BackendPool[VisionStub]):
         counts = [0] * len(images)  # tiles received per image
         by_transport: dict[str, int] = {}
         b.outstanding += 1
-        call = b.stub.Encode(request, timeout=timeout)
+        call = b.stub.Encode(request, timeout=timeout, metadata=outgoing_metadata())  # the trace goes on
         try:
             async for answer in call:
                 if answer is None:  # read_response failed; gRPC logged why

@@ -9,6 +9,7 @@ import uvicorn
 
 from dvd.logs import setup_logging
 from dvd.runtime import report_ports
+from dvd.tracing import setup_tracing
 from router.app import create_app
 from router.config import parse_args
 
@@ -16,6 +17,7 @@ from router.config import parse_args
 def main() -> None:
     config = parse_args()
     setup_logging()
+    setup_tracing("dvd-router")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per fetched image is noise
     # Bound here, before uvicorn starts: with --port 0 the launcher learns the port and no other process can take it.
     sockets = [listen(config.host, config.port)]

@@ -6,6 +6,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version as package_version
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +24,7 @@ from router.metrics import Metrics
 from router.schemas import ModelCard, ModelList
 
 log = logging.getLogger("router.app")
+VERSION = package_version("dvd-internvl")
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -87,8 +89,13 @@ def create_app(config: RouterConfig, internal_port: int | None = None) -> FastAP
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, max_model_len=length or None)
-                               for name, length in sorted(pool.models().items())])
+        return ModelList(data=[ModelCard(id=name, root=status.model_root or name,
+                                         max_model_len=status.max_model_len or None)
+                               for name, status in sorted(pool.models().items())])
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -47,15 +47,16 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
         backend.status = health
         return health.ready, float(health.running_requests)
 
-    def models(self) -> dict[str, int]:
-        """Served model name -> max_model_len, over ready replicas."""
-        return {b.status.model: b.status.max_model_len for b in self.ready_backends}
+    def models(self) -> dict[str, llm_pb2.LanguageHealthResponse]:
+        """Every served model name (aliases included) -> the health report of a ready replica serving it."""
+        return {name: b.status for b in self.ready_backends for name in (b.status.model_names or [b.status.model])}
 
-    async def generate(self, request: llm_pb2.GenerateRequest,
-                       deadline: float) -> AsyncIterator[llm_pb2.GenerateResponse]:
+    async def generate(self, request: llm_pb2.GenerateRequest, deadline: float,
+                       metadata: list[tuple[str, str]] | None = None) -> AsyncIterator[llm_pb2.GenerateResponse]:
         """Stream one request's responses until `deadline` (event-loop time); closing the iterator cancels the call.
 
-        The deadline travels with the call, so the language server gives up at the same moment the router does.
+        The deadline travels with the call, so the language server gives up at the same moment the router does;
+        `metadata` carries the trace context.
         """
         loop = asyncio.get_running_loop()
         tried: set[str] = set()
@@ -65,7 +66,7 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
                 raise NoBackendError("no language server is ready")
             tried.add(backend.address)
             backend.outstanding += 1
-            call = backend.stub.Generate(request, timeout=max(deadline - loop.time(), 0.001))
+            call = backend.stub.Generate(request, timeout=max(deadline - loop.time(), 0.001), metadata=metadata)
             sent_any = False
             try:
                 async for response in call:

@@ -18,9 +18,13 @@ from typing import TypeVar
 import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from dvd.logs import request_context
+from dvd.tracing import incoming_context, outgoing_metadata, tracer
 from dvd.v1 import llm_pb2
 from router.backends import BackendPool, NoBackendError
 from router.errors import APIError
@@ -94,7 +98,12 @@ class Completions:
     async def handle(self, request: Request) -> Response:
         deadline = asyncio.get_running_loop().time() + self.request_timeout
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        held = _Held(self.limiter, RequestTracker(self.metrics, request_id))
+        # The request's span ends with its tracker, however the request ends (a stream ends after this returns).
+        span = tracer.start_span("POST /v1/chat/completions", context=incoming_context(request.headers),
+                                 kind=trace.SpanKind.SERVER, attributes={"dvd.request_id": request_id})
+        in_span = otel_context.attach(trace.set_span_in_context(span))
+        request_context(request_id)
+        held = _Held(self.limiter, RequestTracker(self.metrics, request_id, span))
         handed_over = False  # a streaming response releases `held` once its last byte is out (or the client left)
         try:
             self.limiter.refuse_if_full()
@@ -104,9 +113,13 @@ class Completions:
             self._check_model(req.model)
             held.tracker.model_name = req.model
             held.reserve()
-            media = await guarded(request, self.images.load_all(media_urls(req)), deadline)
-            held.admitted(await guarded(request, self.limiter.take(), deadline))
-            held.stream = self.pool.generate(to_generate_request(req, media, request_id), deadline)
+            urls = media_urls(req)
+            with tracer.start_as_current_span("router.fetch_media", attributes={"dvd.media": len(urls)}):
+                media = await guarded(request, self.images.load_all(urls), deadline)
+            with tracer.start_as_current_span("router.queue"):
+                held.admitted(await guarded(request, self.limiter.take(), deadline))
+            held.stream = self.pool.generate(to_generate_request(req, media, request_id), deadline,
+                                             outgoing_metadata())
             first = await guarded(request, anext(held.stream, None), deadline)
             if first is None:
                 raise APIError(502, "the language server closed the stream without a response", code="empty_stream")
@@ -128,6 +141,7 @@ class Completions:
             held.tracker.finish(error.status, error)
             raise error from exc
         finally:
+            otel_context.detach(in_span)
             if not handed_over:
                 await held.release()
 

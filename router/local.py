@@ -70,8 +70,8 @@ def start_stack(model: str | Path, port: int = 8000, *, host: str = "127.0.0.1",
     (dvd/core_budget.py).
     """
     model_dir = resolve_model(str(model))  # generates a preset checkpoint on first use
-    # Clients name the model as the user did ("tiny"), or by the checkpoint directory's name.
-    served_name = model_dir.name if Path(str(model)).expanduser().is_dir() else str(model)
+    # Clients name the model as the user did ("tiny", "OpenGVLab/InternVL3_5-8B", "/models/x"), as with `vllm serve`.
+    served_name = str(model)
     devices = devices or ("cuda" if has_cuda() else "cpu")
     services: list[Service] = []
     budget = CoreBudget.create() if core_budget and devices == "cpu" and not cpus else None
@@ -151,12 +151,14 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 @dataclass(frozen=True)
 class LocalConfig:
-    model: str = option("tiny", "tiny, tiny-flash, small, small-flash or a checkpoint directory")
+    model: str = option("tiny", "tiny, tiny-flash, small, small-flash, a checkpoint directory or a Hugging Face "
+                                "repo id (served under that name, as `vllm serve` does)")
     port: int = option(ROUTER_PORT, "the router's HTTP port (0 = any free port)")
     host: str = option("127.0.0.1", "address the router listens on")
     devices: str | None = option(None, "vision devices: cpu, cuda, cuda:0,cuda:1 (default: cuda if any)")
     max_model_len: int = option(16384, "the language engine's context length")
-    api_key: str | None = option(None, "Bearer key clients must send to the router")
+    api_key: str | None = option(None, "Bearer key clients must send to the router",
+                                 env=("DVD_API_KEY", "VLLM_API_KEY"))
     vision_args: str = option("", "more vision server options, one string (e.g. --vision-args=\"--max-batch-tiles 8\")")
     llm_args: str = option("", "more language server and vLLM options, one string "
                                "(e.g. --llm-args=\"--reasoning-parser qwen3 --enable-auto-tool-choice\")")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
 from dvd.metrics import MODEL_LABEL, REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, service_registry
@@ -43,9 +44,10 @@ class Metrics:
 class RequestTracker:
     """One request's timeline: feeds the histograms once, whichever way the request ends."""
 
-    def __init__(self, metrics: Metrics, request_id: str) -> None:
+    def __init__(self, metrics: Metrics, request_id: str, span: trace.Span | None = None) -> None:
         self._m = metrics
         self.request_id = request_id
+        self.span = span or trace.INVALID_SPAN
         self.model_name = ""  # set once the request names a served model
         self._start = time.perf_counter()
         self._first: float | None = None
@@ -64,6 +66,7 @@ class RequestTracker:
             if self._first is None:
                 self._first = now
                 self._m.ttft.labels(self.model_name).observe(now - self._start)
+                self.span.add_event("first_token")
             self._last = now
         if response.HasField("usage"):
             self.usage = response.usage
@@ -77,8 +80,11 @@ class RequestTracker:
             self._m.in_flight.dec()
         self._m.requests.labels(model_name=self.model_name, status=str(status)).inc()
         usage = self.usage or llm_pb2.Usage()
+        self._end_span(status, usage, error)
+        span_context = self.span.get_span_context()
         log.info("request finished", extra={
             "request_id": self.request_id, "status": status, "code": error.code if error else "",
+            "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid else "",
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "ttft_s": round(self._first - self._start, 4) if self._first else "", "e2e_s": round(elapsed, 4)})
         if error is not None:
@@ -92,3 +98,12 @@ class RequestTracker:
             if self._first is not None and self._last is not None and self.usage.completion_tokens > 1:
                 decode = (self._last - self._first) / (self.usage.completion_tokens - 1)
                 self._m.tpot.labels(self.model_name).observe(decode)
+
+    def _end_span(self, status: int, usage: llm_pb2.Usage, error: APIError | None) -> None:
+        self.span.set_attributes({"http.response.status_code": status, "gen_ai.request.model": self.model_name,
+                                  "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                                  "gen_ai.usage.output_tokens": usage.completion_tokens,
+                                  "dvd.visual_tokens": usage.visual_tokens})
+        if error is not None:
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, error.code or error.type))
+        self.span.end()

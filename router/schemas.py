@@ -7,6 +7,7 @@ or unknown and refused when not null: a request is never silently answered as if
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -449,12 +450,34 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class ModelPermission(BaseModel):
+    """vLLM's, so that clients that read /v1/models as vLLM answers it find the same fields."""
+
+    id: str = Field(default_factory=lambda: f"modelperm-{uuid.uuid4().hex}")
+    object: Literal["model_permission"] = "model_permission"
+    created: int = Field(default_factory=_now)
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
+    """vLLM's ModelCard: `root` is what the model was loaded from."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
-    owned_by: str = "dvd"
+    owned_by: str = "vllm"
+    root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
+    permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
 
 
 class ModelList(BaseModel):

@@ -25,6 +25,7 @@ from dvd.procs import (
 )
 from dvd.security import InternalAuth
 from dvd.shm_orphans import shm_entries, unused
+from tests.span_collector import SpanCollector
 
 REPO = Path(__file__).resolve().parent.parent
 VISION_ENV = {"OMP_NUM_THREADS": "1"}
@@ -32,6 +33,7 @@ _engines = itertools.count()
 VLLM_START_TIMEOUT = 300
 METRICS_URLS: dict[str, str] = {}
 LANGUAGE_SERVICES: dict[str, Service] = {}  # address -> the language server started there by start_llm
+SERVICES: dict[str, Service] = {}  # name -> the session's shared services (their output lines: Service.tail)
 
 
 SHM_AT_START: set[str] = set()
@@ -101,11 +103,28 @@ def session_core_budget() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def vision_tiny(tiny_ckpt: Path, session_core_budget: Path) -> Iterator[str]:
-    """Address of a vision server on the tiny (non-Flash) checkpoint."""
-    svc, address = start_vision("vision-tiny", tiny_ckpt, env={CORE_BUDGET_ENV: str(session_core_budget)})
+def span_collector() -> Iterator[SpanCollector]:
+    """Where the session's shared stack (vision_tiny, llm_tiny, router_tiny) exports its traces."""
+    collector = SpanCollector()
+    yield collector
+    collector.stop()
+
+
+@pytest.fixture(scope="session")
+def vision_tiny(tiny_ckpt: Path, session_core_budget: Path, span_collector: SpanCollector) -> Iterator[str]:
+    """Address of a vision server on the tiny (non-Flash) checkpoint (metrics: `vision_tiny_metrics`)."""
+    metrics_port = free_port()
+    svc, address = start_vision("vision-tiny", tiny_ckpt, "--metrics-port", str(metrics_port),
+                                env={CORE_BUDGET_ENV: str(session_core_budget), **span_collector.env()})
+    METRICS_URLS[address] = f"http://127.0.0.1:{metrics_port}/metrics"
+    SERVICES["vision-tiny"] = svc
     yield address
     svc.stop()
+
+
+@pytest.fixture(scope="session")
+def vision_tiny_metrics(vision_tiny: str) -> str:
+    return METRICS_URLS[vision_tiny]
 
 
 @pytest.fixture(scope="session")
@@ -117,12 +136,17 @@ def vision_tiny_flash(tiny_flash_ckpt: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def llm_tiny(tiny_ckpt: Path, vision_tiny: str, session_core_budget: Path) -> Iterator[str]:
-    """Address of a language server (served as `tiny`) on the tiny checkpoint, fed by the tiny vision server."""
+def llm_tiny(tiny_ckpt: Path, vision_tiny: str, session_core_budget: Path,
+             span_collector: SpanCollector) -> Iterator[str]:
+    """Address of a language server (served as `tiny`, also answering to `tiny-alias` as `vllm serve --served-model-name
+    tiny tiny-alias` does) on the tiny checkpoint, fed by the tiny vision server; vLLM's spans go to the collector."""
     metrics_port = free_port()
-    svc, address = start_llm("llm-tiny", tiny_ckpt, vision_tiny, "--served-model-name", "tiny",
-                             "--metrics-port", str(metrics_port), env={CORE_BUDGET_ENV: str(session_core_budget)})
+    svc, address = start_llm("llm-tiny", tiny_ckpt, vision_tiny, "--served-model-name", "tiny", "tiny-alias",
+                             "--metrics-port", str(metrics_port), "--otlp-traces-endpoint",
+                             f"http://127.0.0.1:{span_collector.port}",
+                             env={CORE_BUDGET_ENV: str(session_core_budget), **span_collector.env()})
     METRICS_URLS[address] = f"http://127.0.0.1:{metrics_port}/metrics"
+    SERVICES["llm-tiny"] = svc
     yield address
     svc.stop()
 
@@ -148,9 +172,10 @@ def llm_tiny_metrics(llm_tiny: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def router_tiny(llm_tiny: str) -> Iterator[str]:
-    """Base URL (`http://127.0.0.1:P/v1`) of the gateway in front of `llm_tiny`."""
-    svc = router(llm_tiny, "--allow-private-image-urls", name="router-tiny")
+def router_tiny(llm_tiny: str, span_collector: SpanCollector) -> Iterator[str]:
+    """Base URL (`http://127.0.0.1:P/v1`) of the gateway in front of `llm_tiny` (open: no API key)."""
+    svc = router(llm_tiny, "--allow-private-image-urls", name="router-tiny", env=span_collector.env())
+    SERVICES["router-tiny"] = svc
     yield f"{svc.wait_http()}/v1"
     svc.stop()
 

@@ -89,9 +89,20 @@ def single_slot_router(llm_tiny: str) -> Iterator[str]:
 
 # ---- happy paths ----
 
-def test_models(client: openai.OpenAI, model: str) -> None:
+def test_models(client: openai.OpenAI, model: str, router_tiny: str, colocated_tiny: str) -> None:
+    """/v1/models and /version as `vllm serve` shapes them (same fields; `root`: what the model was loaded from)."""
     cards = client.models.list().data
-    assert [c.id for c in cards] == [model]
+    assert [c.id for c in cards] == [model, "tiny-alias"]  # every --served-model-name, as vLLM accepts them
+    reply = client.chat.completions.create(model="tiny-alias", max_tokens=2, messages=[user_message("Hi")])
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    ours = httpx.get(f"{router_tiny}/models", timeout=10).json()["data"][0]
+    stock = httpx.get(f"{colocated_tiny}/models", timeout=10).json()["data"][0]
+    assert set(ours) == set(stock) and set(ours["permission"][0]) == set(stock["permission"][0])
+    assert (ours["root"], ours["owned_by"], ours["max_model_len"]) == (stock["root"], stock["owned_by"],
+                                                                      stock["max_model_len"])
+    versions = [httpx.get(url.removesuffix("/v1") + "/version", timeout=10).json() for url in (router_tiny,
+                                                                                              colocated_tiny)]
+    assert [set(v) for v in versions] == [{"version"}, {"version"}]
 
 
 def test_non_streaming_with_a_data_url_image(client: openai.OpenAI, model: str) -> None:

@@ -16,6 +16,7 @@ from dvd.core_budget import CoreBudget
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
+from dvd.tracing import setup_tracing
 from vision_server.batcher import Batcher, DeviceRunner
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.data_plane import DataListener
@@ -134,6 +135,7 @@ async def serve(cfg: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
+    setup_tracing("dvd-vision")
     cfg = parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(cfg))

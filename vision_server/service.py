@@ -12,9 +12,12 @@ from functools import partial
 
 import grpc
 import torch
+from opentelemetry import trace
 
 from dvd.data_plane import shm_domain
 from dvd.errors import ITEM_KEY, PARAM_KEY
+from dvd.logs import request_context
+from dvd.tracing import incoming_context, stage_span, tracer
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from vision_server.batcher import Batcher, TileResult
 from vision_server.config import ModelConfig, ServerConfig
@@ -198,6 +201,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     # -- the RPCs -----------------------------------------------------------------------------------------------
     async def Encode(self, request: vision_pb2.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
+        request_context(request.request_id)
+        with tracer.start_as_current_span("vision.encode", context=incoming_context(context.invocation_metadata()),
+                                          kind=trace.SpanKind.SERVER,
+                                          attributes={"dvd.request_id": request.request_id,
+                                                      "dvd.media": len(request.images)}):
+            async for msg in self._encode(request, context):
+                yield msg
+
+    async def _encode(self, request: vision_pb2.EncodeRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
+        """Encode's outcomes: each refusal aborts the call with its status, once, and is counted."""
         t0 = time.monotonic()
         self.inflight += 1
         self.metrics.inflight.inc()
@@ -232,6 +246,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             per_image = [self.batcher.submit(t.pixels, router) for t in tiled]
             futures = [f for fs in per_image for f in fs]
             sender = await TileSender.open(request.data_plane, self.data_executor, self.listener, self.shm_maps)
+            trace.get_current_span().set_attributes({
+                "dvd.tiles": n_tiles, "dvd.transport": "shm" if sender.shm else "tcp" if sender.conn else "grpc"})
             async for msg in self._stream(request.request_id, tiled, per_image, router, t_pre, t0, sender):
                 yield msg
         except RequestError as e:
@@ -263,8 +279,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         compress: list[bool] = [False] * len(flat)
         projected: list[torch.Tensor] = []
         proj_end = 0.0
+        vir_start = 0.0
         if router:
             results = await asyncio.gather(*flat)
+            vir_start = time.monotonic()
             p = torch.stack([r.p_compress for r in results if r.p_compress is not None])
             compress = decide_compression(p, self.vir.relative, self.vir.absolute)
             self.metrics.observe_vir(compress)
@@ -297,6 +315,12 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             wire = await sender.place(msg.tiles, embs)  # fills the descriptors in place: no message copies
             if k == len(flat):
                 queue_s = max(0.0, first_start - (t0 + t_pre))
+                stage_span("vision.preprocess", t0, t0 + t_pre, **{"dvd.images": len(tiled), "dvd.tiles": len(flat)})
+                stage_span("vision.queue", t0 + t_pre, max(first_start, t0 + t_pre))
+                stage_span("vision.vit", first_start, last_end, **{"dvd.tiles": len(flat), "dvd.vir": router,
+                                                                   "dvd.compressed_tiles": sum(compress)})
+                if router:
+                    stage_span("vision.vir_projector", vir_start, proj_end)
                 msg.summary.CopyFrom(vision_pb2.EncodeSummary(
                     images=summaries, preprocess_seconds=t_pre, queue_seconds=queue_s,
                     compute_seconds=max(0.0, last_end - first_start)))
