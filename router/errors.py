@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from dvd.errors import PARAM_KEY
 from router.schemas import ErrorDetail, ErrorResponse
+
+log = logging.getLogger("router.errors")
 
 # OpenAI's `type` for each status we emit; `code` refines it.
 _TYPES = {
@@ -34,6 +38,14 @@ GRPC_TO_HTTP = {
 }
 
 
+# What a client reads for a server-side failure: nothing about the inside.
+SERVER_MESSAGES = {
+    500: "internal error in the language service",
+    503: "the service is temporarily unavailable; retry",
+    504: "request timed out",
+}
+
+
 class APIError(Exception):
     """An error with an HTTP status, rendered as `{"error": {"message", "type", "param", "code"}}`."""
 
@@ -56,8 +68,15 @@ class APIError(Exception):
 
     @classmethod
     def from_grpc(cls, error: grpc.aio.AioRpcError) -> APIError:
+        """The language service's 4xx messages are about the request and written for clients (llm.proto); a
+        server-side failure's details are gRPC's or a backend's own (they name hosts and ports), so the client
+        gets a fixed message and the log keeps the details."""
         status = GRPC_TO_HTTP.get(error.code(), 500)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
         param = next((v for k, v in error.trailing_metadata() or () if k == PARAM_KEY), None)
-        return cls(status, error.details() or error.code().name, code=error.code().name.lower(), headers=headers,
+        message = error.details() or error.code().name
+        if status >= 500:
+            log.warning("language service error", extra={"code": error.code().name, "details": message})
+            message = SERVER_MESSAGES.get(status, SERVER_MESSAGES[500])
+        return cls(status, message, code=error.code().name.lower(), headers=headers,
                    param=param if isinstance(param, str) else None)

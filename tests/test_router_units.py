@@ -327,3 +327,28 @@ async def test_a_queue_place_is_held_while_images_load_and_given_back_on_any_end
     assert (limiter.active, limiter.waiting) == (1, 0)
     limiter.release(granted)
     assert (limiter.active, limiter.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize(("code", "status"), [("UNAVAILABLE", 503), ("INTERNAL", 500), ("UNKNOWN", 500),
+                                              ("DEADLINE_EXCEEDED", 504), ("FAILED_PRECONDITION", 503)])
+def test_server_side_grpc_errors_name_nothing_inside(code: str, status: int) -> None:
+    """gRPC's own details for a dead backend name its address; the client gets the status and a fixed message."""
+    import grpc
+
+    details = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:10.1.2.3:50061: Connection refused; "
+               "vision server dvd-vision-0.dvd-vision:50051 unreachable")
+    error = grpc.aio.AioRpcError(grpc.StatusCode[code], grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    api = APIError.from_grpc(error)
+    assert api.status == status
+    assert "10.1.2.3" not in api.message and "50061" not in api.message and "dvd-vision" not in api.message
+    assert "10.1.2.3" not in json.dumps(api.body())
+
+
+def test_request_errors_keep_the_language_servers_message() -> None:
+    import grpc
+
+    error = grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(),
+                                 grpc.aio.Metadata(("dvd-param", "messages[0].content[1]")),
+                                 "the prompt has 9000 tokens, more than the model's context of 4096 tokens")
+    api = APIError.from_grpc(error)
+    assert api.status == 400 and "9000 tokens" in api.message
