@@ -3,7 +3,8 @@
 Each line has `time`, `level`, `logger`, `message`, the call's own fields, and the `request_id` and `trace_id` of
 the request being served (set once per request by `request_context`, read from context variables, so every line
 logged while serving it carries them, in whichever module). `DVD_LOG_FORMAT=text` writes
-`time level logger message key="value"` lines instead, for a terminal.
+`time level logger message key="value"` lines instead, for a terminal. The language server has vLLM log the same
+JSON lines, in all of vLLM's processes (VLLM_LOGGING_CONFIG_PATH, unless set otherwise).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def request_context(request_id: str) -> None:
     REQUEST_ID.set(request_id)
 
 
-class _RequestFields(logging.Filter):
+class RequestFields(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", "") and (rid := REQUEST_ID.get()):
             record.request_id = rid
@@ -47,6 +48,13 @@ class KeyValueFormatter(logging.Formatter):
         return " ".join([base, *(f"{k}={json.dumps(v, default=str)}" for k, v in extras.items())])
 
 
+def json_formatter() -> JsonFormatter:
+    """The JSON line format (also vLLM's, through llm_server/vllm_logging.json, in each of its processes)."""
+    return JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                         reserved_attrs=sorted(_HIDDEN), json_default=str)
+
+
 def setup_logging(level: str | None = None, fmt: str | None = None) -> None:
     """Services log JSON by default; benchmarks and tools, read by people, pass fmt="text"."""
     fmt = (fmt or os.environ.get("DVD_LOG_FORMAT", "json")).strip().lower()
@@ -54,12 +62,10 @@ def setup_logging(level: str | None = None, fmt: str | None = None) -> None:
         raise SystemExit(f"error: DVD_LOG_FORMAT={fmt!r} is not one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
-                                           rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-                                           reserved_attrs=sorted(_HIDDEN), json_default=str))
+        handler.setFormatter(json_formatter())
     else:
         handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    handler.addFilter(_RequestFields())
+    handler.addFilter(RequestFields())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level or os.environ.get("DVD_LOG_LEVEL", "INFO"))

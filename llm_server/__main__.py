@@ -7,6 +7,12 @@ import contextlib
 import logging
 import os
 import signal
+from pathlib import Path
+
+# Before vLLM is imported (it configures its logging then, in this process and in each one it starts): vLLM's lines
+# in the services' JSON format, with the request and trace ids.
+if os.environ.get("DVD_LOG_FORMAT", "json").strip().lower() == "json":
+    os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(Path(__file__).with_name("vllm_logging.json")))
 
 from vllm.v1.engine.async_llm import AsyncLLM
 

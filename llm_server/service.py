@@ -343,8 +343,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         engine_span = tracer.start_span("llm.engine", attributes={"gen_ai.usage.input_tokens": prompt_tokens,
                                                                   "dvd.visual_tokens": visual_tokens})
         # vLLM's own spans (--otlp-traces-endpoint: queue, prefill and decode times) join this trace under it.
-        with trace.use_span(engine_span):
-            trace_headers = dict(outgoing_metadata())
+        with trace.use_span(engine_span):  # only when vLLM traces too (else it warns on every request)
+            trace_headers = dict(outgoing_metadata()) if self.engine.observability_config.otlp_traces_endpoint \
+                else None
         try:
             async for out in self.engine.generate(engine_input, params, request_id, trace_headers=trace_headers,
                                                   **reasoning):
