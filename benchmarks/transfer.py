@@ -1,14 +1,17 @@
 """Embedding transfer benchmark: each data-plane path between two processes vs a DRAM-bound memory copy.
 
-    python benchmarks/transfer.py                          # hidden 4096 (InternVL3.5-8B), 2 MiB tiles, every path
-    python benchmarks/transfer.py --paths shm,tcp --streams 4 --out results/transfer
+    python benchmarks/transfer.py                          # hidden 4096 (InternVL3.5-8B), 2 MiB tiles, every path,
+                                                           # with mutual TLS off and on
+    python benchmarks/transfer.py --paths shm,tcp --streams 4 --tls off --out results/transfer
 
 A server process runs the vision service's wire side without a model: the real `TileSender` (shared memory, TCP
 data port, inline gRPC) sends 13-tile images (a 1344 px image: 12 tiles + thumbnail) of 256 x hidden bf16 rows.
 This process receives them with the real `VisionPool`, exactly as llm_server does (control on gRPC, bytes on the
 chosen path, one preallocated tensor per image), and drops them. `memcpy` copies a buffer larger than the last-level
 cache (--copy-mib) with one thread, so it measures memory, not cache. ratio = path / memcpy. CPU seconds per GiB
-count both processes. Writes JSON + markdown + a PNG with --out.
+count both processes. With `--tls on` both ends use mutual TLS (certificates from deploy/make-certs.sh, as a
+deployment makes them): gRPC over TLS, the TCP data plane under the same certificates, shared memory unchanged.
+Writes JSON + markdown + a PNG with --out.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,7 @@ from vision_server.data_plane import DataListener, ShmMaps, TileSender
 from vision_server.service import add_to_server
 
 log = logging.getLogger("benchmarks.transfer")
+REPO = Path(__file__).resolve().parent.parent
 ROWS = 256  # embedding rows of one uncompressed InternVL tile
 TILES_PER_IMAGE = 13
 PATHS = ("shm", "tcp", "grpc")
@@ -90,11 +97,12 @@ class TileStreamer(vision_pb2_grpc.VisionServiceServicer):
 
 async def serve(port: int, hidden: int, per_message: int) -> None:
     tune_allocator()
-    listener = DataListener()
+    auth = InternalAuth.from_env()  # TLS when the launcher set DVD_TLS_*
+    listener = DataListener(auth.ssl_context(server_side=True))
     await listener.start("127.0.0.1", 0)
     streamer = TileStreamer(hidden, listener, per_message)
     server, health, bound = await start_server(
-        InternalAuth(), "127.0.0.1", port, lambda s: add_to_server(streamer, s),
+        auth, "127.0.0.1", port, lambda s: add_to_server(streamer, s),
         "dvd.v1.VisionService", options=CHANNEL_OPTIONS)
     await health.set(True)
     freeze_heap()
@@ -110,9 +118,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def receive(address: str, path: str, images: int, streams: int, hidden: int, server_pid: int,
-                  bar: tqdm) -> dict:
+                  bar: tqdm, auth: InternalAuth) -> dict:
     """`images` images over `streams` concurrent Encode calls through the real pool, on one path."""
-    pool = VisionPool((address,), hidden_size=hidden, transport=path)
+    pool = VisionPool((address,), hidden_size=hidden, transport=path, auth=auth)
     await pool.start()
     options = vision_pb2.EncodeOptions(max_tiles=TILES_PER_IMAGE - 1)
     used: set[str] = set()
@@ -140,8 +148,19 @@ async def receive(address: str, path: str, images: int, streams: int, hidden: in
     finally:
         await pool.close()
     nbytes = sum(sizes)
-    return {"path": path, "transports_used": sorted(used), "bytes": nbytes, "seconds": seconds,
+    return {"path": path, "tls": auth.tls, "name": path + ("+tls" if auth.tls else ""),
+            "transports_used": sorted(used), "bytes": nbytes, "seconds": seconds,
             "bytes_per_s": nbytes / seconds, "cpu_seconds_per_gib": cpu / (nbytes / 2**30)}
+
+
+@contextmanager
+def node_pki() -> Iterator[dict[str, str]]:
+    """A CA and a node certificate made by the deployment's own script, as the DVD_TLS_* environment."""
+    with tempfile.TemporaryDirectory(prefix="dvd-transfer-pki-") as folder:
+        subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), folder], check=True, capture_output=True,
+                       timeout=60)
+        yield {"DVD_TLS_CERT": f"{folder}/node.pem", "DVD_TLS_KEY": f"{folder}/node.key",
+               "DVD_TLS_CA": f"{folder}/ca.pem"}
 
 
 def memcpy_rate(mib: int, repeats: int = 3) -> float:
@@ -165,8 +184,10 @@ def write_report(out: Path, result: dict) -> None:
              f"memcpy: {result['memcpy_bytes_per_s'] / 2**30:.2f} GiB/s ({result['copy_mib']} MiB, one thread).", "",
              "| path | GiB/s | x memcpy | target | CPU s/GiB (both processes) |", "|---|---|---|---|---|"]
     for r in result["paths"]:
-        lines.append(f"| {r['path']} | {r['bytes_per_s'] / 2**30:.2f} | {r['ratio']:.3f} | >= {TARGETS[r['path']]} | "
+        lines.append(f"| {r['name']} | {r['bytes_per_s'] / 2**30:.2f} | {r['ratio']:.3f} | >= {TARGETS[r['path']]} | "
                      f"{r['cpu_seconds_per_gib']:.2f} |")
+    for ratio in tls_ratios(result["paths"]):
+        lines.append(f"\n{ratio}")
     (out / "transfer.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -174,15 +195,26 @@ def write_report(out: Path, result: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = [r["path"] for r in result["paths"]]
-    ax.bar(names, [r["ratio"] for r in result["paths"]], color="#4c72b0")
-    ax.scatter(names, [TARGETS[n] for n in names], color="#c44e52", marker="_", s=900, label="target", zorder=3)
+    names = [r["name"] for r in result["paths"]]
+    ax.bar(names, [r["ratio"] for r in result["paths"]], color=["#dd8452" if r["tls"] else "#4c72b0"
+                                                                for r in result["paths"]])
+    ax.scatter(names, [TARGETS[r["path"]] for r in result["paths"]], color="#c44e52", marker="_", s=900,
+               label="target", zorder=3)
     ax.set_ylabel("x DRAM-bound memcpy")
     ax.set_title(f"Embedding data plane, hidden {result['hidden']}\n{result['cpu']}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "transfer.png", dpi=120)
     plt.close(fig)
+
+
+def tls_ratios(rows: list[dict]) -> list[str]:
+    """Under mutual TLS, the TCP data plane against inline gRPC over TLS, measured in the same run."""
+    by_name = {r["name"]: r for r in rows}
+    if "tcp+tls" in by_name and "grpc+tls" in by_name:
+        x = by_name["tcp+tls"]["bytes_per_s"] / by_name["grpc+tls"]["bytes_per_s"]
+        return [f"tcp+tls / grpc+tls: {x:.2f}x (the cross-host path under mutual TLS vs inline gRPC over TLS)"]
+    return []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiles-per-message", type=int, default=4,
                    help="tiles finished together (the vision server's CPU batch is 4, its GPU batch up to 32)")
     p.add_argument("--copy-mib", type=int, default=512, help="memcpy reference buffer (above the last-level cache)")
+    p.add_argument("--tls", default="off,on", help="comma-separated: off (plain), on (mutual TLS, as deployed)")
     p.add_argument("--out", type=Path, default=None, help="write transfer.json, transfer.md, transfer.png here")
     p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)  # internal: the server process
     args = p.parse_args(argv)
@@ -207,27 +240,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := set(paths) - set(PATHS):
         p.error(f"unknown path(s): {', '.join(sorted(unknown))}")
 
+    modes = [x.strip() for x in args.tls.split(",") if x.strip()]
+    if not modes or set(modes) - {"off", "on"}:
+        p.error("--tls takes off, on or off,on")
+
     tune_allocator()
     freeze_heap()
     results = []
-    with open(os.devnull, "w") as quiet:
-        argv = [sys.executable, __file__, "--serve", "0", "--hidden", str(args.hidden),
-                "--tiles-per-message", str(args.tiles_per_message)]
-        server = Service("tile-streamer", argv, env={"OMP_NUM_THREADS": "1"}, sink=quiet)
-        try:
-            address = server.wait_grpc(60)
-            for path in paths:
-                with tqdm(total=args.images + 2 * args.streams, desc=path, unit="image", file=sys.stderr,
-                          leave=False) as bar:
-                    results.append(asyncio.run(receive(address, path, args.images, args.streams, args.hidden,
-                                                       server.proc.pid, bar)))
-        finally:
-            server.stop()
+    with open(os.devnull, "w") as quiet, node_pki() as pki:
+        for mode in modes:
+            env = pki if mode == "on" else {"DVD_TLS_CERT": "", "DVD_TLS_KEY": "", "DVD_TLS_CA": ""}
+            auth = InternalAuth(tls_cert=env["DVD_TLS_CERT"] or None, tls_key=env["DVD_TLS_KEY"] or None,
+                                tls_ca=env["DVD_TLS_CA"] or None)
+            argv = [sys.executable, __file__, "--serve", "0", "--hidden", str(args.hidden),
+                    "--tiles-per-message", str(args.tiles_per_message)]
+            server = Service("tile-streamer", argv, env={"OMP_NUM_THREADS": "1", **env}, sink=quiet)
+            try:
+                address = server.wait_grpc(60, auth)
+                for path in paths:
+                    with tqdm(total=args.images + 2 * args.streams, desc=f"{path} tls {mode}", unit="image",
+                              file=sys.stderr, leave=False) as bar:
+                        results.append(asyncio.run(receive(address, path, args.images, args.streams, args.hidden,
+                                                           server.proc.pid, bar, auth)))
+            finally:
+                server.stop()
     copy_bps = memcpy_rate(args.copy_mib)
     for r in results:
         r["ratio"] = r["bytes_per_s"] / copy_bps
         r["target"] = TARGETS[r["path"]]
-        log.info("transfer", extra={k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+        log.info("transfer", extra={k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+                                    if k != "name"})
     tile_bytes = ROWS * args.hidden * BF16_BYTES
     result = {"cpu": cpu_model(), "cpus": os.cpu_count(), "hidden": args.hidden, "rows": ROWS,
               "tile_bytes": tile_bytes, "images": args.images, "streams": args.streams, "copy_mib": args.copy_mib,
@@ -236,9 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"image, {args.images} images per path, {args.streams} stream(s)\n"
           f"memcpy ({args.copy_mib} MiB, one thread): {copy_bps / 2**30:.2f} GiB/s")
     for r in results:
-        print(f"{r['path']:>5}: {r['bytes_per_s'] / 2**30:6.2f} GiB/s  {r['ratio']:.3f}x memcpy (target >= "
+        print(f"{r['name']:>9}: {r['bytes_per_s'] / 2**30:6.2f} GiB/s  {r['ratio']:.3f}x memcpy (target >= "
               f"{r['target']})  {r['cpu_seconds_per_gib']:.2f} CPU s/GiB  via {','.join(r['transports_used'])}",
               flush=True)
+    for line in tls_ratios(results):
+        print(line, flush=True)
     if args.out:
         write_report(args.out, result)
     return 0

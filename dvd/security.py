@@ -4,7 +4,8 @@ The same settings serve both ends: a server checks `authorization: Bearer <token
 handler runs (UNAUTHENTICATED otherwise; the standard `grpc.health.v1` service stays open so probes need no
 secret) and, with TLS, serves on the node's certificate and demands a client certificate signed by the CA; a
 client sends the token and, with TLS, verifies the server against the CA and presents the node's certificate.
-One CA, one certificate per node (SANs = the names clients dial), like a service mesh's mTLS.
+One CA, one certificate per node (SANs = the names clients dial), like a service mesh's mTLS; the TCP data plane
+runs under the same certificates (`ssl_context`).
 Settings come from flags or the environment (DVD_INTERNAL_TOKEN, DVD_TLS_CERT, DVD_TLS_KEY, DVD_TLS_CA), so a
 compose healthcheck or a tool run in the same container inherits them.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import collections
 import hmac
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +70,21 @@ class InternalAuth:
         key, cert, ca = self._pem()
         credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
         return server.add_secure_port(address, credentials)
+
+    # The TCP data plane: raw sockets under the same certificates, mutually authenticated.
+    def ssl_context(self, server_side: bool) -> ssl.SSLContext | None:
+        """None without TLS. Either end must present a certificate the CA signed; names are not checked (a data
+        connection is dialled to the address gRPC found, and the ticket it sends names its Encode call)."""
+        if not self.tls:
+            return None
+        assert self.tls_cert and self.tls_key and self.tls_ca
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH,
+                                         cafile=self.tls_ca)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3  # one round trip to set up; AES-GCM or ChaCha20 records
+        ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        return ctx
 
     # Client side.
     def _credentials(self) -> grpc.ChannelCredentials:

@@ -15,6 +15,7 @@ import mmap
 import os
 import secrets
 import socket
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -171,7 +172,8 @@ class TileReceiver:
 
     @classmethod
     async def open(cls, mode: str, executor: ThreadPoolExecutor, slots: ShmSlots, server_domain: str,
-                   host: str, data_port: int, max_bytes: int, timeout: float) -> TileReceiver:
+                   host: str, data_port: int, max_bytes: int, timeout: float,
+                   tls: ssl.SSLContext | None = None) -> TileReceiver:
         """The best transport `mode` allows for this server: shared memory when it shares our /dev/shm, TCP when
         it has a data port, inline gRPC otherwise (and whenever the better one cannot be set up)."""
         if mode in ("auto", "shm") and RAW_BYTES_OK and slots.domain and server_domain == slots.domain:
@@ -182,7 +184,7 @@ class TileReceiver:
             loop = asyncio.get_running_loop()
             ticket = secrets.token_bytes(TICKET_BYTES)
             try:
-                conn = await loop.run_in_executor(executor, _connect, host, data_port, ticket, timeout)
+                conn = await loop.run_in_executor(executor, _connect, host, data_port, ticket, timeout, tls)
             except OSError as e:
                 log.warning("data connection failed; receiving inline",
                             extra={"server": f"{host}:{data_port}", "error": str(e)})
@@ -260,11 +262,13 @@ def _copy(jobs: list[tuple[int, vision_pb2.TileEmbedding, memoryview | None, tor
             _recv_exactly(conn, out)
 
 
-def _connect(host: str, port: int, ticket: bytes, timeout: float) -> socket.socket:
-    """A data connection that has introduced itself; it only receives from here on."""
+def _connect(host: str, port: int, ticket: bytes, timeout: float, tls: ssl.SSLContext | None) -> socket.socket:
+    """A data connection that has introduced itself (under mutual TLS when `tls`); it only receives from here on."""
     conn = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
     try:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            conn = tls.wrap_socket(conn)
         conn.sendall(ticket)
         conn.settimeout(timeout)
     except OSError:
@@ -275,10 +279,11 @@ def _connect(host: str, port: int, ticket: bytes, timeout: float) -> socket.sock
 
 def _recv_exactly(conn: socket.socket, out: torch.Tensor) -> None:
     view = memoryview(out.numpy())
+    flags = 0 if isinstance(conn, ssl.SSLSocket) else socket.MSG_WAITALL  # TLS: a record per call, no flags
     got = 0
     while got < len(view):
         try:
-            n = conn.recv_into(view[got:], len(view) - got, socket.MSG_WAITALL)
+            n = conn.recv_into(view[got:], len(view) - got, flags)
         except OSError as e:  # timeout, reset, or closed under us by a cancelled call
             raise DataPlaneError(f"data connection failed after {got} of {len(view)} bytes of a tile: {e}") from e
         if n == 0:

@@ -72,8 +72,8 @@ class VisionPool(BackendPool[VisionStub]):
         self.timeout_s = timeout_s
         self.transport = transport
         auth = auth or InternalAuth()
-        # The TCP data plane carries raw bytes: under TLS `auto` keeps them on gRPC (or same-host shared memory).
-        self.tcp_allowed = transport == "tcp" or (transport == "auto" and not auth.tls)
+        self.tcp_allowed = transport in ("tcp", "auto")
+        self.data_tls = auth.ssl_context(server_side=False)  # the TCP data plane under the same mutual TLS
         self.slots = ShmSlots(shm_budget_bytes if transport in ("auto", "shm") else 0)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
         super().__init__(targets, VisionStub, self._probe, "vision", auth=auth,
@@ -169,7 +169,7 @@ class VisionPool(BackendPool[VisionStub]):
         receiver = await TileReceiver.open(
             self.transport, self.executor, self.slots, health.shm_domain, b.host,
             health.data_port if self.tcp_allowed else 0, tiles_bound * TILE_ROWS * self.hidden_size * BF16_BYTES,
-            timeout)
+            timeout, self.data_tls)
         request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options,
                                            data_plane=receiver.offer(),
                                            image_max_tiles=image_max_tiles if any(image_max_tiles) else (),

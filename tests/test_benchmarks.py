@@ -101,11 +101,11 @@ def test_transfer_benchmark_tiny(tmp_path: Path) -> None:
     """Every path runs through the real sender and pool, each on the transport it names; the report is complete."""
     stdout = run_script("benchmarks/transfer.py", "--hidden", "64", "--images", "3", "--streams", "2",
                         "--copy-mib", "64", "--out", str(tmp_path), timeout=180)
-    assert "x memcpy" in stdout
+    assert "x memcpy" in stdout and "tcp+tls / grpc+tls:" in stdout
     result = json.loads((tmp_path / "transfer.json").read_text())
-    assert [r["path"] for r in result["paths"]] == ["shm", "tcp", "grpc"]
+    assert [r["name"] for r in result["paths"]] == ["shm", "tcp", "grpc", "shm+tls", "tcp+tls", "grpc+tls"]
     for r in result["paths"]:
-        assert r["transports_used"] == [r["path"]]
+        assert r["transports_used"] == [r["path"]]  # under mutual TLS too: the TCP data plane stays on
         assert r["bytes"] == 3 * 13 * 256 * 64 * 2 and r["ratio"] > 0 and r["cpu_seconds_per_gib"] > 0
     assert result["memcpy_bytes_per_s"] > 0
     assert (tmp_path / "transfer.md").read_text().count("| shm |") == 1 and (tmp_path / "transfer.png").stat().st_size

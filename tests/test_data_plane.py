@@ -23,11 +23,11 @@ from dvd.procs import free_port
 from dvd.tensor_codec import append_raw, split_raw
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots
-from llm_server.vision_pool import EncodedImages, VisionError, VisionPool
+from llm_server.vision_pool import VisionError, VisionPool
 from tests.conftest import start_llm, start_vision
 from tests.helpers.llm import generate, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes
-from tests.helpers.vision import Encoded, collect
+from tests.helpers.vision import Encoded, collect, encode_with
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
 from vision_server.service import add_to_server
 
@@ -37,15 +37,6 @@ TRANSPORTS = ("grpc", "tcp", "shm")
 
 def own_segments() -> set[str]:
     return {p.name for p in SHM_DIR.glob(f"dvd-{os.getpid()}-*")}
-
-
-async def encode_with(address: str, transport: str, images: list[bytes], **pool_args: object) -> EncodedImages:
-    pool = VisionPool((address,), hidden_size=128, timeout_s=60, transport=transport, **pool_args)  # type: ignore[arg-type]
-    await pool.start()
-    try:
-        return await pool.encode(f"dp-{transport}", images, vision_pb2.EncodeOptions())
-    finally:
-        await pool.close()
 
 
 def same_bytes(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

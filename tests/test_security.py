@@ -3,6 +3,10 @@ end to end (vision -> language -> router) with certificates from deploy/make-cer
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +20,7 @@ from dvd.security import InternalAuth
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from tests.conftest import start_llm, start_vision
 from tests.helpers.router import data_url, png_bytes, user_message
-from tests.helpers.vision import collect, request
+from tests.helpers.vision import collect, encode_with, request
 
 TOKEN = "internal-s3cret"
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +39,17 @@ def make_pki(folder: Path) -> dict[str, str]:
                    timeout=60)
     return {"DVD_TLS_CERT": str(folder / "node.pem"), "DVD_TLS_KEY": str(folder / "node.key"),
             "DVD_TLS_CA": str(folder / "ca.pem")}
+
+
+def data_port_answers(port: int, tls: ssl.SSLContext | None) -> bool:
+    """Whether the data port sends anything to a peer that introduces itself with some ticket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            conn = tls.wrap_socket(raw) if tls else raw
+            conn.sendall(secrets.token_bytes(16))
+            return bool(conn.recv(1))
+        except (OSError, ssl.SSLError):
+            return False
 
 
 def code_of(call: object) -> grpc.StatusCode:
@@ -94,6 +109,15 @@ def test_mutual_tls_and_token_through_the_whole_stack(tiny_ckpt: Path, tmp_path:
             stub = vision_pb2_grpc.VisionServiceStub(plain)
             assert code_of(lambda: stub.Health(vision_pb2.VisionHealthRequest(), timeout=5)) == \
                 grpc.StatusCode.UNAVAILABLE
+        # The TCP data plane stays on under TLS, with the same certificates: a language node on another host (no
+        # shared memory here) gets its tiles over it; a peer without a certificate the CA signed gets nothing.
+        encoded = asyncio.run(encode_with(vision_address, "auto", [PNG], auth=node, shm_budget_bytes=0))
+        assert set(encoded.bytes_by_transport) == {"tcp"}
+        with node.channel(vision_address) as channel:
+            data_port = vision_pb2_grpc.VisionServiceStub(channel).Health(vision_pb2.VisionHealthRequest(),
+                                                                          timeout=5).data_port
+        assert data_port and not data_port_answers(data_port, None)
+        assert not data_port_answers(data_port, rogue.ssl_context(server_side=False))
 
         llm, llm_address = start_llm("llm-tls", tiny_ckpt, vision_address, "--served-model-name", "tiny",
                                      env=env, auth=node)

@@ -102,7 +102,7 @@ async def serve(cfg: ServerConfig) -> None:
     batcher.start()
     listener = None
     if cfg.data_port >= 0:
-        listener = DataListener()
+        listener = DataListener(cfg.internal.ssl_context(server_side=True))
         await listener.start(cfg.host, cfg.data_port)
     servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir, listener)
     sweeper = asyncio.create_task(servicer.shm_maps.sweep_forever(), name="shm-sweep")

@@ -12,6 +12,7 @@ import logging
 import mmap
 import os
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -46,7 +47,9 @@ class DataListener:
     """The TCP data port. A connection sends its 16-byte ticket, then only receives; the Encode call that carries
     the same ticket claims it and writes its tiles' bytes to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: the server side of mutual TLS; a peer without a certificate the CA signed gets nothing."""
+        self.tls = tls
         self.port = 0
         self._sock: socket.socket | None = None
         self._pending: dict[bytes, tuple[socket.socket, float]] = {}
@@ -85,12 +88,14 @@ class DataListener:
         loop = asyncio.get_running_loop()
         ticket = b""
         try:
+            if self.tls is not None:  # the handshake and the ticket in a thread: blocking TLS, bounded in time
+                conn, ticket = await loop.run_in_executor(None, _tls_introduce, self.tls, conn)
             while len(ticket) < TICKET_BYTES:
                 chunk = await asyncio.wait_for(loop.sock_recv(conn, TICKET_BYTES - len(ticket)), CLAIM_TIMEOUT_S)
                 if not chunk:
                     raise ConnectionError("closed before its ticket")
                 ticket += chunk
-        except (OSError, TimeoutError, ConnectionError):
+        except (OSError, TimeoutError, ConnectionError):  # ssl.SSLError included: no certificate, wrong CA
             conn.close()
             return
         conn.setblocking(True)
@@ -133,6 +138,24 @@ class DataListener:
         for conn, _ in self._pending.values():
             conn.close()
         self._pending.clear()
+
+
+def _tls_introduce(ctx: ssl.SSLContext, conn: socket.socket) -> tuple[ssl.SSLSocket, bytes]:
+    """The TLS side of a data connection and its ticket (read here: TLS records, not raw bytes)."""
+    conn.setblocking(True)
+    conn.settimeout(CLAIM_TIMEOUT_S)
+    tls = ctx.wrap_socket(conn, server_side=True)  # raises for a peer without a certificate the CA signed
+    try:
+        ticket = b""
+        while len(ticket) < TICKET_BYTES:
+            chunk = tls.recv(TICKET_BYTES - len(ticket))
+            if not chunk:
+                raise ConnectionError("closed before its ticket")
+            ticket += chunk
+    except BaseException:
+        tls.close()
+        raise
+    return tls, ticket
 
 
 @dataclass

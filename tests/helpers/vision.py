@@ -15,6 +15,7 @@ from PIL import Image
 
 from dvd.tensor_codec import decode_bf16
 from dvd.v1 import vision_pb2, vision_pb2_grpc
+from llm_server.vision_pool import EncodedImages, VisionPool
 
 
 def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -83,3 +84,13 @@ def collect(responses: Iterable[vision_pb2.EncodeResponse]) -> Encoded:
 def encode_sync(address: str, req: vision_pb2.EncodeRequest, timeout: float = 60) -> Encoded:
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 * 2**20)]) as ch:
         return collect(vision_pb2_grpc.VisionServiceStub(ch).Encode(req, timeout=timeout))
+
+
+async def encode_with(address: str, transport: str, images: list[bytes], **pool_args: object) -> EncodedImages:
+    """Images through the language server's own VisionPool, on `transport` (pool_args: auth, shm budget, ...)."""
+    pool = VisionPool((address,), hidden_size=128, timeout_s=60, transport=transport, **pool_args)  # type: ignore[arg-type]
+    await pool.start()
+    try:
+        return await pool.encode(f"dp-{transport}", images, vision_pb2.EncodeOptions())
+    finally:
+        await pool.close()
