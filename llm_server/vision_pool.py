@@ -163,7 +163,9 @@ class VisionPool(BackendPool[VisionStub]):
         caps = [c or budget for c in image_max_tiles] or [budget] * len(images)
         # Sizes the shared-memory offer only: a tile beyond it travels inline.
         asked = options.video.num_frames
-        frames = asked if asked > 0 else VIDEO_NUM_FRAMES if asked == 0 else health.max_video_frames or MAX_VIDEO_FRAMES
+        # 0: the server's own --video-num-frames, as it reports it; -1: every frame, up to its maximum.
+        frames = (asked if asked > 0 else (health.video_num_frames or VIDEO_NUM_FRAMES) if asked == 0
+                  else health.max_video_frames or MAX_VIDEO_FRAMES)
         tiles_bound = sum(frames if kind == vision_pb2.MEDIA_KIND_VIDEO else c + (c > 1)  # + an image's thumbnail
                           for c, kind in zip(caps, kinds or [vision_pb2.MEDIA_KIND_IMAGE] * len(images), strict=True))
         receiver = await TileReceiver.open(

@@ -227,3 +227,22 @@ async def test_vir_compresses_frames_on_flash(llm_tiny_flash: str) -> None:
     assert full == frames * 256
     compressed = (full - auto) // (256 - 64)
     assert (full - auto) % (256 - 64) == 0 and 0 < compressed < frames, f"{compressed} of {frames} frames compressed"
+
+
+async def test_an_operators_larger_frame_count_still_travels_over_shared_memory(tiny_ckpt) -> None:
+    """The language server sizes its shared-memory offer from the frame count the vision server says it samples by
+    default, so `--video-num-frames 40` (above the usual 32) sends every frame's tile over shared memory."""
+    from llm_server.vision_pool import VisionPool
+    from tests.conftest import start_vision
+
+    svc, address = start_vision("vision-40-frames", tiny_ckpt, "--video-num-frames", "40")
+    pool = VisionPool((address,), hidden_size=128, timeout_s=60, transport="shm")
+    try:
+        await pool.start()
+        encoded = await pool.encode("frames-40", [CLIP_A], vision_pb2.EncodeOptions(),
+                                    kinds=[vision_pb2.MEDIA_KIND_VIDEO])
+        assert sum(s.num_tiles for s in encoded.summary.images) == 40
+        assert set(encoded.bytes_by_transport) == {"shm"}, encoded.bytes_by_transport
+    finally:
+        await pool.close()
+        svc.stop()

@@ -367,7 +367,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             flash=self.model_cfg.flash, queued_tiles=self.batcher.queued_tiles,
             inflight_requests=self.inflight, devices=[r.device for r in self.batcher.runners],
             max_tiles=self.model_cfg.max_tiles, data_port=self.listener.port if self.listener else 0,
-            shm_domain=self.shm_domain, max_video_frames=self.cfg.max_video_frames)
+            shm_domain=self.shm_domain, max_video_frames=self.cfg.max_video_frames,
+            video_num_frames=self.cfg.video_num_frames)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
