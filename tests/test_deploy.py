@@ -5,6 +5,7 @@ exact commands of both compose files, started here on the tiny checkpoint, answe
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 from openai import OpenAI
@@ -19,6 +21,9 @@ from openai import OpenAI
 from dvd.media import data_url, image_bytes
 from dvd.procs import PY, Service, cpu_engine_env, engine_cpus
 from dvd.security import InternalAuth
+from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
+from tests.helpers.security import code_of, data_port_answers, make_pki
+from tests.helpers.vision import collect, encode_with, request
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -142,9 +147,36 @@ def service_env(service: dict, certs: Path, hf: Path) -> dict[str, str]:
     return env
 
 
+def check_node_security(vision: str, node: InternalAuth, tmp_path: Path) -> None:
+    png = image_bytes(300, 200, seed=5)
+    with node.channel(vision) as channel:
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        assert collect(stub.Encode(request([png]), timeout=60)).tiles
+        data_port = stub.Health(vision_pb2.VisionHealthRequest(), timeout=5).data_port
+    stranger = make_pki(tmp_path / "stranger")
+    rogue = InternalAuth(internal_token=node.internal_token, tls_cert=stranger["DVD_TLS_CERT"],
+                         tls_key=stranger["DVD_TLS_KEY"], tls_ca=node.tls_ca)
+    with rogue.channel(vision) as channel:
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        assert code_of(lambda: collect(stub.Encode(request([png]), timeout=10))) == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(vision) as plain:
+        stub = vision_pb2_grpc.VisionServiceStub(plain)
+        assert code_of(lambda: stub.Health(vision_pb2.VisionHealthRequest(), timeout=5)) == \
+            grpc.StatusCode.UNAVAILABLE
+    # A language node on another host (no shared memory) gets its tiles over the data port, under the same TLS;
+    # a peer without a certificate the CA signed gets nothing from it.
+    encoded = asyncio.run(encode_with(vision, "auto", [png], auth=node, shm_budget_bytes=0))
+    assert set(encoded.bytes_by_transport) == {"tcp"}
+    assert data_port and not data_port_answers(data_port, None)
+    assert not data_port_answers(data_port, rogue.ssl_context(server_side=False))
+
+
 def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: Path) -> None:
     """Both nodes' compose commands, as `docker compose config` writes them from .env.example with the model, the
-    token and the vision node's address set as a user sets them, under the default mutual TLS (make-certs.sh)."""
+    token and the vision node's address set as a user sets them, under the default mutual TLS (make-certs.sh).
+    The security between the nodes is checked on this stack: a peer without a CA-signed certificate gets no
+    connection, gRPC or data port; a call without the token is refused before any handler; the TCP data plane
+    carries the embeddings under the same TLS."""
     certs, hf = tmp_path / "certs", tmp_path / "hf"
     subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), str(certs), "vision-node"], check=True,
                    capture_output=True, timeout=60)
@@ -158,11 +190,16 @@ def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: 
         assert auth.tls and str(tiny_ckpt) in spec["command"]
         started.append(Service("compose-vision", as_started_here(spec), env={**env, "OMP_NUM_THREADS": "1"}))
         vision = started[-1].wait_grpc(120, auth)
+        check_node_security(vision, auth, tmp_path)
         language = json.loads(compose_config("language", **user, VISION_ADDRS=vision).stdout)["services"]
         engine = cpu_engine_env(engine_cpus(0), kv_gib=1)
         started.append(Service("compose-llm", as_started_here(language["llm"]),
                                env={**service_env(language["llm"], certs, hf), **engine}))
         llm = started[-1].wait_grpc(600, auth)
+        with InternalAuth(tls_cert=auth.tls_cert, tls_key=auth.tls_key, tls_ca=auth.tls_ca).channel(llm) as channel:
+            stub = llm_pb2_grpc.LanguageServiceStub(channel)  # TLS, no token: refused before any handler
+            assert code_of(lambda: stub.Health(llm_pb2.LanguageHealthRequest(), timeout=5)) == \
+                grpc.StatusCode.UNAUTHENTICATED
         assert language["router"]["depends_on"]["llm"]["condition"] == "service_healthy"
         started.append(Service("compose-router", as_started_here(language["router"], llm=llm),
                                env=service_env(language["router"], certs, hf)))
