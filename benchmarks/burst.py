@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import random
 import sys
@@ -129,6 +130,57 @@ async def burst(base: str, bodies: list[bytes], after: bytes, timeout: float = 3
         result.seconds = time.monotonic() - t0
         result.statuses = Counter(statuses)
         result.after = await _send(session, base, after, timeout, result)
+    return result
+
+
+def body_media(payload: bytes) -> tuple[list[bytes], list[int]]:
+    """The files of one burst body (data URLs), as the router hands them on: bytes and their kinds."""
+    from dvd.v1 import vision_pb2
+
+    files, kinds = [], []
+    for part in json.loads(payload)["messages"][0]["content"]:
+        if part["type"] in ("image_url", "video_url"):
+            files.append(base64.b64decode(part[part["type"]]["url"].split(",", 1)[1]))
+            kinds.append(vision_pb2.MEDIA_KIND_VIDEO if part["type"] == "video_url" else vision_pb2.MEDIA_KIND_IMAGE)
+    return files, kinds
+
+
+async def pool_burst(vision: str, transport: str, bodies: list[bytes], after: bytes,
+                     shm_bytes: int = 64 * 2**20) -> BurstResult:
+    """The same burst one step further in: every body's files at once through the language server's own vision
+    client (`VisionPool`, one channel, `transport` as its --vision-transport), without a language model. An answer
+    counts as 200, a refusal the language server turns into 429 + Retry-After (RESOURCE_EXHAUSTED) as 429."""
+    import grpc
+
+    from dvd.v1 import vision_pb2, vision_pb2_grpc
+    from llm_server.vision_pool import VisionError, VisionPool
+
+    async with grpc.aio.insecure_channel(vision) as channel:
+        hidden = (await vision_pb2_grpc.VisionServiceStub(channel).Health(vision_pb2.VisionHealthRequest(),
+                                                                           timeout=10)).hidden_size
+    pool = VisionPool((vision,), hidden_size=hidden, timeout_s=300, transport=transport, shm_budget_bytes=shm_bytes)
+    result = BurstResult()
+
+    async def one(k: int, payload: bytes) -> str:
+        files, kinds = body_media(payload)
+        try:
+            await pool.encode(f"burst-{transport}-{k}", files, vision_pb2.EncodeOptions(), kinds=kinds)
+            return "200"
+        except VisionError as e:
+            if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return "429"
+            if len(result.errors) < 5:
+                result.errors.append(f"{e.code.name}: {e}")
+            return e.code.name
+
+    await pool.start()
+    try:
+        t0 = time.monotonic()
+        result.statuses = Counter(await asyncio.gather(*(one(k, b) for k, b in enumerate(bodies))))
+        result.seconds = time.monotonic() - t0
+        result.after = await one(-1, after)
+    finally:
+        await pool.close()
     return result
 
 
