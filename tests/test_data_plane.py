@@ -9,23 +9,20 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 import torch
 
 from dvd.data_plane import RAW_TILE_FIELD, SHM_DIR, Pending, remove_orphan_segments, shm_domain
-from dvd.procs import free_port
 from dvd.tensor_codec import append_raw, split_raw
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots
 from llm_server.vision_pool import VisionError, VisionPool
-from tests.conftest import start_llm, start_vision
-from tests.helpers.llm import generate, image, stock_vllm_tokens, text
+from tests.conftest import start_vision
 from tests.helpers.media import image_bytes
 from tests.helpers.vision import Encoded, collect, encode_with
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
@@ -368,37 +365,3 @@ def test_the_vision_side_removes_a_dead_clients_segment() -> None:
         maps.close()
         child.kill()
         child.wait(10)
-
-
-# -- the language server on each transport, against stock vLLM ---------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def llm_by_transport(tiny_ckpt: Path, vision_tiny: str) -> Iterator[dict[str, tuple[str, str]]]:
-    """A language server forced onto TCP, the path of every two-node deployment (the default, shared memory, is
-    `llm_tiny`; inline gRPC delivers the same bytes as both, test_every_transport_delivers_the_same_bytes)."""
-    services, out = [], {}
-    try:
-        for transport in ("tcp",):
-            metrics_port = free_port()
-            svc, address = start_llm(f"llm-{transport}", tiny_ckpt, vision_tiny, "--served-model-name", "tiny",
-                                     "--metrics-port", str(metrics_port), "--vision-transport", transport)
-            services.append(svc)
-            out[transport] = (address, f"http://127.0.0.1:{metrics_port}/metrics")
-        yield out
-    finally:
-        for svc in services:
-            svc.stop()
-
-
-@pytest.mark.parametrize("transport", ["tcp"])
-async def test_tokens_equal_stock_vllm_across_hosts(llm_by_transport: dict[str, tuple[str, str]],
-                                                          colocated_tiny: str, transport: str) -> None:
-    address, metrics_url = llm_by_transport[transport]
-    images = [image_bytes(640, 480, seed=7300), image_bytes(256, 1024, seed=7301)]
-    question = "Describe the image in detail."
-    tokens, final = await generate(address, [*(image(b) for b in images), text(question)], max_tokens=24)
-    assert await stock_vllm_tokens(colocated_tiny, images, question, max_tokens=24) == tokens
-    body = httpx.get(metrics_url, timeout=10).text
-    sample = f'dvd_llm_embedding_bytes_total{{model_name="tiny",transport="{transport}"}}'
-    got = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.splitlines() if line.startswith(sample)}
-    assert got.get(sample, 0) >= final.timings.embedding_bytes > 0

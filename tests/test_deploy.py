@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import yaml
 from openai import OpenAI
 
 from dvd.media import data_url, image_bytes
-from dvd.procs import PY, Service, cpu_engine_env, engine_cpus
+from dvd.procs import PY, Service, cpu_engine_env, engine_cpus, free_port
 from dvd.security import InternalAuth
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from tests.helpers.security import code_of, data_port_answers, make_pki
@@ -171,16 +172,18 @@ def check_node_security(vision: str, node: InternalAuth, tmp_path: Path) -> None
     assert not data_port_answers(data_port, rogue.ssl_context(server_side=False))
 
 
-def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: Path) -> None:
+def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: Path, colocated_tiny: str) -> None:
     """Both nodes' compose commands, as `docker compose config` writes them from .env.example with the model, the
     token and the vision node's address set as a user sets them, under the default mutual TLS (make-certs.sh).
     The security between the nodes is checked on this stack: a peer without a CA-signed certificate gets no
     connection, gRPC or data port; a call without the token is refused before any handler; the TCP data plane
-    carries the embeddings under the same TLS."""
+    carries the embeddings under the same TLS. The language node is set up as on a host of its own (no shared
+    memory with the vision node, through LLM_EXTRA_ARGS): its answers equal stock vLLM's on the same checkpoint."""
     certs, hf = tmp_path / "certs", tmp_path / "hf"
     subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), str(certs), "vision-node"], check=True,
                    capture_output=True, timeout=60)
-    user = {"DVD_INTERNAL_TOKEN": "t0ken", "MODEL": str(tiny_ckpt), "MAX_MODEL_LEN": "4096"}
+    user = {"DVD_INTERNAL_TOKEN": "t0ken", "MODEL": str(tiny_ckpt), "MAX_MODEL_LEN": "4096",
+            "LLM_EXTRA_ARGS": "--vision-shm-gb 0"}
     started: list[Service] = []
     try:
         spec = json.loads(compose_config("vision", **user).stdout)["services"]["vision"]
@@ -193,7 +196,8 @@ def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: 
         check_node_security(vision, auth, tmp_path)
         language = json.loads(compose_config("language", **user, VISION_ADDRS=vision).stdout)["services"]
         engine = cpu_engine_env(engine_cpus(0), kv_gib=1)
-        started.append(Service("compose-llm", as_started_here(language["llm"]),
+        metrics_port = free_port()
+        started.append(Service("compose-llm", as_started_here(language["llm"], **{"metrics-port": str(metrics_port)}),
                                env={**service_env(language["llm"], certs, hf), **engine}))
         llm = started[-1].wait_grpc(600, auth)
         with InternalAuth(tls_cert=auth.tls_cert, tls_key=auth.tls_key, tls_ca=auth.tls_ca).channel(llm) as channel:
@@ -206,10 +210,17 @@ def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: 
         client = OpenAI(base_url=f"{started[-1].wait_http()}/v1", api_key="unused")
         served = client.models.list().data[0].id
         assert served == str(tiny_ckpt)  # as `vllm serve MODEL` names it: a client written for that works
-        reply = client.chat.completions.create(model=served, max_tokens=4, temperature=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image_bytes(448, 448))}},
-                                         {"type": "text", "text": "What is this?"}]}])
-        assert reply.choices[0].message.content and reply.usage and reply.usage.prompt_tokens > 256
+        content = [*({"type": "image_url", "image_url": {"url": data_url(image_bytes(w, h, seed=7300 + w))}}
+                     for w, h in ((640, 480), (256, 1024))), {"type": "text", "text": "Describe the image in detail."}]
+        reply = client.chat.completions.create(model=served, max_tokens=24, temperature=0,
+                                               messages=[{"role": "user", "content": content}])
+        stock = OpenAI(base_url=colocated_tiny, api_key="none").chat.completions.create(
+            model="tiny", max_tokens=24, temperature=0, messages=[{"role": "user", "content": content}])
+        assert reply.choices[0].message.content == stock.choices[0].message.content
+        assert reply.usage and stock.usage and reply.usage.prompt_tokens == stock.usage.prompt_tokens > 256
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert f'dvd_llm_embedding_bytes_total{{model_name="{served}",transport="tcp"}}' in metrics
+        assert 'transport="shm"' not in metrics and 'transport="grpc"' not in metrics
     finally:
         for svc in reversed(started):
             svc.stop()
