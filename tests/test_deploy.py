@@ -110,6 +110,24 @@ def test_kubernetes_manifests_validate_and_their_commands_parse() -> None:
     assert seen == 3
 
 
+def test_kustomize_renders_the_stack_with_its_monitoring_component(tmp_path: Path) -> None:
+    """`kubectl kustomize deploy/k8s` (kubectl's own kustomize, what `kubectl apply -k` runs) renders every
+    resource, the dashboard and alert rules included, and the rendering validates strictly."""
+    rendered = subprocess.run(["kubectl", "kustomize", str(REPO / "deploy" / "k8s")], capture_output=True, text=True,
+                              timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    docs = list(yaml.safe_load_all(rendered.stdout))
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    board = json.loads(maps["dvd-grafana-dashboard"]["data"]["dvd-internvl.json"])
+    assert board["panels"] and maps["dvd-grafana-dashboard"]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert yaml.safe_load(maps["dvd-alert-rules"]["data"]["dvd-alerts.yaml"])["groups"][0]["rules"]
+    out = tmp_path / "rendered.yaml"
+    out.write_text(rendered.stdout)
+    result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_make_certs_writes_a_ca_and_a_node_certificate(tmp_path: Path) -> None:
     from cryptography import x509
 
