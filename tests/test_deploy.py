@@ -200,7 +200,7 @@ def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: 
     certs, hf = tmp_path / "certs", tmp_path / "hf"
     subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), str(certs), "vision-node"], check=True,
                    capture_output=True, timeout=60)
-    user = {"DVD_INTERNAL_TOKEN": "t0ken", "MODEL": str(tiny_ckpt), "MAX_MODEL_LEN": "4096",
+    user = {"DVD_INTERNAL_TOKEN": "t0ken", "MODEL": str(tiny_ckpt), "MAX_MODEL_LEN": "16384",
             "LLM_EXTRA_ARGS": "--vision-shm-gb 0"}
     started: list[Service] = []
     try:
