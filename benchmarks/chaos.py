@@ -619,12 +619,12 @@ def burst_row(name: str, result: Any) -> Row:
                "only 200/429 (with Retry-After), then a normal answer", result.ok)
 
 
-def bursts(stack: BurstStack, requests: int, sweep: tuple[int, ...], sweep_transports: tuple[str, ...],
-           seed: int, through_router: tuple[str, ...] = TRANSPORTS) -> list[Row]:
-    """On each transport in turn: `requests` simultaneous mixed requests; then, on `sweep_transports`, bursts of
-    one-tile requests at each concurrency of `sweep` (past the segment budget and the mapping table). Transports
-    not in `through_router` send the same requests' files straight through the language server's vision client
-    (the quick run: the data-plane paths under a burst, without a language server start per transport)."""
+def bursts(stack: BurstStack, requests: int, sweep: tuple[int, ...], seed: int,
+           through_router: tuple[str, ...] = TRANSPORTS) -> list[Row]:
+    """On each transport in turn: `requests` simultaneous mixed requests; then, on the transports `through_router`,
+    bursts of one-tile requests at each concurrency of `sweep` (past the segment budget and the mapping table).
+    Transports not in `through_router` send the same requests' files straight through the language server's vision
+    client (the quick run: the data-plane paths under a burst, without a language server start per transport)."""
     after = burst_body("tiny", [image_part(jpeg(448, 448, seed=11))], 4)
     rows = []
     for k, transport in enumerate(TRANSPORTS):
@@ -642,12 +642,11 @@ def bursts(stack: BurstStack, requests: int, sweep: tuple[int, ...], sweep_trans
                                      "startup_s": round(time.monotonic() - t0, 1)})
             result = asyncio.run(burst(base, mixed_bodies("tiny", requests, 4, seed=seed * 10 + k, **mix), after))
             rows.append(burst_row(f"burst of {requests} mixed requests, one vision server, {transport}", result))
-            if transport in sweep_transports:
-                for n, concurrency in enumerate(sweep):
-                    bodies = plain_bodies("tiny", concurrency, 1, [(448, 448)], 4, seed=seed * 1000 + 100 + n)
-                    result = asyncio.run(burst(base, bodies, after))
-                    rows.append(burst_row(f"sweep: {concurrency} simultaneous one-tile requests, {transport}",
-                                          result))
+            for n, concurrency in enumerate(sweep):
+                bodies = plain_bodies("tiny", concurrency, 1, [(448, 448)], 4, seed=seed * 1000 + 100 + n)
+                result = asyncio.run(burst(base, bodies, after))
+                rows.append(burst_row(f"sweep: {concurrency} simultaneous one-tile requests, {transport}",
+                                      result))
     return rows
 
 
@@ -732,8 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         # Quick: the language server and router on shared memory only, and one sweep step past the 64 MiB
         # segment budget and the 64-mapping table (~45 s per language server start saved on 2 cores).
         sweep = (320,) if args.quick else (32, 128, 320, 640)
-        rows += bursts(bursting, 200 if args.quick else 400, sweep, ("shm",) if args.quick else TRANSPORTS,
-                       args.seed, ("shm",) if args.quick else TRANSPORTS)
+        rows += bursts(bursting, 200 if args.quick else 400, sweep, args.seed, ("shm",) if args.quick else TRANSPORTS)
     finally:
         bursting.stop()
     rows.append(shm_row(shm_before))

@@ -32,7 +32,7 @@ C = TypeVar("C")
 
 
 _TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
-_FALSE = frozenset({"0", "false", "no", "off", "n", "f", ""})
+_FALSE = frozenset({"0", "false", "no", "off", "n", "f"})
 
 
 def parse_bool(value: str, name: str = "value") -> bool:
@@ -144,7 +144,7 @@ def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
         value = getattr(ns, f.name)
         if typing.get_origin(_base_type(hints[f.name])) is tuple:
             from_env = env_value(f.metadata["env"])
-            if value is None and from_env and from_env[1]:
+            if value is None and from_env:
                 value = from_env[1]
             value = split_list(value) if value is not None else _default(f)
         values[f.name] = value

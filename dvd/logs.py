@@ -15,15 +15,13 @@ import os
 import sys
 from contextvars import ContextVar
 
-from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 from dvd.tracing import trace_id
 
 REQUEST_ID: ContextVar[str] = ContextVar("dvd_request_id", default="")
 FORMATS = ("json", "text")
-# color_message: uvicorn's ANSI duplicate of the message; taskName: asyncio's, on Python 3.12+.
-_HIDDEN = {*RESERVED_ATTRS, "color_message", "taskName"}
+# A record's own attributes, never printed as fields (color_message: uvicorn's ANSI duplicate of the message).
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
@@ -52,14 +50,20 @@ def json_formatter() -> JsonFormatter:
     """The JSON line format (also vLLM's, through llm_server/vllm_logging.json, in each of its processes)."""
     return JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
                          rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-                         reserved_attrs=sorted(_HIDDEN), json_default=str)
+                         reserved_attrs=sorted(_STANDARD), json_default=str)
+
+
+def log_format(fmt: str | None = None) -> str:
+    """`fmt`, else DVD_LOG_FORMAT, else json; anything but json or text stops the service at start-up."""
+    fmt = (fmt or os.environ.get("DVD_LOG_FORMAT", "json")).strip().lower()
+    if fmt not in FORMATS:
+        raise SystemExit(f"error: DVD_LOG_FORMAT={fmt!r} is not one of {', '.join(FORMATS)}")
+    return fmt
 
 
 def setup_logging(level: str | None = None, fmt: str | None = None) -> None:
     """Services log JSON by default; benchmarks and tools, read by people, pass fmt="text"."""
-    fmt = (fmt or os.environ.get("DVD_LOG_FORMAT", "json")).strip().lower()
-    if fmt not in FORMATS:
-        raise SystemExit(f"error: DVD_LOG_FORMAT={fmt!r} is not one of {', '.join(FORMATS)}")
+    fmt = log_format(fmt)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(json_formatter())

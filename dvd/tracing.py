@@ -60,15 +60,13 @@ def outgoing_metadata() -> list[tuple[str, str]]:
 
 def incoming_context(metadata: Iterable[tuple[str, Any]] | Mapping[str, str] | None) -> Context:
     """The caller's trace context from gRPC metadata or HTTP headers."""
-    if metadata is None:
-        return propagate.extract({})
-    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata or ()
     return propagate.extract({k: v.decode() if isinstance(v, bytes) else v for k, v in items})
 
 
-def trace_id() -> str:
-    """The current trace's id in hex (what log lines carry), or "" outside a recorded trace."""
-    ctx = trace.get_current_span().get_span_context()
+def trace_id(span: trace.Span | None = None) -> str:
+    """The trace id of `span` (default: the current one) in hex, what log lines carry; "" outside a trace."""
+    ctx = (span or trace.get_current_span()).get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 

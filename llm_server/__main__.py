@@ -9,15 +9,16 @@ import os
 import signal
 from pathlib import Path
 
+from dvd.logs import log_format, setup_logging
+
 # Before vLLM is imported (it configures its logging then, in this process and in each one it starts): vLLM's lines
 # in the services' JSON format, with the request and trace ids.
-if os.environ.get("DVD_LOG_FORMAT", "json").strip().lower() == "json":
+if log_format() == "json":
     os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(Path(__file__).with_name("vllm_logging.json")))
 
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from dvd.health import Health
-from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
 from dvd.shm_orphans import remove_orphans

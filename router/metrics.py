@@ -9,6 +9,7 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
 from dvd.metrics import MODEL_LABEL, REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, service_registry
+from dvd.tracing import trace_id
 from dvd.v1 import llm_pb2
 from router.errors import APIError
 
@@ -81,10 +82,9 @@ class RequestTracker:
         self._m.requests.labels(model_name=self.model_name, status=str(status)).inc()
         usage = self.usage or llm_pb2.Usage()
         self._end_span(status, usage, error)
-        span_context = self.span.get_span_context()
         log.info("request finished", extra={
             "request_id": self.request_id, "status": status, "code": error.code if error else "",
-            "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid else "",
+            "trace_id": trace_id(self.span),  # a stream ends outside the request's span context
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "ttft_s": round(self._first - self._start, 4) if self._first else "", "e2e_s": round(elapsed, 4)})
         if error is not None:
