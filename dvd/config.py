@@ -27,6 +27,10 @@ LLM_PORT = 50061  # language server gRPC
 # (the vision server's --video-num-frames and --max-video-frames; the language server sizes buffers from them).
 VIDEO_NUM_FRAMES = 32
 MAX_VIDEO_FRAMES = 128
+# How long one request may run, arrival to last token (the router answers 504 after). A stopping service gives its
+# in-flight work as long by default, so a rollout cuts no request the router would have let finish; deployments give
+# a pod that plus their preStop sleep before killing it (docs/kubernetes.md, "Rollouts").
+REQUEST_TIMEOUT_S = 600.0
 
 C = TypeVar("C")
 
@@ -149,6 +153,21 @@ def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
             value = split_list(value) if value is not None else _default(f)
         values[f.name] = value
     return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Deadlines:
+    """One setting for every service: the request timeout, and the drain window it implies."""
+
+    request_timeout: float = option(REQUEST_TIMEOUT_S, "seconds one request may run, arrival to last token (the "
+                                    "router answers 504 after); the default drain window", env="DVD_REQUEST_TIMEOUT")
+    shutdown_grace: float | None = option(
+        None, "seconds in-flight work gets after SIGTERM (readiness off, no new work) before the service stops; "
+        "default: --request-timeout", env="DVD_SHUTDOWN_GRACE")
+
+    @property
+    def drain_s(self) -> float:
+        return self.request_timeout if self.shutdown_grace is None else self.shutdown_grace
 
 
 def parse(cls: type[C], argv: Sequence[str] | None = None, *, prog: str | None = None,

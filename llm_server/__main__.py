@@ -86,8 +86,8 @@ async def serve() -> None:
     watch = asyncio.create_task(watch_health(health, service, engine), name="health")
     await wait_for_stop()
     watch.cancel()
-    log.info("shutting down: finishing in-flight calls", extra={"grace_s": config.shutdown_grace})
-    await drain(server, health, service, config.shutdown_grace)
+    log.info("shutting down: finishing in-flight calls", extra={"grace_s": config.deadlines.drain_s})
+    await drain(server, health, service, config.deadlines.drain_s)
     await pool.close()
     engine.shutdown()
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-from dvd.config import LLM_PORT, add_options, from_namespace, option
+from dvd.config import LLM_PORT, Deadlines, add_options, from_namespace, option
 from dvd.data_plane import TRANSPORTS
 from dvd.security import InternalAuth
 from llm_server.answer import ToolOptions
@@ -33,7 +33,7 @@ class LlmServerConfig:
                                             "resent image costs no vision call and no transfer")
     tools: ToolOptions = field(default_factory=ToolOptions)
     metrics_port: int = option(0, "Prometheus port (0 = off)")
-    shutdown_grace: float = option(10.0, "seconds in-flight calls get on shutdown")
+    deadlines: Deadlines = field(default_factory=Deadlines)
     internal: InternalAuth = field(default_factory=InternalAuth)
 
 

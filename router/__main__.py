@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import socket
 
 import uvicorn
@@ -27,7 +28,8 @@ def main() -> None:
         ports["metrics"] = sockets[1].getsockname()[1]
     report_ports(**ports)
     server = uvicorn.Server(uvicorn.Config(create_app(config, internal_port=ports.get("metrics")), log_config=None,
-                                           timeout_graceful_shutdown=5, timeout_keep_alive=int(config.keep_alive)))
+                                           timeout_graceful_shutdown=math.ceil(config.deadlines.drain_s),
+                                           timeout_keep_alive=int(config.keep_alive)))
     server.run(sockets=sockets)
 
 

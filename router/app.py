@@ -44,7 +44,7 @@ def create_app(config: RouterConfig, internal_port: int | None = None) -> FastAP
                                      max_images=config.max_images_per_request,
                                      max_total_bytes=config.max_image_total_bytes))
     completions = Completions(pool, images, limiter, metrics, max_body_bytes=config.max_body_bytes,
-                              request_timeout=config.request_timeout)
+                              request_timeout=config.deadlines.request_timeout)
     metrics.waiting.set_function(lambda: limiter.waiting)
     metrics.backends_ready.set_function(lambda: len(pool.ready_backends))
 

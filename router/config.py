@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dvd.config import ROUTER_PORT, option, parse
+from dvd.config import ROUTER_PORT, Deadlines, option, parse
 from dvd.security import InternalAuth
 
 MIB = 1024 * 1024
@@ -35,12 +35,12 @@ class RouterConfig:
     max_video_bytes: int = option(64 * MIB, "bytes of one video (a data: URL is also bound by --max-body-bytes)")
     max_images_per_request: int = option(16, "images and videos in one request")
     max_image_total_bytes: int = option(128 * MIB, "all images and videos of one request together")
-    request_timeout: float = option(600.0, "seconds from request to last token; 504 after")
     health_interval: float = option(2.0, "seconds between health checks of each language server")
     # Longer than clients and load balancers keep idle connections (nginx 75 s, AWS ALB 60 s, httpx 5 s): the side
     # that closes first must be the client, or a request sent as the server closes is lost (a reset: most likely the
     # one client ReadError the chaos suite saw under overload with uvicorn's 5 s default).
     keep_alive: float = option(75.0, "seconds an idle HTTP keep-alive connection stays open")
+    deadlines: Deadlines = field(default_factory=Deadlines)
     internal: InternalAuth = field(default_factory=InternalAuth)
 
 

@@ -22,7 +22,7 @@ def test_flags_parse_to_typed_fields() -> None:
     cfg = vision_args(["--model", "m", "--devices", "cpu,cpu", "--max-wait-ms", "2.5",
                        "--vir-relative-threshold", "0.3", "--batching", "padded", "--shutdown-grace", "1"])
     assert cfg.devices == ("cpu", "cpu") and cfg.max_wait_ms == 2.5 and cfg.vir_relative_threshold == 0.3
-    assert cfg.batching == "padded" and cfg.shutdown_grace == 1.0
+    assert cfg.batching == "padded" and cfg.deadlines.drain_s == 1.0
     with pytest.raises(SystemExit):
         vision_args(["--model", "m", "--batching", "sometimes"])  # choices are enforced
     with pytest.raises(SystemExit):

@@ -124,7 +124,7 @@ async def serve(cfg: ServerConfig) -> None:
     await wait_for_stop()
     # Graceful: refuse new calls, let in-flight ones finish (their tiles are still being batched), then stop.
     log.info("stopping", extra={"inflight": servicer.inflight, "queued_tiles": batcher.queued_tiles})
-    await drain(server, health, servicer, cfg.shutdown_grace)
+    await drain(server, health, servicer, cfg.deadlines.drain_s)
     await batcher.close()
     sweeper.cancel()
     servicer.close()

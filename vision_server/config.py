@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES, VISION_PORT, option
+from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES, VISION_PORT, Deadlines, option
 from dvd.security import InternalAuth
 
 
@@ -130,7 +130,7 @@ class ServerConfig:
     vir_relative_threshold: float | None = option(None, "override the checkpoint's value")
     vir_absolute_threshold: float | None = option(None, "override the checkpoint's value")
     metrics_port: int = option(0, "Prometheus port (0 = off)")
-    shutdown_grace: float = option(30.0, "seconds in-flight calls get on shutdown")
+    deadlines: Deadlines = field(default_factory=Deadlines)
     internal: InternalAuth = field(default_factory=InternalAuth)
     preprocess_threads: int = option(factory=lambda: min(8, os.cpu_count() or 2),
                                      help="threads decoding and tiling images (Pillow releases the GIL while resizing)")
