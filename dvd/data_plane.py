@@ -16,18 +16,24 @@ import fcntl
 import logging
 import os
 import re
+import secrets
+import socket
+import ssl
 import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dvd.v1 import vision_pb2
 
 log = logging.getLogger("dvd.data_plane")
 
 TICKET_BYTES = 16  # what a TCP data connection sends first: the ticket of the Encode call it serves
+KEY_BYTES = 16  # under mutual TLS it sends a key too (AES-128-GCM), inside TLS: the key its tiles are sealed with
+TAG_BYTES = 16  # an AES-GCM tag follows each sealed tile
 SHM_DIR = Path("/dev/shm")
 SHM_NAME = re.compile(r"dvd-\d+-[0-9a-f]{32}")  # the only names a vision server opens: never a path
 TRANSPORTS = ("auto", "shm", "tcp", "grpc")
@@ -112,3 +118,101 @@ class Pending:
             return
         loop = asyncio.get_running_loop()
         op.add_done_callback(lambda _: loop.call_soon_threadsafe(fn))
+
+
+class DataConnection:
+    """A TCP data connection once it has introduced itself: it carries tiles one way, each as its raw bytes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send_tile(self, data: memoryview) -> None:
+        self.sock.sendall(data)
+
+    def recv_tile(self, out: memoryview) -> None:
+        """Exactly len(out) bytes into `out`; OSError (timeout, reset, closed) or ConnectionError (EOF)."""
+        _recv_exactly(self.sock, out)
+
+    def shutdown(self) -> None:
+        """Wake a send or receive still blocked in its thread; the descriptor stays open until `close`."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class SealedConnection(DataConnection):
+    """The data connection under mutual TLS. TLS authenticates both ends and carries the ticket and a fresh key the
+    receiver chose; then both ends shut TLS down and each tile travels as one AES-128-GCM message (ciphertext, tag)
+    under that key. Why not TLS records throughout: a 16 KiB record per call through Python's `ssl` costs about
+    twice the cipher's own work per byte (docs/data_plane.md, "Under mutual TLS"); one call per tile does not.
+    Nonces count the tiles of this connection (one key, one direction, never reused), so a tile dropped, replayed,
+    reordered or altered on the wire fails to open, and the receiver drops the connection."""
+
+    def __init__(self, sock: socket.socket, key: bytes) -> None:
+        super().__init__(sock)
+        self._aead = AESGCM(key)
+        self._count = 0
+        self._buf = bytearray()
+
+    def _nonce(self) -> bytes:
+        self._count += 1
+        return self._count.to_bytes(12, "little")
+
+    def _buffer(self, size: int) -> memoryview:
+        if len(self._buf) < size:
+            self._buf = bytearray(size)
+        return memoryview(self._buf)[:size]
+
+    def send_tile(self, data: memoryview) -> None:
+        sealed = self._buffer(len(data) + TAG_BYTES)
+        self._aead.encrypt_into(self._nonce(), data, None, sealed)
+        self.sock.sendall(sealed)
+
+    def recv_tile(self, out: memoryview) -> None:
+        sealed = self._buffer(len(out) + TAG_BYTES)
+        _recv_exactly(self.sock, sealed)
+        try:
+            self._aead.decrypt_into(self._nonce(), sealed, None, out)
+        except Exception as e:  # cryptography's InvalidTag: altered, replayed or out of order
+            raise ConnectionError("a tile failed its integrity check") from e
+
+
+def _recv_exactly(sock: socket.socket, out: memoryview) -> None:
+    got = 0
+    while got < len(out):
+        n = sock.recv_into(out[got:], len(out) - got, socket.MSG_WAITALL)
+        if n == 0:
+            raise ConnectionError(f"closed after {got} of {len(out)} bytes")
+        got += n
+
+
+def connect_data(sock: socket.socket, ticket: bytes, tls: ssl.SSLContext | None) -> DataConnection:
+    """The receiving end's introduction on a connected socket: the ticket, or under TLS the ticket and a new key
+    inside a mutually authenticated TLS session that is then shut down (the socket carries sealed tiles after)."""
+    if tls is None:
+        sock.sendall(ticket)
+        return DataConnection(sock)
+    key = secrets.token_bytes(KEY_BYTES)
+    session = tls.wrap_socket(sock)
+    session.sendall(ticket + key)
+    return SealedConnection(session.unwrap(), key)
+
+
+def accept_data(sock: socket.socket, tls: ssl.SSLContext) -> tuple[SealedConnection, bytes]:
+    """The sending end's side of the TLS introduction: raises (ssl.SSLError) for a peer without a certificate the
+    CA signed, before it can send anything; returns the sealed connection and its ticket."""
+    session = tls.wrap_socket(sock, server_side=True)
+    try:
+        intro = b""
+        while len(intro) < TICKET_BYTES + KEY_BYTES:
+            chunk = session.recv(TICKET_BYTES + KEY_BYTES - len(intro))
+            if not chunk:
+                raise ConnectionError("closed before its ticket")
+            intro += chunk
+        plain = session.unwrap()
+    except BaseException:
+        session.close()
+        raise
+    return SealedConnection(plain, intro[TICKET_BYTES:]), intro[:TICKET_BYTES]

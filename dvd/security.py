@@ -74,7 +74,8 @@ class InternalAuth:
     # The TCP data plane: raw sockets under the same certificates, mutually authenticated.
     def ssl_context(self, server_side: bool) -> ssl.SSLContext | None:
         """None without TLS. Either end must present a certificate the CA signed; names are not checked (a data
-        connection is dialled to the address gRPC found, and the ticket it sends names its Encode call)."""
+        connection is dialled to the address gRPC found, and the ticket it sends names its Encode call). TLS
+        carries the connection's introduction; its tiles travel sealed after it (dvd.data_plane.SealedConnection)."""
         if not self.tls:
             return None
         assert self.tls_cert and self.tls_key and self.tls_ca
@@ -82,7 +83,9 @@ class InternalAuth:
                                          cafile=self.tls_ca)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3  # one round trip to set up; AES-GCM or ChaCha20 records
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3  # one round trip to set up
+        if server_side:  # no resumption tickets: a session ends with its introduction (dvd.data_plane.SealedConnection)
+            ctx.num_tickets = 0
         ctx.load_cert_chain(self.tls_cert, self.tls_key)
         return ctx
 

@@ -28,8 +28,10 @@ from dvd.data_plane import (
     RAW_TILE_FIELD,
     SHM_DIR,
     TICKET_BYTES,
+    DataConnection,
     Pending,
     byte_view,
+    connect_data,
     remove_orphan_segments,
     shm_domain,
 )
@@ -160,7 +162,7 @@ class TileReceiver:
     """One Encode attempt's receiving end: what to offer the server, and each tile's bytes into its place."""
 
     def __init__(self, executor: ThreadPoolExecutor, slots: ShmSlots | None = None, slot: ShmSlot | None = None,
-                 conn: socket.socket | None = None, ticket: bytes = b"") -> None:
+                 conn: DataConnection | None = None, ticket: bytes = b"") -> None:
         self.executor = executor
         self.ticket = ticket
         self.slots = slots
@@ -234,8 +236,7 @@ class TileReceiver:
         slot, slots, conn, reuse = self.slot, self.slots, self.conn, self.complete
         self.slot = self.conn = None
         if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)  # wakes a receive still blocked in its thread
+            conn.shutdown()  # wakes a receive still blocked in its thread
 
         def release() -> None:
             if slot is not None and slots is not None:
@@ -247,7 +248,7 @@ class TileReceiver:
 
 
 def _copy(jobs: list[tuple[int, vision_pb2.TileEmbedding, memoryview | None, torch.Tensor]], slot: ShmSlot | None,
-          conn: socket.socket | None) -> None:
+          conn: DataConnection | None) -> None:
     """One message's tiles into place, in a worker thread: it gets the segment and connection it reads from, which
     `TileReceiver.close` keeps alive until it returns."""
     for transport, tile, data, out in jobs:
@@ -262,30 +263,22 @@ def _copy(jobs: list[tuple[int, vision_pb2.TileEmbedding, memoryview | None, tor
             _recv_exactly(conn, out)
 
 
-def _connect(host: str, port: int, ticket: bytes, timeout: float, tls: ssl.SSLContext | None) -> socket.socket:
+def _connect(host: str, port: int, ticket: bytes, timeout: float, tls: ssl.SSLContext | None) -> DataConnection:
     """A data connection that has introduced itself (under mutual TLS when `tls`); it only receives from here on."""
-    conn = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
     try:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if tls is not None:
-            conn = tls.wrap_socket(conn)
-        conn.sendall(ticket)
-        conn.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = connect_data(sock, ticket, tls)
+        conn.sock.settimeout(timeout)
     except OSError:
-        conn.close()
+        sock.close()
         raise
     return conn
 
 
-def _recv_exactly(conn: socket.socket, out: torch.Tensor) -> None:
+def _recv_exactly(conn: DataConnection, out: torch.Tensor) -> None:
     view = memoryview(out.numpy())
-    flags = 0 if isinstance(conn, ssl.SSLSocket) else socket.MSG_WAITALL  # TLS: a record per call, no flags
-    got = 0
-    while got < len(view):
-        try:
-            n = conn.recv_into(view[got:], len(view) - got, flags)
-        except OSError as e:  # timeout, reset, or closed under us by a cancelled call
-            raise DataPlaneError(f"data connection failed after {got} of {len(view)} bytes of a tile: {e}") from e
-        if n == 0:
-            raise DataPlaneError(f"data connection closed after {got} of {len(view)} bytes of a tile")
-        got += n
+    try:
+        conn.recv_tile(view)
+    except (OSError, ConnectionError) as e:  # timeout, reset, closed under us by a cancelled call, a bad tag
+        raise DataPlaneError(f"data connection failed on a tile of {len(view)} bytes: {e}") from e

@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from dvd.data_plane import RAW_TILE_FIELD, SHM_DIR, Pending, remove_orphan_segments, shm_domain
+from dvd.data_plane import (
+    KEY_BYTES,
+    RAW_TILE_FIELD,
+    SHM_DIR,
+    TAG_BYTES,
+    Pending,
+    SealedConnection,
+    remove_orphan_segments,
+    shm_domain,
+)
 from dvd.tensor_codec import append_raw, split_raw
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots
@@ -182,7 +192,7 @@ class LyingVision(vision_pb2_grpc.VisionServiceServicer):
             yield b"\xff\xff" if self.fault == "garbage" else await sender.outgoing(msg)
             if self.fault == "tcp-short":
                 assert sender.conn is not None
-                sender.conn.sendall(b"\0" * 1000)
+                sender.conn.sock.sendall(b"\0" * 1000)
                 sender.close()  # the connection ends 1000 bytes into the first tile
                 await asyncio.sleep(5)
             else:
@@ -365,3 +375,37 @@ def test_the_vision_side_removes_a_dead_clients_segment() -> None:
         maps.close()
         child.kill()
         child.wait(10)
+
+
+def test_a_sealed_tile_is_ciphertext_and_opens_only_unaltered_and_in_order() -> None:
+    """Under mutual TLS the data connection's tiles travel sealed (AES-GCM, a key sent inside TLS, nonces counting
+    tiles): the wire never carries the tile's bytes, and an altered or replayed tile does not open."""
+    key, tile = secrets.token_bytes(KEY_BYTES), os.urandom(4096)
+    sending, wire = socket.socketpair()
+    SealedConnection(sending, key).send_tile(memoryview(tile))
+    sealed = wire.recv(len(tile) + TAG_BYTES, socket.MSG_WAITALL)
+    assert len(sealed) == len(tile) + TAG_BYTES and tile[:64] not in sealed
+
+    def opened(*messages: bytes) -> list[bytes | None]:
+        """Each message as the receiving end opens it, in turn on one connection (None: refused)."""
+        feed, receiving = socket.socketpair()
+        conn, results = SealedConnection(receiving, key), []
+        for message in messages:
+            feed.sendall(message)
+            out = bytearray(len(tile))
+            try:
+                conn.recv_tile(memoryview(out))
+                results.append(bytes(out))
+            except ConnectionError:
+                results.append(None)
+        for s in (feed, receiving):
+            s.close()
+        return results
+
+    altered = bytearray(sealed)
+    altered[100] ^= 1
+    assert opened(sealed) == [tile]
+    assert opened(bytes(altered)) == [None]
+    assert opened(sealed, sealed) == [tile, None]  # a replay is out of order: its nonce is spent
+    for s in (sending, wire):
+        s.close()

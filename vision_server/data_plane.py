@@ -28,7 +28,9 @@ from dvd.data_plane import (
     SHM_DIR,
     SHM_NAME,
     TICKET_BYTES,
+    DataConnection,
     Pending,
+    accept_data,
     byte_view,
     owner_gone,
 )
@@ -52,8 +54,8 @@ class DataListener:
         self.tls = tls
         self.port = 0
         self._sock: socket.socket | None = None
-        self._pending: dict[bytes, tuple[socket.socket, float]] = {}
-        self._waiters: dict[bytes, asyncio.Future[socket.socket]] = {}
+        self._pending: dict[bytes, tuple[DataConnection, float]] = {}
+        self._waiters: dict[bytes, asyncio.Future[DataConnection]] = {}
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> int:
@@ -84,23 +86,28 @@ class DataListener:
                 continue
             self._spawn(self._introduce(conn))
 
-    async def _introduce(self, conn: socket.socket) -> None:
+    async def _introduce(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         ticket = b""
         try:
-            if self.tls is not None:  # the handshake and the ticket in a thread: blocking TLS, bounded in time
-                conn, ticket = await loop.run_in_executor(None, _tls_introduce, self.tls, conn)
-            while len(ticket) < TICKET_BYTES:
-                chunk = await asyncio.wait_for(loop.sock_recv(conn, TICKET_BYTES - len(ticket)), CLAIM_TIMEOUT_S)
-                if not chunk:
-                    raise ConnectionError("closed before its ticket")
-                ticket += chunk
+            if self.tls is not None:  # the handshake and the introduction in a thread: blocking TLS, bounded in time
+                sock.setblocking(True)
+                sock.settimeout(CLAIM_TIMEOUT_S)
+                conn, ticket = await loop.run_in_executor(None, accept_data, sock, self.tls)
+            else:
+                while len(ticket) < TICKET_BYTES:
+                    chunk = await asyncio.wait_for(loop.sock_recv(sock, TICKET_BYTES - len(ticket)),
+                                                   CLAIM_TIMEOUT_S)
+                    if not chunk:
+                        raise ConnectionError("closed before its ticket")
+                    ticket += chunk
+                conn = DataConnection(sock)
         except (OSError, TimeoutError, ConnectionError):  # ssl.SSLError included: no certificate, wrong CA
-            conn.close()
+            sock.close()
             return
-        conn.setblocking(True)
-        conn.settimeout(SEND_TIMEOUT_S)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock.setblocking(True)
+        conn.sock.settimeout(SEND_TIMEOUT_S)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         waiter = self._waiters.pop(ticket, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(conn)
@@ -113,12 +120,12 @@ class DataListener:
                 del self._pending[ticket]
                 conn.close()
 
-    async def claim(self, ticket: bytes) -> socket.socket | None:
+    async def claim(self, ticket: bytes) -> DataConnection | None:
         """The connection that introduced itself with `ticket`, or None when none arrives in time."""
         self._expire(time.monotonic())
         if ticket in self._pending:
             return self._pending.pop(ticket)[0]
-        waiter: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[DataConnection] = asyncio.get_running_loop().create_future()
         self._waiters[ticket] = waiter
         try:
             return await asyncio.wait_for(waiter, CLAIM_TIMEOUT_S)
@@ -138,24 +145,6 @@ class DataListener:
         for conn, _ in self._pending.values():
             conn.close()
         self._pending.clear()
-
-
-def _tls_introduce(ctx: ssl.SSLContext, conn: socket.socket) -> tuple[ssl.SSLSocket, bytes]:
-    """The TLS side of a data connection and its ticket (read here: TLS records, not raw bytes)."""
-    conn.setblocking(True)
-    conn.settimeout(CLAIM_TIMEOUT_S)
-    tls = ctx.wrap_socket(conn, server_side=True)  # raises for a peer without a certificate the CA signed
-    try:
-        ticket = b""
-        while len(ticket) < TICKET_BYTES:
-            chunk = tls.recv(TICKET_BYTES - len(ticket))
-            if not chunk:
-                raise ConnectionError("closed before its ticket")
-            ticket += chunk
-    except BaseException:
-        tls.close()
-        raise
-    return tls, ticket
 
 
 @dataclass
@@ -284,7 +273,7 @@ class TileSender:
     only once a copy or send still running for a cancelled call has finished (`Pending`)."""
 
     def __init__(self, executor: ThreadPoolExecutor, shm: ShmLease | None = None, maps: ShmMaps | None = None,
-                 conn: socket.socket | None = None) -> None:
+                 conn: DataConnection | None = None) -> None:
         self.executor = executor
         self.shm = shm
         self.maps = maps
@@ -349,8 +338,7 @@ class TileSender:
         shm, maps, conn = self.shm, self.maps, self.conn
         self.shm = self.conn = None
         if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)  # wakes a send still blocked in its thread; the fd stays its own
+            conn.shutdown()  # wakes a send still blocked in its thread; the fd stays its own
 
         def release() -> None:
             if shm is not None and maps is not None:
@@ -372,6 +360,6 @@ def _write_shm(mm: mmap.mmap, writes: list[tuple[int, torch.Tensor]]) -> None:
         np.copyto(np.frombuffer(mm, dtype=np.uint8, count=src.size, offset=offset), src)
 
 
-def _send_all(conn: socket.socket, embs: list[torch.Tensor]) -> None:
+def _send_all(conn: DataConnection, embs: list[torch.Tensor]) -> None:
     for emb in embs:
-        conn.sendall(memoryview(byte_view(emb).numpy()))
+        conn.send_tile(memoryview(byte_view(emb).numpy()))
