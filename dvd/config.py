@@ -28,6 +28,9 @@ LLM_PORT = 50061  # language server gRPC
 VIDEO_NUM_FRAMES = 32
 MAX_VIDEO_FRAMES = 128
 
+# Every service refuses an empty --model with this (deployment files leave MODEL to the user).
+EMPTY_MODEL = "no model: set MODEL to a Hugging Face repo id or a checkpoint directory (--model)"
+
 C = TypeVar("C")
 
 
