@@ -316,13 +316,15 @@ def as_started_here(service: dict, **addresses: str) -> list[str]:
     return [replace.get(argv[i - 1], arg) if i else arg for i, arg in enumerate(argv)]
 
 
-def service_env(service: dict, certs: Path, hf: Path) -> dict[str, str]:
-    """The container's environment, its mounts (/certs, /hf) mapped to folders here."""
-    mounts = {"/certs": str(certs), "/hf": str(hf)}
+def service_env(service: dict) -> dict[str, str]:
+    """The container's environment, its paths under a bind mount (/certs, /hf) mapped to the folder compose
+    mounts there: each service's own certificate folder as compose wires it."""
+    mounts = {v["target"]: v["source"] for v in service["volumes"] if v["type"] == "bind"}
     env = {}
     for name, value in service["environment"].items():
-        root = str(value).split("/", 2)[1] if str(value).startswith("/") else ""
-        env[name] = str(value).replace(f"/{root}", mounts[f"/{root}"], 1) if f"/{root}" in mounts else str(value)
+        value = str(value)
+        root = next((t for t in mounts if value == t or value.startswith(f"{t}/")), None)
+        env[name] = mounts[root] + value[len(root):] if root else value
     return env
 
 
@@ -357,18 +359,18 @@ def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: 
     connection, gRPC or data port; a call without the token is refused before any handler; the TCP data plane
     carries the embeddings under the same TLS. The language node is set up as on a host of its own (no shared
     memory with the vision node, through LLM_EXTRA_ARGS): its answers equal stock vLLM's on the same checkpoint."""
-    certs, hf = tmp_path / "certs", tmp_path / "hf"
-    subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), str(certs), "vision-node"], check=True,
-                   capture_output=True, timeout=60)
+    certs = tmp_path / "certs"
+    for service, *names in (["vision", "vision-node"], ["llm"], ["router"]):  # as README's commands make them
+        make_pki(certs, service, *names)
     user = {"DVD_INTERNAL_TOKEN": "t0ken", "MODEL": str(tiny_ckpt), "MAX_MODEL_LEN": "16384",
-            "LLM_EXTRA_ARGS": "--vision-shm-gb 0"}
+            "LLM_EXTRA_ARGS": "--vision-shm-gb 0", "CERTS_DIR": str(certs), "HF_CACHE": str(tmp_path / "hf")}
     started: list[Service] = []
     try:
         spec = json.loads(compose_config("vision", **user).stdout)["services"]["vision"]
-        env = service_env(spec, certs, hf)
+        env = service_env(spec)
         auth = InternalAuth(internal_token=env["DVD_INTERNAL_TOKEN"], tls_cert=env["DVD_TLS_CERT"],
                             tls_key=env["DVD_TLS_KEY"], tls_ca=env["DVD_TLS_CA"])
-        assert auth.tls and str(tiny_ckpt) in spec["command"]
+        assert auth.tls and str(tiny_ckpt) in spec["command"] and auth.tls_cert == str(certs / "vision" / "node.pem")
         started.append(Service("compose-vision", as_started_here(spec), env={**env, "OMP_NUM_THREADS": "1"}))
         vision = started[-1].wait_grpc(120, auth)
         check_node_security(vision, auth, tmp_path)
@@ -376,7 +378,7 @@ def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: 
         engine = cpu_engine_env(engine_cpus(0), kv_gib=1)
         metrics_port = free_port()
         started.append(Service("compose-llm", as_started_here(language["llm"], **{"metrics-port": str(metrics_port)}),
-                               env={**service_env(language["llm"], certs, hf), **engine}))
+                               env={**service_env(language["llm"]), **engine}))
         llm = started[-1].wait_grpc(600, auth)
         with InternalAuth(tls_cert=auth.tls_cert, tls_key=auth.tls_key, tls_ca=auth.tls_ca).channel(llm) as channel:
             stub = llm_pb2_grpc.LanguageServiceStub(channel)  # TLS, no token: refused before any handler
@@ -384,7 +386,7 @@ def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: 
                 grpc.StatusCode.UNAUTHENTICATED
         assert language["router"]["depends_on"]["llm"]["condition"] == "service_healthy"
         started.append(Service("compose-router", as_started_here(language["router"], llm=llm),
-                               env=service_env(language["router"], certs, hf)))
+                               env=service_env(language["router"])))
         client = OpenAI(base_url=f"{started[-1].wait_http()}/v1", api_key="unused")
         served = client.models.list().data[0].id
         assert served == str(tiny_ckpt)  # as `vllm serve MODEL` names it: a client written for that works
