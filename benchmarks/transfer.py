@@ -157,10 +157,10 @@ async def receive(address: str, path: str, images: int, streams: int, hidden: in
 def node_pki() -> Iterator[dict[str, str]]:
     """A CA and a node certificate made by the deployment's own script, as the DVD_TLS_* environment."""
     with tempfile.TemporaryDirectory(prefix="dvd-transfer-pki-") as folder:
-        subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), folder], check=True, capture_output=True,
-                       timeout=60)
-        yield {"DVD_TLS_CERT": f"{folder}/node.pem", "DVD_TLS_KEY": f"{folder}/node.key",
-               "DVD_TLS_CA": f"{folder}/ca.pem"}
+        subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), folder, "node"], check=True,
+                       capture_output=True, timeout=60)
+        yield {"DVD_TLS_CERT": f"{folder}/node/node.pem", "DVD_TLS_KEY": f"{folder}/node/node.key",
+               "DVD_TLS_CA": f"{folder}/node/ca.pem"}
 
 
 def memcpy_rate(mib: int, repeats: int = 3) -> float:

@@ -32,6 +32,9 @@ MAX_VIDEO_FRAMES = 128
 # a pod that plus their preStop sleep before killing it (docs/kubernetes.md, "Rollouts").
 REQUEST_TIMEOUT_S = 600.0
 
+# Every service refuses an empty --model with this (deployment files leave MODEL to the user).
+EMPTY_MODEL = "no model: set MODEL to a Hugging Face repo id or a checkpoint directory (--model)"
+
 C = TypeVar("C")
 
 

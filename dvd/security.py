@@ -6,8 +6,8 @@ secret) and, with TLS, serves on the node's certificate and demands a client cer
 client sends the token and, with TLS, verifies the server against the CA and presents the node's certificate.
 One CA, one certificate per node (SANs = the names clients dial), like a service mesh's mTLS; the TCP data plane
 runs under the same certificates (`ssl_context`).
-Settings come from flags or the environment (DVD_INTERNAL_TOKEN, DVD_TLS_CERT, DVD_TLS_KEY, DVD_TLS_CA), so a
-compose healthcheck or a tool run in the same container inherits them.
+Settings come from flags or the environment (DVD_INTERNAL_TOKEN, DVD_TLS_CERT, DVD_TLS_KEY, DVD_TLS_CA,
+DVD_REQUIRE_INTERNAL_TOKEN), so a compose healthcheck or a tool run in the same container inherits them.
 """
 
 from __future__ import annotations
@@ -39,8 +39,14 @@ class InternalAuth:
                                   env="DVD_TLS_CERT")
     tls_key: str | None = option(None, "the certificate's PEM private key", env="DVD_TLS_KEY")
     tls_ca: str | None = option(None, "PEM CA that signs every node's certificate (mutual TLS)", env="DVD_TLS_CA")
+    require_internal_token: bool = option(False, "refuse to start without an internal token (the deployment files "
+                                                 "set it: a forgotten secret stops the service, not its security)",
+                                          env="DVD_REQUIRE_INTERNAL_TOKEN")
 
     def __post_init__(self) -> None:
+        if self.require_internal_token and not self.internal_token:
+            raise ValueError("no internal token: set DVD_INTERNAL_TOKEN (the same secret on every node; "
+                             "openssl rand -hex 32)")
         given = [bool(x) for x in (self.tls_cert, self.tls_key, self.tls_ca)]
         if any(given) and not all(given):
             raise ValueError("TLS needs all of --tls-cert, --tls-key and --tls-ca (mutual TLS), or none")

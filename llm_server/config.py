@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-from dvd.config import LLM_PORT, Deadlines, add_options, from_namespace, option
+from dvd.config import EMPTY_MODEL, LLM_PORT, Deadlines, add_options, from_namespace, option
 from dvd.data_plane import TRANSPORTS
 from dvd.security import InternalAuth
 from llm_server.answer import ToolOptions
@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[LlmServerConfig, AsyncEng
     parser = build_parser()
     args = parser.parse_args(argv)
     config = from_namespace(LlmServerConfig, args)
+    if not args.model.strip():  # compose passes "${MODEL:-}": refused here, where the service starts
+        parser.error(EMPTY_MODEL)
+    if args.vision is not None and not config.vision:  # given but empty ("${VISION_ADDRS:-}")
+        parser.error("no vision server: set VISION_ADDRS (--vision host:port[,host:port])")
     if config.tools.enable_auto_tool_choice and not config.tools.tool_call_parser:
         parser.error("--enable-auto-tool-choice requires --tool-call-parser")  # as vLLM's server says
     return config, engine_args_for_dvd(args)

@@ -17,7 +17,7 @@ from tests.conftest import SERVICES
 from tests.span_collector import SpanCollector
 
 REPO = Path(__file__).resolve().parent.parent
-MONITORING = REPO / "deploy" / "monitoring"
+MONITORING = REPO / "deploy" / "k8s" / "components" / "monitoring"
 STAGES = {"POST /v1/chat/completions", "router.fetch_media", "router.queue", "llm.generate", "llm.vision",
           "llm.engine", "vision.encode", "vision.preprocess", "vision.queue", "vision.vit", "llm_request"}
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES, VISION_PORT, Deadlines, option
+from dvd.config import EMPTY_MODEL, MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES, VISION_PORT, Deadlines, option
 from dvd.security import InternalAuth
 
 
@@ -134,6 +134,10 @@ class ServerConfig:
     internal: InternalAuth = field(default_factory=InternalAuth)
     preprocess_threads: int = option(factory=lambda: min(8, os.cpu_count() or 2),
                                      help="threads decoding and tiling images (Pillow releases the GIL while resizing)")
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():  # compose passes "${MODEL:-}": the refusal belongs at start, not in `config`
+            raise ValueError(EMPTY_MODEL)
 
     def on_gpu(self) -> bool:
         return any(d.startswith("cuda") for d in self.devices)

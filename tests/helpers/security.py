@@ -14,12 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
-def make_pki(folder: Path) -> dict[str, str]:
-    """A CA and a node certificate from the deployment's own script; the InternalAuth environment for them."""
-    subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), str(folder)], check=True, capture_output=True,
-                   timeout=60)
-    return {"DVD_TLS_CERT": str(folder / "node.pem"), "DVD_TLS_KEY": str(folder / "node.key"),
-            "DVD_TLS_CA": str(folder / "ca.pem")}
+def make_pki(folder: Path, service: str = "node", *names: str) -> dict[str, str]:
+    """A service certificate from the deployment's own script (its CA made in folder/ca on first use); the
+    InternalAuth environment for it."""
+    subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), str(folder), service, *names], check=True,
+                   capture_output=True, timeout=60)
+    return {"DVD_TLS_CERT": str(folder / service / "node.pem"), "DVD_TLS_KEY": str(folder / service / "node.key"),
+            "DVD_TLS_CA": str(folder / service / "ca.pem")}
 
 
 def data_port_answers(port: int, tls: ssl.SSLContext | None) -> bool:
