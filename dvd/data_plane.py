@@ -145,8 +145,8 @@ class DataConnection:
 class SealedConnection(DataConnection):
     """The data connection under mutual TLS. TLS authenticates both ends and carries the ticket and a fresh key the
     receiver chose; then both ends shut TLS down and each tile travels as one AES-128-GCM message (ciphertext, tag)
-    under that key. Why not TLS records throughout: a 16 KiB record per call through Python's `ssl` costs about
-    twice the cipher's own work per byte (docs/data_plane.md, "Under mutual TLS"); one call per tile does not.
+    under that key. Why not TLS records throughout: Python's `ssl` hands over one 16 KiB record per call, which
+    cost more than the cipher itself; one cipher call per tile does not (docs/data_plane.md, "Under mutual TLS").
     Nonces count the tiles of this connection (one key, one direction, never reused), so a tile dropped, replayed,
     reordered or altered on the wire fails to open, and the receiver drops the connection."""
 
