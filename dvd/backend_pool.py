@@ -13,6 +13,14 @@ for each call in flight now. Adding the report to every own call instead counted
 a single router whose last report caught a replica at 3 of 4 requests sent it nothing new for the next health
 interval, and the two replicas took turns at 3 and 1 (the chaos suite measured 1.48 vs 1.15 requests running).
 
+Affinity (`pick_for`): a request with a key (the router's: a conversation's first image, or its opening) goes to
+the key's backend on a hash ring (bounded-load consistent hashing, Mirrokni, Thorup and Zadimoghaddam 2018): the
+first backend clockwise from the key whose load, with this call, stays within (1 + `affinity_balance`) x the mean
+load with this call, rounded up. So a conversation keeps its replica (its embedding cache and vLLM's prefix cache)
+while that replica is not overloaded, spills to the next on the ring when it is, and a backend joining or leaving
+moves only the keys on its own arcs. The ring holds every known backend, ready or not: one that is down for a
+moment takes only its own keys elsewhere, and gets them back when it returns.
+
 Health: a refused or reset probe marks a backend down at once (the process is gone: fail over now). A probe that
 only runs out of time marks it down after `failure_threshold` in a row, as Kubernetes' probe failureThreshold
 does: a busy server on a loaded host can answer one probe late, and dropping the only backend for that turned
@@ -28,8 +36,11 @@ vision server out of rotation, and every request behind it got a 503 until the n
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import hashlib
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +54,7 @@ log = logging.getLogger("dvd.backend_pool")
 
 S = TypeVar("S")
 DNS_PREFIX = "dns:"
+RING_POINTS = 64  # points per backend on the affinity ring: each backend's share of keys within a few percent
 # gRPC's default reconnect backoff grows to 120 s: a replica that restarts after a minute down would wait that
 # long to rejoin (found by benchmarks/chaos.py). Health probes run every few seconds; reconnect as often.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
@@ -99,8 +111,11 @@ class BackendPool(Generic[S]):
     outstanding_weight: float = 1.0
     failure_threshold: int = 3
     error_threshold: int = 3
+    affinity_balance: float = 0.25  # how far above the mean load a key's own backend still takes it
     backends: list[Backend[S]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _ring: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())
+    _ring_of: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for target in self.targets:
@@ -237,3 +252,39 @@ class BackendPool(Generic[S]):
         if not candidates and fallback_to_unready:
             candidates = [b for b in self.backends if b.address not in exclude]
         return min(candidates, key=self.load, default=None)
+
+    def pick_for(self, key: bytes | None, exclude: set[str] | frozenset[str] = frozenset()
+                 ) -> tuple[Backend[S] | None, str]:
+        """The backend for a request with affinity `key` (None: least load), and how it was chosen: "owner" (the
+        key's backend), "spill" (the key's backend was over the load bound, or not available: the next on the
+        ring), "none" (no key: least load)."""
+        candidates = {b.address: b for b in self.ready_backends if b.address not in exclude}
+        if key is None or len(candidates) < 2:
+            return min(candidates.values(), key=self.load, default=None), "none" if key is None else "owner"
+        loads = {address: self.load(b) for address, b in candidates.items()}
+        bound = math.ceil((1 + self.affinity_balance) * (sum(loads.values()) + self.outstanding_weight)
+                          / len(loads))
+        points, addresses = self._affinity_ring()
+        start = bisect.bisect(points, ring_point(key))
+        seen: set[str] = set()
+        for i in range(len(points)):
+            address = addresses[(start + i) % len(points)]
+            if address in seen:
+                continue
+            seen.add(address)
+            if address in candidates and loads[address] + self.outstanding_weight <= bound:
+                return candidates[address], "owner" if len(seen) == 1 else "spill"
+        return min(candidates.values(), key=self.load), "spill"  # every one over the bound (fractional loads)
+
+    def _affinity_ring(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        known = frozenset(b.address for b in self.backends)
+        if known != self._ring_of:
+            ring = sorted((ring_point(f"{address}#{i}".encode()), address) for address in known
+                          for i in range(RING_POINTS))
+            self._ring = (tuple(p for p, _ in ring), tuple(a for _, a in ring))
+            self._ring_of = known
+        return self._ring
+
+
+def ring_point(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")

@@ -35,7 +35,9 @@ def create_app(config: RouterConfig, internal_port: int | None = None) -> FastAP
     """`internal_port`: requests arriving on that local port (the operators' --metrics-port) may read /metrics
     and the detailed /ready; on the API port /metrics needs the API key and /ready says only ready or not."""
     metrics = Metrics()
-    pool = BackendPool(config.llm, health_interval=config.health_interval, auth=config.internal)
+    pool = BackendPool(config.llm, health_interval=config.health_interval, auth=config.internal,
+                       affinity=config.routing == "affinity", affinity_balance=config.affinity_balance,
+                       on_route=lambda choice: metrics.routed.labels(choice).inc())
     limiter = Limiter(config.max_concurrency, config.max_queue)
     images = ImageLoader(FetchLimits(max_bytes=config.max_image_bytes, max_video_bytes=config.max_video_bytes,
                                      timeout=config.image_fetch_timeout,

@@ -7,8 +7,9 @@ unreachable before the first response); once a token went out, a retry would dup
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -37,10 +38,14 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
     have running there (its last report less this router's calls at that time) and this router's calls now."""
 
     def __init__(self, targets: tuple[str, ...], health_interval: float = 2.0, health_timeout: float = 2.0,
-                 auth: InternalAuth | None = None) -> None:
+                 auth: InternalAuth | None = None, affinity: bool = True, affinity_balance: float = 0.25,
+                 on_route: Callable[[str], None] | None = None) -> None:
         self._timeout = health_timeout
+        self.affinity = affinity
+        self.on_route = on_route  # told how each request's first replica was chosen ("owner", "spill", "none")
         super().__init__(targets, llm_pb2_grpc.LanguageServiceStub, self._probe, "language",
-                         auth=auth or InternalAuth(), channel_options=CHANNEL_OPTIONS, health_interval=health_interval)
+                         auth=auth or InternalAuth(), channel_options=CHANNEL_OPTIONS, health_interval=health_interval,
+                         affinity_balance=affinity_balance)
 
     async def _probe(self, backend: Backend) -> tuple[bool, float]:
         health = await backend.stub.Health(llm_pb2.LanguageHealthRequest(), timeout=self._timeout)
@@ -59,11 +64,14 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
         `metadata` carries the trace context.
         """
         loop = asyncio.get_running_loop()
+        key = affinity_key(request) if self.affinity else None
         tried: set[str] = set()
         while True:
-            backend = self.pick(tried)
+            backend, choice = self.pick_for(key, tried)
             if backend is None:
                 raise NoBackendError("no language server is ready")
+            if not tried and self.on_route is not None:
+                self.on_route(choice)
             tried.add(backend.address)
             backend.outstanding += 1
             call = backend.stub.Generate(request, timeout=max(deadline - loop.time(), 0.001), metadata=metadata)
@@ -82,3 +90,24 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
             finally:
                 backend.outstanding -= 1
                 call.cancel()
+
+
+def affinity_key(request: llm_pb2.GenerateRequest) -> bytes | None:
+    """What stays the same from one turn of a conversation to the next: its first image or video (every turn
+    resends it; its embeddings are cached where it was encoded), else, once the conversation has a reply in it, its
+    opening (system messages and first user message: the prompt prefix vLLM has cached). A first text-only
+    request has none (least load)."""
+    opening = hashlib.blake2b(digest_size=16)
+    replied = False
+    for message in request.messages:
+        for part in message.content:
+            if part.WhichOneof("part") in ("image", "video"):
+                return hashlib.blake2b(part.image or part.video, digest_size=16).digest()
+        replied |= message.role == "assistant"
+    for message in request.messages:
+        opening.update(message.role.encode() + b"\0")
+        for part in message.content:
+            opening.update(part.text.encode() + b"\0")
+        if message.role == "user":
+            break
+    return opening.digest() if replied else None

@@ -36,6 +36,13 @@ class RouterConfig:
     max_images_per_request: int = option(16, "images and videos in one request")
     max_image_total_bytes: int = option(128 * MIB, "all images and videos of one request together")
     health_interval: float = option(2.0, "seconds between health checks of each language server")
+    routing: str = option("affinity", "how a request picks its language server: affinity (a conversation's "
+                          "requests go to the replica holding its first image's embeddings and its prompt prefix, "
+                          "while that replica's load stays within the bound; others by least load) or least-load",
+                          env="DVD_ROUTING", choices=("affinity", "least-load"))
+    affinity_balance: float = option(0.25, "affinity's load bound: a conversation's replica keeps it while its "
+                                     "requests stay within (1 + this) x the mean per replica, else it spills to the "
+                                     "next replica on the hash ring")
     # Longer than clients and load balancers keep idle connections (nginx 75 s, AWS ALB 60 s, httpx 5 s): the side
     # that closes first must be the client, or a request sent as the server closes is lost (a reset: most likely the
     # one client ReadError the chaos suite saw under overload with uvicorn's 5 s default).

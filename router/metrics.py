@@ -38,6 +38,10 @@ class Metrics:
         self.prompt_tokens = Counter("dvd_router_prompt_tokens", "Prompt tokens, visual tokens included", m,
                                      registry=r)
         self.generation_tokens = Counter("dvd_router_generation_tokens", "Generated tokens", m, registry=r)
+        self.routed = Counter("dvd_router_routed", "Requests by how their language server was chosen: owner (the "
+                              "conversation's replica), spill (the next one: the owner was over the load bound or "
+                              "down), none (no conversation key, or --routing least-load: least load)", ["choice"],
+                              registry=r)
         self.backends_ready = Gauge("dvd_router_backends_ready", "Language servers passing health checks",
                                     registry=r)
 

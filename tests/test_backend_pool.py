@@ -4,7 +4,9 @@ the outstanding-call weight, health probes marking backends up and down."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
+from collections import Counter
 
 import grpc
 import pytest
@@ -169,4 +171,70 @@ async def test_one_requests_failure_is_not_the_backends() -> None:
     assert not backend.ready and "3 calls in a row" in backend.last_error
     await pool.check_all()
     assert backend.ready and backend.failed_calls == 0  # back on its own
+    await pool.close()
+
+
+async def test_affinity_keeps_each_key_on_its_backend_and_moves_only_a_leaving_or_joining_ones_share() -> None:
+    """Bounded-load consistent hashing with every backend idle: a key's backend is fixed; a backend that goes down
+    or leaves gives only its own keys to others, and one that joins takes keys only from others (about 1/n)."""
+    addresses = [f"10.0.0.{i}:50061" for i in range(1, 5)]
+    pool = pool_for(tuple(addresses), always_ready)
+    await pool.resolve()
+    for b in pool.backends:
+        b.ready = True
+    keys = [secrets.token_bytes(16) for _ in range(2000)]
+
+    def route() -> dict[bytes, tuple[str, str]]:
+        """key -> (address, choice)"""
+        chosen = {}
+        for key in keys:
+            backend, choice = pool.pick_for(key)
+            assert backend is not None
+            chosen[key] = (backend.address, choice)
+        return chosen
+
+    def moved(before: dict[bytes, tuple[str, str]], after: dict[bytes, tuple[str, str]]) -> set[bytes]:
+        return {k for k in keys if after[k][0] != before[k][0]}
+
+    before = route()
+    assert before == route() and {c for _, c in before.values()} == {"owner"}  # stable
+    shares = Counter(a for a, _ in before.values())
+    assert len(shares) == 4 and min(shares.values()) > 2000 / 4 * 0.6, shares
+    down = pool.backends[0]
+    its_keys = {k for k in keys if before[k][0] == down.address}
+    down.ready = False  # down for a moment: only its keys go elsewhere, as spills
+    during = route()
+    assert moved(before, during) == its_keys and all(during[k][1] == "spill" for k in its_keys)
+    down.ready = True
+    assert route() == before  # and come back
+    pool.backends.remove(down)  # left the DNS answer
+    after_leave = route()
+    assert moved(before, after_leave) == its_keys
+    pool.targets = (*addresses[1:], "10.0.0.9:50061")
+    await pool.resolve()  # a new replica joins
+    for b in pool.backends:
+        b.ready = True
+    after_join = route()
+    taken = moved(after_leave, after_join)
+    assert all(after_join[k][0] == "10.0.0.9:50061" for k in taken) and 2000 / 4 * 0.5 < len(taken) < 2000 / 4 * 1.5
+    await pool.close()
+
+
+async def test_affinity_spills_a_key_whose_backend_is_over_the_load_bound() -> None:
+    pool = pool_for(("10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"), always_ready, affinity_balance=0.25)
+    await pool.resolve()
+    for b in pool.backends:
+        b.ready = True
+    key = b"a conversation"
+    owner, choice = pool.pick_for(key)
+    assert owner is not None and choice == "owner"
+    owner.outstanding = 2  # mean with this call (3 / 3 = 1) x 1.25, rounded up = 2: 2 + 1 is over it
+    spilled, choice = pool.pick_for(key)
+    assert spilled is not None and spilled is not owner and choice == "spill"
+    assert pool.pick_for(key)[0] is spilled  # the same next replica each time: the spill keeps its caches too
+    owner.outstanding = 1  # ceil(1.25 x (1 + 1) / 3) = 1, and 1 + 1 is over it: still spills
+    assert pool.pick_for(key) == (spilled, "spill")
+    owner.outstanding = 0
+    assert pool.pick_for(key) == (owner, "owner")
+    assert pool.pick_for(None)[1] == "none"
     await pool.close()

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from dvd.v1 import llm_pb2, vision_pb2
+from router.backends import affinity_key
 from router.errors import APIError
 from router.images import FetchLimits, ImageError, ImageLoader, decode_data_url, is_public_address, public_addresses
 from router.limits import Limiter
@@ -352,3 +353,26 @@ def test_request_errors_keep_the_language_servers_message() -> None:
                                  "the prompt has 9000 tokens, more than the model's context of 4096 tokens")
     api = APIError.from_grpc(error)
     assert api.status == 400 and "9000 tokens" in api.message
+
+
+def test_a_conversations_turns_share_their_affinity_key() -> None:
+    """The router's key for cache-affine routing: a conversation's first image (resent every turn), else its opening
+    once a reply is in it; unrelated requests differ; a first text-only request has none (least load)."""
+    red, blue = png_bytes(color=(200, 0, 0)), png_bytes(color=(0, 0, 200))
+
+    def key(*messages: dict, media: list[bytes] | None = None) -> bytes | None:
+        req = parse_chat_request(json.dumps({"model": "tiny", "messages": list(messages)}).encode())
+        return affinity_key(to_generate_request(req, media or [], "r"))
+
+    system = {"role": "system", "content": "Be brief."}
+    ask = user_message("What is this?", images=(data_url(red),))
+    turn1 = key(system, ask, media=[red])
+    turn2 = key(system, ask, {"role": "assistant", "content": "A red square."}, user_message("And its size?"),
+                media=[red])
+    assert turn1 is not None and turn1 == turn2
+    assert key(system, user_message("What is this?", images=(data_url(blue),)), media=[blue]) != turn1
+    assert key(system, user_message("Hello")) is None
+    chat = [system, user_message("Hello"), {"role": "assistant", "content": "Hi."}, user_message("How are you?")]
+    later = key(*chat, {"role": "assistant", "content": "Well."}, user_message("Good."))
+    assert key(*chat) == later is not None
+    assert key(system, user_message("Goodbye"), {"role": "assistant", "content": "Bye."}) != later
