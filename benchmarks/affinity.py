@@ -1,0 +1,217 @@
+"""Cache-affine routing vs least load: multi-turn chats over two language replicas behind one vision server.
+
+    python benchmarks/affinity.py                                 # small preset, 8 conversations x 4 turns
+    python benchmarks/affinity.py --model tiny --conversations 4 --turns 3 --out results/affinity
+
+One vision server, two language servers (one core each where the host has two or more), and one router per policy
+(`--routing affinity`, `--routing least-load`) in front of both, all started once. Each policy's run gets images of
+its own (no cache is warm for it); its conversations run concurrently, the turns of one in order, every turn
+resending the history with its image as chat clients do. Each round runs both policies, in alternating order
+across rounds. Per run: p50 / p90 TTFT of first turns and of later turns, the vision server's Encode calls per
+distinct image (its `dvd_vision_requests` counter), the language servers' embedding-cache hits, and how the router
+chose (`dvd_router_routed`). The ratio that matters, affinity / least-load of later turns' p50 TTFT, is taken
+within each round. Writes JSON + markdown + a PNG with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import openai
+
+from benchmarks.machine import cpu_model
+from dvd.checkpoint import resolve_model
+from dvd.logs import setup_logging
+from dvd.media import data_url, image_bytes
+from dvd.procs import Service, cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
+
+log = logging.getLogger("benchmarks.affinity")
+POLICIES = ("affinity", "least-load")
+PROMPT = "Describe this image in detail."
+FOLLOW_UPS = ("What colours dominate it?", "Describe the left side.", "What is in the background?",
+              "Summarise it in one sentence.")
+
+
+@dataclass
+class Run:
+    policy: str
+    round: int
+    first_ttft: list[float]
+    later_ttft: list[float]
+    encodes: float  # the vision server's Encode calls during the run
+    images: int  # distinct images sent
+    cache_hits: float  # embedding-cache hits on the language servers during the run
+    routed: dict[str, float]  # the router's choices during the run
+
+    def p(self, values: list[float], q: float) -> float:
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def counter(text: str, name: str, label: str = "") -> float:
+    """Sum of a Prometheus counter's samples (those whose labels contain `label`)."""
+    total = 0.0
+    for line in text.splitlines():
+        if (line.startswith(name + "{") and label in line) or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def routed(text: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^dvd_router_routed_total\{choice="(\w+)"\} (\S+)$', text, re.M)}
+
+
+@dataclass
+class Stack:
+    routers: dict[str, str]  # policy -> base URL
+    metrics: dict[str, str]  # "vision", "llm0", "llm1", policy -> /metrics URL
+
+    def scrape(self) -> dict[str, str]:
+        return {name: httpx.get(url, timeout=10).text for name, url in self.metrics.items()}
+
+
+@contextmanager
+def stack(model: Path, log_dir: Path | None) -> Iterator[Stack]:
+    def logs(name: str) -> dict[str, object]:
+        return {"log_file": log_dir / f"{name}.log", "sink": None} if log_dir else {"sink": None}
+
+    with ExitStack() as stop:
+        def started(svc: Service) -> Service:
+            stop.callback(svc.stop)
+            return svc
+
+        metrics = {name: free_port() for name in ("vision", "llm0", "llm1")}
+        vision = started(vision_server(model, "--metrics-port", str(metrics["vision"]), **logs("vision")))
+        vision_address = vision.wait_grpc(300)
+        llms = [started(language_server(model, vision_address, "--max-model-len", "16384", "--served-model-name",
+                                        "model", "--metrics-port", str(metrics[f"llm{i}"]),
+                                        env=cpu_engine_env(engine_cpus(i), kv_gib=2), **logs(f"llm{i}")))
+                for i in range(2)]
+        addresses = ",".join(svc.wait_grpc(900) for svc in llms)
+        routers, urls = {}, {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics.items()}
+        for policy in POLICIES:
+            svc = started(router(addresses, "--routing", policy, "--metrics-port", "0", name=f"router-{policy}",
+                                 **logs(f"router-{policy}")))
+            routers[policy] = svc.wait_http() + "/v1"
+            urls[policy] = f"http://127.0.0.1:{svc.wait_port('metrics')}/metrics"
+        yield Stack(routers, urls)
+
+
+async def conversation(client: openai.AsyncOpenAI, image: str, turns: int, max_tokens: int) -> list[float]:
+    """One chat, turn after turn; the TTFT of each turn."""
+    messages: list[dict] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                         {"type": "text", "text": PROMPT}]}]
+    ttfts = []
+    for turn in range(turns):
+        t0, first, answer = time.perf_counter(), None, []
+        chunks = await client.chat.completions.create(model="model", messages=messages, stream=True,  # type: ignore[arg-type]
+                                                      max_tokens=max_tokens, temperature=0,
+                                                      extra_body={"ignore_eos": True})
+        async for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                answer.append(chunk.choices[0].delta.content)
+        ttfts.append((first or time.perf_counter()) - t0)
+        messages += [{"role": "assistant", "content": "".join(answer)},
+                     {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
+    return ttfts
+
+
+async def run_policy(s: Stack, policy: str, round_: int, args: argparse.Namespace) -> Run:
+    seed0 = 1000 * (round_ * len(POLICIES) + POLICIES.index(policy))  # images of its own: no warm cache
+    images = [data_url(image_bytes(args.resolution, args.resolution * 3 // 4, seed=seed0 + k))
+              for k in range(args.conversations)]
+    before = s.scrape()
+    async with openai.AsyncOpenAI(base_url=s.routers[policy], api_key="none", timeout=600, max_retries=0) as client:
+        results = await asyncio.gather(*(conversation(client, image, args.turns, args.max_tokens)
+                                         for image in images))
+    after = s.scrape()
+
+    def delta(name: str, metric: str, label: str = "") -> float:
+        return counter(after[name], metric, label) - counter(before[name], metric, label)
+
+    return Run(policy, round_, [r[0] for r in results], [t for r in results for t in r[1:]],
+               encodes=delta("vision", "dvd_vision_requests_total"), images=len(images),
+               cache_hits=sum(delta(f"llm{i}", "dvd_llm_embedding_cache_lookups_total", 'result="hit"')
+                              for i in range(2)),
+               routed={k: v - routed(before[policy]).get(k, 0.0) for k, v in routed(after[policy]).items()})
+
+
+def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
+    lines = [f"# Cache-affine routing vs least load ({cpu_model()})", "",
+             f"model {args.model}, {args.conversations} conversations x {args.turns} turns per run, "
+             f"{args.resolution} px images, {args.max_tokens} tokens per answer, 2 language replicas, 1 vision server",
+             "", "| round | policy | TTFT p50 / p90, first turns (s) | TTFT p50 / p90, later turns (s) | "
+             "vision calls per image | embedding-cache hits | router choices |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r.round} | {r.policy} | {r.p(r.first_ttft, 50):.3f} / {r.p(r.first_ttft, 90):.3f} | "
+                     f"{r.p(r.later_ttft, 50):.3f} / {r.p(r.later_ttft, 90):.3f} | {r.encodes / r.images:.2f} | "
+                     f"{r.cache_hits:.0f} | {', '.join(f'{k} {v:.0f}' for k, v in sorted(r.routed.items()))} |")
+    lines.append("")
+    for round_ in sorted({r.round for r in runs}):
+        by = {r.policy: r for r in runs if r.round == round_}
+        ratio = by["affinity"].p(by["affinity"].later_ttft, 50) / by["least-load"].p(by["least-load"].later_ttft, 50)
+        lines.append(f"round {round_}: later turns' p50 TTFT, affinity / least-load = {ratio:.2f}x")
+    text = "\n".join(lines) + "\n"
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "affinity.json").write_text(json.dumps({"cpu": cpu_model(), "args": vars(args),
+                                                       "runs": [asdict(r) for r in runs]}, indent=2, default=str))
+        (out / "affinity.md").write_text(text)
+        plot(runs, out / "affinity.png")
+    return text
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r.policy}\nround {r.round}" for r in runs]
+    ax.boxplot([r.later_ttft for r in runs], tick_labels=labels)
+    ax.set_ylabel("TTFT of turns 2+ (s)")
+    ax.set_title(f"Cache-affine routing vs least load\n{cpu_model()}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="small", help="a preset (tiny, small), a directory or a hub repo id")
+    parser.add_argument("--conversations", type=int, default=8, help="concurrent conversations per run")
+    parser.add_argument("--turns", type=int, default=4, help="turns per conversation")
+    parser.add_argument("--resolution", type=int, default=896, help="image width (height 3/4 of it)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per answer")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of both policies, order alternating")
+    parser.add_argument("--out", type=Path, help="write affinity.json, affinity.md, affinity.png here")
+    args = parser.parse_args(argv)
+    setup_logging(fmt="text")
+    model = resolve_model(args.model)
+    runs: list[Run] = []
+    with stack(model, args.out / "logs" if args.out else None) as s:
+        for round_ in range(1, args.rounds + 1):
+            for policy in POLICIES if round_ % 2 else POLICIES[::-1]:
+                log.info("run", extra={"policy": policy, "round": round_})
+                runs.append(asyncio.run(run_policy(s, policy, round_, args)))
+    print(report(runs, args, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
