@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import statistics
 import sys
@@ -84,10 +85,17 @@ class Stack:
 
 @contextmanager
 def stack(model: Path, log_dir: Path | None) -> Iterator[Stack]:
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - closed with the stack
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+
     def logs(name: str) -> dict[str, object]:
-        return {"log_file": log_dir / f"{name}.log", "sink": None} if log_dir else {"sink": None}
+        """The services' output goes to their log files (with --out), not to the terminal."""
+        return {"log_file": log_dir / f"{name}.log", "sink": quiet} if log_dir else {"sink": quiet}
 
     with ExitStack() as stop:
+        stop.callback(quiet.close)
+
         def started(svc: Service) -> Service:
             stop.callback(svc.stop)
             return svc
@@ -153,17 +161,19 @@ def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
     lines = [f"# Cache-affine routing vs least load ({cpu_model()})", "",
              f"model {args.model}, {args.conversations} conversations x {args.turns} turns per run, "
              f"{args.resolution} px images, {args.max_tokens} tokens per answer, 2 language replicas, 1 vision server",
-             "", "| round | policy | TTFT p50 / p90, first turns (s) | TTFT p50 / p90, later turns (s) | "
+             "", "| round | policy | TTFT p50 / p90, first turns (s) | TTFT p50 / p90 / mean, later turns (s) | "
              "vision calls per image | embedding-cache hits | router choices |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r.round} | {r.policy} | {r.p(r.first_ttft, 50):.3f} / {r.p(r.first_ttft, 90):.3f} | "
-                     f"{r.p(r.later_ttft, 50):.3f} / {r.p(r.later_ttft, 90):.3f} | {r.encodes / r.images:.2f} | "
+                     f"{r.p(r.later_ttft, 50):.3f} / {r.p(r.later_ttft, 90):.3f} / "
+                     f"{statistics.mean(r.later_ttft):.3f} | {r.encodes / r.images:.2f} | "
                      f"{r.cache_hits:.0f} | {', '.join(f'{k} {v:.0f}' for k, v in sorted(r.routed.items()))} |")
     lines.append("")
     for round_ in sorted({r.round for r in runs}):
         by = {r.policy: r for r in runs if r.round == round_}
         ratio = by["affinity"].p(by["affinity"].later_ttft, 50) / by["least-load"].p(by["least-load"].later_ttft, 50)
-        lines.append(f"round {round_}: later turns' p50 TTFT, affinity / least-load = {ratio:.2f}x")
+        mean = statistics.mean(by["affinity"].later_ttft) / statistics.mean(by["least-load"].later_ttft)
+        lines.append(f"round {round_}: later turns' TTFT, affinity / least-load: p50 {ratio:.2f}x, mean {mean:.2f}x")
     text = "\n".join(lines) + "\n"
     if out:
         out.mkdir(parents=True, exist_ok=True)
