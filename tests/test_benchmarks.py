@@ -5,6 +5,7 @@ The throughput harness is pointed at the session's already running engines (`--e
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from benchmarks import affinity
 from benchmarks.flops import language_flops, tiles_per_image, vision_tile_flops
 from benchmarks.throughput import FOLLOW_UPS, PROMPT, Cell, FlopsModel, RequestResult, chat_body, is_good, parse_goodput
 from dvd.checkpoint import PRESETS, build_config
@@ -281,3 +283,25 @@ def test_rate_sweep_against_running_endpoints(tmp_path: Path, colocated_tiny: st
         assert per["goodput"][config] == (max(met) if met else 0.0)
     assert (out / "attainment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "SLOs: TTFT <=" in (out / "sweep.md").read_text()
+
+
+def test_affinity_report_reads_the_services_counters(tmp_path: Path) -> None:
+    """benchmarks/affinity.py's figures come from the services' own Prometheus counters and its report has the
+    ratio per round (the run itself needs two engines: README, "Benchmarks")."""
+    metrics = "\n".join(['# TYPE dvd_vision_requests_total counter',
+                         'dvd_vision_requests_total{model_name="m",status="OK"} 7.0',
+                         'dvd_vision_requests_total{model_name="m",status="CANCELLED"} 1.0',
+                         'dvd_llm_embedding_cache_lookups_total{model_name="m",result="hit"} 5.0',
+                         'dvd_llm_embedding_cache_lookups_total{model_name="m",result="miss"} 3.0',
+                         'dvd_router_routed_total{choice="owner"} 9.0', 'dvd_router_routed_total{choice="spill"} 2.0'])
+    assert affinity.counter(metrics, "dvd_vision_requests_total") == 8.0
+    assert affinity.counter(metrics, "dvd_llm_embedding_cache_lookups_total", 'result="hit"') == 5.0
+    assert affinity.routed(metrics) == {"owner": 9.0, "spill": 2.0}
+    runs = [affinity.Run(policy, 1, [3.0, 4.0], later, encodes=enc, images=2, cache_hits=2.0, routed={"none": 6.0})
+            for policy, later, enc in (("affinity", [0.5, 0.6, 0.7], 2.0), ("least-load", [0.5, 2.0, 4.0], 3.0))]
+    args = argparse.Namespace(model="tiny", conversations=2, turns=4, resolution=448, max_tokens=8)
+    text = affinity.report(runs, args, tmp_path)
+    assert "| 1 | least-load | 3.500 / 3.900 | 2.000 / 3.600 / 2.167 | 1.50 |" in text
+    assert "affinity / least-load: p50 0.30x, mean 0.28x" in text
+    assert json.loads((tmp_path / "affinity.json").read_text())["runs"][0]["policy"] == "affinity"
+    assert (tmp_path / "affinity.png").stat().st_size > 0
