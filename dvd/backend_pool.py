@@ -55,6 +55,7 @@ log = logging.getLogger("dvd.backend_pool")
 S = TypeVar("S")
 DNS_PREFIX = "dns:"
 RING_POINTS = 64  # points per backend on the affinity ring: each backend's share of keys within a few percent
+AFFINITY_BALANCE = 0.25  # how far above the mean load a key's own backend still takes it (the router's default)
 # gRPC's default reconnect backoff grows to 120 s: a replica that restarts after a minute down would wait that
 # long to rejoin (found by benchmarks/chaos.py). Health probes run every few seconds; reconnect as often.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
@@ -111,7 +112,7 @@ class BackendPool(Generic[S]):
     outstanding_weight: float = 1.0
     failure_threshold: int = 3
     error_threshold: int = 3
-    affinity_balance: float = 0.25  # how far above the mean load a key's own backend still takes it
+    affinity_balance: float = AFFINITY_BALANCE
     backends: list[Backend[S]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _ring: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())
@@ -258,9 +259,11 @@ class BackendPool(Generic[S]):
         """The backend for a request with affinity `key` (None: least load), and how it was chosen: "owner" (the
         key's backend), "spill" (the key's backend was over the load bound, or not available: the next on the
         ring), "none" (no key: least load)."""
+        if key is None:
+            return self.pick(exclude), "none"
         candidates = {b.address: b for b in self.ready_backends if b.address not in exclude}
-        if key is None or len(candidates) < 2:
-            return min(candidates.values(), key=self.load, default=None), "none" if key is None else "owner"
+        if len(candidates) < 2:
+            return next(iter(candidates.values()), None), "owner"
         loads = {address: self.load(b) for address, b in candidates.items()}
         bound = math.ceil((1 + self.affinity_balance) * (sum(loads.values()) + self.outstanding_weight)
                           / len(loads))
@@ -274,7 +277,7 @@ class BackendPool(Generic[S]):
             seen.add(address)
             if address in candidates and loads[address] + self.outstanding_weight <= bound:
                 return candidates[address], "owner" if len(seen) == 1 else "spill"
-        return min(candidates.values(), key=self.load), "spill"  # every one over the bound (fractional loads)
+        return self.pick(exclude), "spill"  # every one over the bound (fractional loads): least load
 
     def _affinity_ring(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         known = frozenset(b.address for b in self.backends)

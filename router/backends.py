@@ -1,4 +1,4 @@
-"""The pool of language servers: health-checked, least-outstanding-requests choice, retry before the first token.
+"""The pool of language servers: health-checked, cache-affine or least-load choice, retry before the first token.
 
 A request is retried on another replica only when its failure proves no work reached the client (the replica was
 unreachable before the first response); once a token went out, a retry would duplicate or contradict it.
@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from dvd.backend_pool import AFFINITY_BALANCE
 from dvd.backend_pool import Backend as PoolBackend
 from dvd.backend_pool import BackendPool as GenericPool
 from dvd.security import InternalAuth
@@ -34,11 +35,13 @@ Backend = PoolBackend[llm_pb2_grpc.LanguageServiceStub]  # .status: the last Lan
 
 
 class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
-    """The language servers: each request goes to the one with the fewest requests, counting those other routers
-    have running there (its last report less this router's calls at that time) and this router's calls now."""
+    """The language servers: a request with a conversation key (`affinity_key`) goes to its replica on the hash
+    ring within the load bound (`pick_for`); others to the one with the fewest requests, counting those other
+    routers have running there (its last report less this router's calls at that time) and this router's calls
+    now."""
 
     def __init__(self, targets: tuple[str, ...], health_interval: float = 2.0, health_timeout: float = 2.0,
-                 auth: InternalAuth | None = None, affinity: bool = True, affinity_balance: float = 0.25,
+                 auth: InternalAuth | None = None, affinity: bool = True, affinity_balance: float = AFFINITY_BALANCE,
                  on_route: Callable[[str], None] | None = None) -> None:
         self._timeout = health_timeout
         self.affinity = affinity

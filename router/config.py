@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from dvd.backend_pool import AFFINITY_BALANCE
 from dvd.config import ROUTER_PORT, Deadlines, option, parse
 from dvd.security import InternalAuth
 
@@ -40,9 +41,9 @@ class RouterConfig:
                           "requests go to the replica holding its first image's embeddings and its prompt prefix, "
                           "while that replica's load stays within the bound; others by least load) or least-load",
                           env="DVD_ROUTING", choices=("affinity", "least-load"))
-    affinity_balance: float = option(0.25, "affinity's load bound: a conversation's replica keeps it while its "
-                                     "requests stay within (1 + this) x the mean per replica, else it spills to the "
-                                     "next replica on the hash ring")
+    affinity_balance: float = option(
+        AFFINITY_BALANCE, "affinity's load bound: a conversation's replica keeps it while its requests stay within "
+        "(1 + this) x the mean per replica, else it spills to the next replica on the hash ring")
     # Longer than clients and load balancers keep idle connections (nginx 75 s, AWS ALB 60 s, httpx 5 s): the side
     # that closes first must be the client, or a request sent as the server closes is lost (a reset: most likely the
     # one client ReadError the chaos suite saw under overload with uvicorn's 5 s default).
