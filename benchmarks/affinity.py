@@ -23,16 +23,15 @@ import os
 import re
 import statistics
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-import openai
 
 from benchmarks.machine import cpu_model
+from benchmarks.throughput import chat_body, pct, send
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes
@@ -40,9 +39,6 @@ from dvd.procs import Service, cpu_engine_env, engine_cpus, free_port, language_
 
 log = logging.getLogger("benchmarks.affinity")
 POLICIES = ("affinity", "least-load")
-PROMPT = "Describe this image in detail."
-FOLLOW_UPS = ("What colours dominate it?", "Describe the left side.", "What is in the background?",
-              "Summarise it in one sentence.")
 
 
 @dataclass
@@ -56,8 +52,12 @@ class Run:
     cache_hits: float  # embedding-cache hits on the language servers during the run
     routed: dict[str, float]  # the router's choices during the run
 
-    def p(self, values: list[float], q: float) -> float:
-        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+def p(values: list[float], q: float) -> float:
+    """throughput.py's percentile; a run always has TTFTs to measure."""
+    value = pct(values, q)
+    assert value is not None, "no TTFTs"
+    return value
 
 
 def counter(text: str, name: str, label: str = "") -> float:
@@ -117,23 +117,17 @@ def stack(model: Path, log_dir: Path | None) -> Iterator[Stack]:
         yield Stack(routers, urls)
 
 
-async def conversation(client: openai.AsyncOpenAI, image: str, turns: int, max_tokens: int) -> list[float]:
-    """One chat, turn after turn; the TTFT of each turn."""
-    messages: list[dict] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                         {"type": "text", "text": PROMPT}]}]
-    ttfts = []
+async def conversation(client: httpx.AsyncClient, base_url: str, image: str, turns: int,
+                       max_tokens: int) -> list[float]:
+    """One chat, turn after turn, as `throughput.py --workload multiturn` sends it; the TTFT of each turn."""
+    answers: list[str] = []
+    ttfts: list[float] = []
     for turn in range(turns):
-        t0, first, answer = time.perf_counter(), None, []
-        chunks = await client.chat.completions.create(model="model", messages=messages, stream=True,  # type: ignore[arg-type]
-                                                      max_tokens=max_tokens, temperature=0,
-                                                      extra_body={"ignore_eos": True})
-        async for chunk in chunks:
-            if chunk.choices and chunk.choices[0].delta.content:
-                first = first or time.perf_counter()
-                answer.append(chunk.choices[0].delta.content)
-        ttfts.append((first or time.perf_counter()) - t0)
-        messages += [{"role": "assistant", "content": "".join(answer)},
-                     {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
+        res = await send(client, base_url, chat_body("model", image, max_tokens, answers), turn, 0.0, None)
+        if not res.ok or res.ttft is None:
+            raise RuntimeError(f"turn {turn} failed: {res.error}")
+        ttfts.append(res.ttft)
+        answers.append(res.text)
     return ttfts
 
 
@@ -142,8 +136,8 @@ async def run_policy(s: Stack, policy: str, round_: int, args: argparse.Namespac
     images = [data_url(image_bytes(args.resolution, args.resolution * 3 // 4, seed=seed0 + k))
               for k in range(args.conversations)]
     before = s.scrape()
-    async with openai.AsyncOpenAI(base_url=s.routers[policy], api_key="none", timeout=600, max_retries=0) as client:
-        results = await asyncio.gather(*(conversation(client, image, args.turns, args.max_tokens)
+    async with httpx.AsyncClient(timeout=600) as client:
+        results = await asyncio.gather(*(conversation(client, s.routers[policy], image, args.turns, args.max_tokens)
                                          for image in images))
     after = s.scrape()
 
@@ -164,14 +158,14 @@ def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
              "", "| round | policy | TTFT p50 / p90, first turns (s) | TTFT p50 / p90 / mean, later turns (s) | "
              "vision calls per image | embedding-cache hits | router choices |", "|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r.round} | {r.policy} | {r.p(r.first_ttft, 50):.3f} / {r.p(r.first_ttft, 90):.3f} | "
-                     f"{r.p(r.later_ttft, 50):.3f} / {r.p(r.later_ttft, 90):.3f} / "
+        lines.append(f"| {r.round} | {r.policy} | {p(r.first_ttft, 50):.3f} / {p(r.first_ttft, 90):.3f} | "
+                     f"{p(r.later_ttft, 50):.3f} / {p(r.later_ttft, 90):.3f} / "
                      f"{statistics.mean(r.later_ttft):.3f} | {r.encodes / r.images:.2f} | "
                      f"{r.cache_hits:.0f} | {', '.join(f'{k} {v:.0f}' for k, v in sorted(r.routed.items()))} |")
     lines.append("")
     for round_ in sorted({r.round for r in runs}):
         by = {r.policy: r for r in runs if r.round == round_}
-        ratio = by["affinity"].p(by["affinity"].later_ttft, 50) / by["least-load"].p(by["least-load"].later_ttft, 50)
+        ratio = p(by["affinity"].later_ttft, 50) / p(by["least-load"].later_ttft, 50)
         mean = statistics.mean(by["affinity"].later_ttft) / statistics.mean(by["least-load"].later_ttft)
         lines.append(f"round {round_}: later turns' TTFT, affinity / least-load: p50 {ratio:.2f}x, mean {mean:.2f}x")
     text = "\n".join(lines) + "\n"
