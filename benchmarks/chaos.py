@@ -74,7 +74,8 @@ IMAGE = photo(3)
 # RSS growth per 1k requests above which the soak fails: the embedding cache and vLLM's prefix cache fill up to
 # their budgets early on; past that, steady growth means a leak.
 RSS_GROWTH_LIMIT_MB_PER_1K = 64.0
-# Small enough that the warm-up fills it: the soak then measures growth beyond the cache's budget.
+# Small enough that the warm-up fills it (the language servers' embedding cache and the vision servers' cache of
+# recent encodings): the soak then measures growth beyond the caches' budgets, and the vision servers do the work.
 CACHE_GB = 0.001
 # Clients drop idle connections before uvicorn's 5 s keep-alive timeout closes them, as HTTP clients should: reusing
 # a connection the server is closing at that moment fails the request on the client side.
@@ -267,8 +268,8 @@ class Stack:
         return {"sink": QUIET, "log_file": self.log_dir / f"{name}.log"}
 
     def start_vision(self, index: int, port: int = 0) -> tuple[Service, int]:
-        svc = vision_server(self.model, name=f"vision{index}", port=port, env={"OMP_NUM_THREADS": "1"},
-                            **self.logs(f"vision{index}"))
+        svc = vision_server(self.model, "--embedding-cache-gb", str(CACHE_GB), name=f"vision{index}", port=port,
+                            env={"OMP_NUM_THREADS": "1"}, **self.logs(f"vision{index}"))
         return svc, port_of(svc.wait_grpc(180))
 
     def start_llm(self, index: int, port: int = 0) -> Service:
@@ -584,7 +585,8 @@ class BurstStack:
         return {"sink": QUIET, "log_file": self.log_dir / f"{name}.log"}
 
     def start_vision(self) -> None:
-        self.vision = vision_server(self.model, name="burst-vision", env=shared_cpu_env(), **self.logs("burst-vision"))
+        self.vision = vision_server(self.model, "--embedding-cache-gb", str(CACHE_GB), name="burst-vision",
+                                    env=shared_cpu_env(), **self.logs("burst-vision"))
         self.address = self.vision.wait_grpc(180)
 
     @contextmanager

@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     if address is None:
         env = {"OMP_NUM_THREADS": str(threads), "DVD_LOG_LEVEL": "WARNING"}
         # The resolved dtype, not "auto": the server's own auto is float32 on every CPU, and the sides must match.
-        svc = vision_server(ckpt, "--dtype", str(dtype).removeprefix("torch."), "--batching", a.batching,
+        # No cache of recent encodings: the benchmark sends its images many times, and measures the ViT.
+        svc = vision_server(ckpt, "--embedding-cache-gb", "0", "--dtype", str(dtype).removeprefix("torch."),
+                            "--batching", a.batching,
                             "--max-batch-tiles", str(max_batch),
                             *(["--compile"] if a.compile else []),
                             *(["--preprocess-threads", str(a.preprocess_threads)] if a.preprocess_threads else []),

@@ -13,13 +13,14 @@ for each call in flight now. Adding the report to every own call instead counted
 a single router whose last report caught a replica at 3 of 4 requests sent it nothing new for the next health
 interval, and the two replicas took turns at 3 and 1 (the chaos suite measured 1.48 vs 1.15 requests running).
 
-Affinity (`pick_for`): a request with a key (the router's: a conversation's first image, or its opening) goes to
-the key's backend on a hash ring (bounded-load consistent hashing, Mirrokni, Thorup and Zadimoghaddam 2018): the
-first backend clockwise from the key whose load, with this call, stays within (1 + `affinity_balance`) x the mean
-load with this call, rounded up. So a conversation keeps its replica (its embedding cache and vLLM's prefix cache)
-while that replica is not overloaded, spills to the next on the ring when it is, and a backend joining or leaving
-moves only the keys on its own arcs. The ring holds every known backend, ready or not: one that is down for a
-moment takes only its own keys elsewhere, and gets them back when it returns.
+Affinity (`pick_for`): a request with a key (the router's: a conversation's first image, or its opening; the vision
+pool's: the first image's content key) goes to the key's backend on a hash ring (bounded-load consistent hashing,
+Mirrokni, Thorup and Zadimoghaddam 2018): the first backend clockwise from the key whose load, with this call, stays
+within (1 + `affinity_balance`) x the mean load with this call, rounded up (and never below one call: an idle
+backend takes a call). So a conversation keeps its replica (its embedding cache and vLLM's prefix cache) while that
+replica is not overloaded, spills to the next on the ring when it is, and a backend joining or leaving moves only
+the keys on its own arcs. The ring holds every known backend, ready or not: one that is down for a moment takes only
+its own keys elsewhere, and gets them back when it returns.
 
 Health: a refused or reset probe marks a backend down at once (the process is gone: fail over now). A probe that
 only runs out of time marks it down after `failure_threshold` in a row, as Kubernetes' probe failureThreshold
@@ -265,8 +266,10 @@ class BackendPool(Generic[S]):
         if len(candidates) < 2:
             return next(iter(candidates.values()), None), "owner"
         loads = {address: self.load(b) for address, b in candidates.items()}
-        bound = math.ceil((1 + self.affinity_balance) * (sum(loads.values()) + self.outstanding_weight)
-                          / len(loads))
+        # An idle backend always takes a call: with calls weighing more than one unit (the vision pool's tiles),
+        # the mean alone would put every backend of an idle pool over the bound.
+        bound = max(self.outstanding_weight, math.ceil((1 + self.affinity_balance) * (
+            sum(loads.values()) + self.outstanding_weight) / len(loads)))
         points, addresses = self._affinity_ring()
         start = bisect.bisect(points, ring_point(key))
         seen: set[str] = set()

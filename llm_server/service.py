@@ -21,6 +21,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.tokenizers import TokenizerLike
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from dvd.content_cache import embedding_keys
 from dvd.errors import PARAM_KEY
 from dvd.logs import request_context
 from dvd.sampling import PASS_THROUGH
@@ -35,7 +36,7 @@ from llm_server.answer import (
     parser_class,
     template_tools,
 )
-from llm_server.embedding_cache import Embedding, EmbeddingCache, embedding_keys
+from llm_server.embedding_cache import Embedding, EmbeddingCache
 from llm_server.metrics import Metrics
 from llm_server.prompt import PromptError, expand_videos, parse_messages, render_prompt
 from llm_server.vision_pool import VisionError, VisionPool
@@ -279,7 +280,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                     with tracer.start_as_current_span("llm.vision", attributes={"dvd.media": len(indices)}) as span:
                         encoded = await self.pool.encode(request_id, [media[i] for i in indices], options,
                                                          [conversation.max_tiles[i] for i in indices],
-                                                         [kinds[i] for i in indices])
+                                                         [kinds[i] for i in indices],
+                                                         affinity=keys[indices[0]].encode())
                         span.set_attributes({f"dvd.bytes.{t}": n for t, n in encoded.bytes_by_transport.items()})
                 except VisionError as e:  # one bad file: name it as the client did
                     if e.item is not None and e.item < len(indices):

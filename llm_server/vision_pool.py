@@ -99,16 +99,19 @@ class VisionPool(BackendPool[VisionStub]):
         return h.ready, float(h.queued_tiles)
 
     async def encode(self, request_id: str, images: list[bytes], options: vision_pb2.EncodeOptions,
-                     image_max_tiles: Sequence[int] = (), kinds: Sequence[int] = ()) -> EncodedImages:
+                     image_max_tiles: Sequence[int] = (), kinds: Sequence[int] = (),
+                     affinity: bytes | None = None) -> EncodedImages:
         """Embeddings for every image (or video), from one server; other servers are tried when one fails.
 
         `image_max_tiles`: per image, its own tile cap (0 = options.max_tiles); empty = none. `kinds`: per file, its
-        vision_pb2.MediaKind; empty = all images."""
+        vision_pb2.MediaKind; empty = all images. `affinity`: the media's content key: the first try goes to the
+        server that owns it (within the load bound), so that every language replica asks the same vision server for
+        one image, and its cache of recent encodings serves the second."""
         deadline = time.monotonic() + self.timeout_s
         tried: set[str] = set()
         errors: list[str] = []
         busy = 0
-        while (backend := self.pick(tried, fallback_to_unready=True)) is not None:
+        while (backend := self._next(tried, affinity)) is not None:
             tried.add(backend.address)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -153,6 +156,14 @@ class VisionPool(BackendPool[VisionStub]):
         if errors and busy == len(errors):
             raise VisionError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"every vision server is at capacity ({detail})")
         raise VisionError(grpc.StatusCode.FAILED_PRECONDITION, f"no vision server could encode the images ({detail})")
+
+    def _next(self, tried: set[str], affinity: bytes | None) -> VisionBackend | None:
+        """The key's owner first; after a failure, or without a key, the least-loaded server not tried yet."""
+        if affinity is not None and not tried:
+            backend, _ = self.pick_for(affinity)
+            if backend is not None:
+                return backend
+        return self.pick(tried, fallback_to_unready=True)
 
     async def _encode_on(self, b: VisionBackend, request_id: str, images: list[bytes],
                          options: vision_pb2.EncodeOptions, image_max_tiles: Sequence[int], kinds: Sequence[int],

@@ -28,7 +28,9 @@ from dvd.shm_orphans import shm_entries, unused
 from tests.span_collector import SpanCollector
 
 REPO = Path(__file__).resolve().parent.parent
-VISION_ENV = {"OMP_NUM_THREADS": "1"}
+# The tests' vision servers compute every request: their tests send one image many times and check the ViT's work
+# (batching, ViR, transports, traces). The cache of recent encodings has its own servers (test_vision_cache.py).
+VISION_ENV = {"OMP_NUM_THREADS": "1", "DVD_VISION_EMBEDDING_CACHE_GB": "0"}
 _engines = itertools.count()
 VLLM_START_TIMEOUT = 300
 METRICS_URLS: dict[str, str] = {}

@@ -238,3 +238,21 @@ async def test_affinity_spills_a_key_whose_backend_is_over_the_load_bound() -> N
     assert pool.pick_for(key) == (owner, "owner")
     assert pool.pick_for(None)[1] == "none"
     await pool.close()
+
+
+async def test_affinity_with_heavy_calls_gives_an_idle_pool_to_the_owner() -> None:
+    """The vision pool weighs a call as 16 tiles: on an idle pool the mean bound (1.25 x 16 / 2 = 10) is below one
+    call, and every key went to least load instead of its owner (no vision cache could serve a second ask)."""
+    pool = pool_for(("10.0.0.1:1", "10.0.0.2:1"), always_ready, affinity_balance=0.25, outstanding_weight=16)
+    await pool.resolve()
+    for b in pool.backends:
+        b.ready = True
+    keys = [f"image {i}".encode() for i in range(20)]
+    owners = {k: pool.pick_for(k) for k in keys}
+    assert all(choice == "owner" for _, choice in owners.values())
+    assert len({b.address for b, _ in owners.values() if b is not None}) == 2  # the keys spread over both
+    busy, _ = owners[keys[0]]
+    assert busy is not None
+    busy.outstanding = 1  # 16 + 16 is over max(16, ceil(1.25 x 32 / 2) = 20): the key spills
+    assert pool.pick_for(keys[0])[1] == "spill"
+    await pool.close()

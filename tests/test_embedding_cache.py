@@ -7,8 +7,9 @@ import asyncio
 import pytest
 import torch
 
+from dvd.content_cache import embedding_keys
 from dvd.v1 import vision_pb2
-from llm_server.embedding_cache import EmbeddingCache, embedding_keys
+from llm_server.embedding_cache import EmbeddingCache
 from llm_server.embedding_cache import Encoder as Encoder_
 
 

@@ -127,6 +127,12 @@ class ServerConfig:
     video_num_frames: int = option(VIDEO_NUM_FRAMES,
                                    "frames sampled from a video whose request does not say (vLLM's default)")
     max_queue_tiles: int = option(4096, "RESOURCE_EXHAUSTED beyond this backlog")
+    embedding_cache_gb: float = option(
+        1.0, "host memory for what this server encoded recently (0 = off): an image that comes back through another "
+        "language replica (a spilled or moved conversation) is sent again without a ViT pass",
+        env="DVD_VISION_EMBEDDING_CACHE_GB")
+    embedding_cache_ttl: float = option(300.0, "seconds an encoded image stays in that cache, used or not",
+                                        env="DVD_VISION_EMBEDDING_CACHE_TTL")
     vir_relative_threshold: float | None = option(None, "override the checkpoint's value")
     vir_absolute_threshold: float | None = option(None, "override the checkpoint's value")
     metrics_port: int = option(0, "Prometheus port (0 = off)")

@@ -35,6 +35,13 @@ class Metrics:
                                   [MODEL_LABEL, "compressed"], registry=r)
         self.vir_share = Gauge("dvd_vision_vir_compressed_share", "Share of router-decided tiles compressed so far",
                                by_model, registry=r).labels(**m)
+        self._cache_lookups = Counter(
+            "dvd_vision_embedding_cache_lookups", "Images and videos looked up in the cache of recent encodings: hit "
+            "(sent again without preprocessing or ViT) or miss (encoded)", [MODEL_LABEL, "result"], registry=r)
+        self.cache_bytes = Gauge("dvd_vision_embedding_cache_bytes", "Bytes of recent encodings held", by_model,
+                                 registry=r).labels(**m)
+        self.cache_evictions = Counter("dvd_vision_embedding_cache_evictions", "Recent encodings evicted to stay in "
+                                       "budget", by_model, registry=r).labels(**m)
         self.model_name = model_name
         self._vir_decided = 0
         self._vir_compressed = 0
@@ -42,6 +49,9 @@ class Metrics:
     def request_done(self, status: str, seconds: float) -> None:
         self._requests.labels(model_name=self.model_name, status=status).inc()
         self.request_seconds.observe(seconds)
+
+    def cache_lookups(self, result: str, n: int) -> None:
+        self._cache_lookups.labels(model_name=self.model_name, result=result).inc(n)
 
     def bind_queue(self, depth: Callable[[], int]) -> None:
         """The queue gauge reads the live depth at scrape time instead of being pushed on every change."""

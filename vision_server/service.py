@@ -14,6 +14,7 @@ import grpc
 import torch
 from opentelemetry import trace
 
+from dvd.content_cache import ByteLRU, embedding_keys
 from dvd.data_plane import shm_domain
 from dvd.errors import ITEM_KEY, PARAM_KEY
 from dvd.logs import request_context
@@ -76,6 +77,25 @@ class Checked:
 
 
 @dataclass(frozen=True)
+class EncodedItem:
+    """One image or video as this server last sent it: its tiles' rows, which of them ViR compressed, its size."""
+
+    tiles: tuple[torch.Tensor, ...]
+    compressed: tuple[bool, ...]
+    width: int
+    height: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tiles)
+
+
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """`t` on its own storage: a tile's rows are a view of its whole batch, which the cache must not keep alive."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
+@dataclass(frozen=True)
 class VirSettings:
     relative: float
     absolute: float
@@ -97,6 +117,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.ready = False
         self.inflight = 0
         self.preprocessing_tiles = 0  # worst-case tiles of requests still being decoded
+        self.recent: ByteLRU[EncodedItem] = ByteLRU(int(cfg.embedding_cache_gb * 2**30), lambda e: e.nbytes,
+                                                     cfg.embedding_cache_ttl, metrics.cache_evictions.inc)
 
     # -- validation ---------------------------------------------------------------------------------------------
     def _check(self, request: vision_pb2.EncodeRequest) -> Checked:
@@ -220,6 +242,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         status = "ok"
         try:
             checked = self._check(request)
+            keys = embedding_keys(request.images, request.options, self.model_cfg.flash, request.image_max_tiles,
+                                  checked.kinds) if self.recent.max_bytes else []
+            if keys and all(items := [self.recent.get(k) for k in keys]):
+                # Every item was encoded here recently, with these options and (under ViR) these neighbours: the
+                # same rows again, without the queue, preprocessing or the ViT.
+                self.metrics.cache_lookups("hit", len(keys))
+                sender = await TileSender.open(request.data_plane, self.data_executor, self.listener, self.shm_maps)
+                async for msg in self._stream_cached(request.request_id, items, t0, sender):  # type: ignore[arg-type]
+                    yield msg
+                return
+            self.metrics.cache_lookups("miss", len(keys))
             # Reserve the worst case before decoding, so that many large requests cannot all hold their decoded
             # pixels at once while the queue-full check below waits for preprocessing to finish.
             bound = sum(k + 1 for k in checked.max_nums)  # + 1: an image's thumbnail
@@ -248,7 +281,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             sender = await TileSender.open(request.data_plane, self.data_executor, self.listener, self.shm_maps)
             trace.get_current_span().set_attributes({
                 "dvd.tiles": n_tiles, "dvd.transport": "shm" if sender.shm else "tcp" if sender.conn else "grpc"})
-            async for msg in self._stream(request.request_id, tiled, per_image, router, t_pre, t0, sender):
+            async for msg in self._stream(request.request_id, [(t.width, t.height) for t in tiled], per_image,
+                                          router, t_pre, t0, sender, keys=keys):
                 yield msg
         except RequestError as e:
             status = e.code.name.lower()
@@ -271,12 +305,30 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             self.metrics.inflight.dec()
             self.metrics.request_done(status, time.monotonic() - t0)
 
-    async def _stream(self, request_id: str, tiled: list[Tiled], per_image: list[list[asyncio.Future[TileResult]]],
-                      router: bool, t_pre: float, t0: float,
-                      sender: TileSender) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
-        """Tiles in order as soon as they are ready; with the router on, only after the request-wide decision."""
+    def _stream_cached(self, request_id: str, items: list[EncodedItem], t0: float,
+                       sender: TileSender) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
+        """A request every item of which is in the cache: its rows as they were sent the first time."""
+        trace.get_current_span().set_attributes({"dvd.cached": True, "dvd.tiles": sum(len(e.tiles) for e in items)})
+        now = time.monotonic()
+        per_image: list[list[asyncio.Future[TileResult]]] = []
+        for item in items:
+            per_image.append([])
+            for emb in item.tiles:
+                done: asyncio.Future[TileResult] = asyncio.get_running_loop().create_future()
+                done.set_result(TileResult(emb, None, now, now))
+                per_image[-1].append(done)
+        return self._stream(request_id, [(e.width, e.height) for e in items], per_image, False, 0.0, t0, sender,
+                            compress=[c for e in items for c in e.compressed])
+
+    async def _stream(self, request_id: str, sizes: list[tuple[int, int]],
+                      per_image: list[list[asyncio.Future[TileResult]]], router: bool, t_pre: float, t0: float,
+                      sender: TileSender, *, compress: list[bool] | None = None,
+                      keys: list[str] | None = None) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
+        """Tiles in order as soon as they are ready; with the router on, only after the request-wide decision.
+        `compress`: decisions already known (a cached request's); `keys`: where to keep the rows once all are sent."""
         flat = [f for fs in per_image for f in fs]
-        compress: list[bool] = [False] * len(flat)
+        compress = compress or [False] * len(flat)
+        sent: list[torch.Tensor] = []
         projected: list[torch.Tensor] = []
         proj_end = 0.0
         vir_start = 0.0
@@ -289,8 +341,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             projected = await self._project(results, compress)
             proj_end = time.monotonic()
         hidden = self.model_cfg.llm_hidden
-        summaries = [vision_pb2.ImageSummary(num_tiles=len(fs), width=t.width, height=t.height)
-                     for t, fs in zip(tiled, per_image, strict=True)]
+        summaries = [vision_pb2.ImageSummary(num_tiles=len(fs), width=w, height=h)
+                     for (w, h), fs in zip(sizes, per_image, strict=True)]
         rows = self._image_rows(per_image, compress)
         flat_tiles = [(img, tile_index, len(fs)) for img, fs in enumerate(per_image) for tile_index in range(len(fs))]
         first_start, last_end, k = float("inf"), proj_end, 0
@@ -311,11 +363,13 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                               hidden_size=hidden, dtype=vision_pb2.DTYPE_BF16, compressed=compress[k],
                               image_rows=rows[img])
                 embs.append(emb)
+                if keys:
+                    sent.append(emb)
                 k += 1
             wire = await sender.place(msg.tiles, embs)  # fills the descriptors in place: no message copies
             if k == len(flat):
                 queue_s = max(0.0, first_start - (t0 + t_pre))
-                stage_span("vision.preprocess", t0, t0 + t_pre, **{"dvd.images": len(tiled), "dvd.tiles": len(flat)})
+                stage_span("vision.preprocess", t0, t0 + t_pre, **{"dvd.images": len(sizes), "dvd.tiles": len(flat)})
                 stage_span("vision.queue", t0 + t_pre, max(first_start, t0 + t_pre))
                 stage_span("vision.vit", first_start, last_end, **{"dvd.tiles": len(flat), "dvd.vir": router,
                                                                    "dvd.compressed_tiles": sum(compress)})
@@ -326,10 +380,21 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                     compute_seconds=max(0.0, last_end - first_start)))
                 # Logged before the last message: the client may close the stream once it has the summary.
                 log.info("encoded", extra={"request_id": request_id, "tiles": len(flat),
-                                           "compressed": sum(compress), "images": len(tiled),
+                                           "compressed": sum(compress), "images": len(sizes),
                                            "seconds": round(time.monotonic() - t0, 4)})
             yield await sender.outgoing(msg)
             await sender.follow(msg.tiles, wire)
+        if keys:
+            self._keep(keys, sizes, per_image, sent, compress)
+
+    def _keep(self, keys: list[str], sizes: list[tuple[int, int]], per_image: list[list[asyncio.Future[TileResult]]],
+              sent: list[torch.Tensor], compress: list[bool]) -> None:
+        k = 0
+        for key, (w, h), fs in zip(keys, sizes, per_image, strict=True):
+            tiles = tuple(compact(t) for t in sent[k:k + len(fs)])
+            self.recent.put(key, EncodedItem(tiles, tuple(compress[k:k + len(fs)]), w, h))
+            k += len(fs)
+        self.metrics.cache_bytes.set(self.recent.bytes)
 
     def _image_rows(self, per_image: list[list[asyncio.Future[TileResult]]], compress: list[bool]) -> list[int]:
         """Rows of each image, known before its first tile is sent (the ViR decision is request-wide)."""
