@@ -8,9 +8,10 @@ One vision server, two language servers (one core each where the host has two or
 its own (no cache is warm for it); its conversations run concurrently, the turns of one in order, every turn
 resending the history with its image as chat clients do. Each round runs both policies, in alternating order
 across rounds. Per run: p50 / p90 TTFT of first turns and of later turns, the vision server's Encode calls per
-distinct image (its `dvd_vision_requests` counter), the language servers' embedding-cache hits, and how the router
-chose (`dvd_router_routed`). The ratio that matters, affinity / least-load of later turns' p50 TTFT, is taken
-within each round. Writes JSON + markdown + a PNG with --out.
+distinct image (its `dvd_vision_requests` counter) and the images its ViT encoded (its cache of recent encodings
+serves the rest: `dvd_vision_embedding_cache_lookups{result="miss"}`), the language servers' embedding-cache hits,
+and how the router chose (`dvd_router_routed`). The ratio that matters, affinity / least-load of later turns' p50
+TTFT, is taken within each round. Writes JSON + markdown + a PNG with --out.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Run:
     first_ttft: list[float]
     later_ttft: list[float]
     encodes: float  # the vision server's Encode calls during the run
+    vit_encodes: float  # images it ran the ViT for (the others came from its cache of recent encodings)
     images: int  # distinct images sent
     cache_hits: float  # embedding-cache hits on the language servers during the run
     routed: dict[str, float]  # the router's choices during the run
@@ -145,7 +147,9 @@ async def run_policy(s: Stack, policy: str, round_: int, args: argparse.Namespac
         return counter(after[name], metric, label) - counter(before[name], metric, label)
 
     return Run(policy, round_, [r[0] for r in results], [t for r in results for t in r[1:]],
-               encodes=delta("vision", "dvd_vision_requests_total"), images=len(images),
+               encodes=delta("vision", "dvd_vision_requests_total"),
+               vit_encodes=delta("vision", "dvd_vision_embedding_cache_lookups_total", 'result="miss"'),
+               images=len(images),
                cache_hits=sum(delta(f"llm{i}", "dvd_llm_embedding_cache_lookups_total", 'result="hit"')
                               for i in range(2)),
                routed={k: v - routed(before[policy]).get(k, 0.0) for k, v in routed(after[policy]).items()})
@@ -156,11 +160,13 @@ def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
              f"model {args.model}, {args.conversations} conversations x {args.turns} turns per run, "
              f"{args.resolution} px images, {args.max_tokens} tokens per answer, 2 language replicas, 1 vision server",
              "", "| round | policy | TTFT p50 / p90, first turns (s) | TTFT p50 / p90 / mean, later turns (s) | "
-             "vision calls per image | embedding-cache hits | router choices |", "|---|---|---|---|---|---|---|"]
+             "vision calls / ViT encodes per image | embedding-cache hits | router choices |",
+             "|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r.round} | {r.policy} | {p(r.first_ttft, 50):.3f} / {p(r.first_ttft, 90):.3f} | "
                      f"{p(r.later_ttft, 50):.3f} / {p(r.later_ttft, 90):.3f} / "
-                     f"{statistics.mean(r.later_ttft):.3f} | {r.encodes / r.images:.2f} | "
+                     f"{statistics.mean(r.later_ttft):.3f} | {r.encodes / r.images:.2f} / "
+                     f"{r.vit_encodes / r.images:.2f} | "
                      f"{r.cache_hits:.0f} | {', '.join(f'{k} {v:.0f}' for k, v in sorted(r.routed.items()))} |")
     lines.append("")
     for round_ in sorted({r.round for r in runs}):

@@ -293,15 +293,18 @@ def test_affinity_report_reads_the_services_counters(tmp_path: Path) -> None:
                          'dvd_vision_requests_total{model_name="m",status="CANCELLED"} 1.0',
                          'dvd_llm_embedding_cache_lookups_total{model_name="m",result="hit"} 5.0',
                          'dvd_llm_embedding_cache_lookups_total{model_name="m",result="miss"} 3.0',
+                         'dvd_vision_embedding_cache_lookups_total{model_name="m",result="miss"} 2.0',
                          'dvd_router_routed_total{choice="owner"} 9.0', 'dvd_router_routed_total{choice="spill"} 2.0'])
     assert affinity.counter(metrics, "dvd_vision_requests_total") == 8.0
     assert affinity.counter(metrics, "dvd_llm_embedding_cache_lookups_total", 'result="hit"') == 5.0
+    assert affinity.counter(metrics, "dvd_vision_embedding_cache_lookups_total", 'result="miss"') == 2.0
     assert affinity.routed(metrics) == {"owner": 9.0, "spill": 2.0}
-    runs = [affinity.Run(policy, 1, [3.0, 4.0], later, encodes=enc, images=2, cache_hits=2.0, routed={"none": 6.0})
+    runs = [affinity.Run(policy, 1, [3.0, 4.0], later, encodes=enc, vit_encodes=2.0, images=2, cache_hits=2.0,
+                         routed={"none": 6.0})
             for policy, later, enc in (("affinity", [0.5, 0.6, 0.7], 2.0), ("least-load", [0.5, 2.0, 4.0], 3.0))]
     args = argparse.Namespace(model="tiny", conversations=2, turns=4, resolution=448, max_tokens=8)
     text = affinity.report(runs, args, tmp_path)
-    assert "| 1 | least-load | 3.500 / 3.900 | 2.000 / 3.600 / 2.167 | 1.50 |" in text
+    assert "| 1 | least-load | 3.500 / 3.900 | 2.000 / 3.600 / 2.167 | 1.50 / 1.00 |" in text
     assert "affinity / least-load: p50 0.30x, mean 0.28x" in text
     assert json.loads((tmp_path / "affinity.json").read_text())["runs"][0]["policy"] == "affinity"
     assert (tmp_path / "affinity.png").stat().st_size > 0
