@@ -21,7 +21,7 @@ V = TypeVar("V")
 def embedding_keys(media: Sequence[bytes], options: vision_pb2.EncodeOptions, request_wide: bool,
                    max_tiles: Sequence[int] = (), kinds: Sequence[int] = ()) -> list[str]:
     """One key per image or video: its content hash plus the options that shape its embedding (an image's own tile
-    cap, a video's frame sampling).
+    cap, a video's frame sampling, ViR's pressure level).
 
     With ViR (`request_wide`: a Flash checkpoint) the compression decision is a quantile over every tile of the
     request, so an image's rows also depend on the other images it came with: then their hashes are part of the
@@ -32,7 +32,7 @@ def embedding_keys(media: Sequence[bytes], options: vision_pb2.EncodeOptions, re
     digests = [hashlib.sha256(b).hexdigest() + (video if kind == vision_pb2.MEDIA_KIND_VIDEO else "")
                for b, kind in zip(media, kinds or [vision_pb2.MEDIA_KIND_IMAGE] * len(media), strict=True)]
     caps = list(max_tiles) or [0] * len(media)
-    suffix = f"|vir={options.vir}"
+    suffix = f"|vir={options.vir}" + (f"|pressure={options.vir_pressure!r}" if options.vir_pressure else "")
     if request_wide and options.vir != vision_pb2.VIR_MODE_OFF and len(media) > 1:
         # Neighbours shape the quantile with their own tile counts.
         suffix += "|with=" + ",".join(f"{d}:{c or options.max_tiles}" for d, c in zip(digests, caps, strict=True))

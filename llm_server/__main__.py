@@ -27,6 +27,7 @@ from dvd.v1 import llm_pb2_grpc
 from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
 from llm_server.service import LanguageService
+from llm_server.vir_pressure import VirPressure
 from llm_server.vision_pool import VisionPool
 from llm_server.vllm_plugin import ENGINE_PARENT_ENV
 
@@ -74,7 +75,7 @@ async def serve() -> None:
         start_http_server(config.metrics_port)
     service = LanguageService(engine, pool, served_name, aliases=served_names[1:], vision_parameters=n_vision,
                               cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30), served_name),
-                              tools=config.tools)
+                              tools=config.tools, vir_pressure=VirPressure(config.vir_pressure_waiting))
     server, health, bound = await start_server(
         config.internal, config.host, config.port,
         lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), "dvd.v1.LanguageService",

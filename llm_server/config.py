@@ -31,6 +31,11 @@ class LlmServerConfig:
     vision_shm_gb: float = option(1.0, "shared memory for embeddings in flight from vision servers on this host")
     embedding_cache_gb: float = option(2.0, "host memory for embeddings of recently seen images (0 = off): a "
                                             "resent image costs no vision call and no transfer")
+    vir_pressure_waiting: int = option(
+        0, "Flash checkpoints: above this many requests waiting for their first token, ask the vision side to "
+        "compress more tiles to 64 rows, one step a second, and step back once fewer wait (0 = off; the vision "
+        "server's --vir-pressure-floor bounds it; requests with vir \"off\" are never compressed)",
+        env="DVD_VIR_PRESSURE_WAITING")
     tools: ToolOptions = field(default_factory=ToolOptions)
     metrics_port: int = option(0, "Prometheus port (0 = off)")
     deadlines: Deadlines = field(default_factory=Deadlines)

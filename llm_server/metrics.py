@@ -20,6 +20,10 @@ _CACHE_LOOKUPS = Counter("dvd_llm_embedding_cache_lookups_total", "Images looked
                          "miss (encoded), shared (waited for another request's vision call)", [*_M, "result"])
 _CACHE_BYTES = Gauge("dvd_llm_embedding_cache_bytes", "Bytes of embeddings held by the cache", _M)
 _CACHE_ENTRIES = Gauge("dvd_llm_embedding_cache_entries", "Images held by the embedding cache", _M)
+_VIR_PRESSURE = Gauge("dvd_llm_vir_pressure", "ViR under pressure: 0 = the checkpoint's rule, 1 = the vision "
+                     "servers' floor (--vir-pressure-waiting)", _M)
+_FIRST_TOKEN_PENDING = Gauge("dvd_llm_first_token_pending", "Generate calls waiting for their first token (vision, "
+                             "engine queue, prefill): what drives ViR under pressure", _M)
 _CACHE_EVICTIONS = Counter("dvd_llm_embedding_cache_evictions_total", "Images evicted to stay in budget", _M)
 
 
@@ -36,6 +40,8 @@ class Metrics:
         self.cache_bytes = _CACHE_BYTES.labels(**m)
         self.cache_entries = _CACHE_ENTRIES.labels(**m)
         self.cache_evictions = _CACHE_EVICTIONS.labels(**m)
+        self.vir_pressure = _VIR_PRESSURE.labels(**m)
+        self.first_token_pending = _FIRST_TOKEN_PENDING.labels(**m)
 
     def request_done(self, status: str) -> None:
         _REQUESTS.labels(model_name=self.model_name, status=status).inc()

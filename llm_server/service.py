@@ -39,6 +39,7 @@ from llm_server.answer import (
 from llm_server.embedding_cache import Embedding, EmbeddingCache
 from llm_server.metrics import Metrics
 from llm_server.prompt import PromptError, expand_videos, parse_messages, render_prompt
+from llm_server.vir_pressure import VirPressure
 from llm_server.vision_pool import VisionError, VisionPool
 
 log = logging.getLogger("llm_server.service")
@@ -172,7 +173,7 @@ def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] 
 class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
     def __init__(self, engine: AsyncLLM, pool: VisionPool, model_name: str, vision_parameters: int = -1,
                  cache: EmbeddingCache | None = None, tools: ToolOptions | None = None,
-                 aliases: Sequence[str] = ()) -> None:
+                 aliases: Sequence[str] = (), vir_pressure: VirPressure | None = None) -> None:
         self.engine = engine
         self.pool = pool
         self.cache = cache if cache is not None else EmbeddingCache(0, model_name)
@@ -193,6 +194,10 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                        self.tokenizer, self.model_config.model, self.tools)
         self.ready = True  # off while draining: new calls are refused UNAVAILABLE, which the router retries elsewhere
         self.inflight = 0  # Generate calls in progress: a drain waits for them
+        self.first_token_pending = 0  # ... of which still before their first token
+        self.vir_pressure = vir_pressure or VirPressure(0)
+        self.metrics.vir_pressure.set_function(lambda: self.vir_pressure.level_at(time.monotonic()))
+        self.metrics.first_token_pending.set_function(lambda: self.first_token_pending)
 
     def _logprobs(self, token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None,
                   top: int | None) -> list[llm_pb2.TokenLogprob]:
@@ -226,8 +231,13 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.inflight += 1
         self.metrics.inflight.inc()
         status = "error"
+        self.first_token_pending += 1
+        pending = True
         try:
             async for response in self._generate(request_id, request):
+                if pending:  # the first response carries the first token
+                    self.first_token_pending -= 1
+                    pending = False
                 yield response
             status = "ok"
         except (PromptError, EmbeddingError) as e:
@@ -246,6 +256,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e),
                                 param_metadata(getattr(e, "parameter", None)))
         finally:
+            self.first_token_pending -= pending
             self.inflight -= 1
             self.metrics.inflight.dec()
             self.metrics.request_done(status)
@@ -267,6 +278,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                template_tools(openai, self.tools))
         options = vision_pb2.EncodeOptions(vir=request.vision.vir, max_tiles=request.vision.max_dynamic_patch,
                                            video=request.vision.video)
+        if self.request_wide_vir and options.vir != vision_pb2.VIR_MODE_OFF:
+            options.vir_pressure = self.vir_pressure.observe(self.first_token_pending)
         embedding_bytes = 0
         values: list[Embedding] = []
         keys: list[str] = []

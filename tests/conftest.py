@@ -155,8 +155,13 @@ def llm_tiny(tiny_ckpt: Path, vision_tiny: str, session_core_budget: Path,
 
 @pytest.fixture(scope="session")
 def llm_tiny_flash(tiny_flash_ckpt: Path, vision_tiny_flash: str) -> Iterator[str]:
-    """DvD + ViR: a language server on the Flash checkpoint, fed by the Flash vision server."""
-    svc, address = start_llm("llm-tiny-flash", tiny_flash_ckpt, vision_tiny_flash, "--served-model-name", "tiny-flash")
+    """DvD + ViR: a language server on the Flash checkpoint, fed by the Flash vision server; ViR bends when more
+    than 2 requests wait for their first token (the tests send one at a time, except test_vir_pressure.py's burst).
+    Metrics: METRICS_URLS[address]."""
+    metrics_port = free_port()
+    svc, address = start_llm("llm-tiny-flash", tiny_flash_ckpt, vision_tiny_flash, "--served-model-name", "tiny-flash",
+                             "--vir-pressure-waiting", "2", "--metrics-port", str(metrics_port))
+    METRICS_URLS[address] = f"http://127.0.0.1:{metrics_port}/metrics"
     yield address
     svc.stop()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from benchmarks import affinity
+from benchmarks import affinity, vir_pressure
 from benchmarks.flops import language_flops, tiles_per_image, vision_tile_flops
 from benchmarks.throughput import FOLLOW_UPS, PROMPT, Cell, FlopsModel, RequestResult, chat_body, is_good, parse_goodput
 from dvd.checkpoint import PRESETS, build_config
@@ -308,3 +308,20 @@ def test_affinity_report_reads_the_services_counters(tmp_path: Path) -> None:
     assert "affinity / least-load: p50 0.30x, mean 0.28x" in text
     assert json.loads((tmp_path / "affinity.json").read_text())["runs"][0]["policy"] == "affinity"
     assert (tmp_path / "affinity.png").stat().st_size > 0
+
+
+def test_vir_pressure_report_has_goodput_beside_rate_and_the_restoration(tmp_path: Path) -> None:
+    """benchmarks/vir_pressure.py's figures: goodput counts only requests within the TTFT SLO, and the ratio is
+    taken per round (the run itself needs two engines: README, "Benchmarks")."""
+    fixed = vir_pressure.Run("fixed", 1, 3.0, 10.0, 2.0, [1.0, 1.5, 3.0, 9.0], [900] * 4, {"200": 4, "429": 6}, 0.0)
+    bent = vir_pressure.Run("pressure", 1, 3.0, 10.0, 2.0, [1.0, 1.2, 1.9, 1.4, 2.5], [700] * 5, {"200": 5}, 1.0,
+                            restored_s=3.5, restored_tokens=True)
+    assert (fixed.goodput_rps, fixed.completed_rps, bent.goodput_rps) == (0.2, 0.4, 0.4)
+    args = argparse.Namespace(model="tiny-flash", resolution=896, max_tokens=8, waiting=2, slo_factor=2.0,
+                              concurrency=4, overload=3.0, seconds=10.0)
+    calibration = {"slo_s": 2.0, "capacity_rps": 1.0, "unloaded_p50": 0.8, "unloaded_p90": 1.0}
+    text = vir_pressure.report([fixed, bent], calibration, args, tmp_path)
+    assert "| 1 | pressure | 3.000 | 0.500 | 0.400 |" in text
+    assert "round 1: pressure / fixed: goodput 2.00x, completed req/s 1.25x; level back to 0 after 3.5 s" in text
+    assert json.loads((tmp_path / "vir_pressure.json").read_text())["runs"][1]["goodput_rps"] == 0.4
+    assert (tmp_path / "vir_pressure.png").stat().st_size > 0

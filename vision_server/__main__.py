@@ -93,7 +93,7 @@ async def serve(cfg: ServerConfig) -> None:
         relative=model_cfg.vir_relative_threshold if cfg.vir_relative_threshold is None
         else cfg.vir_relative_threshold,
         absolute=model_cfg.vir_absolute_threshold if cfg.vir_absolute_threshold is None
-        else cfg.vir_absolute_threshold)
+        else cfg.vir_absolute_threshold, floor=cfg.vir_pressure_floor)
     metrics = Metrics(cfg.model)
     batcher = Batcher(runners, cfg.resolved_max_batch(), cfg.max_wait_ms / 1000, on_batch=metrics.observe_batch,
                       granularity=max(r.micro_batch for r in runners))

@@ -135,6 +135,10 @@ class ServerConfig:
                                         env="DVD_VISION_EMBEDDING_CACHE_TTL")
     vir_relative_threshold: float | None = option(None, "override the checkpoint's value")
     vir_absolute_threshold: float | None = option(None, "override the checkpoint's value")
+    vir_pressure_floor: float = option(
+        0.1, "the lowest relative threshold a language server's pressure level (--vir-pressure-waiting) may move "
+        "ViR's decision to: at full pressure about 1 - floor of a request's tiles keep 64 rows",
+        env="DVD_VIR_PRESSURE_FLOOR")
     metrics_port: int = option(0, "Prometheus port (0 = off)")
     deadlines: Deadlines = field(default_factory=Deadlines)
     internal: InternalAuth = field(default_factory=InternalAuth)

@@ -99,6 +99,12 @@ def compact(t: torch.Tensor) -> torch.Tensor:
 class VirSettings:
     relative: float
     absolute: float
+    floor: float = 0.1  # the relative threshold at full pressure (llm_server/vir_pressure.py)
+
+    def relative_under(self, pressure: float) -> float:
+        """The request-wide quantile's threshold at a pressure level (0..1): lower, so more tiles are compressed;
+        never raised when the checkpoint's own value is already below the floor."""
+        return self.relative - pressure * max(0.0, self.relative - self.floor)
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -145,6 +151,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                                f"max_tiles {asked} is above the model's maximum of {model_max}")
         if request.options.vir not in vision_pb2.VirMode.values():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown vir mode {request.options.vir}")
+        if not 0.0 <= request.options.vir_pressure <= 1.0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"vir_pressure {request.options.vir_pressure} is not in 0..1")
         caps = list(request.image_max_tiles) or [0] * n
         if len(caps) != n:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -282,7 +291,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             trace.get_current_span().set_attributes({
                 "dvd.tiles": n_tiles, "dvd.transport": "shm" if sender.shm else "tcp" if sender.conn else "grpc"})
             async for msg in self._stream(request.request_id, [(t.width, t.height) for t in tiled], per_image,
-                                          router, t_pre, t0, sender, keys=keys):
+                                          router, t_pre, t0, sender, keys=keys,
+                                          relative=self.vir.relative_under(request.options.vir_pressure)):
                 yield msg
         except RequestError as e:
             status = e.code.name.lower()
@@ -322,10 +332,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def _stream(self, request_id: str, sizes: list[tuple[int, int]],
                       per_image: list[list[asyncio.Future[TileResult]]], router: bool, t_pre: float, t0: float,
-                      sender: TileSender, *, compress: list[bool] | None = None,
-                      keys: list[str] | None = None) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
+                      sender: TileSender, *, compress: list[bool] | None = None, keys: list[str] | None = None,
+                      relative: float = 0.0) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
         """Tiles in order as soon as they are ready; with the router on, only after the request-wide decision.
-        `compress`: decisions already known (a cached request's); `keys`: where to keep the rows once all are sent."""
+        `compress`: decisions already known (a cached request's); `keys`: where to keep the rows once all are sent;
+        `relative`: ViR's relative threshold for this request (its pressure level applied)."""
         flat = [f for fs in per_image for f in fs]
         compress = compress or [False] * len(flat)
         sent: list[torch.Tensor] = []
@@ -336,7 +347,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             results = await asyncio.gather(*flat)
             vir_start = time.monotonic()
             p = torch.stack([r.p_compress for r in results if r.p_compress is not None])
-            compress = decide_compression(p, self.vir.relative, self.vir.absolute)
+            compress = decide_compression(p, relative, self.vir.absolute)
             self.metrics.observe_vir(compress)
             projected = await self._project(results, compress)
             proj_end = time.monotonic()
@@ -382,10 +393,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 log.info("encoded", extra={"request_id": request_id, "tiles": len(flat),
                                            "compressed": sum(compress), "images": len(sizes),
                                            "seconds": round(time.monotonic() - t0, 4)})
+                if keys:  # now: the client closes the call once it has the summary
+                    self._keep(keys, sizes, per_image, sent, compress)
             yield await sender.outgoing(msg)
             await sender.follow(msg.tiles, wire)
-        if keys:
-            self._keep(keys, sizes, per_image, sent, compress)
 
     def _keep(self, keys: list[str], sizes: list[tuple[int, int]], per_image: list[list[asyncio.Future[TileResult]]],
               sent: list[torch.Tensor], compress: list[bool]) -> None:

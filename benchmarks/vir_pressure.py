@@ -1,0 +1,294 @@
+"""ViR under pressure vs fixed ViR: a Flash stack offered a multiple of its capacity, goodput beside req/s.
+
+    python benchmarks/vir_pressure.py --out results/vir_pressure     # heavylm-flash, 3x capacity, 2 rounds
+    python benchmarks/vir_pressure.py --model tiny-flash --seconds 20 --rounds 1
+
+One Flash vision server, two language servers on the same checkpoint (one core each where the host has two), one
+with `--vir-pressure-waiting N` and one without, and a router in front of each, all started once. Calibrated on the
+fixed stack: the TTFT of requests sent one at a time (the SLO is `--slo-factor` x their p90, so the unloaded stack
+meets it) and its capacity (completed req/s with `--concurrency` clients). Each round then offers `--overload` x
+that capacity as Poisson arrivals for `--seconds` to each stack in turn (order alternating across rounds), every
+request with an image of its own. Per run: completed req/s, goodput (req/s whose TTFT met the SLO), TTFT p50 / p90,
+mean prompt tokens, 429s, the highest pressure level seen. After each pressure run the level must read 0 again and
+a new image must get the prompt tokens the fixed stack gives it. Writes JSON + markdown + a PNG with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from benchmarks.affinity import counter
+from benchmarks.machine import cpu_model
+from benchmarks.throughput import RequestResult, chat_body, pct, send
+from dvd.checkpoint import resolve_model
+from dvd.logs import setup_logging
+from dvd.media import data_url, image_bytes
+from dvd.procs import Service, cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
+
+log = logging.getLogger("benchmarks.vir_pressure")
+POLICIES = ("fixed", "pressure")
+LEVEL = "dvd_llm_vir_pressure"
+
+
+@dataclass
+class Run:
+    policy: str
+    round: int
+    offered_rps: float
+    seconds: float
+    slo_s: float
+    ttft: list[float]  # requests that completed
+    prompt_tokens: list[int]
+    outcomes: dict[str, int]  # "200", "429", "error"
+    peak_level: float
+    restored_s: float | None = None  # pressure runs: seconds until the level read 0 again
+    restored_tokens: bool | None = None  # ... and a new image then got the fixed stack's prompt tokens
+
+    @property
+    def completed_rps(self) -> float:
+        return len(self.ttft) / self.seconds
+
+    @property
+    def goodput_rps(self) -> float:
+        return sum(t <= self.slo_s for t in self.ttft) / self.seconds
+
+
+@dataclass
+class Stack:
+    routers: dict[str, str]  # policy -> base URL (…/v1)
+    metrics: dict[str, str]  # policy -> its language server's /metrics
+    images: Iterator[str] = field(default_factory=lambda: iter(()))
+
+    def level(self, policy: str) -> float:
+        return counter(httpx.get(self.metrics[policy], timeout=10).text, LEVEL)
+
+
+@contextmanager
+def stack(model: Path, waiting: int, log_dir: Path | None) -> Iterator[Stack]:
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - closed with the stack
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def logs(name: str) -> dict[str, object]:
+        return {"log_file": log_dir / f"{name}.log", "sink": quiet} if log_dir else {"sink": quiet}
+
+    with ExitStack() as stop:
+        stop.callback(quiet.close)
+
+        def started(svc: Service) -> Service:
+            stop.callback(svc.stop)
+            return svc
+
+        vision = started(vision_server(model, **logs("vision")))
+        vision_address = vision.wait_grpc(300)
+        ports = {policy: free_port() for policy in POLICIES}
+        extra = {"fixed": (), "pressure": ("--vir-pressure-waiting", str(waiting))}
+        llms = {policy: started(language_server(
+            model, vision_address, "--max-model-len", "16384", "--served-model-name", "model", "--metrics-port",
+            str(ports[policy]), *extra[policy], env=cpu_engine_env(engine_cpus(i), kv_gib=2), **logs(f"llm-{policy}")))
+            for i, policy in enumerate(POLICIES)}
+        routers = {}
+        for policy, svc in llms.items():
+            front = started(router(svc.wait_grpc(900), name=f"router-{policy}", **logs(f"router-{policy}")))
+            routers[policy] = front.wait_http() + "/v1"
+        yield Stack(routers, {p: f"http://127.0.0.1:{port}/metrics" for p, port in ports.items()})
+
+
+def fresh_images(resolution: int, seed: int) -> Iterator[str]:
+    k = seed
+    while True:
+        yield data_url(image_bytes(resolution, resolution, seed=k))
+        k += 1
+
+
+async def one(client: httpx.AsyncClient, base: str, image: str, max_tokens: int) -> RequestResult:
+    return await send(client, base, chat_body("model", image, max_tokens), 0, time.perf_counter(), None)
+
+
+async def calibrate(s: Stack, args: argparse.Namespace) -> tuple[float, float, list[float]]:
+    """The fixed stack's unloaded TTFTs, the SLO they meet, and its capacity in completed req/s."""
+    base = s.routers["fixed"]
+    async with httpx.AsyncClient(timeout=600) as client:
+        for policy in POLICIES:  # warm both engines and the vision server
+            for _ in range(2):
+                await one(client, s.routers[policy], next(s.images), args.max_tokens)
+        unloaded = [await one(client, base, next(s.images), args.max_tokens) for _ in range(args.probes)]
+        ttfts = [r.ttft for r in unloaded if r.ok and r.ttft is not None]
+        assert len(ttfts) == args.probes, [r.error for r in unloaded]
+        slo = args.slo_factor * (pct(ttfts, 90) or 0.0)
+        images = [next(s.images) for _ in range(args.calibration_requests)]
+        queue = iter(images)
+
+        async def worker() -> int:
+            done = 0
+            for image in queue:
+                done += (await one(client, base, image, args.max_tokens)).ok
+            return done
+
+        t0 = time.perf_counter()
+        done = sum(await asyncio.gather(*(worker() for _ in range(args.concurrency))))
+        capacity = done / (time.perf_counter() - t0)
+    return slo, capacity, ttfts
+
+
+async def overload(s: Stack, policy: str, round_: int, rate: float, slo: float, args: argparse.Namespace) -> Run:
+    rng = random.Random(round_ * 7 + POLICIES.index(policy))
+    arrivals: list[float] = []
+    t = rng.expovariate(rate)
+    while t < args.seconds:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    images = [next(s.images) for _ in arrivals]  # encoded before the clock starts
+    peak = 0.0
+    running = True
+
+    async def watch() -> None:
+        nonlocal peak
+        while running:
+            peak = max(peak, await asyncio.to_thread(s.level, policy))
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch())
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def at(offset: float, image: str) -> RequestResult:
+            await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+            return await one(client, s.routers[policy], image, args.max_tokens)
+
+        results = await asyncio.gather(*(at(a, im) for a, im in zip(arrivals, images, strict=True)))
+    running = False
+    await watcher
+    outcomes = Counter("200" if r.ok else "429" if (r.error or "").startswith("HTTP 429") else "error"
+                       for r in results)
+    ok = [r for r in results if r.ok]
+    run = Run(policy, round_, rate, args.seconds, slo, [r.ttft for r in ok if r.ttft is not None],
+              [r.prompt_tokens or 0 for r in ok], dict(outcomes), peak)
+    if policy == "pressure":
+        run.restored_s, run.restored_tokens = await restored(s, args)
+    return run
+
+
+async def restored(s: Stack, args: argparse.Namespace) -> tuple[float | None, bool]:
+    """Seconds until the pressure stack's level reads 0, and whether a new image then gets the fixed stack's
+    prompt tokens (the request's own rule: no pressure applied)."""
+    t0 = time.monotonic()
+    while s.level("pressure") > 0:
+        if time.monotonic() - t0 > 60:
+            return None, False
+        await asyncio.sleep(0.25)
+    seconds = time.monotonic() - t0
+    image = next(s.images)
+    async with httpx.AsyncClient(timeout=600) as client:
+        after = await one(client, s.routers["pressure"], image, args.max_tokens)
+        reference = await one(client, s.routers["fixed"], image, args.max_tokens)
+    return seconds, after.ok and reference.ok and after.prompt_tokens == reference.prompt_tokens
+
+
+def report(runs: list[Run], calibration: dict[str, object], args: argparse.Namespace, out: Path | None) -> str:
+    lines = [f"# ViR under pressure vs fixed ViR ({cpu_model()})", "",
+             f"model {args.model}, {args.resolution} px images (one per request, never repeated), {args.max_tokens} "
+             f"tokens per answer, `--vir-pressure-waiting {args.waiting}`; fixed stack unloaded TTFT p50 "
+             f"{calibration['unloaded_p50']:.3f} s, p90 {calibration['unloaded_p90']:.3f} s; SLO TTFT <= "
+             f"{calibration['slo_s']:.3f} s ({args.slo_factor} x p90); capacity {calibration['capacity_rps']:.3f} "
+             f"req/s ({args.concurrency} clients); offered {args.overload} x capacity for {args.seconds:.0f} s",
+             "", "| round | policy | offered req/s | completed req/s | goodput req/s | TTFT p50 / p90 (s) | "
+             "prompt tokens (mean) | outcomes | peak level |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r.round} | {r.policy} | {r.offered_rps:.3f} | {r.completed_rps:.3f} | "
+                     f"{r.goodput_rps:.3f} | {pct(r.ttft, 50) or 0:.2f} / {pct(r.ttft, 90) or 0:.2f} | "
+                     f"{statistics.mean(r.prompt_tokens) if r.prompt_tokens else 0:.0f} | "
+                     f"{', '.join(f'{k} {v}' for k, v in sorted(r.outcomes.items()))} | {r.peak_level:.2f} |")
+    lines.append("")
+    for round_ in sorted({r.round for r in runs}):
+        by = {r.policy: r for r in runs if r.round == round_}
+        ratio = by["pressure"].goodput_rps / by["fixed"].goodput_rps if by["fixed"].goodput_rps else float("inf")
+        rps = by["pressure"].completed_rps / by["fixed"].completed_rps if by["fixed"].completed_rps else float("inf")
+        back = by["pressure"]
+        lines.append(f"round {round_}: pressure / fixed: goodput {ratio:.2f}x, completed req/s {rps:.2f}x; level back "
+                     f"to 0 after {back.restored_s if back.restored_s is not None else float('nan'):.1f} s, then "
+                     f"the request's own rule: {back.restored_tokens}")
+    text = "\n".join(lines) + "\n"
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "vir_pressure.json").write_text(json.dumps(
+            {"cpu": cpu_model(), "args": vars(args), "calibration": calibration,
+             "runs": [asdict(r) | {"completed_rps": r.completed_rps, "goodput_rps": r.goodput_rps} for r in runs]},
+            indent=2, default=str))
+        (out / "vir_pressure.md").write_text(text)
+        plot(runs, out / "vir_pressure.png")
+    return text
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r.policy}\nround {r.round}" for r in runs]
+    x = range(len(runs))
+    ax.bar([i - 0.2 for i in x], [r.completed_rps for r in runs], 0.4, label="completed req/s")
+    ax.bar([i + 0.2 for i in x], [r.goodput_rps for r in runs], 0.4, label="goodput req/s (TTFT SLO met)")
+    ax.set_xticks(list(x), labels)
+    ax.legend(fontsize=8)
+    ax.set_title(f"ViR under pressure vs fixed, offered load above capacity\n{cpu_model()}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="heavylm-flash", help="a Flash preset, directory or hub repo id")
+    parser.add_argument("--resolution", type=int, default=896, help="image side (896: 4 tiles + thumbnail)")
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
+    parser.add_argument("--waiting", type=int, default=2, help="the pressure stack's --vir-pressure-waiting")
+    parser.add_argument("--overload", type=float, default=3.0, help="offered load, a multiple of capacity")
+    parser.add_argument("--seconds", type=float, default=60.0, help="arrival window of each run")
+    parser.add_argument("--slo-factor", type=float, default=2.0, help="TTFT SLO = this x the unloaded p90")
+    parser.add_argument("--probes", type=int, default=6, help="unloaded requests, one at a time")
+    parser.add_argument("--concurrency", type=int, default=4, help="clients measuring capacity")
+    parser.add_argument("--calibration-requests", type=int, default=24, help="requests measuring capacity")
+    parser.add_argument("--timeout", type=float, default=300.0, help="client timeout per request, seconds")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of both policies, order alternating")
+    parser.add_argument("--out", type=Path, help="write vir_pressure.json, .md, .png here")
+    args = parser.parse_args(argv)
+    setup_logging(fmt="text")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    model = resolve_model(args.model)
+    runs: list[Run] = []
+    with stack(model, args.waiting, args.out / "logs" if args.out else None) as s:
+        s.images = fresh_images(args.resolution, seed=1)
+        slo, capacity, unloaded = asyncio.run(calibrate(s, args))
+        calibration = {"slo_s": slo, "capacity_rps": capacity, "unloaded_p50": pct(unloaded, 50),
+                       "unloaded_p90": pct(unloaded, 90)}
+        log.info("calibrated", extra=calibration)
+        for round_ in range(1, args.rounds + 1):
+            for policy in POLICIES if round_ % 2 else POLICIES[::-1]:
+                log.info("run", extra={"policy": policy, "round": round_})
+                runs.append(asyncio.run(overload(s, policy, round_, args.overload * capacity, slo, args)))
+    print(report(runs, calibration, args, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
