@@ -6,11 +6,12 @@
 One Flash vision server, two language servers on the same checkpoint (one core each where the host has two), one
 with `--vir-pressure-waiting N` and one without, and a router in front of each, all started once. Calibrated on the
 fixed stack: the TTFT of requests sent one at a time (the SLO is `--slo-factor` x their p90, so the unloaded stack
-meets it) and its capacity (completed req/s with `--concurrency` clients). Each round then offers `--overload` x
-that capacity as Poisson arrivals for `--seconds` to each stack in turn (order alternating across rounds), every
-request with an image of its own. Per run: completed req/s, goodput (req/s whose TTFT met the SLO), TTFT p50 / p90,
-mean prompt tokens, 429s, the highest pressure level seen. After each pressure run the level must read 0 again and
-a new image must get the prompt tokens the fixed stack gives it. Writes JSON + markdown + a PNG with --out.
+meets it) and its capacity (completed req/s with `--concurrency` clients; each router admits that many at once and
+queues as many more, 429 beyond, the same for both). Each round then offers `--overload` x that capacity as Poisson
+arrivals for `--seconds` to each stack in turn (order alternating across rounds), every request with an image of its
+own. Per run, over first arrival to last answer: completed req/s, goodput (req/s whose TTFT met the SLO), TTFT p50 /
+p90, mean prompt tokens, 429s, the highest pressure level seen. After each pressure run the level must read 0 again
+and a new image must get the prompt tokens the fixed stack gives it. Writes JSON + markdown + a PNG with --out.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Run:
     policy: str
     round: int
     offered_rps: float
-    seconds: float
+    elapsed_s: float  # first arrival to last answer: rates are over the whole run, backlog included
     slo_s: float
     ttft: list[float]  # requests that completed
     prompt_tokens: list[int]
@@ -61,11 +62,11 @@ class Run:
 
     @property
     def completed_rps(self) -> float:
-        return len(self.ttft) / self.seconds
+        return len(self.ttft) / self.elapsed_s
 
     @property
     def goodput_rps(self) -> float:
-        return sum(t <= self.slo_s for t in self.ttft) / self.seconds
+        return sum(t <= self.slo_s for t in self.ttft) / self.elapsed_s
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Stack:
 
 
 @contextmanager
-def stack(model: Path, waiting: int, log_dir: Path | None) -> Iterator[Stack]:
+def stack(model: Path, waiting: int, admit: int, log_dir: Path | None) -> Iterator[Stack]:
     quiet = open(os.devnull, "w")  # noqa: SIM115 - closed with the stack
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,10 @@ def stack(model: Path, waiting: int, log_dir: Path | None) -> Iterator[Stack]:
             for i, policy in enumerate(POLICIES)}
         routers = {}
         for policy, svc in llms.items():
-            front = started(router(svc.wait_grpc(900), name=f"router-{policy}", **logs(f"router-{policy}")))
+            # Admission as an operator sets it for an SLO: about the concurrency the stack serves in time, a short
+            # queue, 429 beyond (the last resort, the same for both).
+            front = started(router(svc.wait_grpc(900), "--max-concurrency", str(admit), "--max-queue", str(admit),
+                                   name=f"router-{policy}", **logs(f"router-{policy}")))
             routers[policy] = front.wait_http() + "/v1"
         yield Stack(routers, {p: f"http://127.0.0.1:{port}/metrics" for p, port in ports.items()})
 
@@ -173,12 +177,13 @@ async def overload(s: Stack, policy: str, round_: int, rate: float, slo: float, 
             return await one(client, s.routers[policy], image, args.max_tokens)
 
         results = await asyncio.gather(*(at(a, im) for a, im in zip(arrivals, images, strict=True)))
+        elapsed = time.perf_counter() - t0
     running = False
     await watcher
     outcomes = Counter("200" if r.ok else "429" if (r.error or "").startswith("HTTP 429") else "error"
                        for r in results)
     ok = [r for r in results if r.ok]
-    run = Run(policy, round_, rate, args.seconds, slo, [r.ttft for r in ok if r.ttft is not None],
+    run = Run(policy, round_, rate, elapsed, slo, [r.ttft for r in ok if r.ttft is not None],
               [r.prompt_tokens or 0 for r in ok], dict(outcomes), peak)
     if policy == "pressure":
         run.restored_s, run.restored_tokens = await restored(s, args)
@@ -207,7 +212,8 @@ def report(runs: list[Run], calibration: dict[str, object], args: argparse.Names
              f"tokens per answer, `--vir-pressure-waiting {args.waiting}`; fixed stack unloaded TTFT p50 "
              f"{calibration['unloaded_p50']:.3f} s, p90 {calibration['unloaded_p90']:.3f} s; SLO TTFT <= "
              f"{calibration['slo_s']:.3f} s ({args.slo_factor} x p90); capacity {calibration['capacity_rps']:.3f} "
-             f"req/s ({args.concurrency} clients); offered {args.overload} x capacity for {args.seconds:.0f} s",
+             f"req/s ({args.concurrency} clients; each router admits {args.concurrency}, queues as many); "
+             f"offered {args.overload} x capacity for {args.seconds:.0f} s; rates over first arrival to last answer",
              "", "| round | policy | offered req/s | completed req/s | goodput req/s | TTFT p50 / p90 (s) | "
              "prompt tokens (mean) | outcomes | peak level |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -266,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="arrival window of each run")
     parser.add_argument("--slo-factor", type=float, default=2.0, help="TTFT SLO = this x the unloaded p90")
     parser.add_argument("--probes", type=int, default=6, help="unloaded requests, one at a time")
-    parser.add_argument("--concurrency", type=int, default=4, help="clients measuring capacity")
+    parser.add_argument("--concurrency", type=int, default=4, help="clients measuring capacity; also each router's "
+                        "--max-concurrency and --max-queue")
     parser.add_argument("--calibration-requests", type=int, default=24, help="requests measuring capacity")
     parser.add_argument("--timeout", type=float, default=300.0, help="client timeout per request, seconds")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both policies, order alternating")
@@ -276,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     model = resolve_model(args.model)
     runs: list[Run] = []
-    with stack(model, args.waiting, args.out / "logs" if args.out else None) as s:
+    with stack(model, args.waiting, args.concurrency, args.out / "logs" if args.out else None) as s:
         s.images = fresh_images(args.resolution, seed=1)
         slo, capacity, unloaded = asyncio.run(calibrate(s, args))
         calibration = {"slo_s": slo, "capacity_rps": capacity, "unloaded_p50": pct(unloaded, 50),
