@@ -7,7 +7,7 @@ One Flash vision server, two language servers on the same checkpoint (one core e
 with `--vir-pressure-waiting N` and one without, and a router in front of each, all started once. Calibrated on the
 fixed stack: the TTFT of requests sent one at a time (the SLO is `--slo-factor` x their p90, so the unloaded stack
 meets it) and its capacity (completed req/s with `--concurrency` clients; each router admits that many at once and
-queues as many more, 429 beyond, the same for both). Each round then offers `--overload` x that capacity as Poisson
+queues `--queue` more, 429 beyond, the same for both). Each round then offers `--overload` x that capacity as Poisson
 arrivals for `--seconds` to each stack in turn (order alternating across rounds), every request with an image of its
 own. Per run, over first arrival to last answer: completed req/s, goodput (req/s whose TTFT met the SLO), TTFT p50 /
 p90, mean prompt tokens, 429s, the highest pressure level seen. After each pressure run the level must read 0 again
@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.affinity import counter
-from benchmarks.machine import cpu_model
+from benchmarks.machine import auto_dtype, cpu_model
 from benchmarks.throughput import RequestResult, chat_body, pct, send
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
@@ -80,7 +80,7 @@ class Stack:
 
 
 @contextmanager
-def stack(model: Path, waiting: int, admit: int, log_dir: Path | None) -> Iterator[Stack]:
+def stack(model: Path, waiting: int, admit: tuple[int, int], dtype: str, log_dir: Path | None) -> Iterator[Stack]:
     quiet = open(os.devnull, "w")  # noqa: SIM115 - closed with the stack
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -95,19 +95,21 @@ def stack(model: Path, waiting: int, admit: int, log_dir: Path | None) -> Iterat
             stop.callback(svc.stop)
             return svc
 
-        vision = started(vision_server(model, **logs("vision")))
+        vision = started(vision_server(model, "--dtype", dtype, **logs("vision")))
         vision_address = vision.wait_grpc(300)
         ports = {policy: free_port() for policy in POLICIES}
         extra = {"fixed": (), "pressure": ("--vir-pressure-waiting", str(waiting))}
         llms = {policy: started(language_server(
-            model, vision_address, "--max-model-len", "16384", "--served-model-name", "model", "--metrics-port",
-            str(ports[policy]), *extra[policy], env=cpu_engine_env(engine_cpus(i), kv_gib=2), **logs(f"llm-{policy}")))
+            model, vision_address, "--max-model-len", "16384", "--served-model-name", "model", "--dtype", dtype,
+            "--metrics-port", str(ports[policy]), *extra[policy], env=cpu_engine_env(engine_cpus(i), kv_gib=2),
+            **logs(f"llm-{policy}")))
             for i, policy in enumerate(POLICIES)}
         routers = {}
         for policy, svc in llms.items():
             # Admission as an operator sets it for an SLO: about the concurrency the stack serves in time, a short
             # queue, 429 beyond (the last resort, the same for both).
-            front = started(router(svc.wait_grpc(900), "--max-concurrency", str(admit), "--max-queue", str(admit),
+            front = started(router(svc.wait_grpc(900), "--max-concurrency", str(admit[0]), "--max-queue",
+                                   str(admit[1]),
                                    name=f"router-{policy}", **logs(f"router-{policy}")))
             routers[policy] = front.wait_http() + "/v1"
         yield Stack(routers, {p: f"http://127.0.0.1:{port}/metrics" for p, port in ports.items()})
@@ -151,7 +153,7 @@ async def calibrate(s: Stack, args: argparse.Namespace) -> tuple[float, float, l
 
 
 async def overload(s: Stack, policy: str, round_: int, rate: float, slo: float, args: argparse.Namespace) -> Run:
-    rng = random.Random(round_ * 7 + POLICIES.index(policy))
+    rng = random.Random(round_)  # the same arrival times for both policies of a round
     arrivals: list[float] = []
     t = rng.expovariate(rate)
     while t < args.seconds:
@@ -208,11 +210,11 @@ async def restored(s: Stack, args: argparse.Namespace) -> tuple[float | None, bo
 
 def report(runs: list[Run], calibration: dict[str, object], args: argparse.Namespace, out: Path | None) -> str:
     lines = [f"# ViR under pressure vs fixed ViR ({cpu_model()})", "",
-             f"model {args.model}, {args.resolution} px images (one per request, never repeated), {args.max_tokens} "
-             f"tokens per answer, `--vir-pressure-waiting {args.waiting}`; fixed stack unloaded TTFT p50 "
-             f"{calibration['unloaded_p50']:.3f} s, p90 {calibration['unloaded_p90']:.3f} s; SLO TTFT <= "
+             f"model {args.model} ({args.dtype}), {args.resolution} px images (one per request, never repeated), "
+             f"{args.max_tokens} tokens per answer, `--vir-pressure-waiting {args.waiting}`; fixed stack unloaded "
+             f"TTFT p50 {calibration['unloaded_p50']:.3f} s, p90 {calibration['unloaded_p90']:.3f} s; SLO TTFT <= "
              f"{calibration['slo_s']:.3f} s ({args.slo_factor} x p90); capacity {calibration['capacity_rps']:.3f} "
-             f"req/s ({args.concurrency} clients; each router admits {args.concurrency}, queues as many); "
+             f"req/s ({args.concurrency} clients; each router admits {args.concurrency}, queues {args.queue}); "
              f"offered {args.overload} x capacity for {args.seconds:.0f} s; rates over first arrival to last answer",
              "", "| round | policy | offered req/s | completed req/s | goodput req/s | TTFT p50 / p90 (s) | "
              "prompt tokens (mean) | outcomes | peak level |", "|---|---|---|---|---|---|---|---|---|"]
@@ -267,14 +269,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="heavylm-flash", help="a Flash preset, directory or hub repo id")
     parser.add_argument("--resolution", type=int, default=896, help="image side (896: 4 tiles + thumbnail)")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
-    parser.add_argument("--waiting", type=int, default=2, help="the pressure stack's --vir-pressure-waiting")
+    parser.add_argument("--waiting", type=int, default=1, help="the pressure stack's --vir-pressure-waiting")
     parser.add_argument("--overload", type=float, default=3.0, help="offered load, a multiple of capacity")
     parser.add_argument("--seconds", type=float, default=60.0, help="arrival window of each run")
     parser.add_argument("--slo-factor", type=float, default=2.0, help="TTFT SLO = this x the unloaded p90")
     parser.add_argument("--probes", type=int, default=6, help="unloaded requests, one at a time")
-    parser.add_argument("--concurrency", type=int, default=4, help="clients measuring capacity; also each router's "
-                        "--max-concurrency and --max-queue")
-    parser.add_argument("--calibration-requests", type=int, default=24, help="requests measuring capacity")
+    parser.add_argument("--concurrency", type=int, default=2, help="clients measuring capacity; also each router's "
+                        "--max-concurrency (what the stack serves within the SLO)")
+    parser.add_argument("--queue", type=int, default=0, help="each router's --max-queue")
+    parser.add_argument("--calibration-requests", type=int, default=16, help="requests measuring capacity")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="every engine's compute dtype; auto: bfloat16 where the device computes it natively")
     parser.add_argument("--timeout", type=float, default=300.0, help="client timeout per request, seconds")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both policies, order alternating")
     parser.add_argument("--out", type=Path, help="write vir_pressure.json, .md, .png here")
@@ -283,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     model = resolve_model(args.model)
     runs: list[Run] = []
-    with stack(model, args.waiting, args.concurrency, args.out / "logs" if args.out else None) as s:
+    if args.dtype == "auto":
+        args.dtype = auto_dtype()
+    logs = args.out / "logs" if args.out else None
+    with stack(model, args.waiting, (args.concurrency, args.queue), args.dtype, logs) as s:
         s.images = fresh_images(args.resolution, seed=1)
         slo, capacity, unloaded = asyncio.run(calibrate(s, args))
         calibration = {"slo_s": slo, "capacity_rps": capacity, "unloaded_p50": pct(unloaded, 50),

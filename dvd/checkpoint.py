@@ -109,8 +109,8 @@ PRESETS: dict[str, Preset] = {
     # `small`'s ViT before a language model that does most of a request's prefill work, as InternVL3.5-8B's
     # Qwen3-8B does beside InternViT-300M: for measurements where the language side is the bottleneck (ViR under
     # pressure, benchmarks/vir_pressure.py), small enough for 2 CPU cores.
-    "heavylm": Preset(vit_hidden=256, vit_layers=4, vit_heads=4, vit_mlp=1024, llm_hidden=1024, llm_layers=6,
-                      llm_heads=16, llm_kv_heads=4, llm_mlp=2816, vocab_target=4096),
+    "heavylm": Preset(vit_hidden=256, vit_layers=4, vit_heads=4, vit_mlp=1024, llm_hidden=768, llm_layers=4,
+                      llm_heads=12, llm_kv_heads=4, llm_mlp=2048, vocab_target=4096),
     # InternVL3.5-8B's vision half at its real size (InternViT-300M-448px: hidden 1024, 24 layers, 16 heads, MLP 4096;
     # pixel shuffle 0.5; mlp1 into Qwen3-8B's hidden 4096; -flash adds mlp2 and the ViR router), for GPU and
     # transfer figures at real tensor sizes. The language part is one Qwen3-8B-wide layer: enough to load, not a

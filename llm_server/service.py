@@ -237,6 +237,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             async for response in self._generate(request_id, request):
                 if pending:  # the first response carries the first token
                     self.first_token_pending -= 1
+                    self.vir_pressure.observe(self.first_token_pending)
                     pending = False
                 yield response
             status = "ok"
@@ -256,7 +257,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e),
                                 param_metadata(getattr(e, "parameter", None)))
         finally:
-            self.first_token_pending -= pending
+            if pending:
+                self.first_token_pending -= 1
+                self.vir_pressure.observe(self.first_token_pending)
             self.inflight -= 1
             self.metrics.inflight.dec()
             self.metrics.request_done(status)

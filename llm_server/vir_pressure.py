@@ -16,34 +16,44 @@ STEP = 0.25  # four steps from the checkpoint's rule to the floor
 
 
 class VirPressure:
-    """The level from the number of requests waiting for their first token: up one STEP per `interval_s` while
-    more than `waiting` wait, down one STEP for each `interval_s` without that (0 `waiting`: never any pressure)."""
+    """The level from the number of requests waiting for their first token, told at every change (`observe`): one
+    STEP up as soon as more than `waiting` wait, then one more for each whole `interval_s` they still do; one STEP
+    down for each whole `interval_s` at or below `waiting` (a dip shorter than that changes nothing). 0 `waiting`:
+    never any pressure."""
 
     def __init__(self, waiting: int, interval_s: float = 1.0) -> None:
         self.waiting = waiting
         self.interval_s = interval_s
         self._level = 0.0
-        self._high = 0.0  # when pressure was last seen (the steps down count whole intervals from there)
-        self._raised = float("-inf")  # when the level last went up
+        self._above = False
+        self._since = 0.0  # where the current count of whole intervals starts (a change of side, or the last step)
+        self._raised = float("-inf")  # the last step up
 
-    def _quiet_steps(self, now: float) -> int:
-        return int((now - self._high) / self.interval_s) if self._level > 0 else 0
+    def _advanced(self, now: float) -> tuple[float, float]:
+        """The level and the count's start after the whole intervals spent on the current side until `now`."""
+        steps = int((now - self._since) / self.interval_s)
+        if steps <= 0:
+            return self._level, self._since
+        level = self._level + (STEP if self._above else -STEP) * steps
+        return min(1.0, max(0.0, level)), self._since + steps * self.interval_s
 
     def level_at(self, now: float) -> float:
-        """The level now, with the steps down the quiet time since the last pressure has earned (for the gauge)."""
-        return max(0.0, self._level - STEP * self._quiet_steps(now))
+        """The level at `now` (the gauge reads it between changes)."""
+        return self._advanced(now)[0] if self.waiting > 0 else 0.0
 
     def observe(self, pending: int, now: float | None = None) -> float:
-        """The level for a request arriving while `pending` requests (itself included) wait for a first token."""
+        """Record that `pending` requests now wait for a first token; the level for a request arriving now."""
         if self.waiting <= 0:
             return 0.0
         now = time.monotonic() if now is None else now
-        if pending > self.waiting:  # pressure now: taken to have lasted since the last arrival that saw it
-            self._high = now
-            if self._level < 1.0 and now - self._raised >= self.interval_s:
+        level, since = self._advanced(now)
+        if level > self._level:
+            self._raised = since
+        self._level, self._since = level, since
+        above = pending > self.waiting
+        if above != self._above:
+            self._above, self._since = above, now
+            if above and self._level < 1.0 and now - self._raised >= self.interval_s:
                 self._level = min(1.0, self._level + STEP)
                 self._raised = now
-        elif steps := self._quiet_steps(now):
-            self._level = max(0.0, self._level - STEP * steps)
-            self._high += steps * self.interval_s
         return self._level

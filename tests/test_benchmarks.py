@@ -317,8 +317,8 @@ def test_vir_pressure_report_has_goodput_beside_rate_and_the_restoration(tmp_pat
     bent = vir_pressure.Run("pressure", 1, 3.0, 10.0, 2.0, [1.0, 1.2, 1.9, 1.4, 2.5], [700] * 5, {"200": 5}, 1.0,
                             restored_s=3.5, restored_tokens=True)
     assert (fixed.goodput_rps, fixed.completed_rps, bent.goodput_rps) == (0.2, 0.4, 0.4)
-    args = argparse.Namespace(model="tiny-flash", resolution=896, max_tokens=8, waiting=2, slo_factor=2.0,
-                              concurrency=4, overload=3.0, seconds=10.0)
+    args = argparse.Namespace(model="tiny-flash", dtype="float32", resolution=896, max_tokens=8, waiting=2,
+                              slo_factor=2.0, concurrency=4, queue=0, overload=3.0, seconds=10.0)
     calibration = {"slo_s": 2.0, "capacity_rps": 1.0, "unloaded_p50": 0.8, "unloaded_p90": 1.0}
     text = vir_pressure.report([fixed, bent], calibration, args, tmp_path)
     assert "| 1 | pressure | 3.000 | 0.500 | 0.400 |" in text

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from pathlib import Path
 
 import grpc
+import openai
 import psutil
 import pytest
 
 from dvd.health import check, main
+from dvd.procs import router
 from dvd.v1 import vision_pb2_grpc
 from tests.conftest import start_llm, start_vision
+from tests.helpers.media import data_url, image_bytes
 from tests.helpers.vision import collect, encode, noise_image, request
 
 pytestmark = pytest.mark.timeout(600)
@@ -30,10 +34,29 @@ def test_both_servers_report_serving(vision_tiny: str, llm_tiny: str) -> None:
 
 
 def test_dead_engine_is_not_serving(tiny_ckpt: Path) -> None:
-    """vLLM's engine dies, the language server's port stays open: the standard health check must say so."""
+    """vLLM's engine dies, the language server's port stays open: the standard health check must say so.
+
+    Around it, a client behind the router gets 503s in OpenAI's error shape that name no internal host or port:
+    with the vision pool dead from the start (its only server is 127.0.0.1:1), then the engine, then the whole
+    language server."""
     svc, address = start_llm("llm-doomed-engine", tiny_ckpt, "127.0.0.1:1")
+    front = router(address, name="router-doomed")
+    inside = ("127.0.0.1", "localhost", address.rsplit(":", 1)[1])
+    client = openai.OpenAI(base_url=f"{front.wait_http()}/v1", api_key="none", max_retries=0)
+
+    def refused(content: str | list[dict[str, object]]) -> None:
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model=str(tiny_ckpt), max_tokens=2,
+                                           messages=[{"role": "user", "content": content}])  # type: ignore[misc]
+        body = json.dumps(err.value.body)
+        assert err.value.status_code == 503 and err.value.response.headers.get("retry-after"), body
+        assert not any(word in body for word in inside), body
+        assert set(err.value.body) >= {"message", "type", "code"}  # type: ignore[arg-type]
+
     try:
         assert check(address)
+        refused([{"type": "image_url", "image_url": {"url": data_url(image_bytes(64, 64))}},
+                 {"type": "text", "text": "what is this?"}])
         engines = [p for p in psutil.Process(svc.proc.pid).children(recursive=True)
                    if "EngineCore" in p.name() + " ".join(p.cmdline())]
         assert engines, "no vLLM engine process found"
@@ -43,8 +66,12 @@ def test_dead_engine_is_not_serving(tiny_ckpt: Path) -> None:
         while time.monotonic() < deadline and check(address):
             time.sleep(0.5)
         assert not check(address)
+        refused("hello")
+        svc.stop()
+        refused("hello")
     finally:
         svc.stop()
+        front.stop()
 
 
 def test_a_draining_server_says_not_serving_and_finishes_its_calls(tiny_ckpt: Path) -> None:

@@ -25,19 +25,25 @@ TILES = 12
 
 def test_the_level_climbs_a_step_a_second_under_pressure_and_steps_back_without_it() -> None:
     v = VirPressure(waiting=4, interval_s=1.0)
+    # A step at once when more than 4 wait, then one per whole second they still do, up to 1.
     assert [v.observe(n, t) for n, t in [(3, 10.0), (5, 10.0), (6, 10.5), (6, 11.0), (6, 12.1), (9, 13.2),
                                          (9, 14.3)]] == [0.0, 0.25, 0.25, 0.5, 0.75, 1.0, 1.0]
-    # No request saw pressure after 14.3: a step down per whole quiet second, read by the gauge without arrivals.
-    assert [v.level_at(t) for t in (15.0, 15.4, 16.4, 17.4, 18.4, 60.0)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
-    assert v.observe(1, 16.5) == 0.5 and v.observe(1, 60.0) == 0.0
+    # 4 or fewer from 14.5: a step down per whole second of that, read by the gauge between changes.
+    assert v.observe(2, 14.5) == 1.0
+    assert [v.level_at(t) for t in (15.0, 15.5, 16.5, 17.5, 18.5, 60.0)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert v.observe(1, 16.6) == 0.5
+    assert v.observe(5, 16.7) == 0.75  # pressure again: a step at once (the last step up was long ago)
+    assert v.observe(3, 16.9) == 0.75 and v.observe(5, 17.0) == 0.75  # a dip under a second: no step either way
+    assert v.level_at(18.0) == 1.0
     off = VirPressure(waiting=0)
     assert off.observe(1000, 1.0) == 0.0 and off.level_at(2.0) == 0.0
 
 
-def test_pressure_moves_the_relative_threshold_toward_the_floor() -> None:
-    vir = VirSettings(relative=0.5, absolute=0.0, floor=0.1)
-    assert [round(vir.relative_under(p), 3) for p in (0.0, 0.5, 1.0)] == [0.5, 0.3, 0.1]
-    assert VirSettings(relative=0.05, absolute=0.0, floor=0.1).relative_under(1.0) == 0.05  # never raised
+def test_pressure_moves_the_thresholds_toward_the_floor_and_zero() -> None:
+    vir = VirSettings(relative=0.5, absolute=0.3, floor=0.1)
+    assert [tuple(round(t, 3) for t in vir.under(p)) for p in (0.0, 0.5, 1.0)] == [(0.5, 0.3), (0.3, 0.15),
+                                                                                    (0.1, 0.0)]
+    assert VirSettings(relative=0.05, absolute=0.0, floor=0.1).under(1.0) == (0.05, 0.0)  # never raised
 
 
 def compressed(got) -> int:  # type: ignore[no-untyped-def]

@@ -101,10 +101,11 @@ class VirSettings:
     absolute: float
     floor: float = 0.1  # the relative threshold at full pressure (llm_server/vir_pressure.py)
 
-    def relative_under(self, pressure: float) -> float:
-        """The request-wide quantile's threshold at a pressure level (0..1): lower, so more tiles are compressed;
-        never raised when the checkpoint's own value is already below the floor."""
-        return self.relative - pressure * max(0.0, self.relative - self.floor)
+    def under(self, pressure: float) -> tuple[float, float]:
+        """Both thresholds at a pressure level (0..1), lower so that more tiles are compressed: the request-wide
+        quantile's toward the floor (never raised where the checkpoint's own value is below it), the absolute one
+        toward 0 (it would otherwise keep the valve shut wherever few tiles score above it)."""
+        return self.relative - pressure * max(0.0, self.relative - self.floor), self.absolute * (1.0 - pressure)
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -292,7 +293,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 "dvd.tiles": n_tiles, "dvd.transport": "shm" if sender.shm else "tcp" if sender.conn else "grpc"})
             async for msg in self._stream(request.request_id, [(t.width, t.height) for t in tiled], per_image,
                                           router, t_pre, t0, sender, keys=keys,
-                                          relative=self.vir.relative_under(request.options.vir_pressure)):
+                                          thresholds=self.vir.under(request.options.vir_pressure)):
                 yield msg
         except RequestError as e:
             status = e.code.name.lower()
@@ -333,10 +334,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def _stream(self, request_id: str, sizes: list[tuple[int, int]],
                       per_image: list[list[asyncio.Future[TileResult]]], router: bool, t_pre: float, t0: float,
                       sender: TileSender, *, compress: list[bool] | None = None, keys: list[str] | None = None,
-                      relative: float = 0.0) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
+                      thresholds: tuple[float, float] = (0.0, 0.0)) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
         """Tiles in order as soon as they are ready; with the router on, only after the request-wide decision.
         `compress`: decisions already known (a cached request's); `keys`: where to keep the rows once all are sent;
-        `relative`: ViR's relative threshold for this request (its pressure level applied)."""
+        `thresholds`: ViR's relative and absolute thresholds for this request (its pressure level applied)."""
         flat = [f for fs in per_image for f in fs]
         compress = compress or [False] * len(flat)
         sent: list[torch.Tensor] = []
@@ -347,7 +348,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             results = await asyncio.gather(*flat)
             vir_start = time.monotonic()
             p = torch.stack([r.p_compress for r in results if r.p_compress is not None])
-            compress = decide_compression(p, relative, self.vir.absolute)
+            compress = decide_compression(p, *thresholds)
             self.metrics.observe_vir(compress)
             projected = await self._project(results, compress)
             proj_end = time.monotonic()
