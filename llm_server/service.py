@@ -20,6 +20,7 @@ from vllm.logprobs import Logprob
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.tokenizers import TokenizerLike
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from dvd.content_cache import embedding_keys
 from dvd.errors import PARAM_KEY
@@ -228,6 +229,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         """Generate's outcomes: each failure aborts the call with its status, once, and is counted."""
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "language server is stopping")
+        if self.engine.errored:  # the router tries another replica; health already says NOT_SERVING
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the language engine is not running")
         self.inflight += 1
         self.metrics.inflight.inc()
         status = "error"
@@ -252,6 +255,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         except grpc.aio.AioRpcError as e:  # a vision call that was cancelled or ran out of time
             status = e.code().name.lower()
             await context.abort(e.code(), e.details() or "vision call failed")
+        except EngineDeadError:  # died while this request ran: the same answer as above, from here on
+            status = "unavailable"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the language engine is not running")
         except (ValueError, VLLMClientError) as e:  # vLLM's own input validation
             status = "invalid"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e),
