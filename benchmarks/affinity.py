@@ -18,25 +18,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import os
 import re
 import statistics
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
 from benchmarks.machine import cpu_model
+from benchmarks.services import arguments, figure, save, services, write
 from benchmarks.throughput import chat_body, pct, send
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes
-from dvd.procs import Service, cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
+from dvd.procs import cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
 
 log = logging.getLogger("benchmarks.affinity")
 POLICIES = ("affinity", "least-load")
@@ -87,21 +86,8 @@ class Stack:
 
 @contextmanager
 def stack(model: Path, log_dir: Path | None) -> Iterator[Stack]:
-    quiet = open(os.devnull, "w")  # noqa: SIM115 - closed with the stack
-    if log_dir:
-        log_dir.mkdir(parents=True, exist_ok=True)
-
-    def logs(name: str) -> dict[str, object]:
-        """The services' output goes to their log files (with --out), not to the terminal."""
-        return {"log_file": log_dir / f"{name}.log", "sink": quiet} if log_dir else {"sink": quiet}
-
-    with ExitStack() as stop:
-        stop.callback(quiet.close)
-
-        def started(svc: Service) -> Service:
-            stop.callback(svc.stop)
-            return svc
-
+    with services(log_dir) as up:
+        started, logs = up.started, up.logs
         metrics = {name: free_port() for name in ("vision", "llm0", "llm1")}
         vision = started(vision_server(model, "--metrics-port", str(metrics["vision"]), **logs("vision")))
         vision_address = vision.wait_grpc(300)
@@ -176,34 +162,22 @@ def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
         lines.append(f"round {round_}: later turns' TTFT, affinity / least-load: p50 {ratio:.2f}x, mean {mean:.2f}x")
     text = "\n".join(lines) + "\n"
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "affinity.json").write_text(json.dumps({"cpu": cpu_model(), "args": vars(args),
-                                                       "runs": [asdict(r) for r in runs]}, indent=2, default=str))
-        (out / "affinity.md").write_text(text)
-        plot(runs, out / "affinity.png")
+        write(out, "affinity", {"cpu": cpu_model(), "args": vars(args), "runs": [asdict(r) for r in runs]}, text,
+              lambda path: plot(runs, path))
     return text
 
 
 def plot(runs: list[Run], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = figure()
     labels = [f"{r.policy}\nround {r.round}" for r in runs]
     ax.boxplot([r.later_ttft for r in runs], tick_labels=labels)
     ax.set_ylabel("TTFT of turns 2+ (s)")
     ax.set_title(f"Cache-affine routing vs least load\n{cpu_model()}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="small", help="a preset (tiny, small), a directory or a hub repo id")
+    parser = arguments(__doc__, "small", "a preset (tiny, small), a directory or a hub repo id")
     parser.add_argument("--conversations", type=int, default=8, help="concurrent conversations per run")
     parser.add_argument("--turns", type=int, default=4, help="turns per conversation")
     parser.add_argument("--resolution", type=int, default=896, help="image width (height 3/4 of it)")

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import os
 import random
 import statistics
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,11 +33,12 @@ import httpx
 
 from benchmarks.affinity import counter
 from benchmarks.machine import auto_dtype, cpu_model
+from benchmarks.services import arguments, figure, save, services, write
 from benchmarks.throughput import RequestResult, chat_body, pct, send
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
 from dvd.media import data_url, image_bytes
-from dvd.procs import Service, cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
+from dvd.procs import cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
 
 log = logging.getLogger("benchmarks.vir_pressure")
 POLICIES = ("fixed", "pressure")
@@ -81,20 +80,8 @@ class Stack:
 
 @contextmanager
 def stack(model: Path, waiting: int, admit: tuple[int, int], dtype: str, log_dir: Path | None) -> Iterator[Stack]:
-    quiet = open(os.devnull, "w")  # noqa: SIM115 - closed with the stack
-    if log_dir:
-        log_dir.mkdir(parents=True, exist_ok=True)
-
-    def logs(name: str) -> dict[str, object]:
-        return {"log_file": log_dir / f"{name}.log", "sink": quiet} if log_dir else {"sink": quiet}
-
-    with ExitStack() as stop:
-        stop.callback(quiet.close)
-
-        def started(svc: Service) -> Service:
-            stop.callback(svc.stop)
-            return svc
-
+    with services(log_dir) as up:
+        started, logs = up.started, up.logs
         vision = started(vision_server(model, "--dtype", dtype, **logs("vision")))
         vision_address = vision.wait_grpc(300)
         ports = {policy: free_port() for policy in POLICIES}
@@ -234,23 +221,15 @@ def report(runs: list[Run], calibration: dict[str, object], args: argparse.Names
                      f"the request's own rule: {back.restored_tokens}")
     text = "\n".join(lines) + "\n"
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "vir_pressure.json").write_text(json.dumps(
-            {"cpu": cpu_model(), "args": vars(args), "calibration": calibration,
-             "runs": [asdict(r) | {"completed_rps": r.completed_rps, "goodput_rps": r.goodput_rps} for r in runs]},
-            indent=2, default=str))
-        (out / "vir_pressure.md").write_text(text)
-        plot(runs, out / "vir_pressure.png")
+        write(out, "vir_pressure", {
+            "cpu": cpu_model(), "args": vars(args), "calibration": calibration,
+            "runs": [asdict(r) | {"completed_rps": r.completed_rps, "goodput_rps": r.goodput_rps} for r in runs]},
+            text, lambda path: plot(runs, path))
     return text
 
 
 def plot(runs: list[Run], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = figure()
     labels = [f"{r.policy}\nround {r.round}" for r in runs]
     x = range(len(runs))
     ax.bar([i - 0.2 for i in x], [r.completed_rps for r in runs], 0.4, label="completed req/s")
@@ -258,15 +237,11 @@ def plot(runs: list[Run], path: Path) -> None:
     ax.set_xticks(list(x), labels)
     ax.legend(fontsize=8)
     ax.set_title(f"ViR under pressure vs fixed, offered load above capacity\n{cpu_model()}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="heavylm-flash", help="a Flash preset, directory or hub repo id")
+    parser = arguments(__doc__, "heavylm-flash", "a Flash preset, directory or hub repo id")
     parser.add_argument("--resolution", type=int, default=896, help="image side (896: 4 tiles + thumbnail)")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
     parser.add_argument("--waiting", type=int, default=1, help="the pressure stack's --vir-pressure-waiting")

@@ -1,0 +1,75 @@
+"""What the two-policy benchmarks (affinity.py, vir_pressure.py) share: the services they start, stopped together
+with their output in log files, and the parts of their command line and figures that are the same."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from dvd.procs import Service
+
+
+class Services:
+    """Started services, stopped when the `services()` block ends; each one's output in `<log_dir>/<name>.log`
+    (with --out), never on the terminal."""
+
+    def __init__(self, stop: ExitStack, log_dir: Path | None, quiet: Any) -> None:
+        self._stop = stop
+        self._log_dir = log_dir
+        self._quiet = quiet
+
+    def logs(self, name: str) -> dict[str, Any]:
+        return {"log_file": self._log_dir / f"{name}.log", "sink": self._quiet} if self._log_dir else \
+            {"sink": self._quiet}
+
+    def started(self, svc: Service) -> Service:
+        self._stop.callback(svc.stop)
+        return svc
+
+
+@contextmanager
+def services(log_dir: Path | None) -> Iterator[Services]:
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    with open(os.devnull, "w") as quiet, ExitStack() as stop:  # services stop before their sink closes
+        yield Services(stop, log_dir, quiet)
+
+
+def arguments(doc: str, model: str, model_help: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first line, defaults shown, and `--model`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=model, help=model_help)
+    return parser
+
+
+def figure() -> tuple[Any, Any]:
+    """A matplotlib figure and its axes, drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 3.5))
+
+
+def save(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(out: Path, name: str, record: dict[str, Any], text: str, draw: Callable[[Path], None]) -> None:
+    """A benchmark's results: `name`.json (the record), .md (the report) and .png (`draw`) under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / f"{name}.md").write_text(text)
+    draw(out / f"{name}.png")
