@@ -35,6 +35,7 @@ REQUEST_TIMEOUT_S = 600.0
 # Every service refuses an empty --model with this (deployment files leave MODEL to the user).
 EMPTY_MODEL = "no model: set MODEL to a Hugging Face repo id or a checkpoint directory (--model)"
 
+MIB = 1024 * 1024
 C = TypeVar("C")
 
 
@@ -156,6 +157,17 @@ def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
             value = split_list(value) if value is not None else _default(f)
         values[f.name] = value
     return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaLimits:
+    """What one request may carry, the same rule at the gateway (which fetches and decodes data URLs) and at the
+    vision server (which must refuse on its own: it is reachable without the gateway inside the cluster)."""
+
+    max_images_per_request: int = option(16, "images and videos in one request", env="DVD_MAX_IMAGES_PER_REQUEST")
+    max_image_bytes: int = option(20 * MIB, "bytes of one encoded image", env="DVD_MAX_IMAGE_BYTES")
+    max_video_bytes: int = option(64 * MIB, "bytes of one encoded video (at the gateway a data: URL is also bound by "
+                                            "--max-body-bytes)", env="DVD_MAX_VIDEO_BYTES")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,10 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dvd.backend_pool import AFFINITY_BALANCE
-from dvd.config import ROUTER_PORT, Deadlines, option, parse
+from dvd.config import MIB, ROUTER_PORT, Deadlines, MediaLimits, option, parse
 from dvd.security import InternalAuth
-
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -31,10 +29,7 @@ class RouterConfig:
     max_concurrency: int = option(256, "requests forwarded at once; more wait in the queue")
     max_queue: int = option(1024, "requests waiting for a slot; beyond this, 429")
     image_fetch_timeout: float = option(10.0, "seconds for one http(s) image or video, redirects included")
-    max_image_bytes: int = option(20 * MIB, "bytes of one image")
     max_image_redirects: int = option(3, "redirects followed for one image URL")
-    max_video_bytes: int = option(64 * MIB, "bytes of one video (a data: URL is also bound by --max-body-bytes)")
-    max_images_per_request: int = option(16, "images and videos in one request")
     max_image_total_bytes: int = option(128 * MIB, "all images and videos of one request together")
     health_interval: float = option(2.0, "seconds between health checks of each language server")
     routing: str = option("affinity", "how a request picks its language server: affinity (a conversation's "
@@ -48,6 +43,7 @@ class RouterConfig:
     # that closes first must be the client, or a request sent as the server closes is lost (a reset: most likely the
     # one client ReadError the chaos suite saw under overload with uvicorn's 5 s default).
     keep_alive: float = option(75.0, "seconds an idle HTTP keep-alive connection stays open")
+    media: MediaLimits = field(default_factory=MediaLimits)
     deadlines: Deadlines = field(default_factory=Deadlines)
     internal: InternalAuth = field(default_factory=InternalAuth)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from dvd.config import MediaLimits
 from router.errors import APIError
 from router.limits import read_capped
 
@@ -27,13 +28,13 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 @dataclass(frozen=True)
 class FetchLimits:
-    max_bytes: int = 20 * 1024 * 1024
-    max_video_bytes: int = 64 * 1024 * 1024
+    max_bytes: int = MediaLimits.max_image_bytes
+    max_video_bytes: int = MediaLimits.max_video_bytes
     timeout: float = 10.0
     max_redirects: int = 3
     allow_private: bool = False
     # Per request: caps what one body can make the gateway fetch and hold, below the language server's 256 MiB.
-    max_images: int = 16  # images and videos together
+    max_images: int = MediaLimits.max_images_per_request  # images and videos together
     max_total_bytes: int = 128 * 1024 * 1024
     concurrency: int = 4
 

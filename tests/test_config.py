@@ -77,3 +77,18 @@ def test_latency_buckets_are_vllms() -> None:
     assert list(TTFT_BUCKETS) == list(histogram_buckets("time_to_first_token"))
     assert list(TPOT_BUCKETS) == list(histogram_buckets("inter_token_latency"))
     assert list(REQUEST_LATENCY_BUCKETS) == list(histogram_buckets("request_latency"))
+
+
+def test_the_media_limits_are_one_group_for_the_gateway_and_the_vision_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One set of names, flags and variables (dvd/config.py: MediaLimits): a limit set once reaches both services."""
+    from dvd.config import MediaLimits
+    from router.config import parse_args as gateway_args
+
+    flags = ["--max-images-per-request", "4", "--max-image-bytes", "1000", "--max-video-bytes", "2000"]
+    expected = MediaLimits(max_images_per_request=4, max_image_bytes=1000, max_video_bytes=2000)
+    assert vision_args(["--model", "m", *flags]).media == expected
+    assert gateway_args(["--llm", "x:1", *flags]).media == expected
+    monkeypatch.setenv("DVD_MAX_IMAGES_PER_REQUEST", "3")
+    assert vision_args(["--model", "m"]).media.max_images_per_request == 3
+    assert gateway_args(["--llm", "x:1"]).media.max_images_per_request == 3
+    assert MediaLimits().max_image_bytes == 20 * 2**20 and MediaLimits().max_video_bytes == 64 * 2**20

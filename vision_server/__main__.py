@@ -106,7 +106,7 @@ async def serve(cfg: ServerConfig) -> None:
         await listener.start(cfg.host, cfg.data_port)
     servicer = VisionServicer(cfg, model_cfg, batcher, metrics, vir, listener)
     sweeper = asyncio.create_task(servicer.shm_maps.sweep_forever(), name="shm-sweep")
-    max_msg = cfg.max_images * max(cfg.max_image_bytes, cfg.max_video_bytes) + 2**20
+    max_msg = cfg.media.max_images_per_request * max(cfg.media.max_image_bytes, cfg.media.max_video_bytes) + 2**20
     server, health, bound = await start_server(
         cfg.internal, cfg.host, cfg.port, lambda s: add_to_server(servicer, s),
         "dvd.v1.VisionService",

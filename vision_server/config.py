@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvd.config import EMPTY_MODEL, MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES, VISION_PORT, Deadlines, option
+from dvd.config import EMPTY_MODEL, MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES, VISION_PORT, Deadlines, MediaLimits, option
 from dvd.security import InternalAuth
 
 
@@ -117,10 +117,7 @@ class ServerConfig:
                                   "before the batch-invariance check, so the check covers the compiled graph")
     max_wait_ms: float = option(0.0, "how long a tile may wait for company before a free device starts "
                                      "(0 = never waits)")
-    max_images: int = option(16, "images in one request")
-    max_image_bytes: int = option(20 * 2**20, "bytes of one encoded image")
     max_image_pixels: int = option(64_000_000, "decompression bomb guard (also for one video frame)")
-    max_video_bytes: int = option(64 * 2**20, "bytes of one encoded video")
     max_video_frames: int = option(MAX_VIDEO_FRAMES,
                                    "sampled frames of one request's videos together (a frame is one tile)")
     max_video_seconds: float = option(600.0, "duration of one video (its frames are decoded up to the last sampled)")
@@ -140,6 +137,7 @@ class ServerConfig:
         "ViR's decision to: at full pressure about 1 - floor of a request's tiles keep 64 rows",
         env="DVD_VIR_PRESSURE_FLOOR")
     metrics_port: int = option(0, "Prometheus port (0 = off)")
+    media: MediaLimits = field(default_factory=MediaLimits)
     deadlines: Deadlines = field(default_factory=Deadlines)
     internal: InternalAuth = field(default_factory=InternalAuth)
     preprocess_threads: int = option(factory=lambda: min(8, os.cpu_count() or 2),

@@ -135,12 +135,13 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         n = len(request.images)
         if n == 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no images")
-        if n > self.cfg.max_images:
+        media = self.cfg.media
+        if n > media.max_images_per_request:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"request has {n} images and videos, the limit is {self.cfg.max_images}")
+                               f"request has {n} images and videos, the limit is {media.max_images_per_request}")
         kinds = self._kinds(request)
         for i, (data, kind) in enumerate(zip(request.images, kinds, strict=True)):
-            limit = self.cfg.max_video_bytes if kind == vision_pb2.MEDIA_KIND_VIDEO else self.cfg.max_image_bytes
+            limit = media.max_video_bytes if kind == vision_pb2.MEDIA_KIND_VIDEO else media.max_image_bytes
             if len(data) > limit:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"{_name(kind, i)} is {len(data)} bytes, the limit is {limit}", item=i)
