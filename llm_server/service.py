@@ -239,8 +239,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         try:
             async for response in self._generate(request_id, request):
                 if pending:  # the first response carries the first token
-                    self.first_token_pending -= 1
-                    self.vir_pressure.observe(self.first_token_pending)
+                    self._first_token_done()
                     pending = False
                 yield response
             status = "ok"
@@ -264,11 +263,15 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                 param_metadata(getattr(e, "parameter", None)))
         finally:
             if pending:
-                self.first_token_pending -= 1
-                self.vir_pressure.observe(self.first_token_pending)
+                self._first_token_done()
             self.inflight -= 1
             self.metrics.inflight.dec()
             self.metrics.request_done(status)
+
+    def _first_token_done(self) -> None:
+        """A call left the first-token queue (its first token, or its end): ViR's pressure follows every change."""
+        self.first_token_pending -= 1
+        self.vir_pressure.observe(self.first_token_pending)
 
     async def _generate(self, request_id: str,
                         request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:

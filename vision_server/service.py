@@ -126,6 +126,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.preprocessing_tiles = 0  # worst-case tiles of requests still being decoded
         self.recent: ByteLRU[EncodedItem] = ByteLRU(int(cfg.embedding_cache_gb * 2**30), lambda e: e.nbytes,
                                                      cfg.embedding_cache_ttl, metrics.cache_evictions.inc)
+        # Read at scrape time: entries past their age also leave on a lookup, not only when rows are kept.
+        metrics.cache_bytes.set_function(lambda: self.recent.bytes)
 
     # -- validation ---------------------------------------------------------------------------------------------
     def _check(self, request: vision_pb2.EncodeRequest) -> Checked:
@@ -407,7 +409,6 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             tiles = tuple(compact(t) for t in sent[k:k + len(fs)])
             self.recent.put(key, EncodedItem(tiles, tuple(compress[k:k + len(fs)]), w, h))
             k += len(fs)
-        self.metrics.cache_bytes.set(self.recent.bytes)
 
     def _image_rows(self, per_image: list[list[asyncio.Future[TileResult]]], compress: list[bool]) -> list[int]:
         """Rows of each image, known before its first tile is sent (the ViR decision is request-wide)."""
