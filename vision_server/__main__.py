@@ -13,6 +13,7 @@ import torch
 from dvd.checkpoint import resolve_model
 from dvd.config import parse
 from dvd.core_budget import CoreBudget
+from dvd.dtype import resolve_dtype
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
@@ -40,19 +41,13 @@ def resolve_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
     return devices
 
 
-def resolve_dtype(cfg: ServerConfig) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if cfg.on_gpu() else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-
-
 def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
     """Read the vision weights once, place one model copy per device and warm each up."""
     # A repo id: vision shards only.
     ckpt = resolve_model(cfg.model, keep=lambda name: wanted(name, flash=True), revision=cfg.revision)
     model_cfg = ModelConfig.from_checkpoint(ckpt, name=cfg.model if "/" not in cfg.model else None)
     tensors = load_vision_weights(ckpt, model_cfg.flash)
-    dtype = resolve_dtype(cfg)
+    dtype = resolve_dtype(cfg.dtype, ckpt, cfg.devices[0])
     runners = []
     for device in cfg.devices:
         model = build_model(model_cfg, tensors, device, dtype)

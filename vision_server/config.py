@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.config import EMPTY_MODEL, MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES, VISION_PORT, Deadlines, MediaLimits, option
+from dvd.dtype import DTYPES
 from dvd.security import InternalAuth
 
 
@@ -106,7 +107,8 @@ class ServerConfig:
         0, "TCP port embedding bytes are sent from to language servers on other hosts (0 = any "
         "free port, advertised through Health; -1 = no TCP data plane). Same host: shared memory")
     devices: tuple[str, ...] = option(("cpu",), "cpu, cuda (all GPUs) or cuda:0,cuda:1,...")
-    dtype: str = option("auto", "auto = bfloat16 on GPU, float32 on CPU", choices=("auto", "bfloat16", "float32"))
+    dtype: str = option("auto", "auto: as vLLM's --dtype auto for the checkpoint and device (a bf16 checkpoint: "
+                               "bf16 on a CPU or an Ampere or later GPU)", choices=("auto", *DTYPES))
     max_batch_tiles: int = option(0, "tiles per forward at most (0 = 4 on CPU, 32 on GPU)")
     batching: str = option(
         "auto", "variable: each forward runs on exactly the waiting tiles; padded: on fixed zero-padded "

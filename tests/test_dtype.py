@@ -1,0 +1,59 @@
+"""One dtype rule: every engine the project starts computes in what vLLM's `--dtype auto` picks for the same
+checkpoint and device, so DvD's vision server and `vllm serve` compute the same numbers by default."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from vllm.config.model import _resolve_auto_dtype
+from vllm.transformers_utils.config import get_config
+from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
+
+from benchmarks.machine import native_bf16
+from dvd.dtype import auto_dtype, checkpoint_dtype, resolve_dtype
+from tests.helpers.llm import generate, image, stock_vllm_tokens, text
+from tests.helpers.media import image_bytes
+
+
+def vllm_checkpoint_dtype(ckpt: Path) -> torch.dtype:
+    return ModelArchConfigConvertorBase.get_torch_dtype(get_config(str(ckpt), trust_remote_code=True), str(ckpt),
+                                                        None, "hf")
+
+
+@pytest.mark.parametrize("config_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_auto_is_vllms_auto_on_this_cpu(config_dtype: torch.dtype) -> None:
+    assert auto_dtype(config_dtype, "cpu") == _resolve_auto_dtype("internvl_chat", config_dtype,
+                                                                  is_pooling_model=False)
+
+
+def test_the_checkpoints_dtype_is_read_as_vllm_reads_it(tiny_ckpt: Path, tmp_path: Path) -> None:
+    assert checkpoint_dtype(tiny_ckpt) == vllm_checkpoint_dtype(tiny_ckpt) == torch.bfloat16
+    # Without a root dtype vLLM falls back to the language model's: so does the rule.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt, ignore=shutil.ignore_patterns("*.safetensors"))
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw.pop("torch_dtype", None)
+    raw.pop("dtype", None)
+    raw["llm_config"]["torch_dtype"] = "float16"
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert checkpoint_dtype(ckpt) == vllm_checkpoint_dtype(ckpt) == torch.float16
+    assert resolve_dtype("auto", ckpt, "cpu") == torch.float16
+    assert resolve_dtype("float32", ckpt, "cpu") == torch.float32
+
+
+async def test_greedy_answers_on_a_bf16_checkpoint_equal_stock_vllm(llm_tiny: str, colocated_tiny: str,
+                                                                     tiny_ckpt: Path) -> None:
+    """Both sides at their defaults on the bf16 checkpoint: the vision server's ViT and vLLM's own compute in bf16.
+    The images are those of a first answer that once diverged (DvD's ViT computed float32, vLLM's bf16)."""
+    assert resolve_dtype("auto", tiny_ckpt, "cpu") == torch.bfloat16
+    if not native_bf16():
+        warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): both sides ran emulated bf16", stacklevel=1)
+    images = [image_bytes(640, 480, seed=8101), image_bytes(1000, 300, seed=8102)]
+    question = "Describe both images."
+    dvd_tokens, _ = await generate(llm_tiny, [*(image(b) for b in images), text(question)], max_tokens=48)
+    assert await stock_vllm_tokens(colocated_tiny, images, question, max_tokens=48) == dvd_tokens
