@@ -30,11 +30,11 @@ from pathlib import Path
 import httpx
 
 from benchmarks.machine import cpu_model
+from benchmarks.media import data_url, image_bytes
 from benchmarks.services import arguments, figure, save, services, write
 from benchmarks.throughput import chat_body, pct, send
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
-from dvd.media import data_url, image_bytes
 from dvd.procs import cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
 
 log = logging.getLogger("benchmarks.affinity")

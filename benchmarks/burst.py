@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from dvd.media import data_url, image_bytes, video_bytes
+from benchmarks.media import data_url, image_bytes, video_bytes
 
 ACCEPTED = ("200", "429")  # an answer, or a refusal the client may retry when it is told to
 

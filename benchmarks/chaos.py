@@ -44,9 +44,9 @@ import httpx
 from benchmarks.burst import body as burst_body
 from benchmarks.burst import burst, image_part, jpeg, mixed_bodies, plain_bodies, pool_burst
 from benchmarks.machine import machine
+from benchmarks.media import data_url, image_bytes
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
-from dvd.media import data_url, image_bytes
 from dvd.procs import (
     LOCALHOST,
     Service,

@@ -28,9 +28,9 @@ import grpc
 import numpy as np
 
 from benchmarks.machine import auto_dtype, machine
+from benchmarks.media import data_url, image_bytes
 from benchmarks.throughput import pct
 from dvd.logs import setup_logging
-from dvd.media import data_url, image_bytes
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 
 PROMPT = "Describe the image."

@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from benchmarks.flops import language_flops, llm_config, tiles_per_image, vision_tile_flops
 from benchmarks.machine import auto_dtype, machine
+from benchmarks.media import data_url, image_bytes
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
-from dvd.media import data_url, image_bytes
 from dvd.procs import Service, cpu_engine_env, free_port, http_ok, usable_cpus
 from router.local import ENGINE_START_TIMEOUT, start_stack
 from vision_server.config import ModelConfig

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from dvd.media import data_url, image_bytes
+from benchmarks.media import data_url, image_bytes
 from dvd.procs import PY, Service, cpu_engine_env, engine_cpus, free_port
 from dvd.security import InternalAuth
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc

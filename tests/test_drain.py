@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from dvd.media import data_url, image_bytes
+from benchmarks.media import data_url, image_bytes
 from dvd.procs import Service, router
 from tests.conftest import start_llm, start_vision
 from tests.helpers.router import user_message

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from dvd.media import data_url, image_bytes
+from benchmarks.media import data_url, image_bytes
 from tests.conftest import SERVICES
 from tests.span_collector import SpanCollector
 

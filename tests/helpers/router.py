@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
-from dvd.media import data_url
+from benchmarks.media import data_url
 
 __all__ = ["ImageHandler", "data_url", "image_server", "png_bytes", "user_message"]
 

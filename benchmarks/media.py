@@ -1,4 +1,4 @@
-"""Deterministic generated images, encoded the way clients send them (tests and benchmarks share them).
+"""Deterministic generated images and clips, encoded the way clients send them (tests and benchmarks share them).
 
 Smooth gradients plus seeded noise: every tile has different content, JPEG sizes are realistic, and the same seed
 gives the same bytes on every machine, so two benchmark runs (or two configurations) see identical inputs.
