@@ -11,7 +11,7 @@ health reply (`Probe` decides: queued tiles for a vision server, running request
 this client's own calls at that moment; this client's: `outstanding_weight` (a call's size in the reported unit)
 for each call in flight now. Adding the report to every own call instead counted each call twice, once as stale:
 a single router whose last report caught a replica at 3 of 4 requests sent it nothing new for the next health
-interval, and the two replicas took turns at 3 and 1 (the chaos suite measured 1.48 vs 1.15 requests running).
+interval, and two replicas took turns at full and nearly idle.
 
 Affinity (`pick_for`): a request with a key (the router's: a conversation's first image, or its opening; the vision
 pool's: the first image's content key) goes to the key's backend on a hash ring (bounded-load consistent hashing,
@@ -24,8 +24,8 @@ its own keys elsewhere, and gets them back when it returns.
 
 Health: a refused or reset probe marks a backend down at once (the process is gone: fail over now). A probe that
 only runs out of time marks it down after `failure_threshold` in a row, as Kubernetes' probe failureThreshold
-does: a busy server on a loaded host can answer one probe late, and dropping the only backend for that turned
-a 429 into a 503 in CI.
+does: a busy server on a loaded host can answer one probe late, and dropping the only backend for that turns
+a 429 into a 503.
 
 Calls: a failure tied to one request (its bytes, its segment, an error the server raised while encoding it)
 fails or retries that request only. A backend leaves the rotation for failures of the backend: unreachable or

@@ -43,23 +43,17 @@ def engine_cpus(index: int) -> str:
     """The core for the `index`-th of several vLLM CPU engines on one host: one each, round-robin.
 
     vLLM's `auto` binding pins every engine's model worker to the same core, where an idle worker's sched_yield
-    spin and a busy one starve each other: in the chaos soak (two engines, 2-vCPU AMD EPYC, Linux 6.18) one engine
-    got 0.01 CPU-seconds per second for up to 120 s while the other ran, and its requests timed out."""
+    spin and a busy one starve each other until requests time out (docs/performance.md, "Settings behind the
+    code")."""
     cpus = sorted(os.sched_getaffinity(0))
     return str(cpus[index % len(cpus)])
 
 
-# How long a CPU engine's processes sleep between checks of vLLM's shared-memory queue (dvd.runtime.SHM_POLL_ENV;
+# The longest sleep of a CPU engine's processes between checks of vLLM's shared-memory queue (dvd.runtime.SHM_POLL_ENV;
 # a user's own value wins). vLLM spins on sched_yield for 1 s after each message, so under load its worker and
-# scheduler processes each burn a core waiting for the other: py-spy put 84% of a busy worker's samples there, and on
-# a 2-vCPU AMD EPYC (family 25 model 17) the chaos stack's two engines served 13-15 req/s spinning and 44-61 req/s
-# sleeping 0.2 ms. vLLM's own idle path (a zmq wake-up) is not a fix: with it the same stack lost wake-ups to its 5 s
-# recheck and served 0.24 req/s. Each wake-up still preempts a thread of whatever computes on the same cores, and
-# OpenMP's barriers wait for that thread: two processes waking every 0.2 ms slowed a 2-thread `small` ViT forward
-# from 50 to 62 ms (Zen 5 EPYC, family 26 model 2). Checks every 1 ms measured, `benchmarks/throughput.py --configs
-# baseline,dvd --resolutions 896,1344 --num-requests 24`, two alternating runs each on that Zen 5: stock vLLM 2.18 ->
-# 2.43 / 1.04 -> 1.16 req/s, DvD 1.70 -> 2.12 / 0.90 -> 1.04 req/s at 896 / 1344 px; but a lone request paid 4-5 ms
-# per token, so readers back off from 0.1 ms to this longest sleep (llm_server/vllm_plugin.py, poll_pause).
+# scheduler each burn a core waiting for the other; vLLM's own idle path (a zmq wake-up) loses wake-ups to its 5 s
+# recheck. Each wake-up preempts a thread computing on the same cores, so readers back off from 0.1 ms to this
+# (llm_server/vllm_plugin.py, poll_pause): docs/performance.md, "Cores on one host".
 CPU_SHM_POLL_S = 0.001
 
 
@@ -67,9 +61,7 @@ CPU_SHM_POLL_S = 0.001
 # parallel region spin 300,000 times before it sleeps; it spins 100 times only when it sees more threads than cores
 # in its own process, and it cannot see another process's. Where the vision server and the language
 # engine share cores (dvd-local, the benchmark), each runtime's waiting threads then burn the core a thread of the
-# other needs. Measured on a 2-vCPU AMD EPYC (Zen 4), `benchmarks/throughput.py --num-requests 24`, 896 / 1344 px:
-# DvD 1.657 / 0.856 req/s at the default, 1.752 / 0.890 at 1000; stock vLLM 1.967 / 0.938 and 1.964 / 0.948
-# (one engine alone gains nothing). A user's own GOMP_SPINCOUNT wins.
+# other needs (docs/performance.md, "Cores on one host"). A user's own GOMP_SPINCOUNT wins.
 CPU_OMP_SPINCOUNT = "1000"
 
 

@@ -21,8 +21,8 @@ def tune_allocator() -> None:
     """Keep multi-MiB buffers in glibc's heap instead of a fresh mmap each time.
 
     By default glibc maps every buffer above its (adaptive, <= 32 MiB) threshold with mmap and unmaps it on free, so
-    each 2 MiB tile or 26 MiB image costs ~1,000 page faults per 4 MiB on arrival; on the machines measured that
-    halved the gRPC path's rate. Equivalent to MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824.
+    each tile or image faults its pages in again on arrival (docs/performance.md, "Settings behind the code").
+    Equivalent to MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824.
     A no-op outside glibc."""
     name = ctypes.util.find_library("c")
     if not name or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
@@ -41,7 +41,7 @@ def freeze_heap() -> None:
     """Move everything start-up allocated (modules, weights' wrappers, vLLM's objects) out of the collector's view.
 
     Without it each full collection walks millions of start-up objects while requests allocate messages and
-    futures: measured on the transfer benchmark, ~10% of the receiving process's time. vLLM's engine does the same
+    futures (docs/performance.md, "Settings behind the code"). vLLM's engine does the same
     (`freeze_gc_heap`)."""
     gc.collect()
     gc.freeze()

@@ -48,8 +48,8 @@ def image_buffer(rows: int, hidden: int) -> torch.Tensor:
     """The tensor one image's tiles are received into, in place: vLLM gets it as it is.
 
     On the host it comes from glibc's malloc, which (with `dvd.runtime.tune_allocator`) hands back the memory of
-    images already freed; torch.empty's aligned allocations do not, so each 26 MiB image cost ~1,300 page faults
-    (measured on a 2-vCPU AMD EPYC VM: 4.0 GiB/s filling a fresh torch.empty tensor, 6.0 from malloc)."""
+    images already freed; torch.empty's aligned allocations do not, and fault every page of a new image in again
+    (docs/performance.md, "Settings behind the code")."""
     if PIN_MEMORY:
         return torch.empty((rows, hidden), dtype=torch.bfloat16, pin_memory=True)
     return torch.from_numpy(np.empty(rows * hidden, dtype=np.uint16)).view(torch.bfloat16).view(rows, hidden)

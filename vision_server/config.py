@@ -159,8 +159,8 @@ class ServerConfig:
         return 8 if self.on_gpu() else 4
 
     def resolved_max_batch(self) -> int:
-        """On CPU a tile's 1025 tokens already fill the cores; larger batches only spill the caches (measured on
-        2 cores, `small`: 7.9 tiles/s at 1-4 tiles per forward, 6.6 at 8)."""
+        """On CPU a tile's 1025 tokens already fill the cores; larger batches only spill the caches
+        (docs/performance.md, "Settings behind the code")."""
         if self.max_batch_tiles > 0:
             return self.max_batch_tiles
         return 32 if self.on_gpu() else 4

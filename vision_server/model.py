@@ -287,8 +287,8 @@ class VisionModel(nn.Module):
     def route(self, grid: torch.Tensor, n: int) -> torch.Tensor:
         """P(compress) of the first n tiles, one tile per call.
 
-        The router's GEMMs have one row per tile; with several rows BLAS handles rows by position (measured:
-        a tile's probability changed with its slot in a batch of 4), so each tile gets the same shape alone.
+        The router's GEMMs have one row per tile; with several rows BLAS may handle a row by its position (a tile's
+        probability can change with its slot in a batch), so each tile gets the same shape alone.
         """
         tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
         probs = [self.gating(self.pooling_before_gating(tokens[i:i + 1])) for i in range(n)]
