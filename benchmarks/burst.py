@@ -152,8 +152,9 @@ async def pool_burst(vision: str, transport: str, bodies: list[bytes], after: by
     counts as 200, a refusal the language server turns into 429 + Retry-After (RESOURCE_EXHAUSTED) as 429."""
     import grpc
 
+    from dvd.errors import ServiceError
     from dvd.v1 import vision_pb2, vision_pb2_grpc
-    from llm_server.vision_pool import VisionError, VisionPool
+    from llm_server.vision_pool import VisionPool
 
     async with grpc.aio.insecure_channel(vision) as channel:
         hidden = (await vision_pb2_grpc.VisionServiceStub(channel).Health(vision_pb2.VisionHealthRequest(),
@@ -166,7 +167,7 @@ async def pool_burst(vision: str, transport: str, bodies: list[bytes], after: by
         try:
             await pool.encode(f"burst-{transport}-{k}", files, vision_pb2.EncodeOptions(), kinds=kinds)
             return "200"
-        except VisionError as e:
+        except ServiceError as e:
             if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 return "429"
             if len(result.errors) < 5:

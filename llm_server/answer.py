@@ -30,8 +30,8 @@ from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.tokenizers import TokenizerLike
 
 from dvd.config import option
+from dvd.errors import ServiceError
 from dvd.v1 import llm_pb2
-from llm_server.prompt import PromptError
 
 # vLLM's server default for the content format of InternVL3.5's template: OpenAI-style content lists.
 CONTENT_FORMAT = "openai"
@@ -74,10 +74,10 @@ def openai_request(request: llm_pb2.GenerateRequest, model_name: str) -> ChatCom
         try:
             fields[name] = json.loads(raw) if raw else None
         except ValueError as e:
-            raise PromptError(f"{name} is not valid JSON: {e}", param=name) from e
+            raise ServiceError(f"{name} is not valid JSON: {e}", param=name) from e
     kwargs = fields["chat_template_kwargs"]
     if isinstance(kwargs, dict) and (refused := SERVER_ONLY_KWARGS & kwargs.keys()):
-        raise PromptError(f"{', '.join(sorted(refused))} may not be set by a request", param="chat_template_kwargs")
+        raise ServiceError(f"{', '.join(sorted(refused))} may not be set by a request", param="chat_template_kwargs")
     if fields["tool_choice"] is None:
         del fields["tool_choice"]  # vLLM's default: auto with tools, none without
     for name in ("include_reasoning", "parallel_tool_calls"):
@@ -88,12 +88,12 @@ def openai_request(request: llm_pb2.GenerateRequest, model_name: str) -> ChatCom
     try:
         return ChatCompletionRequest(messages=[], model=model_name, stream=request.stream, **fields)
     except VLLMValidationError as e:
-        raise PromptError(str(e), param=e.parameter) from e
+        raise ServiceError(str(e), param=e.parameter) from e
     except ValidationError as e:
         error = e.errors(include_url=False)[0]
         cause = (error.get("ctx") or {}).get("error")
         param = getattr(cause, "parameter", None) or (str(error["loc"][0]) if error["loc"] else None)
-        raise PromptError(str(cause or error["msg"]), param=param) from e
+        raise ServiceError(str(cause or error["msg"]), param=param) from e
 
 
 def chat_template_kwargs(request: ChatCompletionRequest) -> dict:
@@ -114,12 +114,12 @@ def check_tool_choice(request: ChatCompletionRequest, parser_cls: type[Parser] |
         return
     if request.tool_choice == "auto":
         if not tools.enable_auto_tool_choice:
-            raise PromptError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
-                              param="tool_choice")
+            raise ServiceError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                               param="tool_choice")
         return
     what = (f'function "{request.tool_choice.function.name}"'
             if isinstance(request.tool_choice, ChatCompletionNamedToolChoiceParam) else f'"{request.tool_choice}"')
-    raise PromptError(f"tool_choice={what} requires --tool-call-parser to be set", param="tool_choice")
+    raise ServiceError(f"tool_choice={what} requires --tool-call-parser to be set", param="tool_choice")
 
 
 @dataclass

@@ -72,8 +72,9 @@ class VisionStub(vision_pb2_grpc.VisionServiceStub):
                                            response_deserializer=read_response)
 
 
-class DataPlaneError(RuntimeError):
-    """Tile bytes that did not arrive as described (a server that died mid-tile, a descriptor out of bounds)."""
+class BrokenStream(RuntimeError):
+    """A vision server's answer that does not add up: tile bytes that did not arrive as described (a server that died
+    mid-tile, a descriptor out of bounds), or descriptors out of order or count. The call is tried on another."""
 
 
 @dataclass
@@ -216,18 +217,18 @@ class TileReceiver:
             if transport == vision_pb2.TRANSPORT_GRPC:
                 data = next(payloads, None)
                 if data is None or len(data) != out.numel():
-                    raise DataPlaneError(f"inline tile carries {0 if data is None else len(data)} bytes, expected "
+                    raise BrokenStream(f"inline tile carries {0 if data is None else len(data)} bytes, expected "
                                          f"{out.numel()}")
             elif transport == vision_pb2.TRANSPORT_SHM and self.slot is not None:
                 if tile.offset != self.shm_end or tile.offset + tile.nbytes > self.slot.size:
-                    raise DataPlaneError(f"tile at segment offset {tile.offset}+{tile.nbytes} is out of order or "
+                    raise BrokenStream(f"tile at segment offset {tile.offset}+{tile.nbytes} is out of order or "
                                          f"bounds (next {self.shm_end}, size {self.slot.size})")
                 self.shm_end += tile.nbytes
             elif not (transport == vision_pb2.TRANSPORT_TCP and self.conn is not None):
-                raise DataPlaneError(f"tile sent over transport {transport}, which this request did not offer")
+                raise BrokenStream(f"tile sent over transport {transport}, which this request did not offer")
             jobs.append((transport, tile, data, out))
         if next(payloads, None) is not None:
-            raise DataPlaneError(f"message carries {len(inline)} inline payloads for fewer inline tiles")
+            raise BrokenStream(f"message carries {len(inline)} inline payloads for fewer inline tiles")
         if jobs:
             await self.pending.run(self.executor, _copy, jobs, self.slot, self.conn)
 
@@ -281,4 +282,4 @@ def _recv_exactly(conn: DataConnection, out: torch.Tensor) -> None:
     try:
         conn.recv_tile(view)
     except (OSError, ConnectionError) as e:  # timeout, reset, closed under us by a cancelled call, a bad tag
-        raise DataPlaneError(f"data connection failed on a tile of {len(view)} bytes: {e}") from e
+        raise BrokenStream(f"data connection failed on a tile of {len(view)} bytes: {e}") from e

@@ -21,20 +21,13 @@ from vllm.renderers.chat_utils import _postprocess_messages
 from vllm.renderers.hf import safe_apply_chat_template
 
 from dvd.conversation import image_error, role_error, template_role, tool_calls_error
+from dvd.errors import ServiceError
 from dvd.v1 import llm_pb2, vision_pb2
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 _PLACEHOLDER = re.compile(f"{IMAGE_PLACEHOLDER}|{VIDEO_PLACEHOLDER}")
 _KIND = {IMAGE_PLACEHOLDER: vision_pb2.MEDIA_KIND_IMAGE, VIDEO_PLACEHOLDER: vision_pb2.MEDIA_KIND_VIDEO}
-
-
-class PromptError(ValueError):
-    """The request cannot be served as asked (client error); `param` names the offending field, OpenAI-style."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -48,7 +41,7 @@ class Conversation:
 
 def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
     if not messages:
-        raise PromptError("the conversation has no messages")
+        raise ServiceError("the conversation has no messages")
     out: list[dict] = []
     media: list[bytes] = []
     kinds: list[int] = []
@@ -56,7 +49,7 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
     paths: list[str] = []
     for i, m in enumerate(messages):
         if (error := role_error(m.role)) is not None:
-            raise PromptError(f"messages[{i}]: {error}")
+            raise ServiceError(f"messages[{i}]: {error}")
         parts: list[dict] = []
         for j, part in enumerate(m.content):
             kind = part.WhichOneof("part")
@@ -64,17 +57,17 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
                 parts.append({"type": "text", "text": part.text})
             elif kind in ("image", "video"):
                 if (error := image_error(m.role)) is not None:
-                    raise PromptError(f"messages[{i}]: {error}")
+                    raise ServiceError(f"messages[{i}]: {error}")
                 data = getattr(part, kind)
                 if not data:
-                    raise PromptError(f"messages[{i}]: empty {kind}")
+                    raise ServiceError(f"messages[{i}]: empty {kind}")
                 parts.append({"type": kind})
                 media.append(data)
                 kinds.append(vision_pb2.MEDIA_KIND_VIDEO if kind == "video" else vision_pb2.MEDIA_KIND_IMAGE)
                 max_tiles.append(part.max_tiles)
                 paths.append(f"messages[{i}].content[{j}].{kind}_url.url")
             else:
-                raise PromptError(f"messages[{i}]: empty content part")
+                raise ServiceError(f"messages[{i}]: empty content part")
         message: dict = {"role": template_role(m.role), "content": parts}
         if m.role == "tool":
             # vLLM hands a tool message's text parts to the template as one string, joined by newlines.
@@ -82,17 +75,17 @@ def parse_messages(messages: list[llm_pb2.ChatMessage]) -> Conversation:
             message["tool_call_id"] = m.tool_call_id
         if m.tool_calls:
             if (error := tool_calls_error(m.role)) is not None:
-                raise PromptError(f"messages[{i}]: {error}", param=f"messages[{i}].tool_calls")
+                raise ServiceError(f"messages[{i}]: {error}", param=f"messages[{i}].tool_calls")
             try:
                 message["tool_calls"] = json.loads(m.tool_calls)
             except ValueError as e:
-                raise PromptError(f"messages[{i}].tool_calls is not valid JSON: {e}",
-                                  param=f"messages[{i}].tool_calls") from e
+                raise ServiceError(f"messages[{i}].tool_calls is not valid JSON: {e}",
+                                   param=f"messages[{i}].tool_calls") from e
         out.append(message)
     try:
         _postprocess_messages(out)  # vLLM's: tool-call arguments as the objects templates expect
     except ValueError as e:
-        raise PromptError(str(e), param="messages") from e
+        raise ServiceError(str(e), param="messages") from e
     return Conversation(out, media, kinds, max_tiles, paths)
 
 
@@ -103,9 +96,9 @@ def render_prompt(tokenizer, conversation: Conversation, model_config, template_
                                       **template_kwargs)
     found = [_KIND[p] for p in _PLACEHOLDER.findall(prompt)]
     if found != conversation.kinds:
-        raise PromptError(f"the prompt has {len(found)} {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholders for "
-                          f"{len(conversation.kinds)} images and videos (text may not contain the literal "
-                          f"{IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER})")
+        raise ServiceError(f"the prompt has {len(found)} {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholders for "
+                           f"{len(conversation.kinds)} images and videos (text may not contain the literal "
+                           f"{IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER})")
     return prompt
 
 

@@ -23,7 +23,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from dvd.content_cache import embedding_keys
-from dvd.errors import PARAM_KEY
+from dvd.errors import ServiceError
 from dvd.logs import request_context
 from dvd.sampling import PASS_THROUGH
 from dvd.tracing import incoming_context, outgoing_metadata, tracer
@@ -39,43 +39,38 @@ from llm_server.answer import (
 )
 from llm_server.embedding_cache import Embedding, EmbeddingCache
 from llm_server.metrics import Metrics
-from llm_server.prompt import PromptError, expand_videos, parse_messages, render_prompt
+from llm_server.prompt import expand_videos, parse_messages, render_prompt
 from llm_server.vir_pressure import VirPressure
-from llm_server.vision_pool import VisionError, VisionPool
+from llm_server.vision_pool import VisionPool
 
 log = logging.getLogger("llm_server.service")
-# The outcome label of a request the vision pool could not serve (dvd_llm_requests_total{status}).
-VISION_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.RESOURCE_EXHAUSTED: "vision_busy",
-                 grpc.StatusCode.FAILED_PRECONDITION: "vision_unavailable",
-                 grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded"}
+# The outcome label of a refused request (dvd_llm_requests_total{status}); other codes: the code's name.
+OUTCOMES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.RESOURCE_EXHAUSTED: "vision_busy",
+            grpc.StatusCode.FAILED_PRECONDITION: "vision_unavailable"}
 
 RESPONSE_FORMAT: TypeAdapter[AnyResponseFormat] = TypeAdapter(AnyResponseFormat)
-
-
-class EmbeddingError(ValueError):
-    """Image embeddings that would break the engine: rejected before they reach it."""
 
 
 def check_embedding(i: int, e: torch.Tensor, hidden_size: int) -> None:
     """Everything vLLM would otherwise discover inside the EngineCore, where one bad request kills all."""
     if not isinstance(e, torch.Tensor) or e.dim() != 2:
         shape = tuple(getattr(e, "shape", ()))
-        raise EmbeddingError(f"image {i}: embeddings must be a 2-D tensor, got shape {shape}")
+        raise ServiceError(f"image {i}: embeddings must be a 2-D tensor, got shape {shape}")
     if e.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise EmbeddingError(f"image {i}: unsupported embedding dtype {e.dtype}")
+        raise ServiceError(f"image {i}: unsupported embedding dtype {e.dtype}")
     if e.shape[1] != hidden_size:
-        raise EmbeddingError(f"image {i}: hidden size {e.shape[1]} != the language model's {hidden_size}")
+        raise ServiceError(f"image {i}: hidden size {e.shape[1]} != the language model's {hidden_size}")
     if e.shape[0] == 0:
-        raise EmbeddingError(f"image {i}: no embedding rows")
+        raise ServiceError(f"image {i}: no embedding rows")
     if not torch.isfinite(e).all():
-        raise EmbeddingError(f"image {i}: embeddings contain NaN or infinity")
+        raise ServiceError(f"image {i}: embeddings contain NaN or infinity")
 
 
 def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidden_size: int,
                         numbers: list[int] | None = None) -> None:
     """The count, then each tensor; `numbers` names the images by their place in the request."""
     if len(embeddings) != placeholders:
-        raise EmbeddingError(f"{len(embeddings)} image embeddings for {placeholders} <image> placeholders")
+        raise ServiceError(f"{len(embeddings)} image embeddings for {placeholders} <image> placeholders")
     for i, e in zip(numbers or range(placeholders), embeddings, strict=True):
         check_embedding(i, e, hidden_size)
 
@@ -91,8 +86,8 @@ def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: in
     room = max_model_len - prompt_tokens
     kw["max_tokens"] = min(p.max_tokens if p.HasField("max_tokens") else kw.get("max_tokens", room), room)
     if p.HasField("max_tokens") and p.max_tokens > room:
-        raise PromptError(f"max_tokens={p.max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the model's "
-                          f"context of {max_model_len} tokens")
+        raise ServiceError(f"max_tokens={p.max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the model's "
+                           f"context of {max_model_len} tokens")
     if list(p.stop):
         kw["stop"] = list(p.stop)
     if list(p.stop_token_ids):
@@ -105,7 +100,7 @@ def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: in
     try:
         return SamplingParams(output_kind=RequestOutputKind.DELTA, **kw)
     except (ValueError, TypeError, VLLMClientError) as e:
-        raise PromptError(f"invalid sampling parameters: {e}") from e
+        raise ServiceError(f"invalid sampling parameters: {e}") from e
 
 
 def structured_outputs(p: llm_pb2.SamplingParams) -> StructuredOutputsParams | None:
@@ -116,19 +111,27 @@ def structured_outputs(p: llm_pb2.SamplingParams) -> StructuredOutputsParams | N
         try:
             params = StructuredOutputsParams(**json.loads(p.structured_outputs))
         except (TypeError, ValueError) as e:
-            raise PromptError(f"invalid structured_outputs: {e}", param="structured_outputs") from e
+            raise ServiceError(f"invalid structured_outputs: {e}", param="structured_outputs") from e
     response_format = None
     if p.response_format:
         try:
             response_format = RESPONSE_FORMAT.validate_json(p.response_format)
         except ValueError as e:
-            raise PromptError(f"invalid response_format: {e}", param="response_format") from e
+            raise ServiceError(f"invalid response_format: {e}", param="response_format") from e
     return structured_outputs_from_response_format(params, response_format)
 
 
-def param_metadata(param: str | None) -> tuple[tuple[str, str], ...]:
-    """The offending request field, for the gateway's OpenAI error `param` (llm.proto: trailing `dvd-param`)."""
-    return ((PARAM_KEY, param),) if param else ()
+def refusal(e: Exception) -> ServiceError | None:
+    """What a Generate call that failed with `e` answers (None: a fault of this server's own, raised on)."""
+    if isinstance(e, ServiceError):
+        return e
+    if isinstance(e, grpc.aio.AioRpcError):  # a vision call that was cancelled or ran out of time
+        return ServiceError(e.details() or "vision call failed", e.code())
+    if isinstance(e, EngineDeadError):  # the router tries another replica; health says NOT_SERVING
+        return ServiceError("the language engine is not running", grpc.StatusCode.UNAVAILABLE)
+    if isinstance(e, (ValueError, VLLMClientError)):  # vLLM's own input validation
+        return ServiceError(str(e), param=getattr(e, "parameter", None))
+    return None
 
 
 def check_constraints(p: llm_pb2.SamplingParams, model_config: ModelConfig,
@@ -145,7 +148,7 @@ def check_constraints(p: llm_pb2.SamplingParams, model_config: ModelConfig,
         constraint = tool_constraint or structured_outputs(p)  # vLLM's own types raise VLLMValidationError too
         SamplingParams(structured_outputs=constraint)._validate_structured_outputs(model_config, config, tokenizer)
     except (ValueError, VLLMClientError) as e:
-        raise PromptError(str(e), param=param) from e
+        raise ServiceError(str(e), param=param) from e
     return constraint
 
 
@@ -226,41 +229,30 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
 
     async def _serve(self, request_id: str, request: llm_pb2.GenerateRequest,
                      context) -> AsyncIterator[llm_pb2.GenerateResponse]:
-        """Generate's outcomes: each failure aborts the call with its status, once, and is counted."""
-        if not self.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "language server is stopping")
-        if self.engine.errored:  # the router tries another replica; health already says NOT_SERVING
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the language engine is not running")
+        """Generate's outcomes: each failure aborts the call with its status, once, here, and is counted."""
         self.inflight += 1
         self.metrics.inflight.inc()
         status = "error"
         self.first_token_pending += 1
         pending = True
         try:
+            if not self.ready:
+                raise ServiceError("language server is stopping", grpc.StatusCode.UNAVAILABLE)
+            if self.engine.errored:
+                raise EngineDeadError()
             async for response in self._generate(request_id, request):
                 if pending:  # the first response carries the first token
                     self._first_token_done()
                     pending = False
                 yield response
             status = "ok"
-        except (PromptError, EmbeddingError) as e:
-            status = "invalid"
-            log.info("rejected request", extra={"request_id": request_id, "reason": str(e)})
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e), param_metadata(getattr(e, "param", None)))
-        except VisionError as e:
-            status = VISION_STATUS.get(e.code, "vision_error")
-            log.info("vision refused", extra={"request_id": request_id, "code": e.code.name, "reason": str(e)})
-            await context.abort(e.code, str(e), param_metadata(e.param))
-        except grpc.aio.AioRpcError as e:  # a vision call that was cancelled or ran out of time
-            status = e.code().name.lower()
-            await context.abort(e.code(), e.details() or "vision call failed")
-        except EngineDeadError:  # died while this request ran: the same answer as above, from here on
-            status = "unavailable"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the language engine is not running")
-        except (ValueError, VLLMClientError) as e:  # vLLM's own input validation
-            status = "invalid"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e),
-                                param_metadata(getattr(e, "parameter", None)))
+        except Exception as e:
+            error = refusal(e)
+            if error is None:
+                raise
+            status = OUTCOMES.get(error.code, error.code.name.lower())
+            log.info("refused", extra={"request_id": request_id, "code": error.code.name, "reason": error.message})
+            await error.abort(context)
         finally:
             if pending:
                 self._first_token_done()
@@ -308,9 +300,10 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                                          [kinds[i] for i in indices],
                                                          affinity=keys[indices[0]].encode())
                         span.set_attributes({f"dvd.bytes.{t}": n for t, n in encoded.bytes_by_transport.items()})
-                except VisionError as e:  # one bad file: name it as the client did
+                except ServiceError as e:  # one bad file: name it as the client did
                     if e.item is not None and e.item < len(indices):
                         e.param = conversation.paths[indices[e.item]]
+                    e.item = None  # an index in this vision call, not in the client's request
                     raise
                 embedding_bytes, vision_summary = encoded.bytes_received, encoded.summary
                 self.metrics.vision_wait.observe(encoded.seconds)
@@ -350,8 +343,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         prompt_ids: list[int] = engine_input["prompt_token_ids"]
         prompt_tokens = len(prompt_ids)
         if prompt_tokens >= self.max_model_len:
-            raise PromptError(f"the prompt has {prompt_tokens} tokens ({visual_tokens} of them visual), more than the "
-                              f"model's context of {self.max_model_len} tokens")
+            raise ServiceError(f"the prompt has {prompt_tokens} tokens ({visual_tokens} of them visual), more than the "
+                               f"model's context of {self.max_model_len} tokens")
         params = sampling_params(request.sampling, self.default_sampling, prompt_tokens, self.max_model_len,
                                  constraint)
         self.metrics.visual_tokens.inc(visual_tokens)  # counted once the request is accepted

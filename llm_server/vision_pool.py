@@ -14,34 +14,17 @@ import torch
 
 from dvd.backend_pool import Backend, BackendPool
 from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES
-from dvd.errors import ITEM_KEY, PARAM_KEY
+from dvd.errors import ServiceError
 from dvd.security import InternalAuth
 from dvd.tensor_codec import BF16_BYTES
 from dvd.tracing import outgoing_metadata
 from dvd.v1 import vision_pb2
-from llm_server.data_plane import DataPlaneError, ShmSlots, TileReceiver, VisionStub, image_buffer
+from llm_server.data_plane import BrokenStream, ShmSlots, TileReceiver, VisionStub, image_buffer
 
 log = logging.getLogger("llm_server.vision_pool")
 
 TRANSPORT_NAMES = {vision_pb2.TRANSPORT_SHM: "shm", vision_pb2.TRANSPORT_TCP: "tcp", vision_pb2.TRANSPORT_GRPC: "grpc"}
 TILE_ROWS = 256  # embedding rows of an uncompressed InternVL3.5 tile: sizes the shared-memory offer
-
-
-class VisionError(Exception):
-    """The vision pool could not serve the request. `code` is what the language server answers with:
-    INVALID_ARGUMENT (the images are bad: the client's fault, never retried), RESOURCE_EXHAUSTED (every vision
-    queue is full: back-pressure, retry later), FAILED_PRECONDITION (no vision server could: the pool, not this
-    replica, so the router does not retry elsewhere), DEADLINE_EXCEEDED (out of time)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, item: int | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.item = item  # INVALID_ARGUMENT about one file: its index in the encode call's list
-        self.param = param  # ... or about a request field, as the client named it
-
-
-class VisionProtocolError(RuntimeError):
-    """A vision server sent a stream that does not add up (wrong sizes, order, counts)."""
 
 
 @dataclass
@@ -122,14 +105,11 @@ class VisionPool(BackendPool[VisionStub]):
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     self.call_succeeded(backend)  # it answered, about the request
-                    meta = dict(e.trailing_metadata() or ())
-                    item = meta.get(ITEM_KEY, "")
-                    raise VisionError(e.code(), e.details() or "invalid image", int(item) if item.isdigit() else None,
-                                      meta.get(PARAM_KEY)) from e
+                    raise ServiceError.from_rpc(e) from e
                 if e.code() == grpc.StatusCode.CANCELLED:
                     raise
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the whole budget is spent: no retry
-                    raise VisionError(e.code(), f"vision encoding took longer than {self.timeout_s:.0f}s") from e
+                    raise ServiceError(f"vision encoding took longer than {self.timeout_s:.0f}s", e.code()) from e
                 busy += e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 unreachable = e.code() == grpc.StatusCode.UNAVAILABLE  # or says it is not ready
                 # gRPC's own UNAVAILABLE details name the address: the log has them, the client does not.
@@ -139,7 +119,7 @@ class VisionPool(BackendPool[VisionStub]):
                     self.mark_down(backend, f"UNAVAILABLE: {e.details()}")
                 elif e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # a full queue is load, not a fault
                     self.call_failed(backend, errors[-1])
-            except (VisionProtocolError, DataPlaneError) as e:
+            except BrokenStream as e:
                 errors.append(str(e))
                 self.call_failed(backend, errors[-1])
             else:
@@ -150,12 +130,13 @@ class VisionPool(BackendPool[VisionStub]):
                                                                           "server": backend.address,
                                                                           "error": errors[-1]})
         if time.monotonic() >= deadline:
-            raise VisionError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"vision encoding took longer than {self.timeout_s:.0f}s")
-        detail = "; ".join(errors) if errors else "no vision server configured or reachable"
+            raise ServiceError(f"vision encoding took longer than {self.timeout_s:.0f}s",
+                               grpc.StatusCode.DEADLINE_EXCEEDED)
+        # The backends' own messages went to the log above: the client reads what failed, not how or where.
         if errors and busy == len(errors):
-            raise VisionError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"every vision server is at capacity ({detail})")
-        raise VisionError(grpc.StatusCode.FAILED_PRECONDITION, f"no vision server could encode the images ({detail})")
+            raise ServiceError("every vision server is at capacity", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        raise ServiceError("no vision server could encode the images" if errors
+                           else "no vision server is configured or reachable", grpc.StatusCode.FAILED_PRECONDITION)
 
     def _next(self, tried: set[str], affinity: bytes | None) -> VisionBackend | None:
         """The key's owner first; after a failure, or without a key, the least-loaded server not tried yet."""
@@ -197,7 +178,7 @@ class VisionPool(BackendPool[VisionStub]):
         try:
             async for answer in call:
                 if answer is None:  # read_response failed; gRPC logged why
-                    raise VisionProtocolError("a message that is not an EncodeResponse")
+                    raise BrokenStream("a message that is not an EncodeResponse")
                 msg, inline = answer
                 items = []
                 for tile in msg.tiles:
@@ -222,40 +203,40 @@ class VisionPool(BackendPool[VisionStub]):
             b.outstanding -= 1
             call.cancel()
             receiver.close()
-        raise VisionProtocolError("the embedding stream ended without a summary")
+        raise BrokenStream("the embedding stream ended without a summary")
 
     def _check_tile(self, tile: vision_pb2.TileEmbedding, embs: list[torch.Tensor | None], filled: list[int],
                     counts: list[int]) -> None:
         if tile.dtype != vision_pb2.DTYPE_BF16:
-            raise VisionProtocolError(f"unsupported embedding dtype {tile.dtype}")
+            raise BrokenStream(f"unsupported embedding dtype {tile.dtype}")
         if tile.image_index >= len(embs):
-            raise VisionProtocolError(f"tile for image {tile.image_index}, but the request has {len(embs)} images")
+            raise BrokenStream(f"tile for image {tile.image_index}, but the request has {len(embs)} images")
         i = tile.image_index
         if tile.tile_index != counts[i]:
-            raise VisionProtocolError(f"image {i}: tile {tile.tile_index} arrived out of order")
+            raise BrokenStream(f"image {i}: tile {tile.tile_index} arrived out of order")
         if tile.hidden_size != self.hidden_size:
-            raise VisionProtocolError(
+            raise BrokenStream(
                 f"embedding hidden size {tile.hidden_size} != the language model's {self.hidden_size}")
         emb = embs[i]
         image_rows = tile.image_rows if emb is None else emb.shape[0]
         if tile.rows == 0 or tile.image_rows != image_rows or filled[i] + tile.rows > image_rows:
-            raise VisionProtocolError(f"image {i}: tile {tile.tile_index} of {tile.rows} rows does not fit the "
+            raise BrokenStream(f"image {i}: tile {tile.tile_index} of {tile.rows} rows does not fit the "
                                       f"image's {tile.image_rows} rows ({filled[i]} received)")
         if tile.nbytes != tile.rows * tile.hidden_size * BF16_BYTES:
-            raise VisionProtocolError(f"image {i}: tile {tile.tile_index} declares {tile.nbytes} bytes for "
+            raise BrokenStream(f"image {i}: tile {tile.tile_index} declares {tile.nbytes} bytes for "
                                       f"{tile.rows} x {tile.hidden_size} bf16")
 
     @staticmethod
     def _check_summary(embs: list[torch.Tensor | None], filled: list[int], counts: list[int],
                        summary: vision_pb2.EncodeSummary) -> list[torch.Tensor]:
         if len(summary.images) != len(embs):
-            raise VisionProtocolError(f"summary covers {len(summary.images)} images, expected {len(embs)}")
+            raise BrokenStream(f"summary covers {len(summary.images)} images, expected {len(embs)}")
         out = []
         for i, (emb, s) in enumerate(zip(embs, summary.images, strict=True)):
             if emb is None or counts[i] != s.num_tiles:
-                raise VisionProtocolError(f"image {i}: got {counts[i]} tiles, summary says {s.num_tiles}")
+                raise BrokenStream(f"image {i}: got {counts[i]} tiles, summary says {s.num_tiles}")
             if filled[i] != emb.shape[0] or emb.shape[0] != s.num_tokens:
-                raise VisionProtocolError(f"image {i}: got {filled[i]} of {emb.shape[0]} rows, summary says "
+                raise BrokenStream(f"image {i}: got {filled[i]} of {emb.shape[0]} rows, summary says "
                                           f"{s.num_tokens}")
             out.append(emb)
         return out

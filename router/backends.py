@@ -18,6 +18,7 @@ from dvd.backend_pool import Backend as PoolBackend
 from dvd.backend_pool import BackendPool as GenericPool
 from dvd.security import InternalAuth
 from dvd.v1 import llm_pb2, llm_pb2_grpc
+from router.errors import APIError
 
 log = logging.getLogger("router.backends")
 
@@ -25,10 +26,6 @@ log = logging.getLogger("router.backends")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 # Images travel inside the request; keep the channel's own limits out of the way (the router enforces its own).
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-
-
-class NoBackendError(Exception):
-    """No replica is ready (or every ready one refused the request as unreachable)."""
 
 
 Backend = PoolBackend[llm_pb2_grpc.LanguageServiceStub]  # .status: the last LanguageHealthResponse
@@ -72,7 +69,7 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
         while True:
             backend, choice = self.pick_for(key, tried)
             if backend is None:
-                raise NoBackendError("no language server is ready")
+                raise APIError.no_backend()
             if not tried and self.on_route is not None:
                 self.on_route(choice)
             tried.add(backend.address)

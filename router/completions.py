@@ -26,12 +26,12 @@ from starlette.types import Receive, Scope, Send
 from dvd.logs import request_context
 from dvd.tracing import incoming_context, outgoing_metadata, tracer
 from dvd.v1 import llm_pb2
-from router.backends import BackendPool, NoBackendError
+from router.backends import BackendPool
 from router.errors import APIError
 from router.images import ImageLoader
 from router.limits import Limiter, read_capped
 from router.metrics import Metrics, RequestTracker
-from router.schemas import ChatCompletionRequest, RequestError, parse_chat_request
+from router.schemas import ChatCompletionRequest, parse_chat_request
 from router.translate import ChunkBuilder, CompletionBuilder, media_urls, to_generate_request
 
 log = logging.getLogger("router.completions")
@@ -47,10 +47,6 @@ def as_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, grpc.aio.AioRpcError):
         return APIError.from_grpc(exc)
-    if isinstance(exc, NoBackendError):
-        return APIError(503, str(exc), code="no_backend", headers={"Retry-After": "1"})
-    if isinstance(exc, RequestError):
-        return APIError(400, exc.message, code="invalid_request", param=exc.param)
     log.exception("unexpected error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
 
@@ -90,7 +86,7 @@ class Completions:
     def _check_model(self, model: str) -> None:
         served = self.pool.models()
         if not served:
-            raise NoBackendError("no language server is ready")
+            raise APIError.no_backend()
         if model not in served:
             raise APIError(404, f"model {model!r} does not exist; served: {', '.join(sorted(served))}",
                            code="model_not_found", param="model")
@@ -170,7 +166,7 @@ class Completions:
             for chunk in chunks.end(held.tracker.usage):
                 yield f"data: {chunk.model_dump_json()}\n\n"
             held.tracker.finish(200)
-        except (grpc.aio.AioRpcError, NoBackendError) as exc:
+        except (grpc.aio.AioRpcError, APIError) as exc:
             # Headers are gone; OpenAI clients raise on an `error` event.
             error = as_api_error(exc)
             held.tracker.finish(error.status, error)

@@ -5,11 +5,22 @@ from __future__ import annotations
 import logging
 
 import grpc
+from pydantic import BaseModel
 
-from dvd.errors import PARAM_KEY
-from router.schemas import ErrorDetail, ErrorResponse
+from dvd.errors import ServiceError
 
 log = logging.getLogger("router.errors")
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
 
 # OpenAI's `type` for each status we emit; `code` refines it.
 _TYPES = {
@@ -67,16 +78,19 @@ class APIError(Exception):
         return ErrorResponse(error=detail).model_dump()
 
     @classmethod
+    def no_backend(cls) -> APIError:
+        return cls(503, "no language server is ready", code="no_backend", headers={"Retry-After": "1"})
+
+    @classmethod
     def from_grpc(cls, error: grpc.aio.AioRpcError) -> APIError:
         """The language service's 4xx messages are about the request and written for clients (llm.proto); a
         server-side failure's details are gRPC's or a backend's own (they name hosts and ports), so the client
         gets a fixed message and the log keeps the details."""
-        status = GRPC_TO_HTTP.get(error.code(), 500)
+        refused = ServiceError.from_rpc(error)
+        status = GRPC_TO_HTTP.get(refused.code, 500)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
-        param = next((v for k, v in error.trailing_metadata() or () if k == PARAM_KEY), None)
-        message = error.details() or error.code().name
+        message = refused.message
         if status >= 500:
-            log.warning("language service error", extra={"code": error.code().name, "details": message})
+            log.warning("language service error", extra={"code": refused.code.name, "details": message})
             message = SERVER_MESSAGES.get(status, SERVER_MESSAGES[500])
-        return cls(status, message, code=error.code().name.lower(), headers=headers,
-                   param=param if isinstance(param, str) else None)
+        return cls(status, message, code=refused.code.name.lower(), headers=headers, param=refused.param)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from dvd.conversation import image_error, role_error, tool_calls_error
+from router.errors import APIError
 
 MAX_DYNAMIC_PATCH = 40  # InternVL's tiler goes up to 40 tiles (max_num in its dynamic_preprocess)
 UINT32_MAX = 2**32 - 1
@@ -292,15 +293,6 @@ class ChatCompletionRequest(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class RequestError(ValueError):
-    """A request the schema refuses: a message for people and the offending field's path as OpenAI's `param`."""
-
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
 def _param(loc: tuple[int | str, ...], ctx: dict[str, Any] | None) -> str | None:
     path = ""
     for part in loc:
@@ -312,14 +304,14 @@ def _param(loc: tuple[int | str, ...], ctx: dict[str, Any] | None) -> str | None
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    """Validate a JSON body; raise RequestError naming the first problem."""
+    """Validate a JSON body; a 400 names the first problem, its field's path as OpenAI's `param`."""
     try:
         return ChatCompletionRequest.model_validate_json(body)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         param = _param(tuple(err["loc"]), err.get("ctx"))
         msg = err["msg"].removeprefix("Value error, ")
-        raise RequestError(f"{msg} (at '{param}')" if param else msg, param) from None
+        raise APIError(400, f"{msg} (at '{param}')" if param else msg, code="invalid_request", param=param) from None
 
 
 # ---- responses ----
@@ -437,17 +429,6 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 class ModelPermission(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import signal
 import socket
@@ -28,10 +29,11 @@ from dvd.data_plane import (
     remove_orphan_segments,
     shm_domain,
 )
+from dvd.errors import ServiceError
 from dvd.tensor_codec import append_raw, split_raw
 from dvd.v1 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots
-from llm_server.vision_pool import VisionError, VisionPool
+from llm_server.vision_pool import VisionPool
 from tests.conftest import start_vision
 from tests.helpers.media import image_bytes
 from tests.helpers.vision import Encoded, collect, encode_with
@@ -229,11 +231,12 @@ async def test_a_lying_server_is_a_protocol_error(fault: str, transport: str, me
             # One broken answer may be the request's alone: the server stays in rotation until it fails calls
             # error_threshold times in a row, then it is not tried again until its health check passes.
             assert pool.backends[0].ready, attempt
-            with pytest.raises(VisionError, match=message) as err:
+            with pytest.raises(ServiceError, match="no vision server could encode") as err:
                 await pool.encode("dp-liar", [b"image"], vision_pb2.EncodeOptions())
             assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert "127.0.0.1" not in str(err.value)  # what failed, not where: addresses stay in the logs
         assert not pool.backends[0].ready
+        assert re.search(message, pool.backends[0].last_error)  # the reason, for the operator
     finally:
         await pool.close()
         await server.stop(0)

@@ -9,11 +9,11 @@ import grpc
 import pytest
 import torch
 
+from dvd.errors import ServiceError
 from dvd.procs import Service
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
-from llm_server.prompt import PromptError
-from llm_server.service import EmbeddingError, sampling_params, validate_embeddings
-from llm_server.vision_pool import VisionError, VisionPool
+from llm_server.service import sampling_params, validate_embeddings
+from llm_server.vision_pool import VisionPool
 from tests.helpers.llm import generate, health, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes
 
@@ -181,21 +181,25 @@ async def test_vision_pool_skips_a_dead_server(vision_tiny: str) -> None:
     pool = VisionPool((dead,), hidden_size=128, timeout_s=5)
     await pool.start()
     try:
-        with pytest.raises(VisionError) as err:
+        with pytest.raises(ServiceError) as err:
             await pool.encode("r2", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         await pool.close()
 
 
-async def test_vision_pool_refuses_a_server_of_another_model(vision_tiny: str) -> None:
+async def test_vision_pool_refuses_a_server_of_another_model(vision_tiny: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     pool = VisionPool((vision_tiny,), hidden_size=512, timeout_s=10)
     await pool.start()
     try:
         assert pool.ready_count == 0
-        with pytest.raises(VisionError, match="hidden size") as err:
+        with pytest.raises(ServiceError, match="no vision server could") as err:
             await pool.encode("r3", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        # The reason stays inside: the operator's log has it, the client's message does not.
+        assert "hidden size" not in err.value.message
+        assert any("hidden size" in str(getattr(r, "error", "")) for r in caplog.records)
     finally:
         await pool.close()
 
@@ -212,7 +216,7 @@ def test_validate_embeddings() -> None:
         "NaN": ([torch.full((4, 128), float("nan"))], 1),
     }
     for message, (embeddings, placeholders) in cases.items():
-        with pytest.raises(EmbeddingError, match=message):
+        with pytest.raises(ServiceError, match=message):
             validate_embeddings(embeddings, placeholders, 128)
 
 
@@ -224,9 +228,9 @@ def test_sampling_params_follow_the_request() -> None:
     assert sp.stop == ["x"] and sp.ignore_eos and sp.min_tokens == 2
     assert sampling_params(llm_pb2.SamplingParams(), {"temperature": 0.7}, 100, 1000).max_tokens == 900
     assert sampling_params(llm_pb2.SamplingParams(), {"temperature": 0.7}, 100, 1000).temperature == 0.7
-    with pytest.raises(PromptError):
+    with pytest.raises(ServiceError):
         sampling_params(llm_pb2.SamplingParams(max_tokens=950), {}, 100, 1000)
-    with pytest.raises(PromptError):
+    with pytest.raises(ServiceError):
         sampling_params(llm_pb2.SamplingParams(temperature=-1.0), {}, 100, 1000)
 
 
@@ -270,7 +274,7 @@ async def test_vision_pool_deadline_is_a_timeout_not_a_retry(vision_tiny: str) -
     pool = VisionPool((vision_tiny,), hidden_size=128, timeout_s=0.05)
     await pool.start()
     try:
-        with pytest.raises(VisionError) as err:
+        with pytest.raises(ServiceError) as err:
             await pool.encode("r-slow", [image_bytes(1792, 1344, seed=s) for s in range(3)], vision_pb2.EncodeOptions())
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
@@ -285,7 +289,7 @@ async def test_full_vision_queue_is_back_pressure(tiny_ckpt) -> None:
     pool = VisionPool((address,), hidden_size=128, timeout_s=30)
     await pool.start()
     try:
-        with pytest.raises(VisionError, match="queue is full") as err:  # 2 images x (12 + 1) tiles could not fit
+        with pytest.raises(ServiceError, match="at capacity") as err:  # 2 images x (12 + 1) tiles could not fit
             await pool.encode("r-big", [image_bytes(448, 448)] * 2, vision_pb2.EncodeOptions())
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         ok = await pool.encode("r-ok", [image_bytes(448, 448)], vision_pb2.EncodeOptions(max_tiles=1))

@@ -23,9 +23,9 @@ from tests.conftest import start_llm, start_stock_vllm
 from tests.helpers.router import data_url, png_bytes, user_message
 
 # InternVL3.5's language model is Qwen3: its thinking markup, and tool calls in the hermes format.
-# Both engines compute in float32, as the vision server does on CPU: in the checkpoint's bfloat16, stock vLLM's own
-# ViT rounds the image's embeddings differently, and on a CPU with native bf16 (AMD EPYC family 25 model 17,
-# AVX512-BF16) 64 greedy tokens of random weights then parted at about the 58th.
+# Both language engines compute in float32: these tests compare what the parsers make of 64 greedy tokens of random
+# weights, and in the checkpoint's bfloat16 two engines fed embeddings rounded apart (the vision server batches its
+# tiles, stock vLLM's ViT runs them in one forward) parted at about the 58th token.
 PARSERS = ("--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
            "--dtype", "float32")
 IMAGE = data_url(png_bytes((448, 448), (30, 160, 90)))

@@ -13,7 +13,7 @@ from router.backends import affinity_key
 from router.errors import APIError
 from router.images import FetchLimits, ImageError, ImageLoader, decode_data_url, is_public_address, public_addresses
 from router.limits import Limiter
-from router.schemas import RequestError, parse_chat_request
+from router.schemas import parse_chat_request
 from router.translate import ChunkBuilder, CompletionBuilder, media_urls, to_generate_request
 from tests.helpers.router import data_url, image_server, png_bytes, user_message
 
@@ -82,7 +82,7 @@ def test_accepted_requests(fields: dict) -> None:
     ({"media_io_kwargs": {"image": {"size": 1}}}, "media_io_kwargs.image"),
 ])
 def test_refused_requests_name_the_field(fields: dict, param: str) -> None:
-    with pytest.raises(RequestError) as err:
+    with pytest.raises(APIError) as err:
         parse_chat_request(body(**fields))
     assert err.value.param == param
     assert param.split(".")[-1].split("[")[0] in err.value.message
@@ -90,7 +90,7 @@ def test_refused_requests_name_the_field(fields: dict, param: str) -> None:
 
 def test_refused_request_without_a_field() -> None:
     for raw in (b"{not json", b"[]", body(stream_options={"include_usage": True})):
-        with pytest.raises(RequestError):
+        with pytest.raises(APIError):
             parse_chat_request(raw)
 
 

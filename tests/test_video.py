@@ -11,9 +11,11 @@ import openai
 import pytest
 import torch
 
+from dvd.errors import ServiceError
 from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
+from tests.helpers.llm import assert_logprobs_close
 from tests.helpers.media import data_url, image_bytes, make_image, video_bytes
-from vision_server.video import BadVideo, Sampling, VideoLimits, decode_video, preprocess_video, sample_indices
+from vision_server.video import Sampling, VideoLimits, decode_video, preprocess_video, sample_indices
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -77,13 +79,13 @@ def test_sample_indices_follow_vllm() -> None:
 def test_bad_videos_are_refused() -> None:
     for data, match in [(b"", "empty"), (b"not a video at all" * 100, "could not open"), (CUT_MP4, "could not open"),
                         (DAMAGED, "truncated or corrupt"), (image_bytes(64, 48), "no frames")]:
-        with pytest.raises(BadVideo, match=match):
+        with pytest.raises(ServiceError, match=match):
             decode_video(data, Sampling(), LIMITS)
-    with pytest.raises(BadVideo, match="above the limit of 8"):
+    with pytest.raises(ServiceError, match="above the limit of 8"):
         decode_video(CLIP_A, Sampling(), VideoLimits(max_frames=8, max_seconds=600, max_pixels=10**8))
-    with pytest.raises(BadVideo, match=r"lasts 5\.0s"):
+    with pytest.raises(ServiceError, match=r"lasts 5\.0s"):
         decode_video(CLIP_A, Sampling(), VideoLimits(max_frames=128, max_seconds=4, max_pixels=10**8))
-    with pytest.raises(BadVideo, match="pixels"):
+    with pytest.raises(ServiceError, match="pixels"):
         decode_video(CLIP_A, Sampling(), VideoLimits(max_frames=128, max_seconds=600, max_pixels=320 * 240 - 1))
 
 
@@ -108,7 +110,8 @@ CASES = {
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("case", list(CASES))
 async def test_video_equals_stock_vllm(router_tiny: str, colocated_tiny: str, case: str, stream: bool) -> None:
-    """Same prompt tokens, greedy tokens and logprobs (within 0.05, as the image tests) as stock vLLM's server."""
+    """Same prompt tokens as stock vLLM's server, and the same greedy tokens and logprobs (within 0.05, as the image
+    tests) up to a near tie, as vLLM's own tests compare two implementations (tests.helpers.llm)."""
     messages, extra = CASES[case]
     args = {**ARGS, "extra_body": {**ARGS["extra_body"], **extra}}
 
@@ -125,12 +128,8 @@ async def test_video_equals_stock_vllm(router_tiny: str, colocated_tiny: str, ca
     ours_tokens, ours = await answer(router_tiny, "tiny")
     ref_tokens, ref = await answer(colocated_tiny, "tiny")
     assert ours_tokens == ref_tokens
-    assert [e.token for e in ours] == [e.token for e in ref]
-    worst = max(abs(a.logprob - b.logprob) for a, b in zip(ours, ref, strict=True))
-    print(f"{case}: prompt_tokens={ours_tokens}, largest logprob difference {worst:.2e}")
-    for a, b in zip(ours, ref, strict=True):
-        assert a.logprob == pytest.approx(b.logprob, abs=0.05)
-        assert [t.logprob for t in a.top_logprobs] == pytest.approx([t.logprob for t in b.top_logprobs], abs=0.05)
+    print(f"{case}: prompt_tokens={ours_tokens}, tokens {[e.token for e in ours]} vs {[e.token for e in ref]}")
+    assert_logprobs_close(ours, ref, 0.05)
 
 
 def test_resent_video_is_one_vision_call(client: openai.OpenAI, llm_tiny_metrics: str) -> None:

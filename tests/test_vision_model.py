@@ -115,19 +115,23 @@ def test_embeddings_equal_vllm_bfloat16(vllm_refs: dict, variant: str) -> None:
 
 
 def test_service_bytes_match_vllm(vision_tiny: str, vllm_refs: dict) -> None:
-    """Image bytes through the running service vs vLLM's fp32 path rounded to bf16: at most one bf16 step apart."""
+    """Image bytes through the running service at its default dtype (vLLM's `--dtype auto`: the checkpoint's bf16)
+    against vLLM's own ViT at its default: closer to it than a float32 ViT rounded to bf16 would be, which is what
+    the dtype rule is for (dvd/dtype.py; the bf16 ViTs differ by batching and op order only)."""
     from tests.helpers.vision import encode_sync, request
 
     vllm_ref = vllm_refs["tiny"]
     got = encode_sync(vision_tiny, request([vllm_ref["bytes"]]))
-    ref = vllm_ref[str(torch.float32)]
+    ref = vllm_ref[str(torch.bfloat16)].float()
     assert len(got.tiles) == ref.shape[0]
     ours = torch.stack([got.tensor(t) for t in got.tiles]).float()
-    ref_bf16 = ref.to(torch.bfloat16).float()
-    # One bf16 step, plus fp32 noise for values that cancel to near zero.
-    tol = ref_bf16.abs() * 2**-7 + 1e-5 * ref.abs().max()
-    assert ((ours - ref_bf16).abs() <= tol).all()
-    assert (ours == ref_bf16).float().mean() > 0.99
+    float32_path = vllm_ref[str(torch.float32)].to(torch.bfloat16).float()
+
+    def rel(x: torch.Tensor) -> float:
+        return float((x - ref).norm() / ref.norm())
+
+    print(f"relative distance to vLLM's bf16 ViT: service {rel(ours):.2e}, a float32 ViT {rel(float32_path):.2e}")
+    assert rel(ours) < 0.5 * rel(float32_path)
 
 
 def _official_router(tensors: dict[str, torch.Tensor], tokens: torch.Tensor, heads: int = 16) -> torch.Tensor:

@@ -8,8 +8,9 @@ from PIL import Image
 from vllm.multimodal.media.image import ImageMediaIO
 from vllm.transformers_utils.processors.internvl import InternVLImageProcessor, image_to_pixel_values_internvl
 
+from dvd.errors import ServiceError
 from tests.helpers.vision import encode, noise_image, png_header_only
-from vision_server.preprocess import BadImage, choose_grid, decode_image, target_ratios, tile_image
+from vision_server.preprocess import choose_grid, decode_image, target_ratios, tile_image
 
 SIZES = [(1, 1), (2, 3), (13, 7), (448, 448), (449, 447), (896, 448), (448, 896), (1344, 896), (500, 333),
          (333, 500), (1000, 10), (10, 1000), (4000, 30), (30, 4000), (2400, 1800), (1, 700), (700, 1)]
@@ -105,5 +106,5 @@ def test_alpha_composited_on_white() -> None:
     (png_header_only(0, 10), "corrupt"),
 ], ids=["empty", "garbage", "tiff", "truncated-jpeg", "truncated-png", "bomb", "zero-width"])
 def test_bad_bytes_raise_bad_image(data: bytes, message: str) -> None:
-    with pytest.raises(BadImage, match=message):
+    with pytest.raises(ServiceError, match=message):
         decode_image(data, max_pixels=64_000_000)

@@ -17,13 +17,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dvd.errors import ServiceError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-
-
-class BadImage(ValueError):
-    """The client sent bytes that are not a usable image; reported as INVALID_ARGUMENT."""
 
 
 @dataclass(frozen=True)
@@ -35,28 +33,28 @@ class Tiled:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> a loaded RGB image, or BadImage with a message a client can act on."""
+    """Bytes -> a loaded RGB image, or ServiceError with a message a client can act on."""
     if not data:
-        raise BadImage("empty image data")
+        raise ServiceError("empty image data")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
         w, h = image.size
         if w <= 0 or h <= 0:
-            raise BadImage(f"image has zero size ({w}x{h})")
+            raise ServiceError(f"image has zero size ({w}x{h})")
         if w * h > max_pixels:
-            raise BadImage(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
+            raise ServiceError(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
                            "(decompression bomb guard)")
         image = _exif_transpose(image)
         image.load()
         return to_rgb(image)
-    except BadImage:
+    except ServiceError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"image rejected as a decompression bomb: {e}") from e
+        raise ServiceError(f"image rejected as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
-        raise BadImage(f"unsupported image format or corrupt header (accepted: {', '.join(FORMATS)})") from e
+        raise ServiceError(f"unsupported image format or corrupt header (accepted: {', '.join(FORMATS)})") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise BadImage(f"corrupt or truncated image data: {e}") from e
+        raise ServiceError(f"corrupt or truncated image data: {e}") from e
 
 
 def install_image_limits(max_pixels: int) -> None:

@@ -16,7 +16,7 @@ from opentelemetry import trace
 
 from dvd.content_cache import ByteLRU, embedding_keys
 from dvd.data_plane import shm_domain
-from dvd.errors import ITEM_KEY, PARAM_KEY
+from dvd.errors import ServiceError
 from dvd.logs import request_context
 from dvd.tracing import incoming_context, stage_span, tracer
 from dvd.v1 import vision_pb2, vision_pb2_grpc
@@ -24,8 +24,8 @@ from vision_server.batcher import Batcher, TileResult
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.data_plane import DataListener, ShmMaps, TileSender, serialize_response
 from vision_server.metrics import Metrics
-from vision_server.preprocess import BadImage, Tiled, preprocess
-from vision_server.video import BadVideo, Sampling, VideoLimits, preprocess_video
+from vision_server.preprocess import Tiled, preprocess
+from vision_server.video import Sampling, VideoLimits, preprocess_video
 from vision_server.vir import decide_compression
 
 log = logging.getLogger("vision_server.service")
@@ -51,20 +51,7 @@ def _name(kind: int, index: int) -> str:
     return f"{'video' if kind == vision_pb2.MEDIA_KIND_VIDEO else 'image'} {index}"
 
 
-class RequestError(Exception):
-    """A request the server refuses, with the gRPC status to answer; `item` (the file at fault) and `param` (the
-    request field at fault, as the client named it) travel as trailing metadata (dvd/errors.py)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, *, item: int | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.metadata: tuple[tuple[str, str], ...] = ()
-        if item is not None:
-            self.metadata = ((ITEM_KEY, str(item)),)
-        elif param:
-            self.metadata = ((PARAM_KEY, param),)
+BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED  # back-pressure: the client may retry, here or elsewhere
 
 
 @dataclass(frozen=True)
@@ -133,38 +120,32 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     def _check(self, request: vision_pb2.EncodeRequest) -> Checked:
         """Refuse what can be refused before any work."""
         if not self.ready:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "vision server is not ready (starting or stopping)")
+            raise ServiceError("vision server is not ready (starting or stopping)", grpc.StatusCode.UNAVAILABLE)
         n = len(request.images)
         if n == 0:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no images")
+            raise ServiceError("request has no images")
         media = self.cfg.media
         if n > media.max_images_per_request:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"request has {n} images and videos, the limit is {media.max_images_per_request}")
+            raise ServiceError(f"request has {n} images and videos, the limit is {media.max_images_per_request}")
         kinds = self._kinds(request)
         for i, (data, kind) in enumerate(zip(request.images, kinds, strict=True)):
             limit = media.max_video_bytes if kind == vision_pb2.MEDIA_KIND_VIDEO else media.max_image_bytes
             if len(data) > limit:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{_name(kind, i)} is {len(data)} bytes, the limit is {limit}", item=i)
+                raise ServiceError(f"{_name(kind, i)} is {len(data)} bytes, the limit is {limit}", item=i)
         sampling = self._sampling(request.options.video)
         model_max = self.model_cfg.max_tiles
         asked = request.options.max_tiles
         if asked > model_max:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"max_tiles {asked} is above the model's maximum of {model_max}")
+            raise ServiceError(f"max_tiles {asked} is above the model's maximum of {model_max}")
         if request.options.vir not in vision_pb2.VirMode.values():
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown vir mode {request.options.vir}")
+            raise ServiceError(f"unknown vir mode {request.options.vir}")
         if not 0.0 <= request.options.vir_pressure <= 1.0:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"vir_pressure {request.options.vir_pressure} is not in 0..1")
+            raise ServiceError(f"vir_pressure {request.options.vir_pressure} is not in 0..1")
         caps = list(request.image_max_tiles) or [0] * n
         if len(caps) != n:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"image_max_tiles has {len(caps)} entries for {n} images")
+            raise ServiceError(f"image_max_tiles has {len(caps)} entries for {n} images")
         if (worst := max(caps)) > model_max:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"image_max_tiles {worst} is above the model's maximum of {model_max}")
+            raise ServiceError(f"image_max_tiles {worst} is above the model's maximum of {model_max}")
         video_tiles = sampling.num_frames if sampling.num_frames > 0 else self.cfg.max_video_frames
         return Checked(kinds, [video_tiles if kind == vision_pb2.MEDIA_KIND_VIDEO else c or asked or model_max
                                for c, kind in zip(caps, kinds, strict=True)], sampling)
@@ -175,19 +156,16 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         remaining = context.time_remaining()
         seconds = self.batcher.drain_seconds(ahead + own)
         if remaining is not None and too_late(seconds, ahead, remaining):
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"vision queue is full (about {seconds:.0f} s of work "
-                               f"for {ahead} queued tiles and this request's {own}, the call has {remaining:.0f} s "
-                               "left)")
+            raise ServiceError(f"vision queue is full (about {seconds:.0f} s of work for {ahead} queued tiles and "
+                               f"this request's {own}, the call has {remaining:.0f} s left)", BUSY)
 
     @staticmethod
     def _kinds(request: vision_pb2.EncodeRequest) -> list[int]:
         kinds = list(request.kinds) or [vision_pb2.MEDIA_KIND_IMAGE] * len(request.images)
         if len(kinds) != len(request.images):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"kinds has {len(kinds)} entries for {len(request.images)} files")
+            raise ServiceError(f"kinds has {len(kinds)} entries for {len(request.images)} files")
         if unknown := set(kinds) - set(vision_pb2.MediaKind.values()):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown media kind {min(unknown)}")
+            raise ServiceError(f"unknown media kind {min(unknown)}")
         return kinds
 
     def _sampling(self, video: vision_pb2.VideoSampling) -> Sampling:
@@ -195,11 +173,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         may have is refused before any decoding."""
         num_frames = video.num_frames or self.cfg.video_num_frames
         if num_frames < -1 or num_frames > self.cfg.max_video_frames:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"num_frames {num_frames} is not -1 (every frame) or 1..{self.cfg.max_video_frames}",
+            raise ServiceError(f"num_frames {num_frames} is not -1 (every frame) or 1..{self.cfg.max_video_frames}",
                                param=f"{VIDEO_PARAM}.num_frames")
         if not video.fps >= 0 or video.fps == float("inf"):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"fps {video.fps} is not a finite number >= 0",
+            raise ServiceError(f"fps {video.fps} is not a finite number >= 0",
                                param=f"{VIDEO_PARAM}.fps")
         return Sampling(num_frames=num_frames, fps=video.fps or -1.0)
 
@@ -220,16 +197,15 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             return_exceptions=True)
         out: list[Tiled] = []
         for i, (r, kind) in enumerate(zip(results, kinds, strict=True)):
-            if isinstance(r, BadImage | BadVideo):
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{_name(kind, i)}: {r}", item=i)
+            if isinstance(r, ServiceError):
+                raise ServiceError(f"{_name(kind, i)}: {r}", item=i)
             if isinstance(r, BaseException):
                 raise r
             out.append(r)
         frames = sum(t.pixels.shape[0] for t, kind in zip(out, kinds, strict=True)
                      if kind == vision_pb2.MEDIA_KIND_VIDEO)
         if frames > self.cfg.max_video_frames:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"the request's videos have {frames} sampled frames together, above the limit of "
+            raise ServiceError(f"the request's videos have {frames} sampled frames together, above the limit of "
                                f"{self.cfg.max_video_frames}", param=f"{VIDEO_PARAM}.num_frames")
         return out
 
@@ -270,9 +246,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             # pixels at once while the queue-full check below waits for preprocessing to finish.
             bound = sum(k + 1 for k in checked.max_nums)  # + 1: an image's thumbnail
             if self.batcher.queued_tiles + self.preprocessing_tiles + bound > self.cfg.max_queue_tiles:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"vision queue is full ({self.batcher.queued_tiles} tiles waiting, "
-                                   f"{self.preprocessing_tiles} being decoded)")
+                raise ServiceError(f"vision queue is full ({self.batcher.queued_tiles} tiles waiting, "
+                                   f"{self.preprocessing_tiles} being decoded)", BUSY)
             # Before decoding, only the hopeless are refused: the queue as it is and at least a tile per file (the
             # worst cases reserved above, 13 per image and 32 per video, made a burst refuse 4 requests in 5).
             self._admit_in_time(self.batcher.queued_tiles, len(checked.kinds), context)
@@ -284,8 +259,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             t_pre = time.monotonic() - t0
             n_tiles = sum(t.pixels.shape[0] for t in tiled)
             if self.batcher.queued_tiles + n_tiles > self.cfg.max_queue_tiles:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"vision queue is full ({self.batcher.queued_tiles} tiles waiting)")
+                raise ServiceError(f"vision queue is full ({self.batcher.queued_tiles} tiles waiting)", BUSY)
             self._admit_in_time(self.batcher.queued_tiles, n_tiles, context)
             # A single tile is never compressed (the quantile of one value is itself): skip the router for it.
             router = (self.model_cfg.flash and request.options.vir != vision_pb2.VIR_MODE_OFF and n_tiles > 1)
@@ -298,18 +272,18 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                                           router, t_pre, t0, sender, keys=keys,
                                           thresholds=self.vir.under(request.options.vir_pressure)):
                 yield msg
-        except RequestError as e:
-            status = e.code.name.lower()
-            log.info("encode refused", extra={"request_id": request.request_id, "code": e.code.name,
-                                              "reason": e.message})
-            await context.abort(e.code, e.message, e.metadata)
         except asyncio.CancelledError:
             status = "cancelled"
             raise
-        except Exception:
-            status = "error"
-            log.exception("encode failed", extra={"request_id": request.request_id})
-            await context.abort(grpc.StatusCode.INTERNAL, "vision server error while encoding")
+        except Exception as e:
+            if isinstance(e, ServiceError):
+                error, status = e, e.code.name.lower()
+                log.info("encode refused", extra={"request_id": request.request_id, "code": e.code.name,
+                                                  "reason": e.message})
+            else:
+                error, status = ServiceError("vision server error while encoding", grpc.StatusCode.INTERNAL), "error"
+                log.exception("encode failed", extra={"request_id": request.request_id})
+            await error.abort(context)
         finally:
             for f in futures:
                 f.cancel()  # no-op for finished tiles; queued ones are skipped by the batcher

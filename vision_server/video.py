@@ -27,16 +27,13 @@ import torch
 from PIL import Image
 
 from dvd.config import VIDEO_NUM_FRAMES
+from dvd.errors import ServiceError
 from vision_server.preprocess import Tiled, tile_image
 
 # FFmpeg reports every damaged macroblock of a corrupt clip on stderr (thousands of lines for one bad request); the
 # request's error says what matters. An operator can set these to see them.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-
-
-class BadVideo(ValueError):
-    """The client sent bytes that are not a usable video, or one beyond the server's limits; INVALID_ARGUMENT."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,7 @@ def _open(stream: io.BytesIO):
         raise RuntimeError("this OpenCV has no stream-buffered video backend (FFmpeg)")
     cap = cv2.VideoCapture(stream, api, [])
     if not cap.isOpened():
-        raise BadVideo("unsupported video format or corrupt data (the decoder could not open it)")
+        raise ServiceError("unsupported video format or corrupt data (the decoder could not open it)")
     return cap
 
 
@@ -113,29 +110,29 @@ def decode_video(data: bytes, sampling: Sampling, limits: VideoLimits,
     import cv2
 
     if not data:
-        raise BadVideo("empty video data")
+        raise ServiceError("empty video data")
     stream = io.BytesIO(data)
     cap = _open(stream)
     try:
         width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         if width <= 0 or height <= 0:
-            raise BadVideo(f"video frames have no size ({width}x{height})")
+            raise ServiceError(f"video frames have no size ({width}x{height})")
         if width * height > limits.max_pixels:
-            raise BadVideo(f"video frames are {width}x{height} = {width * height} pixels, above the limit of "
+            raise ServiceError(f"video frames are {width}x{height} = {width * height} pixels, above the limit of "
                            f"{limits.max_pixels}")
         total = _frame_count(cap)
         fps = cap.get(cv2.CAP_PROP_FPS)
         duration = total / fps if fps > 0 else 0.0
         if total <= 0:
-            raise BadVideo("the video has no frames the decoder can count")
+            raise ServiceError("the video has no frames the decoder can count")
         if duration > limits.max_seconds:
-            raise BadVideo(f"the video lasts {duration:.1f}s, above the limit of {limits.max_seconds:g}s")
+            raise ServiceError(f"the video lasts {duration:.1f}s, above the limit of {limits.max_seconds:g}s")
         # Every frame up to the last sampled one is decoded: bound that work as well as the duration.
         if total > limits.max_seconds * 120:
-            raise BadVideo(f"the video has {total} frames, above the limit of {int(limits.max_seconds * 120)}")
+            raise ServiceError(f"the video has {total} frames, above the limit of {int(limits.max_seconds * 120)}")
         wanted = sample_indices(total, duration, sampling)
         if len(wanted) > limits.max_frames:
-            raise BadVideo(f"{len(wanted)} frames would be sampled from the video, above the limit of "
+            raise ServiceError(f"{len(wanted)} frames would be sampled from the video, above the limit of "
                            f"{limits.max_frames} (ask for fewer with media_io_kwargs.video.num_frames)")
         return _read(cap, wanted, convert), width, height
     finally:
@@ -156,7 +153,7 @@ def _read(cap, wanted: list[int], convert: Callable[[np.ndarray], Any]) -> list[
             if ok:
                 frames.append(convert(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
     if len(frames) < len(targets):
-        raise BadVideo(f"truncated or corrupt video: {len(frames)} of the {len(targets)} sampled frames could be "
+        raise ServiceError(f"truncated or corrupt video: {len(frames)} of the {len(targets)} sampled frames could be "
                        "decoded")
     return frames
 

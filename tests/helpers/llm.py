@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import openai
+import pytest
 
 from dvd.v1 import llm_pb2, llm_pb2_grpc
 from tests.helpers.media import data_url
@@ -50,3 +51,22 @@ async def stock_vllm_tokens(base_url: str, images: list[bytes], question: str, m
 async def health(address: str) -> llm_pb2.LanguageHealthResponse:
     async with grpc.aio.insecure_channel(address) as channel:
         return await llm_pb2_grpc.LanguageServiceStub(channel).Health(llm_pb2.LanguageHealthRequest(), timeout=5)
+
+
+def assert_logprobs_close(ours: list, ref: list, tolerance: float) -> None:
+    """Two greedy answers with their logprobs (OpenAI's `logprobs.content` entries), compared as vLLM's own model
+    tests compare two implementations (`check_logprobs_close`): the same tokens with logprobs within `tolerance`,
+    until the first position where they picked different tokens. There each side's token must be in the other's top
+    logprobs, within `tolerance` of the other's pick: a near tie that rounding may break either way (the vision
+    server's bf16 ViT batches tiles as it does, vLLM's in one forward). The answers may part after it."""
+    assert len(ours) == len(ref)
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        if a.token != b.token:
+            in_ref = {t.token: t.logprob for t in b.top_logprobs}
+            in_ours = {t.token: t.logprob for t in a.top_logprobs}
+            assert a.token in in_ref and b.token in in_ours, f"position {i}: {a.token!r} vs {b.token!r} is no near tie"
+            assert abs(in_ref[a.token] - b.logprob) <= tolerance and abs(in_ours[b.token] - a.logprob) <= tolerance
+            return
+        assert a.logprob == pytest.approx(b.logprob, abs=tolerance), i
+        assert [t.logprob for t in a.top_logprobs] == pytest.approx([t.logprob for t in b.top_logprobs],
+                                                                    abs=tolerance), i
