@@ -91,6 +91,7 @@ class RequestResult:
     token_times: list[float] = field(default_factory=list)  # arrival of each content chunk, from `start`
     error: str | None = None
     text: str = ""  # the streamed content: the assistant message of the conversation's next turn
+    id: str = ""  # the completion's id (the router's request id, in every service's log lines)
 
     @property
     def tpot(self) -> float | None:
@@ -293,6 +294,7 @@ async def send(client: httpx.AsyncClient, base_url: str, body: dict[str, Any], i
                     res.error = str(chunk["error"])[:300]
                     return res
                 usage = chunk.get("usage") or usage
+                res.id = chunk.get("id") or res.id
                 text = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or ())
                 if text:
                     res.text += text

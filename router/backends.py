@@ -22,8 +22,9 @@ from router.errors import APIError
 
 log = logging.getLogger("router.backends")
 
-# Codes that say the replica never took the request (not the request's fault): worth another replica.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# Codes that say the replica did not serve the request, through no fault of the request (unreachable, stopping, or it
+# cancelled the call as it stopped): worth another replica while no token has gone out.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 # Images travel inside the request; keep the channel's own limits out of the way (the router enforces its own).
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 

@@ -45,7 +45,8 @@ GRPC_TO_HTTP = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.FAILED_PRECONDITION: 503,  # the vision pool cannot serve right now
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.CANCELLED: 499,
+    # The backend cancelled the call (it stopped before finishing it): a client that left itself gets no answer.
+    grpc.StatusCode.CANCELLED: 503,
 }
 
 

@@ -331,9 +331,12 @@ async def test_a_queue_place_is_held_while_images_load_and_given_back_on_any_end
 
 
 @pytest.mark.parametrize(("code", "status"), [("UNAVAILABLE", 503), ("INTERNAL", 500), ("UNKNOWN", 500),
-                                              ("DEADLINE_EXCEEDED", 504), ("FAILED_PRECONDITION", 503)])
+                                              ("DEADLINE_EXCEEDED", 504), ("FAILED_PRECONDITION", 503),
+                                              ("CANCELLED", 503)])
 def test_server_side_grpc_errors_name_nothing_inside(code: str, status: int) -> None:
-    """gRPC's own details for a dead backend name its address; the client gets the status and a fixed message."""
+    """gRPC's own details for a dead backend name its address; the client gets the status and a fixed message. A
+    call the backend cancelled (it stopped before finishing it) is a 503 to retry, not the client's 499: a client
+    that left gets no answer at all (router/completions.py)."""
     import grpc
 
     details = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:10.1.2.3:50061: Connection refused; "
