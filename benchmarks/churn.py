@@ -155,9 +155,10 @@ def report(waves: list[Wave], args: argparse.Namespace) -> str:
                      f"{', '.join(f'{n} {c}' for n, c in counts.items())} | {w.moved if w.turn else '-'} | "
                      f"{w.moved_share if w.turn else '-'} |")
     lost = sum(len(w.failed) for w in waves)
-    membership = {args.leave_at + 1, args.join_at}  # the first wave without the replica, the first with it again
+    # The wave it leaves in (its requests not yet routed go elsewhere), the first without it, the first with it again.
+    membership = {args.leave_at, args.leave_at + 1, args.join_at}
     at_events = [w for w in waves if w.turn in membership]
-    quiet = [w for w in waves[1:] if w.turn not in membership and w.turn != args.leave_at]
+    quiet = [w for w in waves[1:] if w.turn not in membership]
     lines += ["", f"Requests lost: {lost} of {args.conversations * args.turns}. At the membership changes (waves "
               f"{', '.join(str(w.turn) for w in at_events)}): {sum(w.moved_share for w in at_events)} conversations "
               f"moved off or onto {leaving}, {sum(w.moved - w.moved_share for w in at_events)} others moved. "

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from benchmarks import affinity, vir_pressure
+from benchmarks import affinity, churn, vir_pressure
 from benchmarks.flops import language_flops, tiles_per_image, vision_tile_flops
 from benchmarks.throughput import FOLLOW_UPS, PROMPT, Cell, FlopsModel, RequestResult, chat_body, is_good, parse_goodput
 from dvd.checkpoint import PRESETS, build_config
@@ -325,3 +325,28 @@ def test_vir_pressure_report_has_goodput_beside_rate_and_the_restoration(tmp_pat
     assert "round 1: pressure / fixed: goodput 2.00x, completed req/s 1.25x; level back to 0 after 3.5 s" in text
     assert json.loads((tmp_path / "vir_pressure.json").read_text())["runs"][1]["goodput_rps"] == 0.4
     assert (tmp_path / "vir_pressure.png").stat().st_size > 0
+
+
+def test_churn_reads_each_requests_replica_and_counts_only_membership_moves(tmp_path: Path) -> None:
+    """churn.py: which replica served a request comes from the language servers' own "request done" lines (a
+    restarted replica's second log included); a conversation moves when its replica differs from the wave before,
+    and the report tells the leaving replica's share from the others' and from the quiet waves' spills."""
+    line = ('{{"time": "t", "level": "INFO", "logger": "llm_server.service", "message": "request done", '
+            '"request_id": "{}", "images": 1}}\n')
+    (tmp_path / "llm0.log").write_text("[llm0] " + line.format("a") + "not json {\n" + line.format("b"))
+    (tmp_path / "llm1.log").write_text(line.format("c"))
+    (tmp_path / "llm1-1.log").write_text(line.format("d") + '{"message": "refused", "request_id": "e"}\n')
+    by_id = churn.served_by({"llm0": [tmp_path / "llm0.log"], "llm1": [tmp_path / "llm1.log", tmp_path / "llm1-1.log"]})
+    assert by_id == {"a": "llm0", "b": "llm0", "c": "llm1", "d": "llm1"}
+    replicas = [["llm0", "llm2", "llm2"], ["llm1", "llm2", "llm2"], ["llm1", "llm2", "llm0"],
+                ["llm1", "llm0", "llm0"], ["llm1", "llm2", "llm0"], ["llm0", "llm2", "llm0"]]
+    events = ["", "", "leave", "", "join", ""]
+    waves = [churn.Wave(k, e, 3, [], r) for k, (e, r) in enumerate(zip(events, replicas, strict=True))]
+    churn.count_moves(waves, "llm2")
+    assert [(w.moved, w.moved_share) for w in waves[1:]] == [(1, 0), (1, 1), (1, 1), (1, 1), (1, 0)]
+    args = argparse.Namespace(model="tiny", conversations=3, turns=6, replicas=3, leave_after=0.5, leave_at=2,
+                              join_at=4, affinity_balance=0.25)
+    text = churn.report(waves, args)
+    assert "Requests lost: 0 of 18" in text
+    assert "(waves 2, 3, 4): 3 conversations moved off or onto llm2, 0 others moved" in text
+    assert "no change (1, 5): 2 moved" in text
