@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures in one run, on a machine with PyTorch and CUDA but no vLLM and no network (under 9 minutes on one
-# H100/H200-class GPU; each stage has its own limit): the vision service on InternVL3.5-8B's real vision shapes (`vision8b`, bf16), eager and
-# compiled (`vision_server --compile`), against its bare forward loop, with MFU against an in-run bf16 matmul and
+# The GPU figures in one run, on a machine with PyTorch and CUDA but no vLLM and no network (under 10 minutes on one
+# H100/H200-class GPU; each stage has its own limit, compiling takes minutes): the vision service on InternVL3.5-8B's
+# real vision shapes (`vision8b`, bf16), eager and compiled (`vision_server --compile`), against its bare forward loop, with MFU against an in-run bf16 matmul and
 # the card's data-sheet peak; then the embedding transfer benchmark.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]        # default results/gpu_check
@@ -41,6 +41,6 @@ stage() {  # name, seconds, command...
 "$py" -c "from dvd.checkpoint import resolve_model; print(resolve_model('vision8b'))"  # generated once, not timed
 vision=(benchmarks/vision_bench.py --device cuda --model vision8b --no-vllm --images 64 --image-size 896x896
         --concurrency 8 --rounds 2 --repeats 3 --lone-requests 10)
-stage vision8b-eager 200 "$py" "${vision[@]}"
-stage transfer 120 "$py" benchmarks/transfer.py --images 48
-stage vision8b-compiled 200 "$py" "${vision[@]}" --compile
+stage vision8b-eager 120 "$py" "${vision[@]}"
+stage transfer 90 "$py" benchmarks/transfer.py --images 48
+stage vision8b-compiled 320 "$py" "${vision[@]}" --compile
