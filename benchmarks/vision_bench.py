@@ -6,8 +6,9 @@
 
 Two ratios, each measured side by side in one run (rounds alternate; the best round of each side counts):
 - saturated: service tiles/s under concurrent requests / the plain forward loop's tiles/s at its best batch size
-  (1, 2, 4 and the server's largest batch are tried): what decoding, tiling, batching, gRPC and the bf16 wire
-  format cost on top of the model itself (target >= 0.95).
+  (1, 2, 4 and the server's largest batch are tried): what decoding, tiling, batching, gRPC and the bf16 rows'
+  delivery cost on top of the model itself (target >= 0.95). The client is the language server's own VisionPool,
+  receiving over the data plane the server offers (shared memory on one host), as a language server does.
 - lone: one single-tile request at a time, its latency / one bare single-tile forward (target <= 1.2): what a
   request pays when nothing else is queued (no padding, no waiting for company).
 The plain loop does the service's work: ViT, the router on Flash checkpoints, one projector per tile.
@@ -24,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +42,8 @@ from benchmarks.machine import cpu_model, cpu_peak_flops, native_bf16
 from benchmarks.vllm_vision import vllm_available, vllm_extract_feature
 from dvd.checkpoint import resolve_model
 from dvd.procs import vision_server
-from dvd.v1 import vision_pb2, vision_pb2_grpc
+from dvd.v1 import vision_pb2
+from llm_server.vision_pool import VisionPool
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.model import build_model, compile_vit
 from vision_server.preprocess import preprocess
@@ -158,41 +161,44 @@ def matmul_flops(device: str, dtype: torch.dtype, n: int, seconds: float = 2.0) 
     return best
 
 
-async def lone_run(address: str, image: bytes, n: int, vir: int) -> float:
-    """Median latency (ms) of `n` single-image requests sent one after another."""
-    import grpc
+@contextlib.asynccontextmanager
+async def language_side(address: str, hidden: int) -> AsyncIterator[VisionPool]:
+    """The client a language server is: its own VisionPool, receiving over the data plane the server offers it
+    (shared memory on one host), so the service is measured as it is used, not through inline gRPC."""
+    pool = VisionPool((address,), hidden_size=hidden, timeout_s=600, transport="auto")
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
+
+async def lone_run(address: str, hidden: int, image: bytes, n: int, vir: int) -> float:
+    """Median latency (ms) of `n` single-image requests sent one after another."""
     times = []
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as ch:
-        stub = vision_pb2_grpc.VisionServiceStub(ch)
+    async with language_side(address, hidden) as pool:
         for k in range(n + 1):
             t = time.perf_counter()
-            async for _ in stub.Encode(vision_pb2.EncodeRequest(request_id=f"lone-{k}", images=[image],
-                                                                options=vision_pb2.EncodeOptions(vir=vir))):
-                pass
-            if k:  # the first one warms the channel up
+            await pool.encode(f"lone-{k}", [image], vision_pb2.EncodeOptions(vir=vir))
+            if k:  # the first one warms the path up
                 times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
 
 
-async def service_run(address: str, images: list[bytes], per_request: int, concurrency: int, repeats: int,
-                      vir: int) -> tuple[float, list[float], int]:
+async def service_run(address: str, hidden: int, images: list[bytes], per_request: int, concurrency: int,
+                      repeats: int, vir: int) -> tuple[float, list[float], int]:
     """Encode all images `repeats` times with `concurrency` calls in flight: (tiles/s, latencies, compressed)."""
-    import grpc
-
     reqs = [images[i:i + per_request] for i in range(0, len(images), per_request)] * repeats
     latencies: list[float] = []
     tiles = compressed = 0
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as ch:
-        stub = vision_pb2_grpc.VisionServiceStub(ch)
+    async with language_side(address, hidden) as pool:
 
         async def one(k: int, imgs: list[bytes]) -> None:
             nonlocal tiles, compressed
             t = time.perf_counter()
-            async for r in stub.Encode(vision_pb2.EncodeRequest(
-                    request_id=f"bench-{k}", images=imgs, options=vision_pb2.EncodeOptions(vir=vir))):
-                tiles += len(r.tiles)
-                compressed += sum(t.compressed for t in r.tiles)
+            encoded = await pool.encode(f"bench-{k}", imgs, vision_pb2.EncodeOptions(vir=vir))
+            tiles += sum(s.num_tiles for s in encoded.summary.images)
+            compressed += sum(s.num_compressed_tiles for s in encoded.summary.images)
             latencies.append(time.perf_counter() - t)
 
         await asyncio.gather(*(one(-k - 1, reqs[0]) for k in range(2)))  # warm-up
@@ -358,12 +364,12 @@ def main(argv: list[str] | None = None) -> int:
                 loop_runs[b].append(plain.throughput(b))
                 if ref is not None:
                     ref_runs[b].append(ref.throughput(b))
-            svc_runs.append(asyncio.run(service_run(address, images, a.images_per_request, a.concurrency,
-                                                    a.repeats, vir)))
+            svc_runs.append(asyncio.run(service_run(address, cfg.llm_hidden, images, a.images_per_request,
+                                                    a.concurrency, a.repeats, vir)))
             single_runs.append(plain.single_ms(a.lone_requests))
             if ref is not None:
                 ref_single.append(ref.single_ms(a.lone_requests))
-            lone_runs.append(asyncio.run(lone_run(address, lone_image, a.lone_requests, vir)))
+            lone_runs.append(asyncio.run(lone_run(address, cfg.llm_hidden, lone_image, a.lone_requests, vir)))
             matmul.append(plain.run(lambda: matmul_flops(device, dtype, matmul_n)))
             print(f"round {k + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     finally:
