@@ -7,7 +7,6 @@ byte-level BPE tokenizer with InternVL's special tokens, and a remote-code confi
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from dvd.config import option, parse
 
 log = logging.getLogger("dvd.checkpoint")
 
@@ -393,16 +394,21 @@ def fetch_from_hub(model: str, keep: Callable[[str], bool] | None = None, revisi
     return root
 
 
+@dataclass(frozen=True)
+class MakeCheckpoint:
+    """dvd-make-checkpoint's options: flags from a dataclass, as every service's (dvd.config)."""
+
+    out: Path = option(help="the directory the checkpoint is written to")  # noqa: RUF009 (a field, not a value)
+    preset: str = option("tiny", "the checkpoint's shapes", choices=sorted(PRESETS))
+    flash: bool = option(False, "add the ViR router and mlp2 (InternVL3.5-Flash)")
+    seed: int = option(0, "the weights' random seed (the same seed gives the same bytes)")
+    shard_size_mb: float = option(1024.0, "the largest safetensors shard")
+
+
 def main(argv: list[str] | None = None) -> None:
     from dvd.logs import setup_logging
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--flash", action="store_true", help="add the ViR router and mlp2 (InternVL3.5-Flash)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shard-size-mb", type=float, default=1024.0)
-    args = parser.parse_args(argv)
+    args = parse(MakeCheckpoint, argv, prog="dvd-make-checkpoint", description=__doc__.splitlines()[0])
     setup_logging(fmt="text")
     make_checkpoint(args.preset, args.out, flash=args.flash, seed=args.seed, shard_size_mb=args.shard_size_mb)
     print(args.out)
