@@ -1,4 +1,5 @@
-"""The gRPC servicer: validate, preprocess, batch, decide (ViR), stream per-tile embeddings, summarise."""
+"""The gRPC servicer: admit, preprocess, batch, decide (ViR), stream per-tile embeddings, summarise (the
+request's own checks: vision_server/validation.py)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,12 @@ from vision_server.config import ModelConfig, ServerConfig
 from vision_server.data_plane import DataListener, ShmMaps, TileSender, serialize_response
 from vision_server.metrics import Metrics
 from vision_server.preprocess import Tiled, preprocess
-from vision_server.video import Sampling, VideoLimits, preprocess_video
+from vision_server.validation import VIDEO_PARAM, Checked, check, item_name
+from vision_server.video import VideoLimits, preprocess_video
 from vision_server.vir import decide_compression
 
 log = logging.getLogger("vision_server.service")
 
-# The client-facing name of EncodeOptions.video: vLLM's request field the gateway takes it from.
-VIDEO_PARAM = "media_io_kwargs.video"
 MAX_TILES_PER_MESSAGE = 8  # descriptors (and, on the gRPC fallback, bytes: 16 MiB at hidden 4096) per message
 # A request is admitted only if the queue ahead of it and its own tiles should be computed within this share of
 # its deadline (the rest: preprocessing, ViR, the transfer, and the estimate's error). Without it, a burst of
@@ -47,20 +47,7 @@ def too_late(seconds: float | None, ahead: int, remaining: float) -> bool:
     return seconds is not None and ahead > 0 and seconds > DEADLINE_SHARE * remaining
 
 
-def _name(kind: int, index: int) -> str:
-    return f"{'video' if kind == vision_pb2.MEDIA_KIND_VIDEO else 'image'} {index}"
-
-
 BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED  # back-pressure: the client may retry, here or elsewhere
-
-
-@dataclass(frozen=True)
-class Checked:
-    """What validation found out about a request, for the steps after it."""
-
-    kinds: list[int]  # vision_pb2.MediaKind per file
-    max_nums: list[int]  # per file, its most tiles: an image's grid budget, a video's sampled frames (at most)
-    sampling: Sampling  # the request's frame sampling, the server's default filled in
 
 
 @dataclass(frozen=True)
@@ -116,40 +103,6 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         # Read at scrape time: entries past their age also leave on a lookup, not only when rows are kept.
         metrics.cache_bytes.set_function(lambda: self.recent.bytes)
 
-    # -- validation ---------------------------------------------------------------------------------------------
-    def _check(self, request: vision_pb2.EncodeRequest) -> Checked:
-        """Refuse what can be refused before any work."""
-        if not self.ready:
-            raise ServiceError("vision server is not ready (starting or stopping)", grpc.StatusCode.UNAVAILABLE)
-        n = len(request.images)
-        if n == 0:
-            raise ServiceError("request has no images")
-        media = self.cfg.media
-        if n > media.max_images_per_request:
-            raise ServiceError(f"request has {n} images and videos, the limit is {media.max_images_per_request}")
-        kinds = self._kinds(request)
-        for i, (data, kind) in enumerate(zip(request.images, kinds, strict=True)):
-            limit = media.max_video_bytes if kind == vision_pb2.MEDIA_KIND_VIDEO else media.max_image_bytes
-            if len(data) > limit:
-                raise ServiceError(f"{_name(kind, i)} is {len(data)} bytes, the limit is {limit}", item=i)
-        sampling = self._sampling(request.options.video)
-        model_max = self.model_cfg.max_tiles
-        asked = request.options.max_tiles
-        if asked > model_max:
-            raise ServiceError(f"max_tiles {asked} is above the model's maximum of {model_max}")
-        if request.options.vir not in vision_pb2.VirMode.values():
-            raise ServiceError(f"unknown vir mode {request.options.vir}")
-        if not 0.0 <= request.options.vir_pressure <= 1.0:
-            raise ServiceError(f"vir_pressure {request.options.vir_pressure} is not in 0..1")
-        caps = list(request.image_max_tiles) or [0] * n
-        if len(caps) != n:
-            raise ServiceError(f"image_max_tiles has {len(caps)} entries for {n} images")
-        if (worst := max(caps)) > model_max:
-            raise ServiceError(f"image_max_tiles {worst} is above the model's maximum of {model_max}")
-        video_tiles = sampling.num_frames if sampling.num_frames > 0 else self.cfg.max_video_frames
-        return Checked(kinds, [video_tiles if kind == vision_pb2.MEDIA_KIND_VIDEO else c or asked or model_max
-                               for c, kind in zip(caps, kinds, strict=True)], sampling)
-
     def _admit_in_time(self, ahead: int, own: int, context: grpc.aio.ServicerContext) -> None:
         """Refuse now (back-pressure: the client may retry) a request that the `ahead` tiles queued before it would
         keep from finishing within its call's deadline; a call without a deadline is bound by the queue's size."""
@@ -158,27 +111,6 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         if remaining is not None and too_late(seconds, ahead, remaining):
             raise ServiceError(f"vision queue is full (about {seconds:.0f} s of work for {ahead} queued tiles and "
                                f"this request's {own}, the call has {remaining:.0f} s left)", BUSY)
-
-    @staticmethod
-    def _kinds(request: vision_pb2.EncodeRequest) -> list[int]:
-        kinds = list(request.kinds) or [vision_pb2.MEDIA_KIND_IMAGE] * len(request.images)
-        if len(kinds) != len(request.images):
-            raise ServiceError(f"kinds has {len(kinds)} entries for {len(request.images)} files")
-        if unknown := set(kinds) - set(vision_pb2.MediaKind.values()):
-            raise ServiceError(f"unknown media kind {min(unknown)}")
-        return kinds
-
-    def _sampling(self, video: vision_pb2.VideoSampling) -> Sampling:
-        """The request's frame sampling, the server's default filled in; a request for more frames than one request
-        may have is refused before any decoding."""
-        num_frames = video.num_frames or self.cfg.video_num_frames
-        if num_frames < -1 or num_frames > self.cfg.max_video_frames:
-            raise ServiceError(f"num_frames {num_frames} is not -1 (every frame) or 1..{self.cfg.max_video_frames}",
-                               param=f"{VIDEO_PARAM}.num_frames")
-        if not video.fps >= 0 or video.fps == float("inf"):
-            raise ServiceError(f"fps {video.fps} is not a finite number >= 0",
-                               param=f"{VIDEO_PARAM}.fps")
-        return Sampling(num_frames=num_frames, fps=video.fps or -1.0)
 
     async def _preprocess(self, request: vision_pb2.EncodeRequest, checked: Checked) -> list[Tiled]:
         m = self.model_cfg
@@ -198,7 +130,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         out: list[Tiled] = []
         for i, (r, kind) in enumerate(zip(results, kinds, strict=True)):
             if isinstance(r, ServiceError):
-                raise ServiceError(f"{_name(kind, i)}: {r}", item=i)
+                raise ServiceError(f"{item_name(kind, i)}: {r}", item=i)
             if isinstance(r, BaseException):
                 raise r
             out.append(r)
@@ -230,7 +162,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         sender: TileSender | None = None
         status = "ok"
         try:
-            checked = self._check(request)
+            if not self.ready:
+                raise ServiceError("vision server is not ready (starting or stopping)", grpc.StatusCode.UNAVAILABLE)
+            checked = check(request, self.cfg, self.model_cfg)
             keys = embedding_keys(request.images, request.options, self.model_cfg.flash, request.image_max_tiles,
                                   checked.kinds) if self.recent.max_bytes else []
             if keys and all(items := [self.recent.get(k) for k in keys]):
