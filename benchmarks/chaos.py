@@ -77,6 +77,9 @@ RSS_GROWTH_LIMIT_MB_PER_1K = 64.0
 # Small enough that the warm-up fills it (the language servers' embedding cache and the vision servers' cache of
 # recent encodings): the soak then measures growth beyond the caches' budgets, and the vision servers do the work.
 CACHE_GB = 0.001
+# The vision servers compute in float32: the scenarios measure what failures cost, and on a CPU without native bf16
+# the default (the checkpoint's bf16, emulated) took the quick run from about 6.5 to 11 minutes.
+VISION_DTYPE = "float32"
 # Clients drop idle connections before uvicorn's 5 s keep-alive timeout closes them, as HTTP clients should: reusing
 # a connection the server is closing at that moment fails the request on the client side.
 KEEPALIVE_S = 4.0
@@ -268,7 +271,8 @@ class Stack:
         return {"sink": QUIET, "log_file": self.log_dir / f"{name}.log"}
 
     def start_vision(self, index: int, port: int = 0) -> tuple[Service, int]:
-        svc = vision_server(self.model, "--embedding-cache-gb", str(CACHE_GB), name=f"vision{index}", port=port,
+        svc = vision_server(self.model, "--embedding-cache-gb", str(CACHE_GB), "--dtype", VISION_DTYPE,
+                            name=f"vision{index}", port=port,
                             env={"OMP_NUM_THREADS": "1"}, **self.logs(f"vision{index}"))
         return svc, port_of(svc.wait_grpc(180))
 
@@ -585,8 +589,8 @@ class BurstStack:
         return {"sink": QUIET, "log_file": self.log_dir / f"{name}.log"}
 
     def start_vision(self) -> None:
-        self.vision = vision_server(self.model, "--embedding-cache-gb", str(CACHE_GB), name="burst-vision",
-                                    env=shared_cpu_env(), **self.logs("burst-vision"))
+        self.vision = vision_server(self.model, "--embedding-cache-gb", str(CACHE_GB), "--dtype", VISION_DTYPE,
+                                    name="burst-vision", env=shared_cpu_env(), **self.logs("burst-vision"))
         self.address = self.vision.wait_grpc(180)
 
     @contextmanager

@@ -30,7 +30,10 @@ from tests.span_collector import SpanCollector
 REPO = Path(__file__).resolve().parent.parent
 # The tests' vision servers compute every request: their tests send one image many times and check the ViT's work
 # (batching, ViR, transports, traces). The cache of recent encodings has its own servers (test_vision_cache.py).
-VISION_ENV = {"OMP_NUM_THREADS": "1", "DVD_VISION_EMBEDDING_CACHE_GB": "0"}
+# The suite's vision servers compute in float32: on a CPU without native bf16 the default (vLLM's rule: the
+# checkpoint's bf16, emulated) made the whole suite a third slower; tests/test_dtype.py and test_vision_model.py
+# start their own at the default.
+VISION_ENV = {"OMP_NUM_THREADS": "1", "DVD_VISION_EMBEDDING_CACHE_GB": "0", "DVD_VISION_DTYPE": "float32"}
 _engines = itertools.count()
 VLLM_START_TIMEOUT = 300
 METRICS_URLS: dict[str, str] = {}

@@ -309,9 +309,9 @@ def as_started_here(service: dict, **addresses: str) -> list[str]:
     command = list(service["command"])
     argv = [PY, *command[1:]] if command[0] == "python3" else [PY, "-m", "vision_server", *command]
     replace = {"--port": "0", "--data-port": "0", "--metrics-port": "0", "--host": "127.0.0.1",
-               # The GPU settings, as the vision server picks them for a CPU (batches of 64 tiles take minutes on a
-               # 2-core machine).
-               "--devices": "cpu", "--dtype": "auto", "--max-batch-tiles": "0"}
+               # The GPU settings, replaced by a CPU's (batches of 64 tiles, or bf16 where the CPU only emulates it,
+               # take minutes on a 2-core machine).
+               "--devices": "cpu", "--dtype": "float32", "--max-batch-tiles": "0"}
     replace |= {f"--{name}": address for name, address in addresses.items()}
     return [replace.get(argv[i - 1], arg) if i else arg for i, arg in enumerate(argv)]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigC
 
 from benchmarks.machine import native_bf16
 from dvd.dtype import auto_dtype, checkpoint_dtype, resolve_dtype
+from tests.conftest import start_llm, start_vision
 from tests.helpers.llm import generate, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes
 
@@ -46,7 +48,19 @@ def test_the_checkpoints_dtype_is_read_as_vllm_reads_it(tiny_ckpt: Path, tmp_pat
     assert resolve_dtype("float32", ckpt, "cpu") == torch.float32
 
 
-async def test_greedy_answers_on_a_bf16_checkpoint_equal_stock_vllm(llm_tiny: str, colocated_tiny: str,
+@pytest.fixture(scope="module")
+def default_llm(tiny_ckpt: Path) -> Iterator[str]:
+    """A language server fed by a vision server at its default dtype (the suite's shared ones run float32)."""
+    vision, vision_address = start_vision("vision-default-dtype", tiny_ckpt, env={"DVD_VISION_DTYPE": ""})
+    try:
+        llm, address = start_llm("llm-default-dtype", tiny_ckpt, vision_address)
+        yield address
+        llm.stop()
+    finally:
+        vision.stop()
+
+
+async def test_greedy_answers_on_a_bf16_checkpoint_equal_stock_vllm(default_llm: str, colocated_tiny: str,
                                                                      tiny_ckpt: Path) -> None:
     """Both sides at their defaults on the bf16 checkpoint: the vision server's ViT and vLLM's own compute in bf16.
     The images are those of a first answer that once diverged (DvD's ViT computed float32, vLLM's bf16)."""
@@ -55,5 +69,5 @@ async def test_greedy_answers_on_a_bf16_checkpoint_equal_stock_vllm(llm_tiny: st
         warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): both sides ran emulated bf16", stacklevel=1)
     images = [image_bytes(640, 480, seed=8101), image_bytes(1000, 300, seed=8102)]
     question = "Describe both images."
-    dvd_tokens, _ = await generate(llm_tiny, [*(image(b) for b in images), text(question)], max_tokens=48)
+    dvd_tokens, _ = await generate(default_llm, [*(image(b) for b in images), text(question)], max_tokens=48)
     assert await stock_vllm_tokens(colocated_tiny, images, question, max_tokens=48) == dvd_tokens

@@ -108,7 +108,8 @@ class ServerConfig:
         "free port, advertised through Health; -1 = no TCP data plane). Same host: shared memory")
     devices: tuple[str, ...] = option(("cpu",), "cpu, cuda (all GPUs) or cuda:0,cuda:1,...")
     dtype: str = option("auto", "auto: as vLLM's --dtype auto for the checkpoint and device (a bf16 checkpoint: "
-                               "bf16 on a CPU or an Ampere or later GPU)", choices=("auto", *DTYPES))
+                               "bf16 on a CPU or an Ampere or later GPU)", choices=("auto", *DTYPES),
+                        env="DVD_VISION_DTYPE")
     max_batch_tiles: int = option(0, "tiles per forward at most (0 = 4 on CPU, 32 on GPU)")
     batching: str = option(
         "auto", "variable: each forward runs on exactly the waiting tiles; padded: on fixed zero-padded "
