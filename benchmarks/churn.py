@@ -36,7 +36,7 @@ from benchmarks.throughput import RequestResult, chat_body, send
 from dvd.backend_pool import AFFINITY_BALANCE
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
-from dvd.procs import cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
+from dvd.procs import Service, cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
 
 log = logging.getLogger("benchmarks.churn")
 
@@ -85,6 +85,7 @@ async def run(args: argparse.Namespace, log_dir: Path) -> list[Wave]:
         vision_address = vision.wait_grpc(300)
         ports = [free_port() for _ in range(args.replicas)]
         logs: dict[str, list[Path]] = {f"llm{i}": [] for i in range(args.replicas)}
+        services_by_name: dict[str, Service] = {}  # the replica's current process
 
         def replica(i: int, run_no: int) -> None:
             name = f"llm{i}" + (f"-{run_no}" if run_no else "")
@@ -95,7 +96,6 @@ async def run(args: argparse.Namespace, log_dir: Path) -> list[Wave]:
                                              env=cpu_engine_env(engine_cpus(i), kv_gib=1), **extra))
             services_by_name[f"llm{i}"] = svc
 
-        services_by_name: dict = {}
         for i in range(args.replicas):
             replica(i, 0)
         for svc in services_by_name.values():

@@ -218,11 +218,11 @@ class TileReceiver:
                 data = next(payloads, None)
                 if data is None or len(data) != out.numel():
                     raise BrokenStream(f"inline tile carries {0 if data is None else len(data)} bytes, expected "
-                                         f"{out.numel()}")
+                                       f"{out.numel()}")
             elif transport == vision_pb2.TRANSPORT_SHM and self.slot is not None:
                 if tile.offset != self.shm_end or tile.offset + tile.nbytes > self.slot.size:
                     raise BrokenStream(f"tile at segment offset {tile.offset}+{tile.nbytes} is out of order or "
-                                         f"bounds (next {self.shm_end}, size {self.slot.size})")
+                                       f"bounds (next {self.shm_end}, size {self.slot.size})")
                 self.shm_end += tile.nbytes
             elif not (transport == vision_pb2.TRANSPORT_TCP and self.conn is not None):
                 raise BrokenStream(f"tile sent over transport {transport}, which this request did not offer")

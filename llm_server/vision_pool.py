@@ -221,10 +221,10 @@ class VisionPool(BackendPool[VisionStub]):
         image_rows = tile.image_rows if emb is None else emb.shape[0]
         if tile.rows == 0 or tile.image_rows != image_rows or filled[i] + tile.rows > image_rows:
             raise BrokenStream(f"image {i}: tile {tile.tile_index} of {tile.rows} rows does not fit the "
-                                      f"image's {tile.image_rows} rows ({filled[i]} received)")
+                               f"image's {tile.image_rows} rows ({filled[i]} received)")
         if tile.nbytes != tile.rows * tile.hidden_size * BF16_BYTES:
             raise BrokenStream(f"image {i}: tile {tile.tile_index} declares {tile.nbytes} bytes for "
-                                      f"{tile.rows} x {tile.hidden_size} bf16")
+                               f"{tile.rows} x {tile.hidden_size} bf16")
 
     @staticmethod
     def _check_summary(embs: list[torch.Tensor | None], filled: list[int], counts: list[int],
@@ -237,6 +237,6 @@ class VisionPool(BackendPool[VisionStub]):
                 raise BrokenStream(f"image {i}: got {counts[i]} tiles, summary says {s.num_tiles}")
             if filled[i] != emb.shape[0] or emb.shape[0] != s.num_tokens:
                 raise BrokenStream(f"image {i}: got {filled[i]} of {emb.shape[0]} rows, summary says "
-                                          f"{s.num_tokens}")
+                                   f"{s.num_tokens}")
             out.append(emb)
         return out

@@ -39,12 +39,9 @@ def create_app(config: RouterConfig, internal_port: int | None = None) -> FastAP
                        affinity=config.routing == "affinity", affinity_balance=config.affinity_balance,
                        on_route=lambda choice: metrics.routed.labels(choice).inc())
     limiter = Limiter(config.max_concurrency, config.max_queue)
-    images = ImageLoader(FetchLimits(max_bytes=config.media.max_image_bytes,
-                                     max_video_bytes=config.media.max_video_bytes,
-                                     timeout=config.image_fetch_timeout,
+    images = ImageLoader(FetchLimits(media=config.media, timeout=config.image_fetch_timeout,
                                      max_redirects=config.max_image_redirects,
                                      allow_private=config.allow_private_image_urls,
-                                     max_images=config.media.max_images_per_request,
                                      max_total_bytes=config.max_image_total_bytes))
     completions = Completions(pool, images, limiter, metrics, max_body_bytes=config.max_body_bytes,
                               request_timeout=config.deadlines.request_timeout)

@@ -11,6 +11,7 @@ from dvd.errors import ServiceError
 
 log = logging.getLogger("router.errors")
 
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -14,7 +14,7 @@ import binascii
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -28,13 +28,11 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 @dataclass(frozen=True)
 class FetchLimits:
-    max_bytes: int = MediaLimits.max_image_bytes
-    max_video_bytes: int = MediaLimits.max_video_bytes
+    media: MediaLimits = field(default_factory=MediaLimits)  # the vision server refuses by the same limits
     timeout: float = 10.0
     max_redirects: int = 3
     allow_private: bool = False
     # Per request: caps what one body can make the gateway fetch and hold, below the language server's 256 MiB.
-    max_images: int = MediaLimits.max_images_per_request  # images and videos together
     max_total_bytes: int = 128 * 1024 * 1024
     concurrency: int = 4
 
@@ -121,9 +119,9 @@ class ImageLoader:
         """(url, param, kind) triples -> their bytes, a few at a time; the first failure names its `param`. `kind`
         is "image" or "video"."""
         urls = list(urls)
-        if len(urls) > self.limits.max_images:
-            raise ImageError(f"{len(urls)} images and videos in one request; at most {self.limits.max_images} are "
-                             "accepted", code="too_many_images")
+        if len(urls) > self.limits.media.max_images_per_request:
+            raise ImageError(f"{len(urls)} images and videos in one request; at most "
+                             f"{self.limits.media.max_images_per_request} are accepted", code="too_many_images")
         slots = asyncio.Semaphore(self.limits.concurrency)
         loaded = 0
 
@@ -153,7 +151,7 @@ class ImageLoader:
 
     async def _load(self, url: str, kind: str) -> bytes:
         scheme = url.split(":", 1)[0].lower()
-        limit = self.limits.max_video_bytes if kind == "video" else self.limits.max_bytes
+        limit = self.limits.media.max_video_bytes if kind == "video" else self.limits.media.max_image_bytes
         if scheme == "data":
             return decode_data_url(url, limit, kind)
         if scheme not in ("http", "https"):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from dvd.config import MediaLimits
 from dvd.v1 import llm_pb2, vision_pb2
 from router.backends import affinity_key
 from router.errors import APIError
@@ -221,7 +222,8 @@ async def test_fetch_limits_and_redirects() -> None:
         assert await _load(ImageLoader(FetchLimits(allow_private=True)), redirect) == IMG
         cases = [(FetchLimits(allow_private=True), f"{base}/missing", "image_fetch_failed"),
                  (FetchLimits(allow_private=True, timeout=0.5), f"{base}/slow", "image_fetch_failed"),
-                 (FetchLimits(allow_private=True, max_bytes=1000), f"{base}/big", "image_too_large"),
+                 (FetchLimits(allow_private=True, media=MediaLimits(max_image_bytes=1000)), f"{base}/big",
+                  "image_too_large"),
                  (FetchLimits(allow_private=True, max_redirects=0), redirect, "image_fetch_failed"),
                  (FetchLimits(allow_private=True), "ftp://example.com/a.png", "invalid_image_url")]
         for limits, url, code in cases:
@@ -250,7 +252,7 @@ async def test_every_redirect_hop_is_checked_and_the_checked_address_is_used() -
 
 async def test_per_request_image_count_and_total_size_are_capped() -> None:
     url = data_url(IMG)
-    loader = ImageLoader(FetchLimits(max_images=3, max_total_bytes=2 * len(IMG) + 1))
+    loader = ImageLoader(FetchLimits(media=MediaLimits(max_images_per_request=3), max_total_bytes=2 * len(IMG) + 1))
     try:
         assert await loader.load_all([(url, "a", "image"), (url, "b", "image")]) == [IMG, IMG]
         with pytest.raises(ImageError, match="at most 3") as too_many:

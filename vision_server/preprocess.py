@@ -43,7 +43,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             raise ServiceError(f"image has zero size ({w}x{h})")
         if w * h > max_pixels:
             raise ServiceError(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
-                           "(decompression bomb guard)")
+                               "(decompression bomb guard)")
         image = _exif_transpose(image)
         image.load()
         return to_rgb(image)

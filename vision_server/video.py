@@ -119,7 +119,7 @@ def decode_video(data: bytes, sampling: Sampling, limits: VideoLimits,
             raise ServiceError(f"video frames have no size ({width}x{height})")
         if width * height > limits.max_pixels:
             raise ServiceError(f"video frames are {width}x{height} = {width * height} pixels, above the limit of "
-                           f"{limits.max_pixels}")
+                               f"{limits.max_pixels}")
         total = _frame_count(cap)
         fps = cap.get(cv2.CAP_PROP_FPS)
         duration = total / fps if fps > 0 else 0.0
@@ -133,7 +133,7 @@ def decode_video(data: bytes, sampling: Sampling, limits: VideoLimits,
         wanted = sample_indices(total, duration, sampling)
         if len(wanted) > limits.max_frames:
             raise ServiceError(f"{len(wanted)} frames would be sampled from the video, above the limit of "
-                           f"{limits.max_frames} (ask for fewer with media_io_kwargs.video.num_frames)")
+                               f"{limits.max_frames} (ask for fewer with media_io_kwargs.video.num_frames)")
         return _read(cap, wanted, convert), width, height
     finally:
         cap.release()
@@ -154,7 +154,7 @@ def _read(cap, wanted: list[int], convert: Callable[[np.ndarray], Any]) -> list[
                 frames.append(convert(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
     if len(frames) < len(targets):
         raise ServiceError(f"truncated or corrupt video: {len(frames)} of the {len(targets)} sampled frames could be "
-                       "decoded")
+                           "decoded")
     return frames
 
 
