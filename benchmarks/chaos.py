@@ -58,7 +58,7 @@ from dvd.procs import (
     vision_server,
 )
 from dvd.shm_orphans import shm_entries
-from dvd.v1 import llm_pb2, llm_pb2_grpc
+from dvd.v2 import llm_pb2, llm_pb2_grpc
 
 log = logging.getLogger("benchmarks.chaos")
 CONCURRENCY, QUEUE = 4, 8  # the router's limits in this run: overload is 10x the concurrency

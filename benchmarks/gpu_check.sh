@@ -7,7 +7,7 @@
 #   benchmarks/gpu_check.sh [OUT_DIR]        # default results/gpu_check
 #
 # Needs, beside torch: grpcio, grpcio-health-checking, protobuf, numpy, Pillow, safetensors, tokenizers,
-# prometheus-client, matplotlib, tqdm, and the generated stubs in dvd/v1 (`./run.sh setup` makes them; copy them
+# prometheus-client, matplotlib, tqdm, and the generated stubs in dvd/v2 (`./run.sh setup` makes them; copy them
 # along where setup cannot run). The checkpoint is generated locally (no hub).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
@@ -19,9 +19,9 @@ py=${PYTHON:-python3}
 "$py" - <<'EOF'
 import importlib.util, sys
 need = ["torch", "grpc", "grpc_health", "google.protobuf", "numpy", "PIL", "safetensors", "tokenizers",
-        "prometheus_client", "matplotlib", "tqdm", "dvd.v1.vision_pb2"]
+        "prometheus_client", "matplotlib", "tqdm", "dvd.v2.vision_pb2"]
 missing = [m for m in need if importlib.util.find_spec(m.split(".")[0]) is None
-           or (m.startswith("dvd.v1") and importlib.util.find_spec(m) is None)]
+           or (m.startswith("dvd.v2") and importlib.util.find_spec(m) is None)]
 if missing:
     sys.exit(f"missing: {', '.join(missing)}")
 import torch

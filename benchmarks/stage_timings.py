@@ -31,7 +31,7 @@ from benchmarks.machine import auto_dtype, machine
 from benchmarks.media import data_url, image_bytes
 from benchmarks.throughput import pct
 from dvd.logs import setup_logging
-from dvd.v1 import llm_pb2, llm_pb2_grpc
+from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
 
 PROMPT = "Describe the image."
 STAGES = ("vision_preprocess_seconds", "vision_queue_seconds", "vision_compute_seconds", "vision_seconds",
@@ -42,10 +42,12 @@ MEASURED_DIRECT = COLUMNS[:7]
 
 
 async def one_grpc(stub: llm_pb2_grpc.LanguageServiceStub, image: bytes, output_len: int) -> dict[str, float]:
-    req = llm_pb2.GenerateRequest(
-        messages=[llm_pb2.ChatMessage(role="user", content=[
-            llm_pb2.ContentPart(image=image), llm_pb2.ContentPart(text=PROMPT)])],
-        sampling=llm_pb2.SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0))
+    # As the gateway sends it: the image's URL emptied, its bytes beside the request.
+    chat = {"model": "tiny", "max_tokens": output_len, "ignore_eos": True, "temperature": 0.0,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}},
+                                                      {"type": "text", "text": PROMPT}]}]}
+    req = llm_pb2.GenerateRequest(chat_request=json.dumps(chat).encode(),
+                                  media=[llm_pb2.Media(kind=vision_pb2.MEDIA_KIND_IMAGE, data=image)])
     t0 = time.perf_counter()
     ttft = None
     last = None

@@ -41,7 +41,7 @@ from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.security import InternalAuth
 from dvd.server import start_server
 from dvd.tensor_codec import BF16_BYTES
-from dvd.v1 import vision_pb2, vision_pb2_grpc
+from dvd.v2 import vision_pb2, vision_pb2_grpc
 from llm_server.vision_pool import VisionPool
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
 from vision_server.service import add_to_server
@@ -103,7 +103,7 @@ async def serve(port: int, hidden: int, per_message: int) -> None:
     streamer = TileStreamer(hidden, listener, per_message)
     server, health, bound = await start_server(
         auth, "127.0.0.1", port, lambda s: add_to_server(streamer, s),
-        "dvd.v1.VisionService", options=CHANNEL_OPTIONS)
+        "dvd.v2.VisionService", options=CHANNEL_OPTIONS)
     await health.set(True)
     freeze_heap()
     report_ports(grpc=bound)

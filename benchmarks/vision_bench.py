@@ -42,7 +42,7 @@ from benchmarks.machine import cpu_model, cpu_peak_flops, native_bf16
 from benchmarks.vllm_vision import vllm_available, vllm_extract_feature
 from dvd.checkpoint import resolve_model
 from dvd.procs import vision_server
-from dvd.v1 import vision_pb2
+from dvd.v2 import vision_pb2
 from llm_server.vision_pool import VisionPool
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.model import build_model, compile_vit

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from dvd.v1 import vision_pb2
+from dvd.v2 import vision_pb2
 
 V = TypeVar("V")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dvd.v1 import vision_pb2
+from dvd.v2 import vision_pb2
 
 log = logging.getLogger("dvd.data_plane")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
+from pydantic import ValidationError
 
 # Trailing metadata key naming the request field an INVALID_ARGUMENT is about: the gateway reports it as the
 # OpenAI error's `param`.
@@ -45,3 +46,19 @@ class ServiceError(Exception):
         param = trailers.get(PARAM_KEY)
         return cls(error.details() or error.code().name, error.code(), param=param if isinstance(param, str) else None,
                    item=int(item) if item.isdigit() else None)
+
+    @classmethod
+    def from_validation(cls, error: ValidationError) -> ServiceError:
+        """A request that failed its schema: the first problem, its field's path as OpenAI's `param`
+        ("messages[0].content"); a check that names its own field (vLLM's VLLMValidationError has `parameter`, ours a
+        `param` in the error's context) adds it to the path."""
+        first = error.errors(include_url=False)[0]
+        ctx: dict[str, Any] = first.get("ctx") or {}
+        path = ""
+        for part in first["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        named = ctx.get("param") or getattr(ctx.get("error"), "parameter", None)
+        if named and not path.endswith(named):
+            path = f"{path}.{named}" if path else named
+        message = str(ctx.get("error") or first["msg"]).removeprefix("Value error, ")
+        return cls(f"{message} (at '{path}')" if path else message, param=path or None)

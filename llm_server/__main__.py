@@ -23,7 +23,7 @@ from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
 from dvd.shm_orphans import remove_orphans
 from dvd.tracing import setup_tracing
-from dvd.v1 import llm_pb2_grpc
+from dvd.v2 import llm_pb2_grpc
 from llm_server.config import parse_args
 from llm_server.embedding_cache import EmbeddingCache
 from llm_server.service import LanguageService
@@ -78,7 +78,7 @@ async def serve() -> None:
                               tools=config.tools, vir_pressure=VirPressure(config.vir_pressure_waiting))
     server, health, bound = await start_server(
         config.internal, config.host, config.port,
-        lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), "dvd.v1.LanguageService",
+        lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), "dvd.v2.LanguageService",
         options=[("grpc.max_receive_message_length", 256 * 2**20)])
     freeze_heap()
     report_ports(grpc=bound)

@@ -4,17 +4,14 @@ With `--reasoning-parser` and/or `--tool-call-parser`, each choice gets its own 
 and the answer is divided into reasoning, content and tool calls by vLLM's code, not ours: `parse_delta` for a
 client that streams, `parse` on the whole text for one that does not (vLLM's two paths, which can disagree, so
 the gateway says which one its client reads). The parser reads the request's options (tools, tool_choice,
-include_reasoning, ...) from vLLM's own `ChatCompletionRequest`, built once per request from the proto, whose
-validators also check them.
+include_reasoning, ...) from vLLM's own `ChatCompletionRequest`, the one the request was parsed into (request.py).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
 from vllm.config import ModelConfig
 from vllm.entrypoints.generate.base.protocol import DeltaToolCall, FunctionCall
 from vllm.entrypoints.openai.chat_completion.protocol import (
@@ -22,7 +19,6 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
 )
 from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
-from vllm.exceptions import VLLMValidationError
 from vllm.outputs import RequestOutput
 from vllm.parser import ParserManager
 from vllm.parser.abstract_parser import Parser
@@ -30,16 +26,7 @@ from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.tokenizers import TokenizerLike
 
 from dvd.config import option
-from dvd.errors import ServiceError
-from dvd.v1 import llm_pb2
-
-# vLLM's server default for the content format of InternVL3.5's template: OpenAI-style content lists.
-CONTENT_FORMAT = "openai"
-# Template arguments a request may not set: the server's template and how it is called are not the client's to
-# change (the set vLLM's `resolve_chat_template_kwargs` calls unexpected from a request).
-SERVER_ONLY_KWARGS = frozenset({"chat_template", "tokenize"})
-# The request fields carried as JSON in GenerateRequest and given to vLLM's ChatCompletionRequest as they are.
-JSON_FIELDS = ("chat_template_kwargs", "tools", "tool_choice")
+from dvd.v2 import llm_pb2
 
 
 @dataclass(frozen=True)
@@ -66,62 +53,6 @@ def parser_class(reasoning_parser: str, tokenizer: TokenizerLike, model_name: st
                                     model_name=model_name, is_harmony=False, tokenizer=tokenizer)
 
 
-def openai_request(request: llm_pb2.GenerateRequest, model_name: str) -> ChatCompletionRequest:
-    """vLLM's request object for what its chat template and parsers read (the conversation travels apart)."""
-    fields: dict = {}
-    for name in JSON_FIELDS:
-        raw = getattr(request, name)
-        try:
-            fields[name] = json.loads(raw) if raw else None
-        except ValueError as e:
-            raise ServiceError(f"{name} is not valid JSON: {e}", param=name) from e
-    kwargs = fields["chat_template_kwargs"]
-    if isinstance(kwargs, dict) and (refused := SERVER_ONLY_KWARGS & kwargs.keys()):
-        raise ServiceError(f"{', '.join(sorted(refused))} may not be set by a request", param="chat_template_kwargs")
-    if fields["tool_choice"] is None:
-        del fields["tool_choice"]  # vLLM's default: auto with tools, none without
-    for name in ("include_reasoning", "parallel_tool_calls"):
-        if request.HasField(name):
-            fields[name] = getattr(request, name)
-    if request.reasoning_effort:
-        fields["reasoning_effort"] = request.reasoning_effort
-    try:
-        return ChatCompletionRequest(messages=[], model=model_name, stream=request.stream, **fields)
-    except VLLMValidationError as e:
-        raise ServiceError(str(e), param=e.parameter) from e
-    except ValidationError as e:
-        error = e.errors(include_url=False)[0]
-        cause = (error.get("ctx") or {}).get("error")
-        param = getattr(cause, "parameter", None) or (str(error["loc"][0]) if error["loc"] else None)
-        raise ServiceError(str(cause or error["msg"]), param=param) from e
-
-
-def chat_template_kwargs(request: ChatCompletionRequest) -> dict:
-    """The keyword arguments vLLM gives the chat template and the parser (add_generation_prompt and the rest)."""
-    return request.build_chat_params(None, CONTENT_FORMAT).chat_template_kwargs
-
-
-def template_tools(request: ChatCompletionRequest, tools: ToolOptions) -> list[dict] | None:
-    """The tools the chat template renders, as vLLM's renderer passes them."""
-    if request.tools is None or (request.tool_choice == "none" and tools.exclude_tools_when_tool_choice_none):
-        return None
-    return [tool.model_dump() for tool in request.tools]
-
-
-def check_tool_choice(request: ChatCompletionRequest, parser_cls: type[Parser] | None, tools: ToolOptions) -> None:
-    """vLLM's server refuses a tool_choice it has no parser for (its renderer's check, same messages)."""
-    if request.tool_choice in (None, "none") or (parser_cls is not None and parser_cls.tool_parser_cls is not None):
-        return
-    if request.tool_choice == "auto":
-        if not tools.enable_auto_tool_choice:
-            raise ServiceError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
-                               param="tool_choice")
-        return
-    what = (f'function "{request.tool_choice.function.name}"'
-            if isinstance(request.tool_choice, ChatCompletionNamedToolChoiceParam) else f'"{request.tool_choice}"')
-    raise ServiceError(f"tool_choice={what} requires --tool-call-parser to be set", param="tool_choice")
-
-
 @dataclass
 class _Choice:
     parser: Parser | None
@@ -134,13 +65,14 @@ class Answer:
     """One request's choices; `deltas` turns each RequestOutput (vLLM's DELTA kind) into proto deltas."""
 
     def __init__(self, parser_cls: type[Parser] | None, tokenizer: TokenizerLike, model_config: ModelConfig | None,
-                 request: ChatCompletionRequest, template_kwargs: dict, n: int,
+                 request: ChatCompletionRequest, template_kwargs: dict,
                  tools: ToolOptions = ToolOptions()) -> None:
         self.request, self.tools = request, tools
         self.stream = bool(request.stream)
         self.parser_cls = parser_cls
         self.choices = [_Choice(parser_cls(tokenizer, request.tools, chat_template_kwargs=template_kwargs,
-                                           model_config=model_config) if parser_cls else None) for _ in range(n)]
+                                           model_config=model_config) if parser_cls else None)
+                        for _ in range(request.n or 1)]
 
     @property
     def parses_reasoning(self) -> bool:

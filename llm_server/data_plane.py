@@ -36,7 +36,7 @@ from dvd.data_plane import (
     shm_domain,
 )
 from dvd.tensor_codec import split_raw
-from dvd.v1 import vision_pb2, vision_pb2_grpc
+from dvd.v2 import vision_pb2, vision_pb2_grpc
 
 log = logging.getLogger("llm_server.data_plane")
 
@@ -67,7 +67,7 @@ class VisionStub(vision_pb2_grpc.VisionServiceStub):
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         super().__init__(channel)
-        self.Encode = channel.unary_stream("/dvd.v1.VisionService/Encode",
+        self.Encode = channel.unary_stream("/dvd.v2.VisionService/Encode",
                                            request_serializer=vision_pb2.EncodeRequest.SerializeToString,
                                            response_deserializer=read_response)
 

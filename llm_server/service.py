@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -11,10 +10,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import grpc
 import torch
 from opentelemetry import trace
-from pydantic import TypeAdapter
 from vllm import SamplingParams
 from vllm.config import ModelConfig, StructuredOutputsConfig
-from vllm.entrypoints.generate.base.protocol import AnyResponseFormat, structured_outputs_from_response_format
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.exceptions import VLLMClientError
 from vllm.logprobs import Logprob
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -25,21 +24,13 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from dvd.content_cache import embedding_keys
 from dvd.errors import ServiceError
 from dvd.logs import request_context
-from dvd.sampling import PASS_THROUGH
 from dvd.tracing import incoming_context, outgoing_metadata, tracer
-from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
-from llm_server.answer import (
-    Answer,
-    ToolOptions,
-    chat_template_kwargs,
-    check_tool_choice,
-    openai_request,
-    parser_class,
-    template_tools,
-)
+from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
+from llm_server.answer import Answer, ToolOptions, parser_class
 from llm_server.embedding_cache import Embedding, EmbeddingCache
 from llm_server.metrics import Metrics
-from llm_server.prompt import expand_videos, parse_messages, render_prompt
+from llm_server.prompt import expand_videos, render_prompt
+from llm_server.request import chat_template_kwargs, check_tool_choice, parse_messages, parse_request, template_tools
 from llm_server.vir_pressure import VirPressure
 from llm_server.vision_pool import VisionPool
 
@@ -47,8 +38,6 @@ log = logging.getLogger("llm_server.service")
 # The outcome label of a refused request (dvd_llm_requests_total{status}); other codes: the code's name.
 OUTCOMES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.RESOURCE_EXHAUSTED: "vision_busy",
             grpc.StatusCode.FAILED_PRECONDITION: "vision_unavailable"}
-
-RESPONSE_FORMAT: TypeAdapter[AnyResponseFormat] = TypeAdapter(AnyResponseFormat)
 
 
 def check_embedding(i: int, e: torch.Tensor, hidden_size: int) -> None:
@@ -75,52 +64,6 @@ def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidde
         check_embedding(i, e, hidden_size)
 
 
-def sampling_params(p: llm_pb2.SamplingParams, defaults: dict, prompt_tokens: int, max_model_len: int,
-                    constraint: StructuredOutputsParams | None = None) -> SamplingParams:
-    """The request's sampling options over the model's generation-config defaults, as vLLM's chat endpoint does;
-    `constraint`: the request's structured-output constraint, as `check_constraints` parsed and validated it."""
-    kw: dict = dict(defaults)
-    for name in PASS_THROUGH:
-        if p.HasField(name):
-            kw[name] = getattr(p, name)
-    room = max_model_len - prompt_tokens
-    kw["max_tokens"] = min(p.max_tokens if p.HasField("max_tokens") else kw.get("max_tokens", room), room)
-    if p.HasField("max_tokens") and p.max_tokens > room:
-        raise ServiceError(f"max_tokens={p.max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the model's "
-                           f"context of {max_model_len} tokens")
-    if list(p.stop):
-        kw["stop"] = list(p.stop)
-    if list(p.stop_token_ids):
-        kw["stop_token_ids"] = list(p.stop_token_ids)
-    kw["n"] = p.n or 1
-    if p.HasField("logprobs"):
-        kw["logprobs"] = p.logprobs
-    if constraint is not None:
-        kw["structured_outputs"] = constraint
-    try:
-        return SamplingParams(output_kind=RequestOutputKind.DELTA, **kw)
-    except (ValueError, TypeError, VLLMClientError) as e:
-        raise ServiceError(f"invalid sampling parameters: {e}") from e
-
-
-def structured_outputs(p: llm_pb2.SamplingParams) -> StructuredOutputsParams | None:
-    """vLLM's structured-output constraints from the request's `structured_outputs` and `response_format`, parsed
-    by vLLM's own types and combined by its own rule (response_format overrides), as its OpenAI server does."""
-    params = None
-    if p.structured_outputs:
-        try:
-            params = StructuredOutputsParams(**json.loads(p.structured_outputs))
-        except (TypeError, ValueError) as e:
-            raise ServiceError(f"invalid structured_outputs: {e}", param="structured_outputs") from e
-    response_format = None
-    if p.response_format:
-        try:
-            response_format = RESPONSE_FORMAT.validate_json(p.response_format)
-        except ValueError as e:
-            raise ServiceError(f"invalid response_format: {e}", param="response_format") from e
-    return structured_outputs_from_response_format(params, response_format)
-
-
 def refusal(e: Exception) -> ServiceError | None:
     """What a Generate call that failed with `e` answers (None: a fault of this server's own, raised on)."""
     if isinstance(e, ServiceError):
@@ -134,18 +77,19 @@ def refusal(e: Exception) -> ServiceError | None:
     return None
 
 
-def check_constraints(p: llm_pb2.SamplingParams, model_config: ModelConfig,
-                      config: StructuredOutputsConfig | None, tokenizer: TokenizerLike,
-                      tool_constraint: StructuredOutputsParams | None = None) -> StructuredOutputsParams | None:
-    """The request's constraint, parsed and checked by vLLM's own validator (grammar, schema, regex, choice) before
-    any vision work: inside add_request it raises the same errors without saying which request field was wrong.
-    vLLM accepts the checked object again (it remembers the backend `auto` chose). `tool_constraint`, the schema of
-    the calls tool_choice required/named asks for, replaces the client's, as in vLLM."""
-    if tool_constraint is None and not (p.response_format or p.structured_outputs):
+def check_constraints(request: ChatCompletionRequest, model_config: ModelConfig, config: StructuredOutputsConfig | None,
+                      tokenizer: TokenizerLike) -> StructuredOutputsParams | None:
+    """The request's constraint, by vLLM's own rule (response_format over structured_outputs, or the schema of the
+    calls tool_choice required/named asks for, once the parser's adjust_request has set it), checked by vLLM's own
+    validator (grammar, schema, regex, choice) before any vision work: inside add_request it raises the same errors
+    without saying which request field was wrong. vLLM accepts the checked object again (it remembers the backend
+    `auto` chose)."""
+    constraint = request.extract_structured_outputs()
+    if constraint is None:
         return None
-    param = "tools" if tool_constraint else "response_format" if p.response_format else "structured_outputs"
+    param = ("response_format" if request.response_format else
+             "tools" if request.tool_choice not in (None, "none", "auto") else "structured_outputs")
     try:
-        constraint = tool_constraint or structured_outputs(p)  # vLLM's own types raise VLLMValidationError too
         SamplingParams(structured_outputs=constraint)._validate_structured_outputs(model_config, config, tokenizer)
     except (ValueError, VLLMClientError) as e:
         raise ServiceError(str(e), param=param) from e
@@ -190,6 +134,10 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.hidden_size = self.model_config.hf_text_config.hidden_size
         self.max_model_len = self.model_config.max_model_len
         self.default_sampling = self.model_config.get_diff_sampling_param()
+        # vLLM's chat server's cap on every request's max_tokens (a generation config's, or an override's).
+        self.override_max_tokens = (self.default_sampling.get("max_tokens")
+                                    if self.model_config.generation_config not in ("auto", "vllm") else
+                                    getattr(self.model_config, "override_generation_config", {}).get("max_new_tokens"))
         # Flash checkpoints decide ViR per request: an image's rows then depend on the images beside it.
         self.request_wide_vir = bool(getattr(self.model_config.hf_config, "flash_mode", False))
         # vLLM's --reasoning-parser (an engine option, so it arrives with the others) and tool options.
@@ -268,20 +216,16 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
     async def _generate(self, request_id: str,
                         request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
         t0 = time.perf_counter()
-        openai = openai_request(request, self.model_name)
+        openai, options = parse_request(request.chat_request)
         check_tool_choice(openai, self.parser_cls, self.tools)
         template_kwargs = chat_template_kwargs(openai)
-        answer = Answer(self.parser_cls, self.tokenizer, self.model_config, openai, template_kwargs,
-                        request.sampling.n or 1, self.tools)
+        answer = Answer(self.parser_cls, self.tokenizer, self.model_config, openai, template_kwargs, self.tools)
         answer.adjust_request()
-        constraint = check_constraints(request.sampling, self.model_config,
-                                       self.engine.vllm_config.structured_outputs_config, self.tokenizer,
-                                       openai.structured_outputs)
-        conversation = parse_messages(list(request.messages))
+        constraint = check_constraints(openai, self.model_config, self.engine.vllm_config.structured_outputs_config,
+                                       self.tokenizer)
+        conversation = parse_messages(openai.messages, list(request.media))
         prompt = render_prompt(self.tokenizer, conversation, self.model_config, template_kwargs,
                                template_tools(openai, self.tools))
-        options = vision_pb2.EncodeOptions(vir=request.vision.vir, max_tiles=request.vision.max_dynamic_patch,
-                                           video=request.vision.video)
         if self.request_wide_vir and options.vir != vision_pb2.VIR_MODE_OFF:
             options.vir_pressure = self.vir_pressure.observe(self.first_token_pending)
         embedding_bytes = 0
@@ -345,8 +289,13 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         if prompt_tokens >= self.max_model_len:
             raise ServiceError(f"the prompt has {prompt_tokens} tokens ({visual_tokens} of them visual), more than the "
                                f"model's context of {self.max_model_len} tokens")
-        params = sampling_params(request.sampling, self.default_sampling, prompt_tokens, self.max_model_len,
-                                 constraint)
+        # vLLM's chat server's rules: max_tokens within the context and the caps, then its request's own mapping.
+        max_tokens = get_max_tokens(self.max_model_len, openai.max_completion_tokens if openai.max_completion_tokens
+                                    is not None else openai.max_tokens, prompt_tokens, self.default_sampling,
+                                    self.override_max_tokens)
+        params = openai.to_sampling_params(max_tokens, self.default_sampling)
+        params.output_kind = RequestOutputKind.DELTA  # whole answers too: Answer assembles them
+        params.structured_outputs = constraint
         self.metrics.visual_tokens.inc(visual_tokens)  # counted once the request is accepted
 
         # As vLLM's server tells the engine where the reasoning ends (structured outputs start after it).

@@ -18,7 +18,7 @@ from dvd.errors import ServiceError
 from dvd.security import InternalAuth
 from dvd.tensor_codec import BF16_BYTES
 from dvd.tracing import outgoing_metadata
-from dvd.v1 import vision_pb2
+from dvd.v2 import vision_pb2
 from llm_server.data_plane import BrokenStream, ShmSlots, TileReceiver, VisionStub, image_buffer
 
 log = logging.getLogger("llm_server.vision_pool")

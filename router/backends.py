@@ -7,7 +7,6 @@ unreachable before the first response); once a token went out, a retry would dup
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -17,7 +16,7 @@ from dvd.backend_pool import AFFINITY_BALANCE
 from dvd.backend_pool import Backend as PoolBackend
 from dvd.backend_pool import BackendPool as GenericPool
 from dvd.security import InternalAuth
-from dvd.v1 import llm_pb2, llm_pb2_grpc
+from dvd.v2 import llm_pb2, llm_pb2_grpc
 from router.errors import APIError
 
 log = logging.getLogger("router.backends")
@@ -58,14 +57,15 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
         return {name: b.status for b in self.ready_backends for name in (b.status.model_names or [b.status.model])}
 
     async def generate(self, request: llm_pb2.GenerateRequest, deadline: float,
-                       metadata: list[tuple[str, str]] | None = None) -> AsyncIterator[llm_pb2.GenerateResponse]:
+                       metadata: list[tuple[str, str]] | None = None,
+                       key: bytes | None = None) -> AsyncIterator[llm_pb2.GenerateResponse]:
         """Stream one request's responses until `deadline` (event-loop time); closing the iterator cancels the call.
 
         The deadline travels with the call, so the language server gives up at the same moment the router does;
-        `metadata` carries the trace context.
+        `metadata` carries the trace context; `key`, the request's conversation (translate.affinity_key).
         """
         loop = asyncio.get_running_loop()
-        key = affinity_key(request) if self.affinity else None
+        key = key if self.affinity else None
         tried: set[str] = set()
         while True:
             backend, choice = self.pick_for(key, tried)
@@ -91,24 +91,3 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
             finally:
                 backend.outstanding -= 1
                 call.cancel()
-
-
-def affinity_key(request: llm_pb2.GenerateRequest) -> bytes | None:
-    """What stays the same from one turn of a conversation to the next: its first image or video (every turn
-    resends it; its embeddings are cached where it was encoded), else, once the conversation has a reply in it, its
-    opening (system messages and first user message: the prompt prefix vLLM has cached). A first text-only
-    request has none (least load)."""
-    opening = hashlib.blake2b(digest_size=16)
-    replied = False
-    for message in request.messages:
-        for part in message.content:
-            if part.WhichOneof("part") in ("image", "video"):
-                return hashlib.blake2b(part.image or part.video, digest_size=16).digest()
-        replied |= message.role == "assistant"
-    for message in request.messages:
-        opening.update(message.role.encode() + b"\0")
-        for part in message.content:
-            opening.update(part.text.encode() + b"\0")
-        if message.role == "user":
-            break
-    return opening.digest() if replied else None

@@ -25,14 +25,14 @@ from starlette.types import Receive, Scope, Send
 
 from dvd.logs import request_context
 from dvd.tracing import incoming_context, outgoing_metadata, tracer
-from dvd.v1 import llm_pb2
+from dvd.v2 import llm_pb2
 from router.backends import BackendPool
 from router.errors import APIError
 from router.images import ImageLoader
 from router.limits import Limiter, read_capped
 from router.metrics import Metrics, RequestTracker
 from router.schemas import ChatCompletionRequest, parse_chat_request
-from router.translate import ChunkBuilder, CompletionBuilder, media_urls, to_generate_request
+from router.translate import ChunkBuilder, CompletionBuilder, affinity_key, to_generate_request
 
 log = logging.getLogger("router.completions")
 T = TypeVar("T")
@@ -109,13 +109,13 @@ class Completions:
             self._check_model(req.model)
             held.tracker.model_name = req.model
             held.reserve()
-            urls = media_urls(req)
+            urls = list(req.media())
             with tracer.start_as_current_span("router.fetch_media", attributes={"dvd.media": len(urls)}):
                 media = await guarded(request, self.images.load_all(urls), deadline)
             with tracer.start_as_current_span("router.queue"):
                 held.admitted(await guarded(request, self.limiter.take(), deadline))
             held.stream = self.pool.generate(to_generate_request(req, media, request_id), deadline,
-                                             outgoing_metadata())
+                                             outgoing_metadata(), key=affinity_key(req, media))
             first = await guarded(request, anext(held.stream, None), deadline)
             if first is None:
                 raise APIError(502, "the language server closed the stream without a response", code="empty_stream")

@@ -10,7 +10,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from dvd.metrics import MODEL_LABEL, REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, service_registry
 from dvd.tracing import trace_id
-from dvd.v1 import llm_pb2
+from dvd.v2 import llm_pb2
 from router.errors import APIError
 
 log = logging.getLogger("router.requests")

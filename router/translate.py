@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Iterable, Iterator
 
-from dvd.conversation import template_role
-from dvd.sampling import PASS_THROUGH
-from dvd.v1 import llm_pb2, vision_pb2
+from dvd.v2 import llm_pb2, vision_pb2
 from router.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -16,7 +14,6 @@ from router.schemas import (
     ChoiceLogprobs,
     ChunkChoice,
     CompletionTokensDetails,
-    ContentPart,
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
@@ -29,65 +26,33 @@ from router.schemas import (
     Usage,
 )
 
-_VIR = {None: vision_pb2.VIR_MODE_UNSPECIFIED, "auto": vision_pb2.VIR_MODE_AUTO, "off": vision_pb2.VIR_MODE_OFF}
-# image_url.detail -> that image's tile cap (0: the request's budget). "low" is OpenAI's low-resolution mode: one
-# 448 px tile, which InternVL tiles without a thumbnail (256 visual tokens on a non-Flash checkpoint).
-DETAIL_TILES = {"low": 1}
-
-
-def media_urls(req: ChatCompletionRequest) -> list[tuple[str, str, str]]:
-    """Every image and video URL in prompt order: (url, its field path for error messages, "image" | "video")."""
-    out = []
-    for i, message in enumerate(req.messages):
-        for j, part in enumerate(message.content or ()):
-            if (found := part.media_url) is not None:
-                url, kind = found
-                out.append((url, f"messages[{i}].content[{j}].{part.type}.url", kind))
-    return out
-
-
-def _part(p: ContentPart, pending: Iterator[bytes]) -> llm_pb2.ContentPart:
-    if p.type == "image_url" and p.image_url is not None:
-        return llm_pb2.ContentPart(image=next(pending), max_tiles=DETAIL_TILES.get(p.image_url.detail or "", 0))
-    if p.type == "video_url":
-        return llm_pb2.ContentPart(video=next(pending))
-    return llm_pb2.ContentPart(text=p.text or "")
+_KINDS = {"image": vision_pb2.MEDIA_KIND_IMAGE, "video": vision_pb2.MEDIA_KIND_VIDEO}
 
 
 def to_generate_request(req: ChatCompletionRequest, media: list[bytes], request_id: str) -> llm_pb2.GenerateRequest:
-    """`media` are the bytes of `media_urls(req)`, in the same order."""
-    pending = iter(media)
-    messages = [
-        llm_pb2.ChatMessage(
-            role=template_role(m.role),
-            content=[_part(p, pending) for p in m.content or ()],
-            tool_call_id=m.tool_call_id or "", tool_calls=json.dumps(m.tool_calls) if m.tool_calls else "")
-        for m in req.messages
-    ]
-    optional = {name: getattr(req, name) for name in PASS_THROUGH if getattr(req, name) is not None}
-    if req.output_limit is not None:
-        optional["max_tokens"] = req.output_limit
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
-    if req.logprobs_top is not None:
-        optional["logprobs"] = req.logprobs_top
-    if req.response_format is not None and req.response_format.type != "text":
-        optional["response_format"] = req.response_format.model_dump_json(by_alias=True, exclude_none=True)
-    if req.structured_outputs:
-        optional["structured_outputs"] = json.dumps(req.structured_outputs)
-    sampling = llm_pb2.SamplingParams(n=req.n or 1, stop=stop, stop_token_ids=req.stop_token_ids or [], **optional)
-    video = req.media_io_kwargs.video if req.media_io_kwargs and req.media_io_kwargs.video else None
-    vision = llm_pb2.VisionOptions(vir=_VIR[req.vir],
-                                   max_dynamic_patch=req.max_dynamic_patch or req.dynamic_patch_kwarg or 0,
-                                   video=vision_pb2.VideoSampling(num_frames=video.num_frames or 0,
-                                                                  fps=video.fps or 0.0) if video else None)
-    return llm_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling, vision=vision,
-                                   chat_template_kwargs=json.dumps(req.chat_template_kwargs)
-                                   if req.chat_template_kwargs else "",
-                                   include_reasoning=req.include_reasoning, stream=bool(req.stream),
-                                   tools=json.dumps(req.tools) if req.tools is not None else "",
-                                   tool_choice=json.dumps(req.tool_choice) if req.tool_choice is not None else "",
-                                   parallel_tool_calls=req.parallel_tool_calls,
-                                   reasoning_effort=req.reasoning_effort or "")
+    """`media`: the files of `req.media()`, in the same order."""
+    kinds = [_KINDS[kind] for _, _, kind in req.media()]
+    return llm_pb2.GenerateRequest(request_id=request_id, chat_request=req.forwarded(),
+                                   media=[llm_pb2.Media(kind=k, data=d) for k, d in zip(kinds, media, strict=True)])
+
+
+def affinity_key(req: ChatCompletionRequest, media: list[bytes]) -> bytes | None:
+    """What stays the same from one turn of a conversation to the next: its first image or video (every turn
+    resends it; its embeddings are cached where it was encoded), else, once the conversation has a reply in it, its
+    opening (system messages and first user message: the prompt prefix vLLM has cached). A first text-only
+    request has none (least load)."""
+    if media:
+        return hashlib.blake2b(media[0], digest_size=16).digest()
+    if not any(m.role == "assistant" for m in req.messages):
+        return None
+    opening = hashlib.blake2b(digest_size=16)
+    for message in req.messages:
+        opening.update(message.role.encode() + b"\0")
+        for part in message.content or ():
+            opening.update((part.text or "").encode() + b"\0")
+        if message.role == "user":
+            break
+    return opening.digest()
 
 
 def to_logprobs(entries: Iterable[llm_pb2.TokenLogprob]) -> list[TokenLogprob]:

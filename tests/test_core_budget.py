@@ -114,9 +114,9 @@ async def test_engine_answers_alike_on_its_share_and_on_every_core(tiny_ckpt: Pa
 
     from dvd.core_budget import ENV
     from dvd.procs import cpu_engine_env, language_server
-    from dvd.v1 import llm_pb2, llm_pb2_grpc
+    from dvd.v2 import llm_pb2_grpc
     from tests.conftest import VLLM_START_TIMEOUT
-    from tests.helpers.llm import text
+    from tests.helpers.llm import chat_request, text
 
     path = CoreBudget.create()
     budget = CoreBudget(path)
@@ -126,9 +126,8 @@ async def test_engine_answers_alike_on_its_share_and_on_every_core(tiny_ckpt: Pa
         address = svc.wait_grpc(VLLM_START_TIMEOUT)
 
         async def answer(prompt: str) -> list[tuple[int, float]]:
-            req = llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(role="user", content=[text(prompt)])],
-                                          sampling=llm_pb2.SamplingParams(max_tokens=24, temperature=0.0,
-                                                                          logprobs=0, ignore_eos=True))
+            req = chat_request([text(prompt)], max_tokens=24, temperature=0.0, logprobs=True, top_logprobs=0,
+                               ignore_eos=True)
             out: list[tuple[int, float]] = []
             async with grpc.aio.insecure_channel(address) as channel:
                 async for msg in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req):

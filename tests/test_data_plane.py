@@ -31,7 +31,7 @@ from dvd.data_plane import (
 )
 from dvd.errors import ServiceError
 from dvd.tensor_codec import append_raw, split_raw
-from dvd.v1 import vision_pb2, vision_pb2_grpc
+from dvd.v2 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots
 from llm_server.vision_pool import VisionPool
 from tests.conftest import start_vision

@@ -27,7 +27,7 @@ from openai import OpenAI
 from benchmarks.media import data_url, image_bytes
 from dvd.procs import PY, Service, cpu_engine_env, engine_cpus, free_port
 from dvd.security import InternalAuth
-from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
+from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from tests.helpers.security import code_of, data_port_answers, make_pki
 from tests.helpers.vision import collect, encode_with, request
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dvd.content_cache import embedding_keys
-from dvd.v1 import vision_pb2
+from dvd.v2 import vision_pb2
 from llm_server.embedding_cache import EmbeddingCache
 from llm_server.embedding_cache import Encoder as Encoder_
 

@@ -15,7 +15,7 @@ import pytest
 
 from dvd.health import check, main
 from dvd.procs import router
-from dvd.v1 import vision_pb2_grpc
+from dvd.v2 import vision_pb2_grpc
 from tests.conftest import start_llm, start_vision
 from tests.helpers.media import data_url, image_bytes
 from tests.helpers.vision import collect, encode, noise_image, request
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def test_both_servers_report_serving(vision_tiny: str, llm_tiny: str) -> None:
-    for address, service in ((vision_tiny, "dvd.v1.VisionService"), (llm_tiny, "dvd.v1.LanguageService")):
+    for address, service in ((vision_tiny, "dvd.v2.VisionService"), (llm_tiny, "dvd.v2.LanguageService")):
         assert check(address) and check(address, service)
         assert main([address]) == 0  # the healthcheck command the compose files run
         with pytest.raises(grpc.RpcError) as info:

@@ -11,11 +11,13 @@ import torch
 
 from dvd.errors import ServiceError
 from dvd.procs import Service
-from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
-from llm_server.service import sampling_params, validate_embeddings
+from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
+from llm_server.request import parse_request
+from llm_server.service import validate_embeddings
 from llm_server.vision_pool import VisionPool
-from tests.helpers.llm import generate, health, image, stock_vllm_tokens, text
+from tests.helpers.llm import chat_request, generate, health, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes
+from tests.helpers.router import user_message
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -118,7 +120,7 @@ async def test_bad_requests_are_rejected_and_the_engine_keeps_serving(llm_tiny: 
     with pytest.raises(grpc.aio.AioRpcError) as info:  # longer than the 16384-token context
         await generate(llm_tiny, [text("hi")], max_tokens=20000)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "context" in info.value.details()
+    assert "max_model_len" in info.value.details()  # vLLM's own renderer's message
     with pytest.raises(grpc.aio.AioRpcError) as info:  # 6 full-size images x 13 tiles x 256 > 16384 tokens
         await generate(llm_tiny, [*(image(image_bytes(1792, 1344, seed=s)) for s in range(6)), text("?")])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -127,10 +129,7 @@ async def test_bad_requests_are_rejected_and_the_engine_keeps_serving(llm_tiny: 
 
 
 async def test_cancel_aborts_the_vllm_request(llm_tiny: str) -> None:
-    req = llm_pb2.GenerateRequest(
-        messages=[llm_pb2.ChatMessage(role="user", content=[text("Write forever")])],
-        sampling=llm_pb2.SamplingParams(max_tokens=5000, ignore_eos=True, temperature=0.0),
-    )
+    req = chat_request([text("Write forever")], max_tokens=5000, ignore_eos=True, temperature=0.0)
     async with grpc.aio.insecure_channel(llm_tiny) as channel:
         call = llm_pb2_grpc.LanguageServiceStub(channel).Generate(req)
         got = 0
@@ -148,10 +147,7 @@ async def test_cancel_aborts_the_vllm_request(llm_tiny: str) -> None:
 
 
 async def test_n_and_seed_sampling(llm_tiny: str) -> None:
-    req = llm_pb2.GenerateRequest(
-        messages=[llm_pb2.ChatMessage(role="user", content=[text("Tell me a story")])],
-        sampling=llm_pb2.SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=3),
-    )
+    req = chat_request([text("Tell me a story")], max_tokens=8, temperature=1.0, seed=7, n=3)
     async with grpc.aio.insecure_channel(llm_tiny) as channel:
         per_choice: dict[int, list[int]] = {}
         finish: dict[int, str] = {}
@@ -220,18 +216,86 @@ def test_validate_embeddings() -> None:
             validate_embeddings(embeddings, placeholders, 128)
 
 
-def test_sampling_params_follow_the_request() -> None:
-    p = llm_pb2.SamplingParams(max_tokens=10, temperature=0.5, top_p=0.9, top_k=5, seed=3, stop=["x"], n=2,
-                               ignore_eos=True, min_tokens=2, repetition_penalty=1.1)
-    sp = sampling_params(p, {"temperature": 0.7}, prompt_tokens=100, max_model_len=1000)
-    assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.n) == (10, 0.5, 0.9, 5, 3, 2)
-    assert sp.stop == ["x"] and sp.ignore_eos and sp.min_tokens == 2
-    assert sampling_params(llm_pb2.SamplingParams(), {"temperature": 0.7}, 100, 1000).max_tokens == 900
-    assert sampling_params(llm_pb2.SamplingParams(), {"temperature": 0.7}, 100, 1000).temperature == 0.7
-    with pytest.raises(ServiceError):
-        sampling_params(llm_pb2.SamplingParams(max_tokens=950), {}, 100, 1000)
-    with pytest.raises(ServiceError):
-        sampling_params(llm_pb2.SamplingParams(temperature=-1.0), {}, 100, 1000)
+@pytest.mark.parametrize("fields", [
+    {}, {"stream": True, "stream_options": {"include_usage": True}}, {"n": 3, "stop": "x"}, {"stop": ["a", "b"]},
+    {"max_tokens": 5, "max_completion_tokens": 5, "temperature": 0, "top_p": 0.5, "seed": 1},
+    {"presence_penalty": 1, "frequency_penalty": -1, "user": "u", "response_format": {"type": "text"}},
+    {"ignore_eos": True, "min_tokens": 2, "top_k": 5, "repetition_penalty": 1.1, "min_p": 0.1, "stop_token_ids": [3]},
+    {"mm_processor_kwargs": {"max_dynamic_patch": 4}, "vir": "off", "max_dynamic_patch": 4},
+    {"logprobs": False, "tool_choice": "none", "logit_bias": {"1": 1.0}, "best_of": None, "store": False},
+    {"logprobs": True}, {"logprobs": True, "top_logprobs": 20}, {"metadata": {"a": "b"}, "echo": False},
+    {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto", "parallel_tool_calls": False},
+    {"chat_template_kwargs": {"enable_thinking": False}, "include_reasoning": False, "reasoning_effort": "none"},
+    {"media_io_kwargs": {"video": {"num_frames": -1, "fps": 2.5}}}, {"media_io_kwargs": {"video": {}}},
+])
+def test_accepted_requests(fields: dict) -> None:
+    request = chat_request([image(b"x"), text("hi")], **fields)
+    openai, _ = parse_request(request.chat_request)
+    openai.to_sampling_params(5, {})
+
+
+TOOL_TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+              {"role": "tool", "content": "x", "tool_call_id": "1"}]
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "logprobs"),  # above --max-logprobs: vLLM's engine names it so
+    ({"tools": {"type": "function"}}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),  # without --enable-auto-tool-choice
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"best_of": 2}, "best_of"),
+    ({"echo": True}, "echo"),
+    ({"guided_json": {}}, "guided_json"),
+    ({"temperature": 3}, "temperature"),
+    ({"max_tokens": 20000}, "max_tokens"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
+    ({"vir": "sometimes"}, "vir"),
+    ({"max_dynamic_patch": 41}, "max_dynamic_patch"),
+    ({"mm_processor_kwargs": {"min_dynamic_patch": 2}}, "mm_processor_kwargs.min_dynamic_patch"),
+    ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": TOOL_TURNS[1]["tool_calls"]}]},
+     "messages[0].tool_calls"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+     "messages[0].content[0]"),
+    ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": ""}}]}]},
+     "messages[0].content[0]"),
+    ({"messages": [user_message({"type": "image_url", "image_url": {"url": "", "uuid": "u"}})]},
+     "messages[0].content[0].image_url.uuid"),
+    ({"messages": [user_message({"type": "video_url"})]}, "messages[0].content[0]"),
+    ({"media_io_kwargs": {"video": {"num_frames": 0}}}, "media_io_kwargs.video.num_frames"),
+    ({"media_io_kwargs": {"video": {"fps": 0}}}, "media_io_kwargs.video.fps"),
+    ({"media_io_kwargs": {"video": {"backend": "torchcodec"}}}, "media_io_kwargs.video.backend"),
+    ({"media_io_kwargs": {"image": {"size": 1}}}, "media_io_kwargs.image"),
+])
+async def test_refused_requests_name_the_field(llm_tiny: str, fields: dict, param: str) -> None:
+    """Checked by vLLM's own request type where it has the rule, by ours where DvD has its own (vision options,
+    content parts), or refused because this server does not do it: never silently ignored."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate_raw(llm_tiny, chat_request([text("hi")], **({"max_tokens": 1} | fields)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert dict(info.value.trailing_metadata() or ()).get("dvd-param") == param, info.value.details()
+
+
+async def test_files_and_parts_must_match(llm_tiny: str) -> None:
+    extra = chat_request([text("hi")])
+    extra.media.append(image(b"x"))  # a file without its part
+    mismatched = chat_request([image(b"x"), text("hi")])
+    mismatched.media[0].kind = vision_pb2.MEDIA_KIND_VIDEO  # a video where the part says image
+    for request, param in ((extra, "messages"), (mismatched, "messages[0].content[0].image_url.url")):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await generate_raw(llm_tiny, request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert dict(info.value.trailing_metadata() or ()).get("dvd-param") == param
+
+
+async def generate_raw(address: str, request: llm_pb2.GenerateRequest) -> list[llm_pb2.GenerateResponse]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return [m async for m in llm_pb2_grpc.LanguageServiceStub(channel).Generate(request)]
 
 
 async def test_metrics_cover_vision_wait_bytes_and_vllm(llm_tiny: str, llm_tiny_metrics: str) -> None:
@@ -250,24 +314,22 @@ async def test_metrics_cover_vision_wait_bytes_and_vllm(llm_tiny: str, llm_tiny_
 async def test_flash_router_end_to_end(llm_tiny_flash: str) -> None:
     """DvD + ViR: compressed tiles (64 rows) and full tiles (256) mixed in one request reach vLLM intact."""
 
-    async def visual_tokens(vir: int, images: list[bytes]) -> tuple[int, int]:
-        req = llm_pb2.GenerateRequest(
-            messages=[llm_pb2.ChatMessage(role="user", content=[*(image(b) for b in images), text("Describe.")])],
-            sampling=llm_pb2.SamplingParams(max_tokens=4, temperature=0.0), vision=llm_pb2.VisionOptions(vir=vir))
+    async def visual_tokens(vir: str, images: list[bytes]) -> tuple[int, int]:
+        req = chat_request([*(image(b) for b in images), text("Describe.")], max_tokens=4, temperature=0.0, vir=vir)
         async with grpc.aio.insecure_channel(llm_tiny_flash) as channel:
             msgs = [m async for m in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req)]
         return msgs[-1].usage.visual_tokens, msgs[-1].usage.completion_tokens
 
     images = [image_bytes(1344, 896, seed=81), image_bytes(896, 896, seed=82)]  # 6+1 and 4+1 tiles
     tiles = 7 + 5
-    full, generated = await visual_tokens(vision_pb2.VIR_MODE_OFF, images)
+    full, generated = await visual_tokens("off", images)
     assert (full, generated) == (tiles * 256, 4)
-    auto, generated = await visual_tokens(vision_pb2.VIR_MODE_AUTO, images)
+    auto, generated = await visual_tokens("auto", images)
     compressed = (full - auto) // (256 - 64)
     assert generated == 4 and (full - auto) % (256 - 64) == 0
     assert 0 < compressed < tiles, f"the router compressed {compressed} of {tiles} tiles"
-    assert (await visual_tokens(vision_pb2.VIR_MODE_AUTO, images))[0] == auto  # deterministic
-    assert (await visual_tokens(vision_pb2.VIR_MODE_AUTO, [image_bytes(448, 448)]))[0] == 256  # one tile: never
+    assert (await visual_tokens("auto", images))[0] == auto  # deterministic
+    assert (await visual_tokens("auto", [image_bytes(448, 448)]))[0] == 256  # one tile: never
 
 
 async def test_vision_pool_deadline_is_a_timeout_not_a_retry(vision_tiny: str) -> None:

@@ -23,7 +23,7 @@ def test_a_wheel_from_a_clean_tree_is_complete(tmp_path: Path) -> None:
         if (REPO / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, tree / name)
-    assert not (tree / "dvd" / "v1").exists()  # generated, never tracked
+    assert not (tree / "dvd" / "v2").exists()  # generated, never tracked
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(tree)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("dvd_internvl-*.whl"))
@@ -31,7 +31,7 @@ def test_a_wheel_from_a_clean_tree_is_complete(tmp_path: Path) -> None:
         names = set(zf.namelist())
         meta = email.message_from_bytes(zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))))
         zf.extractall(tmp_path / "unpacked")
-    assert {"dvd/v1/vision_pb2.py", "dvd/v1/llm_pb2_grpc.py", "dvd/v1/__init__.py"} <= names
+    assert {"dvd/v2/vision_pb2.py", "dvd/v2/llm_pb2_grpc.py", "dvd/v2/__init__.py"} <= names
     assert {"vision", "language", "router", "dev"} <= set(meta.get_all("Provides-Extra"))
     requires = meta.get_all("Requires-Dist")
     assert any(r.startswith("grpcio-health-checking") for r in requires)

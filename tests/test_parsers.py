@@ -139,12 +139,13 @@ def test_a_think_block_is_split_where_it_closes(tiny_ckpt: Path, stream: bool, i
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.tokenizers import get_tokenizer
 
-    from llm_server.answer import Answer, chat_template_kwargs, parser_class
+    from llm_server.answer import Answer, parser_class
+    from llm_server.request import chat_template_kwargs
 
     tokenizer = get_tokenizer(str(tiny_ckpt), trust_remote_code=True)
-    request = ChatCompletionRequest(messages=[], model="tiny", stream=stream, include_reasoning=include)
+    request = ChatCompletionRequest(messages=[], model="tiny", stream=stream, include_reasoning=include, n=2)
     answer = Answer(parser_class("qwen3", tokenizer, str(tiny_ckpt)), tokenizer, None, request,
-                    chat_template_kwargs(request), n=2)
+                    chat_template_kwargs(request))
     texts = ["the sky is blue</think>Blue.", "red</think>Red, I think."]
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     reasoning, content = ["", ""], [None, None]
@@ -220,7 +221,7 @@ async def test_a_conversation_with_tool_turns_equals_stock_vllm(dvd: openai.Asyn
 @pytest.mark.parametrize(("args", "param"), [
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "no_such_tool"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
     ({"reasoning_effort": "enormous"}, "reasoning_effort"),
 ])
 async def test_bad_tool_and_reasoning_requests_are_400s_naming_the_field(dvd: openai.AsyncOpenAI, args: dict,
@@ -239,13 +240,14 @@ def test_a_tool_call_is_read_out_of_an_answer(tiny_ckpt: Path, stream: bool) -> 
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.tokenizers import get_tokenizer
 
-    from llm_server.answer import Answer, ToolOptions, chat_template_kwargs, parser_class
+    from llm_server.answer import Answer, ToolOptions, parser_class
+    from llm_server.request import chat_template_kwargs
 
     tokenizer = get_tokenizer(str(tiny_ckpt), trust_remote_code=True)
     tools = ToolOptions(tool_call_parser="hermes", enable_auto_tool_choice=True)
     request = ChatCompletionRequest(messages=[], model="tiny", stream=stream, tools=[WEATHER])
     answer = Answer(parser_class("", tokenizer, str(tiny_ckpt), tools), tokenizer, None, request,
-                    chat_template_kwargs(request), n=1, tools=tools)
+                    chat_template_kwargs(request), tools=tools)
     ids = tokenizer.encode('Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
                            '</tool_call>', add_special_tokens=False)
     content, name, arguments, finish = "", "", "", ""

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from dvd.security import InternalAuth
-from dvd.v1 import vision_pb2, vision_pb2_grpc
+from dvd.v2 import vision_pb2, vision_pb2_grpc
 from tests.conftest import start_vision
 from tests.helpers.router import png_bytes
 from tests.helpers.security import code_of, make_pki

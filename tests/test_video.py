@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dvd.errors import ServiceError
-from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
-from tests.helpers.llm import assert_logprobs_close
+from dvd.v2 import llm_pb2_grpc, vision_pb2
+from tests.helpers.llm import assert_logprobs_close, chat_request, text, video
 from tests.helpers.media import data_url, image_bytes, make_image, video_bytes
 from vision_server.video import Sampling, VideoLimits, decode_video, preprocess_video, sample_indices
 
@@ -211,18 +211,15 @@ async def test_vir_compresses_frames_on_flash(llm_tiny_flash: str) -> None:
     """On a Flash checkpoint ViR decides per frame (64 or 256 rows); frames of different sizes reach vLLM intact."""
     clip, frames = tiles_clip()
 
-    async def visual_tokens(vir: int) -> int:
-        req = llm_pb2.GenerateRequest(
-            messages=[llm_pb2.ChatMessage(role="user", content=[llm_pb2.ContentPart(video=clip),
-                                                                llm_pb2.ContentPart(text="Describe.")])],
-            sampling=llm_pb2.SamplingParams(max_tokens=2, temperature=0.0), vision=llm_pb2.VisionOptions(vir=vir))
+    async def visual_tokens(vir: str) -> int:
+        req = chat_request([video(clip), text("Describe.")], max_tokens=2, temperature=0.0, vir=vir)
         async with grpc.aio.insecure_channel(llm_tiny_flash) as channel:
             msgs = [m async for m in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req)]
         assert msgs[-1].usage.completion_tokens == 2
         return msgs[-1].usage.visual_tokens
 
-    full = await visual_tokens(vision_pb2.VIR_MODE_OFF)
-    auto = await visual_tokens(vision_pb2.VIR_MODE_AUTO)
+    full = await visual_tokens("off")
+    auto = await visual_tokens("auto")
     assert full == frames * 256
     compressed = (full - auto) // (256 - 64)
     assert (full - auto) % (256 - 64) == 0 and 0 < compressed < frames, f"{compressed} of {frames} frames compressed"

@@ -10,10 +10,10 @@ import grpc
 import httpx
 import pytest
 
-from dvd.v1 import llm_pb2, llm_pb2_grpc, vision_pb2
+from dvd.v2 import llm_pb2_grpc, vision_pb2
 from llm_server.vir_pressure import VirPressure
 from tests.conftest import METRICS_URLS
-from tests.helpers.llm import image, text
+from tests.helpers.llm import chat_request, image, text
 from tests.helpers.media import image_bytes
 from tests.helpers.vision import encode_sync, request
 from vision_server.service import VirSettings
@@ -64,11 +64,12 @@ def test_the_vision_server_compresses_more_tiles_under_pressure(vision_tiny_flas
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vir_pressure" in err.value.details()
 
 
+VIR_NAMES = {vision_pb2.VIR_MODE_AUTO: "auto", vision_pb2.VIR_MODE_OFF: "off"}
+
+
 async def visual_tokens(address: str, vir: int, max_tokens: int = 2) -> int:
-    req = llm_pb2.GenerateRequest(
-        messages=[llm_pb2.ChatMessage(role="user", content=[*(image(b) for b in IMAGES), text("Describe.")])],
-        sampling=llm_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
-        vision=llm_pb2.VisionOptions(vir=vir))
+    req = chat_request([*(image(b) for b in IMAGES), text("Describe.")], max_tokens=max_tokens, temperature=0.0,
+                       vir=VIR_NAMES[vir])
     async with grpc.aio.insecure_channel(address) as channel:
         msgs = [m async for m in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req)]
     return msgs[-1].usage.visual_tokens

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import dvd.content_cache
 from dvd.content_cache import ByteLRU
 from dvd.procs import free_port
-from dvd.v1 import vision_pb2
+from dvd.v2 import vision_pb2
 from tests.conftest import start_vision
 from tests.helpers.vision import encode, encode_sync, encode_with, noise_image, request
 

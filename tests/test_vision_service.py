@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from dvd.v1 import vision_pb2, vision_pb2_grpc
+from dvd.v2 import vision_pb2, vision_pb2_grpc
 from tests.helpers.vision import Encoded, encode, encode_sync, noise_image, png_header_only, request
 
 GOOD = encode(noise_image(896, 448, seed=11), "JPEG")  # 2x1 grid + thumbnail

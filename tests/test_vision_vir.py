@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dvd.v1 import vision_pb2
+from dvd.v2 import vision_pb2
 from tests.helpers.vision import encode, encode_sync, noise_image, request
 from vision_server.vir import decide_compression
 

@@ -35,7 +35,7 @@ from dvd.data_plane import (
     owner_gone,
 )
 from dvd.tensor_codec import append_raw, encode_bf16
-from dvd.v1 import vision_pb2
+from dvd.v2 import vision_pb2
 
 log = logging.getLogger("vision_server.data_plane")
 

@@ -20,7 +20,7 @@ from dvd.data_plane import shm_domain
 from dvd.errors import ServiceError
 from dvd.logs import request_context
 from dvd.tracing import incoming_context, stage_span, tracer
-from dvd.v1 import vision_pb2, vision_pb2_grpc
+from dvd.v2 import vision_pb2, vision_pb2_grpc
 from vision_server.batcher import Batcher, TileResult
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.data_plane import DataListener, ShmMaps, TileSender, serialize_response

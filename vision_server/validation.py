@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dvd.errors import ServiceError
-from dvd.v1 import vision_pb2
+from dvd.v2 import vision_pb2
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.video import Sampling
 

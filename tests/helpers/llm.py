@@ -2,29 +2,44 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import openai
 import pytest
 
-from dvd.v1 import llm_pb2, llm_pb2_grpc
+from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
 from tests.helpers.media import data_url
 
 
-def text(t: str) -> llm_pb2.ContentPart:
-    return llm_pb2.ContentPart(text=t)
+def text(t: str) -> dict:
+    return {"type": "text", "text": t}
 
 
-def image(data: bytes) -> llm_pb2.ContentPart:
-    return llm_pb2.ContentPart(image=data)
+def image(data: bytes) -> llm_pb2.Media:
+    return llm_pb2.Media(kind=vision_pb2.MEDIA_KIND_IMAGE, data=data)
 
 
-async def generate(address: str, parts: list[llm_pb2.ContentPart], max_tokens: int = 16,
-                   **sampling) -> tuple[list[int], llm_pb2.GenerateResponse]:
+def video(data: bytes) -> llm_pb2.Media:
+    return llm_pb2.Media(kind=vision_pb2.MEDIA_KIND_VIDEO, data=data)
+
+
+def chat_request(parts: list[dict | llm_pb2.Media], messages: list[dict] | None = None, request_id: str = "",
+                 **fields: object) -> llm_pb2.GenerateRequest:
+    """A GenerateRequest as the gateway sends it: one user message of `parts` (after `messages`), each file as an
+    emptied image_url / video_url part with its bytes in `media`, and the request's other OpenAI fields."""
+    content = [p if isinstance(p, dict) else
+               {"type": "video_url" if p.kind == vision_pb2.MEDIA_KIND_VIDEO else "image_url",
+                "video_url" if p.kind == vision_pb2.MEDIA_KIND_VIDEO else "image_url": {"url": ""}} for p in parts]
+    body = {"model": "tiny", "messages": [*(messages or []), {"role": "user", "content": content}], **fields}
+    return llm_pb2.GenerateRequest(request_id=request_id, chat_request=json.dumps(body).encode(),
+                                   media=[p for p in parts if not isinstance(p, dict)])
+
+
+async def generate(address: str, parts: list[dict | llm_pb2.Media], max_tokens: int = 16,
+                   **fields: object) -> tuple[list[int], llm_pb2.GenerateResponse]:
     """Greedy (unless told otherwise) token ids of choice 0, and the final message with usage."""
-    req = llm_pb2.GenerateRequest(
-        messages=[llm_pb2.ChatMessage(role="user", content=parts)],
-        sampling=llm_pb2.SamplingParams(max_tokens=max_tokens, **({"temperature": 0.0} | sampling)),
-    )
+    req = chat_request(parts, max_tokens=max_tokens, **({"temperature": 0.0} | fields))
     tokens: list[int] = []
     last = None
     async with grpc.aio.insecure_channel(address) as channel:

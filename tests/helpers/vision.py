@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from dvd.tensor_codec import decode_bf16
-from dvd.v1 import vision_pb2, vision_pb2_grpc
+from dvd.v2 import vision_pb2, vision_pb2_grpc
 from llm_server.vision_pool import EncodedImages, VisionPool
 
 
