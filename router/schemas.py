@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_serializer
+from pydantic_core import from_json
 
 from dvd.errors import ServiceError
 from router.errors import APIError
@@ -80,7 +81,7 @@ class ChatCompletionRequest(BaseModel):
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     """The gateway's view of a JSON body; a 400 names the first problem, its field's path as OpenAI's `param`."""
     try:
-        raw = json.loads(body)
+        raw = from_json(body)  # pydantic's parser: a nesting limit, where json.loads would overflow the stack
         request = ChatCompletionRequest.model_validate(raw)
     except ValidationError as exc:
         refused = ServiceError.from_validation(exc)

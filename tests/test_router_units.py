@@ -50,7 +50,8 @@ def test_refused_requests_name_the_field(fields: dict, param: str) -> None:
 
 
 def test_refused_request_without_a_field() -> None:
-    for raw in (b"{not json", b"[]"):
+    nested = b'{"model": "m", "n": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}"  # deeper than any stack
+    for raw in (b"{not json", b"[]", nested, b'{"model": "\xff\xfe"}'):
         with pytest.raises(APIError) as err:
             parse_chat_request(raw)
         assert err.value.status == 400 and err.value.param is None
