@@ -40,7 +40,7 @@ from dvd.procs import Service
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.security import InternalAuth
 from dvd.server import start_server
-from dvd.tensor_codec import BF16_BYTES
+from dvd.tensor_codec import BF16_BYTES, WIRE_DATATYPE
 from dvd.v2 import vision_pb2, vision_pb2_grpc
 from llm_server.vision_pool import VisionPool
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
@@ -77,8 +77,8 @@ class TileStreamer(vision_pb2_grpc.VisionServiceServicer):
             for lo in range(0, n, self.per_message):  # the server's batches: every tile of one finishes together
                 msg = vision_pb2.EncodeResponse()
                 for i in range(lo, min(n, lo + self.per_message)):
-                    msg.tiles.add(tile_index=i, num_tiles=n, rows=ROWS, hidden_size=self.hidden,
-                                  dtype=vision_pb2.DTYPE_BF16, image_rows=n * ROWS)
+                    msg.tiles.add(tile_index=i, num_tiles=n, datatype=WIRE_DATATYPE, shape=[ROWS, self.hidden],
+                                  image_rows=n * ROWS)
                 wire = await sender.place(msg.tiles, [self.tile] * len(msg.tiles))
                 if lo + self.per_message >= n:
                     msg.summary.CopyFrom(vision_pb2.EncodeSummary(

@@ -19,6 +19,10 @@ import torch
 from dvd.data_plane import byte_view
 
 BF16_BYTES = 2
+# A tile tensor's datatype by its KServe v2 name (TileEmbedding.datatype): what a receiver accepts; the vision server
+# sends WIRE_DATATYPE.
+DATATYPES = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP32": torch.float32}
+WIRE_DATATYPE = "BF16"
 _LEN = 2  # protobuf's wire type of a length-delimited field (bytes, string, message)
 
 

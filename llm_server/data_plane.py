@@ -44,15 +44,15 @@ CONNECT_TIMEOUT_S = 2.0
 PIN_MEMORY = torch.cuda.is_available()  # page-locked receive buffers: the copy to the GPU needs no staging
 
 
-def image_buffer(rows: int, hidden: int) -> torch.Tensor:
+def image_buffer(rows: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The tensor one image's tiles are received into, in place: vLLM gets it as it is.
 
     On the host it comes from glibc's malloc, which (with `dvd.runtime.tune_allocator`) hands back the memory of
     images already freed; torch.empty's aligned allocations do not, and fault every page of a new image in again
     (docs/performance.md, "Settings behind the code")."""
     if PIN_MEMORY:
-        return torch.empty((rows, hidden), dtype=torch.bfloat16, pin_memory=True)
-    return torch.from_numpy(np.empty(rows * hidden, dtype=np.uint16)).view(torch.bfloat16).view(rows, hidden)
+        return torch.empty((rows, hidden), dtype=dtype, pin_memory=True)
+    return torch.from_numpy(np.empty(rows * hidden * dtype.itemsize, dtype=np.uint8)).view(dtype).view(rows, hidden)
 
 
 def read_response(data: bytes) -> tuple[vision_pb2.EncodeResponse, list[memoryview]]:

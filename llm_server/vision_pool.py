@@ -16,7 +16,7 @@ from dvd.backend_pool import Backend, BackendPool
 from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES
 from dvd.errors import ServiceError
 from dvd.security import InternalAuth
-from dvd.tensor_codec import BF16_BYTES
+from dvd.tensor_codec import DATATYPES, WIRE_DATATYPE
 from dvd.tracing import outgoing_metadata
 from dvd.v2 import vision_pb2
 from llm_server.data_plane import BrokenStream, ShmSlots, TileReceiver, VisionStub, image_buffer
@@ -160,10 +160,9 @@ class VisionPool(BackendPool[VisionStub]):
                   else health.max_video_frames or MAX_VIDEO_FRAMES)
         tiles_bound = sum(frames if kind == vision_pb2.MEDIA_KIND_VIDEO else c + (c > 1)  # + an image's thumbnail
                           for c, kind in zip(caps, kinds or [vision_pb2.MEDIA_KIND_IMAGE] * len(images), strict=True))
-        receiver = await TileReceiver.open(
-            self.transport, self.executor, self.slots, health.shm_domain, b.host,
-            health.data_port if self.tcp_allowed else 0, tiles_bound * TILE_ROWS * self.hidden_size * BF16_BYTES,
-            timeout, self.data_tls)
+        bound = tiles_bound * TILE_ROWS * self.hidden_size * DATATYPES[WIRE_DATATYPE].itemsize
+        receiver = await TileReceiver.open(self.transport, self.executor, self.slots, health.shm_domain, b.host,
+                                           health.data_port if self.tcp_allowed else 0, bound, timeout, self.data_tls)
         request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options,
                                            data_plane=receiver.offer(),
                                            image_max_tiles=image_max_tiles if any(image_max_tiles) else (),
@@ -184,14 +183,15 @@ class VisionPool(BackendPool[VisionStub]):
                 for tile in msg.tiles:
                     self._check_tile(tile, embs, filled, counts)
                     i = tile.image_index
+                    rows = tile.shape[0]
                     if embs[i] is None:  # one tensor per image: tiles land in place, never concatenated
-                        embs[i] = image_buffer(tile.image_rows, self.hidden_size)
+                        embs[i] = image_buffer(tile.image_rows, self.hidden_size, DATATYPES[tile.datatype])
                     emb = embs[i]
                     assert emb is not None
-                    items.append((tile, emb[filled[i]:filled[i] + tile.rows]))
-                    filled[i] += tile.rows
+                    items.append((tile, emb[filled[i]:filled[i] + rows]))
+                    filled[i] += rows
                     counts[i] += 1
-                    tile_rows[i].append(tile.rows)
+                    tile_rows[i].append(rows)
                     name = TRANSPORT_NAMES.get(tile.transport, "grpc")
                     by_transport[name] = by_transport.get(name, 0) + tile.nbytes
                 await receiver.receive(items, inline)
@@ -207,24 +207,27 @@ class VisionPool(BackendPool[VisionStub]):
 
     def _check_tile(self, tile: vision_pb2.TileEmbedding, embs: list[torch.Tensor | None], filled: list[int],
                     counts: list[int]) -> None:
-        if tile.dtype != vision_pb2.DTYPE_BF16:
-            raise BrokenStream(f"unsupported embedding dtype {tile.dtype}")
+        dtype = DATATYPES.get(tile.datatype)
+        if dtype is None or len(tile.shape) != 2:
+            raise BrokenStream(f"unsupported tile tensor: {tile.datatype or 'no datatype'} {list(tile.shape)}")
+        rows, hidden = tile.shape
         if tile.image_index >= len(embs):
             raise BrokenStream(f"tile for image {tile.image_index}, but the request has {len(embs)} images")
         i = tile.image_index
         if tile.tile_index != counts[i]:
             raise BrokenStream(f"image {i}: tile {tile.tile_index} arrived out of order")
-        if tile.hidden_size != self.hidden_size:
-            raise BrokenStream(
-                f"embedding hidden size {tile.hidden_size} != the language model's {self.hidden_size}")
+        if hidden != self.hidden_size:
+            raise BrokenStream(f"embedding hidden size {hidden} != the language model's {self.hidden_size}")
         emb = embs[i]
         image_rows = tile.image_rows if emb is None else emb.shape[0]
-        if tile.rows == 0 or tile.image_rows != image_rows or filled[i] + tile.rows > image_rows:
-            raise BrokenStream(f"image {i}: tile {tile.tile_index} of {tile.rows} rows does not fit the "
+        if rows == 0 or tile.image_rows != image_rows or filled[i] + rows > image_rows:
+            raise BrokenStream(f"image {i}: tile {tile.tile_index} of {rows} rows does not fit the "
                                f"image's {tile.image_rows} rows ({filled[i]} received)")
-        if tile.nbytes != tile.rows * tile.hidden_size * BF16_BYTES:
+        if emb is not None and emb.dtype != dtype:
+            raise BrokenStream(f"image {i}: tile {tile.tile_index} is {tile.datatype}, its image's others are not")
+        if tile.nbytes != rows * hidden * dtype.itemsize:
             raise BrokenStream(f"image {i}: tile {tile.tile_index} declares {tile.nbytes} bytes for "
-                               f"{tile.rows} x {tile.hidden_size} bf16")
+                               f"{rows} x {hidden} {tile.datatype}")
 
     @staticmethod
     def _check_summary(embs: list[torch.Tensor | None], filled: list[int], counts: list[int],

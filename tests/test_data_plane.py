@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -173,11 +174,11 @@ class LyingVision(vision_pb2_grpc.VisionServiceServicer):
     async def Encode(self, request: vision_pb2.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
         sender = await TileSender.open(request.data_plane, self.executor, self.listener, self.maps)
-        emb = torch.ones(256, 128, dtype=torch.bfloat16)
+        datatype = {"fp16": "FP16", "datatype": "INT8"}.get(self.fault, "BF16")
+        emb = torch.ones(256, 128, dtype=torch.float16 if datatype == "FP16" else torch.bfloat16)
         msg = vision_pb2.EncodeResponse()
         for i in range(2):
-            msg.tiles.add(tile_index=i, num_tiles=2, rows=256, hidden_size=128, dtype=vision_pb2.DTYPE_BF16,
-                          image_rows=512)
+            msg.tiles.add(tile_index=i, num_tiles=2, datatype=datatype, shape=[256, 128], image_rows=512)
         wire = await sender.place(msg.tiles, [emb, emb])
         if self.fault == "shm-offset":
             msg.tiles[1].offset += 2
@@ -216,17 +217,10 @@ class LyingVision(vision_pb2_grpc.VisionServiceServicer):
     ("tcp-short", "tcp", "closed after 1000"),
     ("inline-short", "grpc", "carries 65280 bytes, expected 65536"),
     ("garbage", "grpc", "not an EncodeResponse"),
+    ("datatype", "shm", "unsupported tile tensor: INT8"),
 ])
 async def test_a_lying_server_is_a_protocol_error(fault: str, transport: str, message: str) -> None:
-    listener = DataListener()
-    await listener.start("127.0.0.1", 0)
-    server = grpc.aio.server()
-    add_to_server(LyingVision(fault, listener), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    pool = VisionPool((f"127.0.0.1:{port}",), hidden_size=128, timeout_s=20, transport=transport)
-    await pool.start()
-    try:
+    async with lying_pool(fault, transport) as pool:
         for attempt in range(pool.error_threshold):
             # One broken answer may be the request's alone: the server stays in rotation until it fails calls
             # error_threshold times in a row, then it is not tried again until its health check passes.
@@ -237,11 +231,36 @@ async def test_a_lying_server_is_a_protocol_error(fault: str, transport: str, me
             assert "127.0.0.1" not in str(err.value)  # what failed, not where: addresses stay in the logs
         assert not pool.backends[0].ready
         assert re.search(message, pool.backends[0].last_error)  # the reason, for the operator
+    assert not own_segments()
+
+
+@contextlib.asynccontextmanager
+async def lying_pool(fault: str, transport: str) -> AsyncIterator[VisionPool]:
+    listener = DataListener()
+    await listener.start("127.0.0.1", 0)
+    server = grpc.aio.server()
+    add_to_server(LyingVision(fault, listener), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pool = VisionPool((f"127.0.0.1:{port}",), hidden_size=128, timeout_s=20, transport=transport)
+    await pool.start()
+    try:
+        yield pool
     finally:
         await pool.close()
         await server.stop(0)
         await listener.close()
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp", "grpc"])
+async def test_another_datatype_is_a_value(transport: str) -> None:
+    """Tiles are described as KServe v2 describes tensors (datatype + shape): FP16 tiles arrive as FP16 on every
+    transport, with no change to the protocol or the receiver."""
+    async with lying_pool("fp16", transport) as pool:
+        encoded = await pool.encode("dp-fp16", [b"image"], vision_pb2.EncodeOptions())
     assert not own_segments()
+    (emb,) = encoded.embeddings
+    assert emb.dtype == torch.float16 and emb.shape == (512, 128) and bool((emb == 1).all())
 
 
 # -- shared-memory segments --------------------------------------------------------------------------------------------

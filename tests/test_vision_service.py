@@ -33,8 +33,8 @@ def test_stream_layout(vision_tiny: str) -> None:
     for i, summary in enumerate(got.summary.images):
         tiles = got.image_tiles(i)
         assert [t.tile_index for t in tiles] == list(range(summary.num_tiles))
-        assert all(t.num_tiles == summary.num_tiles and t.dtype == vision_pb2.DTYPE_BF16 for t in tiles)
-        assert all(len(got.payload(t)) == t.nbytes == t.rows * t.hidden_size * 2 for t in tiles)
+        assert all(t.num_tiles == summary.num_tiles and t.datatype == "BF16" for t in tiles)
+        assert all(len(got.payload(t)) == t.nbytes == t.shape[0] * t.shape[1] * 2 for t in tiles)
         assert summary.num_tokens == 256 * summary.num_tiles
     assert (got.summary.images[0].width, got.summary.images[0].height) == (1000, 500)
     assert got.summary.compute_seconds > 0

@@ -34,7 +34,7 @@ def test_decision_uses_linear_quantile_like_torch() -> None:
 
 def test_single_tile_request_never_compressed(vision_tiny_flash: str) -> None:
     got = encode_sync(vision_tiny_flash, request([encode(noise_image(448, 448), "PNG")]))
-    assert [(t.rows, t.compressed) for t in got.tiles] == [(256, False)]
+    assert [(t.shape[0], t.compressed) for t in got.tiles] == [(256, False)]
 
 
 def test_vir_off_keeps_256_rows_and_same_bytes(vision_tiny_flash: str) -> None:
@@ -42,7 +42,7 @@ def test_vir_off_keeps_256_rows_and_same_bytes(vision_tiny_flash: str) -> None:
     off = encode_sync(vision_tiny_flash, request([data], vir=vision_pb2.VIR_MODE_OFF))
     auto = encode_sync(vision_tiny_flash, request([data], vir=vision_pb2.VIR_MODE_AUTO))
     assert len(off.tiles) == len(auto.tiles) == 7
-    assert all(t.rows == 256 and not t.compressed for t in off.tiles)
+    assert all(t.shape[0] == 256 and not t.compressed for t in off.tiles)
     assert off.summary.images[0].num_tokens == 7 * 256
     assert 0 < auto.summary.images[0].num_compressed_tiles < 7, "the tiny Flash router should split this image"
     for a, o in zip(auto.tiles, off.tiles, strict=True):
@@ -53,7 +53,7 @@ def test_vir_off_keeps_256_rows_and_same_bytes(vision_tiny_flash: str) -> None:
 def test_non_flash_checkpoint_is_never_compressed(vision_tiny: str) -> None:
     got = encode_sync(vision_tiny, request([encode(noise_image(1000, 600, seed=3), "PNG")],
                                            vir=vision_pb2.VIR_MODE_AUTO))
-    assert all(t.rows == 256 and not t.compressed for t in got.tiles)
+    assert all(t.shape[0] == 256 and not t.compressed for t in got.tiles)
 
 
 def test_service_decision_is_per_request_over_all_images(vision_tiny_flash: str, tiny_flash_ckpt: Path) -> None:
@@ -74,8 +74,8 @@ def test_service_decision_is_per_request_over_all_images(vision_tiny_flash: str,
     assert [t.compressed for t in got.tiles] == expected
     assert any(expected) and not all(expected)
     for tile, small, e64, e256 in zip(got.tiles, expected, out.emb64, out.emb256, strict=True):
-        assert tile.rows == (64 if small else 256)
+        assert tile.shape[0] == (64 if small else 256)
         ref = (e64 if small else e256).to(torch.bfloat16)
         assert torch.equal(got.tensor(tile), ref)
-    per_image = [sum(t.rows for t in got.image_tiles(i)) for i in range(2)]
+    per_image = [sum(t.shape[0] for t in got.image_tiles(i)) for i in range(2)]
     assert [s.num_tokens for s in got.summary.images] == per_image

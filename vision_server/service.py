@@ -19,6 +19,7 @@ from dvd.content_cache import ByteLRU, embedding_keys
 from dvd.data_plane import shm_domain
 from dvd.errors import ServiceError
 from dvd.logs import request_context
+from dvd.tensor_codec import WIRE_DATATYPE
 from dvd.tracing import incoming_context, stage_span, tracer
 from dvd.v2 import vision_pb2, vision_pb2_grpc
 from vision_server.batcher import Batcher, TileResult
@@ -263,7 +264,6 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             self.metrics.observe_vir(compress)
             projected = await self._project(results, compress)
             proj_end = time.monotonic()
-        hidden = self.model_cfg.llm_hidden
         summaries = [vision_pb2.ImageSummary(num_tiles=len(fs), width=w, height=h)
                      for (w, h), fs in zip(sizes, per_image, strict=True)]
         rows = self._image_rows(per_image, compress)
@@ -282,9 +282,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 assert emb is not None
                 summaries[img].num_tokens += emb.shape[0]
                 summaries[img].num_compressed_tiles += int(compress[k])
-                msg.tiles.add(image_index=img, tile_index=tile_index, num_tiles=num_tiles, rows=emb.shape[0],
-                              hidden_size=hidden, dtype=vision_pb2.DTYPE_BF16, compressed=compress[k],
-                              image_rows=rows[img])
+                msg.tiles.add(image_index=img, tile_index=tile_index, num_tiles=num_tiles, datatype=WIRE_DATATYPE,
+                              shape=emb.shape, compressed=compress[k], image_rows=rows[img])
                 embs.append(emb)
                 if keys:
                     sent.append(emb)

@@ -54,10 +54,10 @@ class Encoded:
         return self.inline[(tile.image_index, tile.tile_index)]
 
     def tensor(self, tile: vision_pb2.TileEmbedding) -> torch.Tensor:
-        return decode_bf16(self.payload(tile), tile.rows, tile.hidden_size)
+        return decode_bf16(self.payload(tile), *tile.shape)
 
     def fingerprint(self) -> list[tuple[int, int, int, bool, bytes]]:
-        return [(t.image_index, t.tile_index, t.rows, t.compressed, self.payload(t)) for t in self.tiles]
+        return [(t.image_index, t.tile_index, t.shape[0], t.compressed, self.payload(t)) for t in self.tiles]
 
 
 def request(images: list[bytes], vir: int = vision_pb2.VIR_MODE_UNSPECIFIED, max_tiles: int = 0,
