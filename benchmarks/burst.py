@@ -157,8 +157,8 @@ async def pool_burst(vision: str, transport: str, bodies: list[bytes], after: by
     from llm_server.vision_pool import VisionPool
 
     async with grpc.aio.insecure_channel(vision) as channel:
-        hidden = (await vision_pb2_grpc.VisionServiceStub(channel).Health(vision_pb2.VisionHealthRequest(),
-                                                                           timeout=10)).hidden_size
+        hidden = (await vision_pb2_grpc.VisionServiceStub(channel).Metadata(vision_pb2.MetadataRequest(),
+                                                                             timeout=10)).hidden_size
     pool = VisionPool((vision,), hidden_size=hidden, timeout_s=300, transport=transport, shm_budget_bytes=shm_bytes)
     result = BurstResult()
 

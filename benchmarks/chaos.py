@@ -39,6 +39,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 import httpx
 
 from benchmarks.burst import body as burst_body
@@ -58,7 +59,7 @@ from dvd.procs import (
     vision_server,
 )
 from dvd.shm_orphans import shm_entries
-from dvd.v2 import llm_pb2, llm_pb2_grpc
+from dvd.health import probe
 
 log = logging.getLogger("benchmarks.chaos")
 CONCURRENCY, QUEUE = 4, 8  # the router's limits in this run: overload is 10x the concurrency
@@ -559,9 +560,8 @@ async def running_requests(stack: Stack) -> list[int]:
     out = []
     for _, port in stack.llm:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = await llm_pb2_grpc.LanguageServiceStub(channel).Health(llm_pb2.LanguageHealthRequest(),
-                                                                           timeout=10)
-            out.append(health.running_requests)
+            _, load = await probe(health_pb2_grpc.HealthStub(channel), "", timeout=10)
+            out.append(int(load))
     return out
 
 

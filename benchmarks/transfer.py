@@ -88,11 +88,9 @@ class TileStreamer(vision_pb2_grpc.VisionServiceServicer):
         finally:
             sender.close()
 
-    async def Health(self, request: vision_pb2.VisionHealthRequest,
-                     context: object) -> vision_pb2.VisionHealthResponse:
-        return vision_pb2.VisionHealthResponse(ready=True, model="transfer-bench", hidden_size=self.hidden,
-                                               max_tiles=TILES_PER_IMAGE - 1, data_port=self.listener.port,
-                                               shm_domain=shm_domain())
+    async def Metadata(self, request: vision_pb2.MetadataRequest, context: object) -> vision_pb2.VisionMetadata:
+        return vision_pb2.VisionMetadata(model="transfer-bench", hidden_size=self.hidden, max_tiles=TILES_PER_IMAGE - 1,
+                                         data_port=self.listener.port, shm_domain=shm_domain())
 
 
 async def serve(port: int, hidden: int, per_message: int) -> None:
@@ -103,7 +101,7 @@ async def serve(port: int, hidden: int, per_message: int) -> None:
     streamer = TileStreamer(hidden, listener, per_message)
     server, health, bound = await start_server(
         auth, "127.0.0.1", port, lambda s: add_to_server(streamer, s),
-        "dvd.v2.VisionService", options=CHANNEL_OPTIONS)
+        "dvd.v2.VisionService", lambda: 0.0, options=CHANNEL_OPTIONS)
     await health.set(True)
     freeze_heap()
     report_ports(grpc=bound)

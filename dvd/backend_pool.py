@@ -7,7 +7,8 @@ the name is resolved again every `resolve_interval` seconds, so scaling a Kubern
 DNS round-robin name) needs no edit. Backends that leave the DNS answer are dropped once their calls finish.
 
 Load: a backend's load is what others put on it plus what this client does. Others': what it reported in its last
-health reply (`Probe` decides: queued tiles for a vision server, running requests for a language server) less
+health reply (grpc.health.v1's, the `dvd-load` trailer: queued tiles for a vision server, running requests for a
+language server) less
 this client's own calls at that moment; this client's: `outstanding_weight` (a call's size in the reported unit)
 for each call in flight now. Adding the report to every own call instead counted each call twice, once as stale:
 a single router whose last report caught a replica at 3 of 4 requests sent it nothing new for the next health
@@ -22,7 +23,9 @@ replica is not overloaded, spills to the next on the ring when it is, and a back
 the keys on its own arcs. The ring holds every known backend, ready or not: one that is down for a moment takes only
 its own keys elsewhere, and gets them back when it returns.
 
-Health: a refused or reset probe marks a backend down at once (the process is gone: fail over now). A probe that
+Health: a probe is grpc.health.v1's Check for the backend's service; a backend that turns SERVING is described
+once (`describe`: its Metadata call, which the client may refuse, e.g. another model) before it takes calls.
+A refused or reset probe marks a backend down at once (the process is gone: fail over now). A probe that
 only runs out of time marks it down after `failure_threshold` in a row, as Kubernetes' probe failureThreshold
 does: a busy server on a loaded host can answer one probe late, and dropping the only backend for that turns
 a 429 into a 503.
@@ -48,7 +51,9 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
+from dvd.health import probe
 from dvd.security import InternalAuth
 
 log = logging.getLogger("dvd.backend_pool")
@@ -72,7 +77,8 @@ class Backend(Generic[S]):
     reported_load: float = 0.0
     outstanding: int = 0  # calls this client has in flight on it
     outstanding_at_report: int = 0  # ... when its last health reply came
-    status: Any = None  # the last health reply
+    health: health_pb2_grpc.HealthStub | None = None
+    metadata: Any = None  # its Metadata reply, read when it last turned ready
     last_error: str = "not checked yet"
     target: str = ""  # the configured target it came from (a dns: name, or the address itself)
     slow_probes: int = 0  # health probes in a row that ran out of time
@@ -84,9 +90,9 @@ class Backend(Generic[S]):
         return host[1:-1] if host.startswith("[") else host
 
 
-# A probe asks one backend's health: (ready, reported load). It raises grpc.aio.AioRpcError when unreachable and
-# may refuse a backend by returning ready=False after logging why.
-Probe = Callable[[Backend[S]], Awaitable[tuple[bool, float]]]
+# Reads a backend's Metadata into `backend.metadata`: True to take it, False (after logging why) to refuse it. Raises
+# grpc.aio.AioRpcError when the backend cannot answer.
+Describe = Callable[[Backend[S]], Awaitable[bool]]
 
 
 def split_target(target: str) -> tuple[str, int]:
@@ -104,11 +110,13 @@ def join_address(host: str, port: int) -> str:
 class BackendPool(Generic[S]):
     targets: Sequence[str]
     stub_factory: Callable[[grpc.aio.Channel], S]
-    probe: Probe[S]
+    describe: Describe[S]
+    service: str  # the gRPC service whose health is asked
     name: str  # for logs: "vision", "language"
     auth: InternalAuth = field(default_factory=InternalAuth)
     channel_options: Sequence[tuple[str, Any]] = ()
     health_interval: float = 2.0
+    health_timeout: float = 2.0
     resolve_interval: float = 10.0
     outstanding_weight: float = 1.0
     failure_threshold: int = 3
@@ -180,7 +188,8 @@ class BackendPool(Generic[S]):
         for address, target in wanted.items():
             if address not in known:
                 channel = self._channel(address, target)
-                self.backends.append(Backend(address, channel, self.stub_factory(channel), target=target))
+                self.backends.append(Backend(address, channel, self.stub_factory(channel), target=target,
+                                             health=health_pb2_grpc.HealthStub(channel)))
                 if target != address:
                     log.info("backend discovered", extra={"pool": self.name, "backend": address, "target": target})
         for gone in [b for b in self.backends if b.address not in wanted]:
@@ -197,12 +206,19 @@ class BackendPool(Generic[S]):
         await backend.channel.close()
 
     # -- health -------------------------------------------------------------------------------------------------
+    async def probe(self, backend: Backend[S]) -> tuple[bool, float]:
+        """grpc.health.v1's Check for the backend's service: whether it is SERVING, and the load it reported."""
+        assert backend.health is not None
+        return await probe(backend.health, self.service, self.health_timeout)
+
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(b) for b in list(self.backends)))
 
     async def _check(self, backend: Backend[S]) -> None:
         try:
             ready, load = await self.probe(backend)
+            if ready and not backend.ready:  # (re)started: what it is now, before it takes calls
+                ready = await self.describe(backend)
         except grpc.aio.AioRpcError as e:
             late = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             backend.slow_probes = backend.slow_probes + 1 if late else 0

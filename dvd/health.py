@@ -1,22 +1,40 @@
-"""The standard gRPC health service (`grpc.health.v1.Health`) for both gRPC servers.
+"""The standard gRPC health service (`grpc.health.v1.Health`) for both gRPC servers: readiness, and load.
 
 Compose healthchecks, Kubernetes' native gRPC probes and `grpc_health_probe` all speak it. A server is SERVING only
 while it can really do its work: not while its model or engine is still loading, not while it drains, not once
-vLLM's engine has died (its port would stay open and a TCP probe would call it healthy).
+vLLM's engine has died (its port would stay open and a TCP probe would call it healthy). Each reply carries the
+server's load in its trailing metadata (`LOAD_KEY`), which the pools balance by; what a server is (model, limits,
+data port) comes once from its Metadata call.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dvd.security import InternalAuth
 
+LOAD_KEY = "dvd-load"  # a health reply's trailer: the server's load, in its own unit (requests, queued tiles)
+
+
+class _LoadReportingServicer(health.aio.HealthServicer):
+    def __init__(self, load: Callable[[], float]) -> None:
+        super().__init__()
+        self.load = load
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        reply = await super().Check(request, context)
+        context.set_trailing_metadata(((LOAD_KEY, f"{self.load():g}"),))
+        return reply
+
 
 class Health:
-    def __init__(self, server: grpc.aio.Server, service_name: str) -> None:
+    def __init__(self, server: grpc.aio.Server, service_name: str, load: Callable[[], float] = lambda: 0.0) -> None:
         self.service_name = service_name
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = _LoadReportingServicer(load)
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         self.serving: bool | None = None
 
@@ -28,6 +46,13 @@ class Health:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", self.service_name):
             await self.servicer.set(name, status)
+
+
+async def probe(stub: health_pb2_grpc.HealthStub, service: str, timeout: float) -> tuple[bool, float]:
+    """One Check: whether `service` is SERVING, and the load its reply's trailer reported."""
+    call = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    ready = (await call).status == health_pb2.HealthCheckResponse.SERVING
+    return ready, float(dict(await call.trailing_metadata() or ()).get(LOAD_KEY) or 0.0)
 
 
 def check(address: str, service: str = "", timeout: float = 2.0, auth: InternalAuth | None = None) -> bool:

@@ -17,13 +17,13 @@ DRAIN_POLL_S = 0.05  # how often a draining server looks whether its in-flight c
 
 
 async def start_server(auth: InternalAuth, host: str, port: int, register: Callable[[grpc.aio.Server], None],
-                       service_name: str, options: Sequence[tuple[str, Any]] = ()) -> tuple[grpc.aio.Server, Health,
-                                                                                               int]:
-    """The started server, its health (NOT_SERVING: grpc.health.v1 would answer SERVING for "" until told), and
-    the port it bound (port 0 = any free one)."""
+                       service_name: str, load: Callable[[], float],
+                       options: Sequence[tuple[str, Any]] = ()) -> tuple[grpc.aio.Server, Health, int]:
+    """The started server, its health (NOT_SERVING: grpc.health.v1 would answer SERVING for "" until told; `load`
+    goes with each reply), and the port it bound (port 0 = any free one)."""
     server = auth.server(options)
     register(server)
-    health = Health(server, service_name)
+    health = Health(server, service_name, load)
     await health.set(False)
     bound = auth.add_port(server, f"{host}:{port}")
     if not bound:

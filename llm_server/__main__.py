@@ -79,7 +79,7 @@ async def serve() -> None:
     server, health, bound = await start_server(
         config.internal, config.host, config.port,
         lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), "dvd.v2.LanguageService",
-        options=[("grpc.max_receive_message_length", 256 * 2**20)])
+        service.load, options=[("grpc.max_receive_message_length", 256 * 2**20)])
     freeze_heap()
     report_ports(grpc=bound)
     log.info("language service listening", extra={"address": f"{config.host}:{bound}",

@@ -150,20 +150,20 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.vir_pressure = vir_pressure or VirPressure(0)
         self.metrics.vir_pressure.set_function(lambda: self.vir_pressure.level_at(time.monotonic()))
         self.metrics.first_token_pending.set_function(lambda: self.first_token_pending)
+        self.metrics.vision_servers_ready.set_function(lambda: self.pool.ready_count)
 
     def _logprobs(self, token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None,
                   top: int | None) -> list[llm_pb2.TokenLogprob]:
         return token_logprobs(token_ids, steps, top, lambda t: self.tokenizer.decode([t]))
 
-    async def Health(self, request: llm_pb2.LanguageHealthRequest, context) -> llm_pb2.LanguageHealthResponse:
-        self.metrics.vision_servers_ready.set(self.pool.ready_count)
-        alive = self.ready and not self.engine.errored
-        return llm_pb2.LanguageHealthResponse(
-            ready=alive, model=self.model_name, max_model_len=self.max_model_len,
-            running_requests=self.engine.get_num_unfinished_requests(),
-            vision_servers_ready=self.pool.ready_count, vision_parameters=self.vision_parameters,
-            model_names=self.model_names, model_root=self.model_config.model,
-        )
+    async def Metadata(self, request: vision_pb2.MetadataRequest, context) -> llm_pb2.LanguageMetadata:
+        return llm_pb2.LanguageMetadata(model=self.model_name, max_model_len=self.max_model_len,
+                                        vision_parameters=self.vision_parameters, model_names=self.model_names,
+                                        model_root=self.model_config.model)
+
+    def load(self) -> float:
+        """What the routers balance by (the health reply's `dvd-load`): requests running in vLLM."""
+        return float(self.engine.get_num_unfinished_requests())
 
     async def Generate(self, request: llm_pb2.GenerateRequest, context) -> AsyncIterator[llm_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex

@@ -41,10 +41,11 @@ class EncodedImages:
         return sum(self.bytes_by_transport.values())
 
 
-VisionBackend = Backend[VisionStub]  # .status: the last VisionHealthResponse
+VisionBackend = Backend[VisionStub]  # .metadata: its VisionMetadata
 # A call in flight counts as this many queued tiles until the server's next health report shows its tiles: an
 # InternVL3.5 image is at most 12 tiles plus a thumbnail, rounded up.
 OUTSTANDING_TILES = 16
+SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 
 
 class VisionPool(BackendPool[VisionStub]):
@@ -59,7 +60,7 @@ class VisionPool(BackendPool[VisionStub]):
         self.data_tls = auth.ssl_context(server_side=False)  # the TCP data plane under the same mutual TLS
         self.slots = ShmSlots(shm_budget_bytes if transport in ("auto", "shm") else 0)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
-        super().__init__(targets, VisionStub, self._probe, "vision", auth=auth,
+        super().__init__(targets, VisionStub, self._describe, SERVICE, "vision", auth=auth,
                          channel_options=[("grpc.max_receive_message_length", 64 * 2**20)],
                          health_interval=health_interval_s, outstanding_weight=OUTSTANDING_TILES)
 
@@ -72,14 +73,14 @@ class VisionPool(BackendPool[VisionStub]):
     def ready_count(self) -> int:
         return len(self.ready_backends)
 
-    async def _probe(self, b: VisionBackend) -> tuple[bool, float]:
-        h = await b.stub.Health(vision_pb2.VisionHealthRequest(), timeout=2.0)
-        if h.hidden_size and h.hidden_size != self.hidden_size:
+    async def _describe(self, b: VisionBackend) -> bool:
+        meta = await b.stub.Metadata(vision_pb2.MetadataRequest(), timeout=self.health_timeout)
+        if meta.hidden_size != self.hidden_size:
             log.error("vision server has the wrong hidden size; not using it",
-                      extra={"server": b.address, "hidden": h.hidden_size, "expected": self.hidden_size})
-            return False, 0.0
-        b.status = h
-        return h.ready, float(h.queued_tiles)
+                      extra={"server": b.address, "hidden": meta.hidden_size, "expected": self.hidden_size})
+            return False
+        b.metadata = meta
+        return True
 
     async def encode(self, request_id: str, images: list[bytes], options: vision_pb2.EncodeOptions,
                      image_max_tiles: Sequence[int] = (), kinds: Sequence[int] = (),
@@ -150,19 +151,19 @@ class VisionPool(BackendPool[VisionStub]):
                          options: vision_pb2.EncodeOptions, image_max_tiles: Sequence[int], kinds: Sequence[int],
                          timeout: float) -> EncodedImages:
         t0 = time.perf_counter()
-        health = b.status or vision_pb2.VisionHealthResponse()  # not probed yet: no shortcuts offered
-        budget = options.max_tiles or health.max_tiles or 12
+        meta: vision_pb2.VisionMetadata = b.metadata  # a ready backend has been described
+        budget = options.max_tiles or meta.max_tiles or 12
         caps = [c or budget for c in image_max_tiles] or [budget] * len(images)
         # Sizes the shared-memory offer only: a tile beyond it travels inline.
         asked = options.video.num_frames
         # 0: the server's own --video-num-frames, as it reports it; -1: every frame, up to its maximum.
-        frames = (asked if asked > 0 else (health.video_num_frames or VIDEO_NUM_FRAMES) if asked == 0
-                  else health.max_video_frames or MAX_VIDEO_FRAMES)
+        frames = (asked if asked > 0 else (meta.video_num_frames or VIDEO_NUM_FRAMES) if asked == 0
+                  else meta.max_video_frames or MAX_VIDEO_FRAMES)
         tiles_bound = sum(frames if kind == vision_pb2.MEDIA_KIND_VIDEO else c + (c > 1)  # + an image's thumbnail
                           for c, kind in zip(caps, kinds or [vision_pb2.MEDIA_KIND_IMAGE] * len(images), strict=True))
         bound = tiles_bound * TILE_ROWS * self.hidden_size * DATATYPES[WIRE_DATATYPE].itemsize
-        receiver = await TileReceiver.open(self.transport, self.executor, self.slots, health.shm_domain, b.host,
-                                           health.data_port if self.tcp_allowed else 0, bound, timeout, self.data_tls)
+        receiver = await TileReceiver.open(self.transport, self.executor, self.slots, meta.shm_domain, b.host,
+                                           meta.data_port if self.tcp_allowed else 0, bound, timeout, self.data_tls)
         request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options,
                                            data_plane=receiver.offer(),
                                            image_max_tiles=image_max_tiles if any(image_max_tiles) else (),

@@ -89,9 +89,9 @@ def create_app(config: RouterConfig, internal_port: int | None = None) -> FastAP
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=status.model_root or name,
-                                         max_model_len=status.max_model_len or None)
-                               for name, status in sorted(pool.models().items())])
+        return ModelList(data=[ModelCard(id=name, root=meta.model_root or name,
+                                         max_model_len=meta.max_model_len or None)
+                               for name, meta in sorted(pool.models().items())])
 
     @app.get("/version")
     async def version() -> dict[str, str]:

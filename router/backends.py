@@ -16,7 +16,7 @@ from dvd.backend_pool import AFFINITY_BALANCE
 from dvd.backend_pool import Backend as PoolBackend
 from dvd.backend_pool import BackendPool as GenericPool
 from dvd.security import InternalAuth
-from dvd.v2 import llm_pb2, llm_pb2_grpc
+from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
 from router.errors import APIError
 
 log = logging.getLogger("router.backends")
@@ -28,7 +28,8 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 
-Backend = PoolBackend[llm_pb2_grpc.LanguageServiceStub]  # .status: the last LanguageHealthResponse
+Backend = PoolBackend[llm_pb2_grpc.LanguageServiceStub]  # .metadata: its LanguageMetadata
+SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name
 
 
 class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
@@ -40,21 +41,20 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
     def __init__(self, targets: tuple[str, ...], health_interval: float = 2.0, health_timeout: float = 2.0,
                  auth: InternalAuth | None = None, affinity: bool = True, affinity_balance: float = AFFINITY_BALANCE,
                  on_route: Callable[[str], None] | None = None) -> None:
-        self._timeout = health_timeout
         self.affinity = affinity
         self.on_route = on_route  # told how each request's first replica was chosen ("owner", "spill", "none")
-        super().__init__(targets, llm_pb2_grpc.LanguageServiceStub, self._probe, "language",
+        super().__init__(targets, llm_pb2_grpc.LanguageServiceStub, self._describe, SERVICE, "language",
                          auth=auth or InternalAuth(), channel_options=CHANNEL_OPTIONS, health_interval=health_interval,
-                         affinity_balance=affinity_balance)
+                         health_timeout=health_timeout, affinity_balance=affinity_balance)
 
-    async def _probe(self, backend: Backend) -> tuple[bool, float]:
-        health = await backend.stub.Health(llm_pb2.LanguageHealthRequest(), timeout=self._timeout)
-        backend.status = health
-        return health.ready, float(health.running_requests)
+    async def _describe(self, backend: Backend) -> bool:
+        backend.metadata = await backend.stub.Metadata(vision_pb2.MetadataRequest(), timeout=self.health_timeout)
+        return True
 
-    def models(self) -> dict[str, llm_pb2.LanguageHealthResponse]:
-        """Every served model name (aliases included) -> the health report of a ready replica serving it."""
-        return {name: b.status for b in self.ready_backends for name in (b.status.model_names or [b.status.model])}
+    def models(self) -> dict[str, llm_pb2.LanguageMetadata]:
+        """Every served model name (aliases included) -> the metadata of a ready replica serving it."""
+        return {name: b.metadata for b in self.ready_backends
+                for name in (b.metadata.model_names or [b.metadata.model])}
 
     async def generate(self, request: llm_pb2.GenerateRequest, deadline: float,
                        metadata: list[tuple[str, str]] | None = None,

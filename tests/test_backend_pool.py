@@ -14,8 +14,15 @@ import pytest
 from dvd.backend_pool import Backend, BackendPool
 
 
+async def described(backend: Backend) -> bool:
+    return True
+
+
 def pool_for(targets: tuple[str, ...], probe, **kw) -> BackendPool:  # type: ignore[no-untyped-def]
-    return BackendPool(targets, lambda channel: object(), probe, "test", **kw)
+    """A pool whose health probe is `probe` (no server behind the addresses)."""
+    pool = BackendPool(targets, lambda channel: object(), described, "test.Service", "test", **kw)
+    pool.probe = probe  # type: ignore[method-assign]
+    return pool
 
 
 async def always_ready(backend: Backend) -> tuple[bool, float]:

@@ -31,9 +31,11 @@ from dvd.data_plane import (
     shm_domain,
 )
 from dvd.errors import ServiceError
+from dvd.health import Health
 from dvd.tensor_codec import append_raw, split_raw
 from dvd.v2 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots
+from llm_server.vision_pool import SERVICE as VISION_SERVICE
 from llm_server.vision_pool import VisionPool
 from tests.conftest import start_vision
 from tests.helpers.media import image_bytes
@@ -203,10 +205,10 @@ class LyingVision(vision_pb2_grpc.VisionServiceServicer):
         finally:
             sender.close()
 
-    async def Health(self, request: vision_pb2.VisionHealthRequest,
-                     context: grpc.aio.ServicerContext) -> vision_pb2.VisionHealthResponse:
-        return vision_pb2.VisionHealthResponse(ready=True, model="liar", hidden_size=128, max_tiles=12,
-                                               data_port=self.listener.port, shm_domain=shm_domain())
+    async def Metadata(self, request: vision_pb2.MetadataRequest,
+                       context: grpc.aio.ServicerContext) -> vision_pb2.VisionMetadata:
+        return vision_pb2.VisionMetadata(model="liar", hidden_size=128, max_tiles=12,
+                                         data_port=self.listener.port, shm_domain=shm_domain())
 
 
 @pytest.mark.parametrize(("fault", "transport", "message"), [
@@ -240,6 +242,7 @@ async def lying_pool(fault: str, transport: str) -> AsyncIterator[VisionPool]:
     await listener.start("127.0.0.1", 0)
     server = grpc.aio.server()
     add_to_server(LyingVision(fault, listener), server)
+    await Health(server, VISION_SERVICE).set(True)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     pool = VisionPool((f"127.0.0.1:{port}",), hidden_size=128, timeout_s=20, transport=transport)

@@ -27,7 +27,7 @@ from openai import OpenAI
 from benchmarks.media import data_url, image_bytes
 from dvd.procs import PY, Service, cpu_engine_env, engine_cpus, free_port
 from dvd.security import InternalAuth
-from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
+from dvd.v2 import llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from tests.helpers.security import code_of, data_port_answers, make_pki
 from tests.helpers.vision import collect, encode_with, request
 
@@ -333,7 +333,7 @@ def check_node_security(vision: str, node: InternalAuth, tmp_path: Path) -> None
     with node.channel(vision) as channel:
         stub = vision_pb2_grpc.VisionServiceStub(channel)
         assert collect(stub.Encode(request([png]), timeout=60)).tiles
-        data_port = stub.Health(vision_pb2.VisionHealthRequest(), timeout=5).data_port
+        data_port = stub.Metadata(vision_pb2.MetadataRequest(), timeout=5).data_port
     stranger = make_pki(tmp_path / "stranger")
     rogue = InternalAuth(internal_token=node.internal_token, tls_cert=stranger["DVD_TLS_CERT"],
                          tls_key=stranger["DVD_TLS_KEY"], tls_ca=node.tls_ca)
@@ -342,7 +342,7 @@ def check_node_security(vision: str, node: InternalAuth, tmp_path: Path) -> None
         assert code_of(lambda: collect(stub.Encode(request([png]), timeout=10))) == grpc.StatusCode.UNAVAILABLE
     with grpc.insecure_channel(vision) as plain:
         stub = vision_pb2_grpc.VisionServiceStub(plain)
-        assert code_of(lambda: stub.Health(vision_pb2.VisionHealthRequest(), timeout=5)) == \
+        assert code_of(lambda: stub.Metadata(vision_pb2.MetadataRequest(), timeout=5)) == \
             grpc.StatusCode.UNAVAILABLE
     # A language node on another host (no shared memory) gets its tiles over the data port, under the same TLS;
     # a peer without a certificate the CA signed gets nothing from it.
@@ -382,7 +382,7 @@ def test_the_compose_commands_serve_an_openai_client(tiny_ckpt: Path, tmp_path: 
         llm = started[-1].wait_grpc(600, auth)
         with InternalAuth(tls_cert=auth.tls_cert, tls_key=auth.tls_key, tls_ca=auth.tls_ca).channel(llm) as channel:
             stub = llm_pb2_grpc.LanguageServiceStub(channel)  # TLS, no token: refused before any handler
-            assert code_of(lambda: stub.Health(llm_pb2.LanguageHealthRequest(), timeout=5)) == \
+            assert code_of(lambda: stub.Metadata(vision_pb2.MetadataRequest(), timeout=5)) == \
                 grpc.StatusCode.UNAUTHENTICATED
         assert language["router"]["depends_on"]["llm"]["condition"] == "service_healthy"
         started.append(Service("compose-router", as_started_here(language["router"], llm=llm),

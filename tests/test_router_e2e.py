@@ -16,9 +16,11 @@ import grpc
 import httpx
 import openai
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dvd.health import LOAD_KEY
 from dvd.procs import Service, router
-from dvd.v2 import llm_pb2, llm_pb2_grpc
+from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
 from tests.helpers.router import data_url, image_server, png_bytes, user_message
 
 KEY = "sk-e2e"
@@ -33,8 +35,8 @@ def start_router(name: str, llm: str, *args: str) -> tuple[Service, str]:
 
 def running_requests(llm: str) -> int:
     with grpc.insecure_channel(llm) as channel:
-        stub = llm_pb2_grpc.LanguageServiceStub(channel)
-        return stub.Health(llm_pb2.LanguageHealthRequest(), timeout=5).running_requests
+        _, call = health_pb2_grpc.HealthStub(channel).Check.with_call(health_pb2.HealthCheckRequest(), timeout=5)
+        return int(float(dict(call.trailing_metadata())[LOAD_KEY]))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -421,9 +423,9 @@ class FlakyLanguageServer(llm_pb2_grpc.LanguageServiceServicer):
     def __init__(self, model: str, tokens: int) -> None:
         self.model, self.tokens, self.calls = model, tokens, 0
 
-    def Health(self, request: llm_pb2.LanguageHealthRequest, context: grpc.ServicerContext
-               ) -> llm_pb2.LanguageHealthResponse:
-        return llm_pb2.LanguageHealthResponse(ready=True, model=self.model, max_model_len=16384)
+    def Metadata(self, request: vision_pb2.MetadataRequest, context: grpc.ServicerContext
+                 ) -> llm_pb2.LanguageMetadata:
+        return llm_pb2.LanguageMetadata(model=self.model, max_model_len=16384)
 
     def Generate(self, request: llm_pb2.GenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[llm_pb2.GenerateResponse]:
@@ -438,6 +440,10 @@ def flaky(model: str, request: pytest.FixtureRequest) -> Iterator[tuple[FlakyLan
     servicer = FlakyLanguageServer(model, tokens=request.param)
     server = grpc.server(futures.ThreadPoolExecutor(4))
     llm_pb2_grpc.add_LanguageServiceServicer_to_server(servicer, server)
+    checker = health.HealthServicer()  # "" is SERVING; the router asks for the service by name
+    checker.set(llm_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name,
+                health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, f"127.0.0.1:{port}"

@@ -42,7 +42,7 @@ def test_token_is_checked_before_any_handler(vision_with_token: str) -> None:
         assert code_of(lambda a=auth: encode(a, address, [PNG])) == grpc.StatusCode.UNAUTHENTICATED
         with auth.channel(address) as channel:
             stub = vision_pb2_grpc.VisionServiceStub(channel)
-            assert code_of(lambda s=stub: s.Health(vision_pb2.VisionHealthRequest(), timeout=5)) == \
+            assert code_of(lambda s=stub: s.Metadata(vision_pb2.MetadataRequest(), timeout=5)) == \
                 grpc.StatusCode.UNAUTHENTICATED
     good = InternalAuth(internal_token=TOKEN)
     assert code_of(lambda: encode(good, address, corrupt)) == grpc.StatusCode.INVALID_ARGUMENT

@@ -13,14 +13,13 @@ from tests.helpers.vision import Encoded, encode, encode_sync, noise_image, png_
 GOOD = encode(noise_image(896, 448, seed=11), "JPEG")  # 2x1 grid + thumbnail
 
 
-def _health(address: str) -> vision_pb2.VisionHealthResponse:
+def _metadata(address: str) -> vision_pb2.VisionMetadata:
     with grpc.insecure_channel(address) as ch:
-        return vision_pb2_grpc.VisionServiceStub(ch).Health(vision_pb2.VisionHealthRequest(), timeout=10)
+        return vision_pb2_grpc.VisionServiceStub(ch).Metadata(vision_pb2.MetadataRequest(), timeout=10)
 
 
-def test_health(vision_tiny: str, vision_tiny_flash: str) -> None:
-    plain, flash = _health(vision_tiny), _health(vision_tiny_flash)
-    assert plain.ready and flash.ready
+def test_metadata(vision_tiny: str, vision_tiny_flash: str) -> None:
+    plain, flash = _metadata(vision_tiny), _metadata(vision_tiny_flash)
     assert (plain.flash, flash.flash) == (False, True)
     assert plain.hidden_size == 128 and plain.max_tiles == 12 and list(plain.devices) == ["cpu"]
 

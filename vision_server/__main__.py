@@ -104,7 +104,7 @@ async def serve(cfg: ServerConfig) -> None:
     max_msg = cfg.media.max_images_per_request * max(cfg.media.max_image_bytes, cfg.media.max_video_bytes) + 2**20
     server, health, bound = await start_server(
         cfg.internal, cfg.host, cfg.port, lambda s: add_to_server(servicer, s),
-        "dvd.v2.VisionService",
+        "dvd.v2.VisionService", servicer.load,
         options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", -1)])
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port, cfg.host)

@@ -346,15 +346,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                     results[i].grid = None  # device memory goes back as soon as the rows are on the host
         return [e for e in out if e is not None]
 
-    async def Health(self, request: vision_pb2.VisionHealthRequest,
-                     context: grpc.aio.ServicerContext) -> vision_pb2.VisionHealthResponse:
-        return vision_pb2.VisionHealthResponse(
-            ready=self.ready, model=self.model_cfg.name, hidden_size=self.model_cfg.llm_hidden,
-            flash=self.model_cfg.flash, queued_tiles=self.batcher.queued_tiles,
-            inflight_requests=self.inflight, devices=[r.device for r in self.batcher.runners],
-            max_tiles=self.model_cfg.max_tiles, data_port=self.listener.port if self.listener else 0,
-            shm_domain=self.shm_domain, max_video_frames=self.cfg.max_video_frames,
-            video_num_frames=self.cfg.video_num_frames)
+    async def Metadata(self, request: vision_pb2.MetadataRequest,
+                       context: grpc.aio.ServicerContext) -> vision_pb2.VisionMetadata:
+        return vision_pb2.VisionMetadata(
+            model=self.model_cfg.name, hidden_size=self.model_cfg.llm_hidden, flash=self.model_cfg.flash,
+            devices=[r.device for r in self.batcher.runners], max_tiles=self.model_cfg.max_tiles,
+            data_port=self.listener.port if self.listener else 0, shm_domain=self.shm_domain,
+            max_video_frames=self.cfg.max_video_frames, video_num_frames=self.cfg.video_num_frames)
+
+    def load(self) -> float:
+        """What the pools balance by (the health reply's `dvd-load`): tiles waiting for a batch slot."""
+        return float(self.batcher.queued_tiles)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -369,9 +371,9 @@ def add_to_server(servicer: vision_pb2_grpc.VisionServiceServicer, server: grpc.
         "Encode": grpc.unary_stream_rpc_method_handler(
             servicer.Encode, request_deserializer=vision_pb2.EncodeRequest.FromString,
             response_serializer=serialize_response),
-        "Health": grpc.unary_unary_rpc_method_handler(
-            servicer.Health, request_deserializer=vision_pb2.VisionHealthRequest.FromString,
-            response_serializer=vision_pb2.VisionHealthResponse.SerializeToString),
+        "Metadata": grpc.unary_unary_rpc_method_handler(
+            servicer.Metadata, request_deserializer=vision_pb2.MetadataRequest.FromString,
+            response_serializer=vision_pb2.VisionMetadata.SerializeToString),
     }
     name = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))

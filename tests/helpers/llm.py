@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import grpc
 import openai
 import pytest
 
+from grpc_health.v1 import health_pb2_grpc
+
+from dvd.health import probe
 from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
 from tests.helpers.media import data_url
 
@@ -63,9 +67,18 @@ async def stock_vllm_tokens(base_url: str, images: list[bytes], question: str, m
     return list(ref.choices[0].token_ids or [])
 
 
-async def health(address: str) -> llm_pb2.LanguageHealthResponse:
+@dataclass
+class LanguageStatus:
+    ready: bool  # grpc.health.v1
+    running_requests: int  # its load trailer
+    metadata: llm_pb2.LanguageMetadata
+
+
+async def health(address: str) -> LanguageStatus:
     async with grpc.aio.insecure_channel(address) as channel:
-        return await llm_pb2_grpc.LanguageServiceStub(channel).Health(llm_pb2.LanguageHealthRequest(), timeout=5)
+        ready, load = await probe(health_pb2_grpc.HealthStub(channel), "", timeout=5)
+        meta = await llm_pb2_grpc.LanguageServiceStub(channel).Metadata(vision_pb2.MetadataRequest(), timeout=5)
+    return LanguageStatus(ready, int(load), meta)
 
 
 def assert_logprobs_close(ours: list, ref: list, tolerance: float) -> None:
