@@ -39,14 +39,15 @@ from typing import Any
 
 import aiohttp
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 import httpx
+from grpc_health.v1 import health_pb2_grpc
 
 from benchmarks.burst import body as burst_body
 from benchmarks.burst import burst, image_part, jpeg, mixed_bodies, plain_bodies, pool_burst
 from benchmarks.machine import machine
 from benchmarks.media import data_url, image_bytes
 from dvd.checkpoint import resolve_model
+from dvd.health import probe
 from dvd.logs import setup_logging
 from dvd.procs import (
     LOCALHOST,
@@ -59,7 +60,6 @@ from dvd.procs import (
     vision_server,
 )
 from dvd.shm_orphans import shm_entries
-from dvd.health import probe
 
 log = logging.getLogger("benchmarks.chaos")
 CONCURRENCY, QUEUE = 4, 8  # the router's limits in this run: overload is 10x the concurrency

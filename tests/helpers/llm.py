@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import grpc
 import openai
 import pytest
-
 from grpc_health.v1 import health_pb2_grpc
 
 from dvd.health import probe
