@@ -31,7 +31,7 @@ import httpx
 
 from benchmarks.machine import cpu_model
 from benchmarks.media import data_url, image_bytes
-from benchmarks.services import arguments, figure, save, services, write
+from benchmarks.services import figure, policy_arguments, save, services, write
 from benchmarks.throughput import chat_body, pct, send
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
@@ -168,22 +168,17 @@ def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
 
 
 def plot(runs: list[Run], path: Path) -> None:
-    fig, ax = figure()
-    labels = [f"{r.policy}\nround {r.round}" for r in runs]
-    ax.boxplot([r.later_ttft for r in runs], tick_labels=labels)
+    fig, ax = figure("Cache-affine routing vs least load")
+    ax.boxplot([r.later_ttft for r in runs], tick_labels=[f"{r.policy}\nround {r.round}" for r in runs])
     ax.set_ylabel("TTFT of turns 2+ (s)")
-    ax.set_title(f"Cache-affine routing vs least load\n{cpu_model()}", fontsize=9)
     save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = arguments(__doc__, "small", "a preset (tiny, small), a directory or a hub repo id")
+    parser = policy_arguments(__doc__, "small", "a preset (tiny, small), a directory or a hub repo id", "affinity",
+                              max_tokens=16, resolution_help="image width (height 3/4 of it)")
     parser.add_argument("--conversations", type=int, default=8, help="concurrent conversations per run")
     parser.add_argument("--turns", type=int, default=4, help="turns per conversation")
-    parser.add_argument("--resolution", type=int, default=896, help="image width (height 3/4 of it)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per answer")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of both policies, order alternating")
-    parser.add_argument("--out", type=Path, help="write affinity.json, affinity.md, affinity.png here")
     args = parser.parse_args(argv)
     setup_logging(fmt="text")
     model = resolve_model(args.model)

@@ -11,6 +11,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import cpu_model
 from dvd.procs import Service
 
 
@@ -48,14 +49,28 @@ def arguments(doc: str, model: str, model_help: str) -> argparse.ArgumentParser:
     return parser
 
 
-def figure() -> tuple[Any, Any]:
-    """A matplotlib figure and its axes, drawn without a display."""
+def policy_arguments(doc: str, model: str, model_help: str, name: str, *, max_tokens: int,
+                     resolution_help: str) -> argparse.ArgumentParser:
+    """A benchmark that runs two policies in alternating rounds: its options beyond those of its own."""
+    parser = arguments(doc, model, model_help)
+    parser.add_argument("--resolution", type=int, default=896, help=resolution_help)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens per answer")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of both policies, order alternating")
+    parser.add_argument("--out", type=Path, help=f"write {name}.json, {name}.md, {name}.png here")
+    return parser
+
+
+def figure(title: str | None = None) -> tuple[Any, Any]:
+    """A matplotlib figure and its axes, drawn without a display; `title` is given the CPU model, as every figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if title is not None:
+        ax.set_title(f"{title}\n{cpu_model()}", fontsize=9)
+    return fig, ax
 
 
 def save(fig: Any, path: Path) -> None:

@@ -34,7 +34,7 @@ import httpx
 from benchmarks.affinity import counter
 from benchmarks.machine import auto_dtype, cpu_model
 from benchmarks.media import data_url, image_bytes
-from benchmarks.services import arguments, figure, save, services, write
+from benchmarks.services import figure, policy_arguments, save, services, write
 from benchmarks.throughput import RequestResult, chat_body, pct, send
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
@@ -229,21 +229,18 @@ def report(runs: list[Run], calibration: dict[str, object], args: argparse.Names
 
 
 def plot(runs: list[Run], path: Path) -> None:
-    fig, ax = figure()
-    labels = [f"{r.policy}\nround {r.round}" for r in runs]
+    fig, ax = figure("ViR under pressure vs fixed, offered load above capacity")
     x = range(len(runs))
     ax.bar([i - 0.2 for i in x], [r.completed_rps for r in runs], 0.4, label="completed req/s")
     ax.bar([i + 0.2 for i in x], [r.goodput_rps for r in runs], 0.4, label="goodput req/s (TTFT SLO met)")
-    ax.set_xticks(list(x), labels)
+    ax.set_xticks(list(x), [f"{r.policy}\nround {r.round}" for r in runs])
     ax.legend(fontsize=8)
-    ax.set_title(f"ViR under pressure vs fixed, offered load above capacity\n{cpu_model()}", fontsize=9)
     save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = arguments(__doc__, "heavylm-flash", "a Flash preset, directory or hub repo id")
-    parser.add_argument("--resolution", type=int, default=896, help="image side (896: 4 tiles + thumbnail)")
-    parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
+    parser = policy_arguments(__doc__, "heavylm-flash", "a Flash preset, directory or hub repo id", "vir_pressure",
+                              max_tokens=8, resolution_help="image side (896: 4 tiles + thumbnail)")
     parser.add_argument("--waiting", type=int, default=1, help="the pressure stack's --vir-pressure-waiting")
     parser.add_argument("--overload", type=float, default=3.0, help="offered load, a multiple of capacity")
     parser.add_argument("--seconds", type=float, default=60.0, help="arrival window of each run")
@@ -256,8 +253,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                         help="every engine's compute dtype; auto: bfloat16 where the device computes it natively")
     parser.add_argument("--timeout", type=float, default=300.0, help="client timeout per request, seconds")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of both policies, order alternating")
-    parser.add_argument("--out", type=Path, help="write vir_pressure.json, .md, .png here")
     args = parser.parse_args(argv)
     setup_logging(fmt="text")
     logging.getLogger("httpx").setLevel(logging.WARNING)

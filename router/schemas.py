@@ -144,25 +144,33 @@ class ResponseMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
-class Choice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+
+
+class Choice(_Choice):
+    message: ResponseMessage
 
 
 def _now() -> int:
     return int(time.time())
 
 
-class ChatCompletion(BaseModel):
+class _Completion(BaseModel):
+    """What a whole answer and each chunk of a streamed one both carry."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now)
     model: str
+    system_fingerprint: str | None = None
+
+
+class ChatCompletion(_Completion):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 class _Sparse(BaseModel):
@@ -192,21 +200,14 @@ class DeltaMessage(_Sparse):
     tool_calls: list[DeltaToolCall] | None = None
 
 
-class ChunkChoice(BaseModel):
-    index: int
+class ChunkChoice(_Choice):
     delta: DeltaMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Completion):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ModelPermission(BaseModel):
