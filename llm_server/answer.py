@@ -19,6 +19,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
 )
 from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
+from vllm.logprobs import Logprob
 from vllm.outputs import RequestOutput
 from vllm.parser import ParserManager
 from vllm.parser.abstract_parser import Parser
@@ -51,6 +52,28 @@ def parser_class(reasoning_parser: str, tokenizer: TokenizerLike, model_name: st
                                     reasoning_parser_name=reasoning_parser,
                                     enable_auto_tools=tools.enable_auto_tool_choice, tool_strict_level="auto",
                                     model_name=model_name, is_harmony=False, tokenizer=tokenizer)
+
+
+def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None, top: int | None,
+                   decode: Callable[[int], str]) -> list[llm_pb2.TokenLogprob]:
+    """vLLM's per-token logprobs as its OpenAI server reports them (`_create_chat_logprobs`): the sampled token's
+    decoded text and log-probability (floored at -9999), and the first `top` entries of the step's dict."""
+    if top is None or not steps:
+        return []
+
+    def entry(token_id: int, lp: Logprob) -> llm_pb2.TokenLogprob:
+        text = lp.decoded_token if lp.decoded_token is not None else decode(token_id)
+        return llm_pb2.TokenLogprob(token=text, logprob=max(lp.logprob, -9999.0))
+
+    out = []
+    for token_id, step in zip(token_ids, steps, strict=False):
+        if step is None or token_id not in step:
+            out.append(llm_pb2.TokenLogprob(token=decode(token_id), logprob=-9999.0))
+            continue
+        sampled = entry(token_id, step[token_id])
+        sampled.top.extend(entry(t, lp) for i, (t, lp) in enumerate(step.items()) if i < top)
+        out.append(sampled)
+    return out
 
 
 @dataclass

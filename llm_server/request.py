@@ -18,7 +18,12 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionNamedToolChoiceParam,
     ChatCompletionRequest,
 )
+from vllm import SamplingParams
+from vllm.config import ModelConfig, StructuredOutputsConfig
+from vllm.exceptions import VLLMClientError
 from vllm.parser.abstract_parser import Parser
+from vllm.sampling_params import StructuredOutputsParams
+from vllm.tokenizers import TokenizerLike
 from vllm.renderers.chat_utils import _postprocess_messages
 
 from dvd.errors import ServiceError
@@ -249,3 +254,22 @@ def parse_messages(messages: list[Any], media: list[llm_pb2.Media]) -> Conversat
     except ValueError as e:
         raise ServiceError(str(e), param="messages") from e
     return out
+
+
+def check_constraints(request: ChatCompletionRequest, model_config: ModelConfig, config: StructuredOutputsConfig | None,
+                      tokenizer: TokenizerLike) -> StructuredOutputsParams | None:
+    """The request's constraint, by vLLM's own rule (response_format over structured_outputs, or the schema of the
+    calls tool_choice required/named asks for, once the parser's adjust_request has set it), checked by vLLM's own
+    validator (grammar, schema, regex, choice) before any vision work: inside add_request it raises the same errors
+    without saying which request field was wrong. vLLM accepts the checked object again (it remembers the backend
+    `auto` chose)."""
+    constraint = request.extract_structured_outputs()
+    if constraint is None:
+        return None
+    param = ("response_format" if request.response_format else
+             "tools" if request.tool_choice not in (None, "none", "auto") else "structured_outputs")
+    try:
+        SamplingParams(structured_outputs=constraint)._validate_structured_outputs(model_config, config, tokenizer)
+    except (ValueError, VLLMClientError) as e:
+        raise ServiceError(str(e), param=param) from e
+    return constraint

@@ -5,32 +5,34 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
-import torch
 from opentelemetry import trace
-from vllm import SamplingParams
-from vllm.config import ModelConfig, StructuredOutputsConfig
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.exceptions import VLLMClientError
 from vllm.logprobs import Logprob
-from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-from vllm.tokenizers import TokenizerLike
+from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from dvd.content_cache import embedding_keys
 from dvd.errors import ServiceError
 from dvd.logs import request_context
 from dvd.tracing import incoming_context, outgoing_metadata, tracer
 from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
-from llm_server.answer import Answer, ToolOptions, parser_class
-from llm_server.embedding_cache import Embedding, EmbeddingCache
+from llm_server.answer import Answer, ToolOptions, parser_class, token_logprobs
+from llm_server.embedding_cache import EmbeddingCache
+from llm_server.fetch import EmbeddingFetcher
 from llm_server.metrics import Metrics
 from llm_server.prompt import expand_videos, render_prompt
-from llm_server.request import chat_template_kwargs, check_tool_choice, parse_messages, parse_request, template_tools
+from llm_server.request import (
+    chat_template_kwargs,
+    check_constraints,
+    check_tool_choice,
+    parse_messages,
+    parse_request,
+    template_tools,
+)
 from llm_server.vir_pressure import VirPressure
 from llm_server.vision_pool import VisionPool
 
@@ -38,30 +40,6 @@ log = logging.getLogger("llm_server.service")
 # The outcome label of a refused request (dvd_llm_requests_total{status}); other codes: the code's name.
 OUTCOMES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.RESOURCE_EXHAUSTED: "vision_busy",
             grpc.StatusCode.FAILED_PRECONDITION: "vision_unavailable"}
-
-
-def check_embedding(i: int, e: torch.Tensor, hidden_size: int) -> None:
-    """Everything vLLM would otherwise discover inside the EngineCore, where one bad request kills all."""
-    if not isinstance(e, torch.Tensor) or e.dim() != 2:
-        shape = tuple(getattr(e, "shape", ()))
-        raise ServiceError(f"image {i}: embeddings must be a 2-D tensor, got shape {shape}")
-    if e.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ServiceError(f"image {i}: unsupported embedding dtype {e.dtype}")
-    if e.shape[1] != hidden_size:
-        raise ServiceError(f"image {i}: hidden size {e.shape[1]} != the language model's {hidden_size}")
-    if e.shape[0] == 0:
-        raise ServiceError(f"image {i}: no embedding rows")
-    if not torch.isfinite(e).all():
-        raise ServiceError(f"image {i}: embeddings contain NaN or infinity")
-
-
-def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidden_size: int,
-                        numbers: list[int] | None = None) -> None:
-    """The count, then each tensor; `numbers` names the images by their place in the request."""
-    if len(embeddings) != placeholders:
-        raise ServiceError(f"{len(embeddings)} image embeddings for {placeholders} <image> placeholders")
-    for i, e in zip(numbers or range(placeholders), embeddings, strict=True):
-        check_embedding(i, e, hidden_size)
 
 
 def refusal(e: Exception) -> ServiceError | None:
@@ -75,47 +53,6 @@ def refusal(e: Exception) -> ServiceError | None:
     if isinstance(e, (ValueError, VLLMClientError)):  # vLLM's own input validation
         return ServiceError(str(e), param=getattr(e, "parameter", None))
     return None
-
-
-def check_constraints(request: ChatCompletionRequest, model_config: ModelConfig, config: StructuredOutputsConfig | None,
-                      tokenizer: TokenizerLike) -> StructuredOutputsParams | None:
-    """The request's constraint, by vLLM's own rule (response_format over structured_outputs, or the schema of the
-    calls tool_choice required/named asks for, once the parser's adjust_request has set it), checked by vLLM's own
-    validator (grammar, schema, regex, choice) before any vision work: inside add_request it raises the same errors
-    without saying which request field was wrong. vLLM accepts the checked object again (it remembers the backend
-    `auto` chose)."""
-    constraint = request.extract_structured_outputs()
-    if constraint is None:
-        return None
-    param = ("response_format" if request.response_format else
-             "tools" if request.tool_choice not in (None, "none", "auto") else "structured_outputs")
-    try:
-        SamplingParams(structured_outputs=constraint)._validate_structured_outputs(model_config, config, tokenizer)
-    except (ValueError, VLLMClientError) as e:
-        raise ServiceError(str(e), param=param) from e
-    return constraint
-
-
-def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None, top: int | None,
-                   decode: Callable[[int], str]) -> list[llm_pb2.TokenLogprob]:
-    """vLLM's per-token logprobs as its OpenAI server reports them (`_create_chat_logprobs`): the sampled token's
-    decoded text and log-probability (floored at -9999), and the first `top` entries of the step's dict."""
-    if top is None or not steps:
-        return []
-
-    def entry(token_id: int, lp: Logprob) -> llm_pb2.TokenLogprob:
-        text = lp.decoded_token if lp.decoded_token is not None else decode(token_id)
-        return llm_pb2.TokenLogprob(token=text, logprob=max(lp.logprob, -9999.0))
-
-    out = []
-    for token_id, step in zip(token_ids, steps, strict=False):
-        if step is None or token_id not in step:
-            out.append(llm_pb2.TokenLogprob(token=decode(token_id), logprob=-9999.0))
-            continue
-        sampled = entry(token_id, step[token_id])
-        sampled.top.extend(entry(t, lp) for i, (t, lp) in enumerate(step.items()) if i < top)
-        out.append(sampled)
-    return out
 
 
 class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
@@ -140,6 +77,8 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                     getattr(self.model_config, "override_generation_config", {}).get("max_new_tokens"))
         # Flash checkpoints decide ViR per request: an image's rows then depend on the images beside it.
         self.request_wide_vir = bool(getattr(self.model_config.hf_config, "flash_mode", False))
+        self.fetcher = EmbeddingFetcher(pool, self.cache, self.metrics, self.hidden_size, self.model_config.dtype,
+                                        self.request_wide_vir)
         # vLLM's --reasoning-parser (an engine option, so it arrives with the others) and tool options.
         self.tools = tools or ToolOptions()
         self.parser_cls = parser_class(engine.vllm_config.structured_outputs_config.reasoning_parser,
@@ -228,58 +167,15 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                template_tools(openai, self.tools))
         if self.request_wide_vir and options.vir != vision_pb2.VIR_MODE_OFF:
             options.vir_pressure = self.vir_pressure.observe(self.first_token_pending)
-        embedding_bytes = 0
-        values: list[Embedding] = []
-        keys: list[str] = []
-        vision_summary = vision_pb2.EncodeSummary()
-        if conversation.media:
-            media, kinds = conversation.media, conversation.kinds
-
-            async def encode(indices: list[int]) -> list[Embedding]:
-                nonlocal embedding_bytes, vision_summary
-                try:
-                    with tracer.start_as_current_span("llm.vision", attributes={"dvd.media": len(indices)}) as span:
-                        encoded = await self.pool.encode(request_id, [media[i] for i in indices], options,
-                                                         [conversation.max_tiles[i] for i in indices],
-                                                         [kinds[i] for i in indices],
-                                                         affinity=keys[indices[0]].encode())
-                        span.set_attributes({f"dvd.bytes.{t}": n for t, n in encoded.bytes_by_transport.items()})
-                except ServiceError as e:  # one bad file: name it as the client did
-                    if e.item is not None and e.item < len(indices):
-                        e.param = conversation.paths[indices[e.item]]
-                    e.item = None  # an index in this vision call, not in the client's request
-                    raise
-                embedding_bytes, vision_summary = encoded.bytes_received, encoded.summary
-                self.metrics.vision_wait.observe(encoded.seconds)
-                for transport, n in encoded.bytes_by_transport.items():
-                    self.metrics.embedding_bytes(transport, n)
-                # Once, before the cache keeps them; cached embeddings are not checked again.
-                validate_embeddings(encoded.embeddings, len(indices), self.hidden_size, indices)
-                out: list[Embedding] = []
-                for i, emb, rows in zip(indices, encoded.embeddings, encoded.tile_rows, strict=True):
-                    emb = emb.to(self.model_config.dtype)
-                    out.append(tuple(emb.split(rows)) if kinds[i] == vision_pb2.MEDIA_KIND_VIDEO else emb)
-                return out
-
-            keys = embedding_keys(media, options, self.request_wide_vir, conversation.max_tiles, kinds)
-            values = await self.cache.lookup(keys, encode)
+        fetched = await self.fetcher.fetch(request_id, conversation, options)
         t_vision = time.perf_counter()
-        # vLLM's images in prompt order: an image's rows, or a video's frames one by one (prompt.py says why).
-        embeddings: list[torch.Tensor] = []
-        uuids: list[str] = []
-        for key, value in zip(keys, values, strict=True):
-            if isinstance(value, tuple):
-                embeddings += value
-                uuids += [f"{key}:frame{f}" for f in range(len(value))]
-            else:
-                embeddings.append(value)
-                uuids.append(key)
-        prompt = expand_videos(prompt, [len(v) for v in values if isinstance(v, tuple)])
+        embeddings = fetched.embeddings
+        prompt = expand_videos(prompt, fetched.frames)
         inputs: dict = {"prompt": prompt}
         visual_tokens = sum(e.shape[0] for e in embeddings)
         if embeddings:
             inputs["multi_modal_data"] = {"image": embeddings}
-            inputs["multi_modal_uuids"] = {"image": uuids}
+            inputs["multi_modal_uuids"] = {"image": fetched.uuids}
         # The prompt is tokenised once, by vLLM's renderer as its chat server does it (placeholders expanded to the
         # embeddings' rows); the engine takes the rendered input as it is, and its length sizes max_tokens.
         (engine_input,) = await self.engine.renderer.render_cmpl_async([inputs], openai.build_tok_params(
@@ -331,10 +227,10 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         t_end = time.perf_counter()
         timings = llm_pb2.StageTimings(vision_seconds=t_vision - t0,
                                        queue_seconds=(first_token_at or t_end) - t_vision,
-                                       embedding_bytes=embedding_bytes,
-                                       vision_preprocess_seconds=vision_summary.preprocess_seconds,
-                                       vision_queue_seconds=vision_summary.queue_seconds,
-                                       vision_compute_seconds=vision_summary.compute_seconds,
+                                       embedding_bytes=fetched.bytes_received,
+                                       vision_preprocess_seconds=fetched.summary.preprocess_seconds,
+                                       vision_queue_seconds=fetched.summary.queue_seconds,
+                                       vision_compute_seconds=fetched.summary.compute_seconds,
                                        decode_seconds=t_end - (first_token_at or t_end))
         log.info("request done", extra={"request_id": request_id, "images": len(embeddings),
                                         "visual_tokens": visual_tokens, "prompt_tokens": prompt_tokens,
