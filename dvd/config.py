@@ -19,6 +19,8 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from dvd.logs import FORMATS, LOG_LEVELS
+
 # Default ports of the three services (README "Ports" lists these and the deployment files' choices).
 ROUTER_PORT = 8000  # OpenAI HTTP API (and /metrics)
 VISION_PORT = 50051  # vision server gRPC
@@ -132,6 +134,9 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
             kwargs["choices"] = f.metadata["choices"]
             if from_env is not None:
                 kwargs["default"] = hint(from_env[1])
+                if kwargs["choices"] and kwargs["default"] not in kwargs["choices"]:  # as argparse checks a flag
+                    raise SystemExit(f"error: {from_env[0]}={from_env[1]!r} is not one of "
+                                     f"{', '.join(kwargs['choices'])}")
             elif default is dataclasses.MISSING:
                 kwargs["required"] = True
             else:
@@ -183,6 +188,16 @@ class Deadlines:
     @property
     def drain_s(self) -> float:
         return self.request_timeout if self.shutdown_grace is None else self.shutdown_grace
+
+
+@dataclasses.dataclass(frozen=True)
+class LogOptions:
+    """How a service logs (the language server takes vLLM's own --log-level, and the format from the environment
+    only: vLLM reads its logging configuration when it is imported, before any flag is parsed)."""
+
+    log_level: str = option("INFO", "the level of this service's log lines", env="DVD_LOG_LEVEL", choices=LOG_LEVELS)
+    log_format: str = option("json", "log lines as JSON objects (the format vLLM's lines take in the language "
+                                     "server too) or key=value text", env="DVD_LOG_FORMAT", choices=FORMATS)
 
 
 def parse(cls: type[C], argv: Sequence[str] | None = None, *, prog: str | None = None,

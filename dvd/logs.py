@@ -21,6 +21,7 @@ from dvd.tracing import trace_id
 
 REQUEST_ID: ContextVar[str] = ContextVar("dvd_request_id", default="")
 FORMATS = ("json", "text")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")  # vLLM's --log-level choices, less NOTSET
 # A record's own attributes, never printed as fields (color_message: uvicorn's ANSI duplicate of the message).
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 

@@ -50,6 +50,7 @@ async def watch_health(health: Health, service: LanguageService, engine: AsyncLL
 
 async def serve() -> None:
     config, engine_args = parse_args()
+    logging.getLogger().setLevel(engine_args.log_level or os.environ.get("DVD_LOG_LEVEL", "INFO"))  # vLLM's flag
     tune_allocator()
     # A container restarted in its pod (or a host whose last engine was SIGKILLed) still has the dead engine's
     # queues and semaphores in /dev/shm: nothing else would ever remove them.
@@ -66,7 +67,8 @@ async def serve() -> None:
                                     "vision_parameters": n_vision})
     pool = VisionPool(config.vision, hidden_size=model_config.hf_text_config.hidden_size,
                       timeout_s=config.vision_timeout, health_interval_s=config.vision_health_interval,
-                      transport=config.vision_transport, shm_budget_bytes=int(config.vision_shm_gb * 2**30),
+                      health_timeout_s=config.vision_health_timeout, transport=config.vision_transport,
+                      shm_budget_bytes=int(config.vision_shm_gb * 2**30), data_threads=config.vision_data_threads,
                       auth=config.internal)
     await pool.start()
     if config.metrics_port:

@@ -24,6 +24,10 @@ class LlmServerConfig:
     vision: tuple[str, ...] = option((), "vision server addresses host:port; comma-separated or repeated")
     vision_timeout: float = option(120.0, "deadline of one Encode call, seconds")
     vision_health_interval: float = option(2.0, "seconds between health checks of each vision server")
+    vision_health_timeout: float = option(2.0, "seconds one health check of a vision server may take (three late "
+                                               "in a row take it out of rotation)")
+    vision_data_threads: int = option(8, "threads that copy embedding bytes off shared memory and TCP into the "
+                                         "images' tensors")
     vision_transport: str = option(
         "auto", "how embedding bytes travel from the vision servers: shm (shared memory, same host), tcp (the "
         "vision server's data port), grpc (inline, the fallback); auto = shm where the server shares this host's "

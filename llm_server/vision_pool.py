@@ -50,8 +50,8 @@ SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 
 class VisionPool(BackendPool[VisionStub]):
     def __init__(self, targets: tuple[str, ...], hidden_size: int, timeout_s: float = 120.0,
-                 health_interval_s: float = 2.0, transport: str = "auto", shm_budget_bytes: int = 2**30,
-                 auth: InternalAuth | None = None) -> None:
+                 health_interval_s: float = 2.0, health_timeout_s: float = 2.0, transport: str = "auto",
+                 shm_budget_bytes: int = 2**30, data_threads: int = 8, auth: InternalAuth | None = None) -> None:
         self.hidden_size = hidden_size
         self.timeout_s = timeout_s
         self.transport = transport
@@ -59,10 +59,11 @@ class VisionPool(BackendPool[VisionStub]):
         self.tcp_allowed = transport in ("tcp", "auto")
         self.data_tls = auth.ssl_context(server_side=False)  # the TCP data plane under the same mutual TLS
         self.slots = ShmSlots(shm_budget_bytes if transport in ("auto", "shm") else 0)
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
+        self.executor = ThreadPoolExecutor(max_workers=data_threads, thread_name_prefix="data-plane")
         super().__init__(targets, VisionStub, self._describe, SERVICE, "vision", auth=auth,
                          channel_options=[("grpc.max_receive_message_length", 64 * 2**20)],
-                         health_interval=health_interval_s, outstanding_weight=OUTSTANDING_TILES)
+                         health_interval=health_interval_s, health_timeout=health_timeout_s,
+                         outstanding_weight=OUTSTANDING_TILES)
 
     async def close(self) -> None:
         await super().close()

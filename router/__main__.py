@@ -17,7 +17,7 @@ from router.config import parse_args
 
 def main() -> None:
     config = parse_args()
-    setup_logging()
+    setup_logging(config.logs.log_level, config.logs.log_format)
     setup_tracing("dvd-router")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per fetched image is noise
     # Bound here, before uvicorn starts: with --port 0 the launcher learns the port and no other process can take it.

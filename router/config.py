@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dvd.backend_pool import AFFINITY_BALANCE
-from dvd.config import MIB, ROUTER_PORT, Deadlines, MediaLimits, option, parse
+from dvd.config import MIB, ROUTER_PORT, Deadlines, LogOptions, MediaLimits, option, parse
 from dvd.security import InternalAuth
 
 
@@ -45,6 +45,7 @@ class RouterConfig:
     keep_alive: float = option(75.0, "seconds an idle HTTP keep-alive connection stays open")
     media: MediaLimits = field(default_factory=MediaLimits)
     deadlines: Deadlines = field(default_factory=Deadlines)
+    logs: LogOptions = field(default_factory=LogOptions)
     internal: InternalAuth = field(default_factory=InternalAuth)
 
 

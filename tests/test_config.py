@@ -92,3 +92,15 @@ def test_the_media_limits_are_one_group_for_the_gateway_and_the_vision_server(mo
     assert vision_args(["--model", "m"]).media.max_images_per_request == 3
     assert gateway_args(["--llm", "x:1"]).media.max_images_per_request == 3
     assert MediaLimits().max_image_bytes == 20 * 2**20 and MediaLimits().max_video_bytes == 64 * 2**20
+
+
+def test_log_settings_are_options_with_their_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.config import parse_args as router_args
+
+    monkeypatch.setenv("DVD_LOG_FORMAT", "text")
+    cfg = router_args(["--llm", "x:1", "--log-level", "DEBUG"])
+    assert (cfg.logs.log_level, cfg.logs.log_format) == ("DEBUG", "text")
+    assert vision_args(["--model", "m", "--log-format", "json"]).logs.log_format == "json"  # the flag wins
+    monkeypatch.setenv("DVD_LOG_LEVEL", "LOUD")
+    with pytest.raises(SystemExit):
+        router_args(["--llm", "x:1"])

@@ -129,9 +129,9 @@ async def serve(cfg: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging()
-    setup_tracing("dvd-vision")
     cfg = parse_args(argv)
+    setup_logging(cfg.logs.log_level, cfg.logs.log_format)
+    setup_tracing("dvd-vision")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(cfg))
 

@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvd.config import EMPTY_MODEL, MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES, VISION_PORT, Deadlines, MediaLimits, option
+from dvd.config import (
+    EMPTY_MODEL,
+    MAX_VIDEO_FRAMES,
+    VIDEO_NUM_FRAMES,
+    VISION_PORT,
+    Deadlines,
+    LogOptions,
+    MediaLimits,
+    option,
+)
 from dvd.dtype import DTYPES
 from dvd.security import InternalAuth
 
@@ -142,6 +151,7 @@ class ServerConfig:
     metrics_port: int = option(0, "Prometheus port (0 = off)")
     media: MediaLimits = field(default_factory=MediaLimits)
     deadlines: Deadlines = field(default_factory=Deadlines)
+    logs: LogOptions = field(default_factory=LogOptions)
     internal: InternalAuth = field(default_factory=InternalAuth)
     preprocess_threads: int = option(factory=lambda: min(8, os.cpu_count() or 2),
                                      help="threads decoding and tiling images (Pillow releases the GIL while resizing)")
