@@ -133,16 +133,14 @@ async def burst(base: str, bodies: list[bytes], after: bytes, timeout: float = 3
     return result
 
 
-def body_media(payload: bytes) -> tuple[list[bytes], list[int]]:
-    """The files of one burst body (data URLs), as the router hands them on: bytes and their kinds."""
+def body_media(payload: bytes) -> list[Any]:
+    """The files of one burst body (data URLs), as the language server hands them on (vision_pb2.Media)."""
     from dvd.v2 import vision_pb2
 
-    files, kinds = [], []
-    for part in json.loads(payload)["messages"][0]["content"]:
-        if part["type"] in ("image_url", "video_url"):
-            files.append(base64.b64decode(part[part["type"]]["url"].split(",", 1)[1]))
-            kinds.append(vision_pb2.MEDIA_KIND_VIDEO if part["type"] == "video_url" else vision_pb2.MEDIA_KIND_IMAGE)
-    return files, kinds
+    return [vision_pb2.Media(kind=vision_pb2.MEDIA_KIND_VIDEO if part["type"] == "video_url"
+                             else vision_pb2.MEDIA_KIND_IMAGE,
+                             data=base64.b64decode(part[part["type"]]["url"].split(",", 1)[1]))
+            for part in json.loads(payload)["messages"][0]["content"] if part["type"] in ("image_url", "video_url")]
 
 
 async def pool_burst(vision: str, transport: str, bodies: list[bytes], after: bytes,
@@ -163,9 +161,8 @@ async def pool_burst(vision: str, transport: str, bodies: list[bytes], after: by
     result = BurstResult()
 
     async def one(k: int, payload: bytes) -> str:
-        files, kinds = body_media(payload)
         try:
-            await pool.encode(f"burst-{transport}-{k}", files, vision_pb2.EncodeOptions(), kinds=kinds)
+            await pool.encode(f"burst-{transport}-{k}", body_media(payload), vision_pb2.EncodeOptions())
             return "200"
         except ServiceError as e:
             if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -126,7 +126,7 @@ async def receive(address: str, path: str, images: int, streams: int, hidden: in
     async def worker(k: int, count: int) -> int:
         got = 0
         for j in range(count):
-            encoded = await pool.encode(f"{path}-{k}-{j}", [b"not an image"], options)
+            encoded = await pool.encode(f"{path}-{k}-{j}", [vision_pb2.Media(data=b"not an image")], options)
             used.update(encoded.bytes_by_transport)
             got += sum(e.numel() * BF16_BYTES for e in encoded.embeddings)
             bar.update(1)

@@ -179,7 +179,7 @@ async def lone_run(address: str, hidden: int, image: bytes, n: int, vir: int) ->
     async with language_side(address, hidden) as pool:
         for k in range(n + 1):
             t = time.perf_counter()
-            await pool.encode(f"lone-{k}", [image], vision_pb2.EncodeOptions(vir=vir))
+            await pool.encode(f"lone-{k}", [vision_pb2.Media(data=image)], vision_pb2.EncodeOptions(vir=vir))
             if k:  # the first one warms the path up
                 times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
@@ -196,7 +196,8 @@ async def service_run(address: str, hidden: int, images: list[bytes], per_reques
         async def one(k: int, imgs: list[bytes]) -> None:
             nonlocal tiles, compressed
             t = time.perf_counter()
-            encoded = await pool.encode(f"bench-{k}", imgs, vision_pb2.EncodeOptions(vir=vir))
+            encoded = await pool.encode(f"bench-{k}", [vision_pb2.Media(data=i) for i in imgs],
+                                        vision_pb2.EncodeOptions(vir=vir))
             tiles += sum(s.num_tiles for s in encoded.summary.images)
             compressed += sum(s.num_compressed_tiles for s in encoded.summary.images)
             latencies.append(time.perf_counter() - t)

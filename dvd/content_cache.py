@@ -18,8 +18,8 @@ from dvd.v2 import vision_pb2
 V = TypeVar("V")
 
 
-def embedding_keys(media: Sequence[bytes], options: vision_pb2.EncodeOptions, request_wide: bool,
-                   max_tiles: Sequence[int] = (), kinds: Sequence[int] = ()) -> list[str]:
+def embedding_keys(media: Sequence[vision_pb2.Media], options: vision_pb2.EncodeOptions,
+                   request_wide: bool) -> list[str]:
     """One key per image or video: its content hash plus the options that shape its embedding (an image's own tile
     cap, a video's frame sampling, ViR's pressure level).
 
@@ -29,9 +29,9 @@ def embedding_keys(media: Sequence[bytes], options: vision_pb2.EncodeOptions, re
     different embeddings of one image.
     """
     video = f"video:{options.video.num_frames}:{options.video.fps!r}"
-    digests = [hashlib.sha256(b).hexdigest() + (video if kind == vision_pb2.MEDIA_KIND_VIDEO else "")
-               for b, kind in zip(media, kinds or [vision_pb2.MEDIA_KIND_IMAGE] * len(media), strict=True)]
-    caps = list(max_tiles) or [0] * len(media)
+    digests = [hashlib.sha256(m.data).hexdigest() + (video if m.kind == vision_pb2.MEDIA_KIND_VIDEO else "")
+               for m in media]
+    caps = [m.max_tiles for m in media]
     suffix = f"|vir={options.vir}" + (f"|pressure={options.vir_pressure!r}" if options.vir_pressure else "")
     if request_wide and options.vir != vision_pb2.VIR_MODE_OFF and len(media) > 1:
         # Neighbours shape the quantile with their own tile counts.

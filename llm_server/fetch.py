@@ -64,15 +64,14 @@ class EmbeddingFetcher:
         out = Fetched()
         if not conversation.media:
             return out
-        media, kinds = conversation.media, conversation.kinds
-        keys = embedding_keys(media, options, self.request_wide_vir, conversation.max_tiles, kinds)
+        media = conversation.media
+        keys = embedding_keys(media, options, self.request_wide_vir)
 
         async def encode(indices: list[int]) -> list[Embedding]:
             try:
                 with tracer.start_as_current_span("llm.vision", attributes={"dvd.media": len(indices)}) as span:
                     encoded = await self.pool.encode(request_id, [media[i] for i in indices], options,
-                                                     [conversation.max_tiles[i] for i in indices],
-                                                     [kinds[i] for i in indices], affinity=keys[indices[0]].encode())
+                                                     affinity=keys[indices[0]].encode())
                     span.set_attributes({f"dvd.bytes.{t}": n for t, n in encoded.bytes_by_transport.items()})
             except ServiceError as e:  # one bad file: name it as the client did
                 if e.item is not None and e.item < len(indices):
@@ -85,7 +84,7 @@ class EmbeddingFetcher:
                 self.metrics.embedding_bytes(transport, n)
             # Once, before the cache keeps them; cached embeddings are not checked again.
             validate_embeddings(encoded.embeddings, len(indices), self.hidden_size, indices)
-            return [tuple(emb.to(self.dtype).split(rows)) if kinds[i] == vision_pb2.MEDIA_KIND_VIDEO
+            return [tuple(emb.to(self.dtype).split(rows)) if media[i].kind == vision_pb2.MEDIA_KIND_VIDEO
                     else emb.to(self.dtype)
                     for i, emb, rows in zip(indices, encoded.embeddings, encoded.tile_rows, strict=True)]
 

@@ -29,9 +29,9 @@ def render_prompt(tokenizer, conversation: Conversation, model_config, template_
     prompt = safe_apply_chat_template(model_config, tokenizer, conversation.messages, tools=tools, tokenize=False,
                                       **template_kwargs)
     found = [_KIND[p] for p in _PLACEHOLDER.findall(prompt)]
-    if found != conversation.kinds:
+    if found != [m.kind for m in conversation.media]:
         raise ServiceError(f"the prompt has {len(found)} {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholders for "
-                           f"{len(conversation.kinds)} images and videos (text may not contain the literal "
+                           f"{len(conversation.media)} images and videos (text may not contain the literal "
                            f"{IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER})")
     return prompt
 

@@ -27,7 +27,7 @@ from vllm.tokenizers import TokenizerLike
 from vllm.renderers.chat_utils import _postprocess_messages
 
 from dvd.errors import ServiceError
-from dvd.v2 import llm_pb2, vision_pb2
+from dvd.v2 import vision_pb2
 from llm_server.answer import ToolOptions
 
 # vLLM's server default for the content format of InternVL3.5's template: OpenAI-style content lists.
@@ -177,9 +177,7 @@ def check_tool_choice(request: ChatCompletionRequest, parser_cls: type[Parser] |
 @dataclass(frozen=True)
 class Conversation:
     messages: list[dict]  # as the chat template receives them
-    media: list[bytes]  # encoded images and videos, in conversation order
-    kinds: list[int]  # vision_pb2.MediaKind of each
-    max_tiles: list[int]  # per file: an image's own tile cap (image_url.detail), 0 = the request's
+    media: list[vision_pb2.Media]  # the files in conversation order, an image's own tile cap set (its `detail`)
     paths: list[str]  # per file: where the client put it ("messages[0].content[1].video_url.url"), for errors
 
 
@@ -192,7 +190,7 @@ def role_error(role: str) -> str | None:
     return None
 
 
-def _part(part: dict, path: str, role: str, media: list[llm_pb2.Media], out: Conversation) -> dict:
+def _part(part: dict, path: str, role: str, media: list[vision_pb2.Media], out: Conversation) -> dict:
     """One content part as the template gets it; an image or video part takes the next file."""
     kind = part.get("type")
     if kind not in PART_KEYS:
@@ -213,18 +211,17 @@ def _part(part: dict, path: str, role: str, media: list[llm_pb2.Media], out: Con
     n = len(out.media)
     if n >= len(media) or media[n].kind != MEDIA_PARTS[kind] or not media[n].data:
         raise ServiceError(f"no file arrived for this {kind} part", param=f"{path}.{kind}.url")
-    out.media.append(media[n].data)
-    out.kinds.append(media[n].kind)
-    out.max_tiles.append(DETAIL_TILES.get(body.get("detail") or "", 0))
+    out.media.append(vision_pb2.Media(kind=media[n].kind, data=media[n].data,
+                                      max_tiles=DETAIL_TILES.get(body.get("detail") or "", 0)))
     out.paths.append(f"{path}.{kind}.url")
     return {"type": kind.removesuffix("_url")}
 
 
-def parse_messages(messages: list[Any], media: list[llm_pb2.Media]) -> Conversation:
+def parse_messages(messages: list[Any], media: list[vision_pb2.Media]) -> Conversation:
     """vLLM's validated messages and the request's files, as the chat template takes them."""
     if not messages:
         raise ServiceError("the conversation has no messages", param="messages")
-    out = Conversation([], [], [], [], [])
+    out = Conversation([], [], [])
     for i, m in enumerate(messages):
         role = m.get("role")
         if (error := role_error(role)) is not None:

@@ -83,13 +83,11 @@ class VisionPool(BackendPool[VisionStub]):
         b.metadata = meta
         return True
 
-    async def encode(self, request_id: str, images: list[bytes], options: vision_pb2.EncodeOptions,
-                     image_max_tiles: Sequence[int] = (), kinds: Sequence[int] = (),
+    async def encode(self, request_id: str, media: Sequence[vision_pb2.Media], options: vision_pb2.EncodeOptions,
                      affinity: bytes | None = None) -> EncodedImages:
         """Embeddings for every image (or video), from one server; other servers are tried when one fails.
 
-        `image_max_tiles`: per image, its own tile cap (0 = options.max_tiles); empty = none. `kinds`: per file, its
-        vision_pb2.MediaKind; empty = all images. `affinity`: the media's content key: the first try goes to the
+        `affinity`: the media's content key: the first try goes to the
         server that owns it (within the load bound), so that every language replica asks the same vision server for
         one image, and its cache of recent encodings serves the second."""
         deadline = time.monotonic() + self.timeout_s
@@ -102,8 +100,7 @@ class VisionPool(BackendPool[VisionStub]):
             if remaining <= 0:
                 break
             try:
-                encoded = await self._encode_on(backend, request_id, images, options, image_max_tiles, kinds,
-                                                remaining)
+                encoded = await self._encode_on(backend, request_id, media, options, remaining)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     self.call_succeeded(backend)  # it answered, about the request
@@ -148,31 +145,27 @@ class VisionPool(BackendPool[VisionStub]):
                 return backend
         return self.pick(tried, fallback_to_unready=True)
 
-    async def _encode_on(self, b: VisionBackend, request_id: str, images: list[bytes],
-                         options: vision_pb2.EncodeOptions, image_max_tiles: Sequence[int], kinds: Sequence[int],
-                         timeout: float) -> EncodedImages:
+    async def _encode_on(self, b: VisionBackend, request_id: str, media: Sequence[vision_pb2.Media],
+                         options: vision_pb2.EncodeOptions, timeout: float) -> EncodedImages:
         t0 = time.perf_counter()
         meta: vision_pb2.VisionMetadata = b.metadata  # a ready backend has been described
         budget = options.max_tiles or meta.max_tiles or 12
-        caps = [c or budget for c in image_max_tiles] or [budget] * len(images)
         # Sizes the shared-memory offer only: a tile beyond it travels inline.
         asked = options.video.num_frames
         # 0: the server's own --video-num-frames, as it reports it; -1: every frame, up to its maximum.
         frames = (asked if asked > 0 else (meta.video_num_frames or VIDEO_NUM_FRAMES) if asked == 0
                   else meta.max_video_frames or MAX_VIDEO_FRAMES)
-        tiles_bound = sum(frames if kind == vision_pb2.MEDIA_KIND_VIDEO else c + (c > 1)  # + an image's thumbnail
-                          for c, kind in zip(caps, kinds or [vision_pb2.MEDIA_KIND_IMAGE] * len(images), strict=True))
+        tiles_bound = sum(frames if m.kind == vision_pb2.MEDIA_KIND_VIDEO else (m.max_tiles or budget) + 1
+                          for m in media)  # + 1: an image's thumbnail (none for a single tile: an upper bound)
         bound = tiles_bound * TILE_ROWS * self.hidden_size * DATATYPES[WIRE_DATATYPE].itemsize
         receiver = await TileReceiver.open(self.transport, self.executor, self.slots, meta.shm_domain, b.host,
                                            meta.data_port if self.tcp_allowed else 0, bound, timeout, self.data_tls)
-        request = vision_pb2.EncodeRequest(request_id=request_id, images=images, options=options,
-                                           data_plane=receiver.offer(),
-                                           image_max_tiles=image_max_tiles if any(image_max_tiles) else (),
-                                           kinds=kinds if any(kinds) else ())
-        embs: list[torch.Tensor | None] = [None] * len(images)
-        tile_rows: list[list[int]] = [[] for _ in images]
-        filled = [0] * len(images)  # rows received per image
-        counts = [0] * len(images)  # tiles received per image
+        request = vision_pb2.EncodeRequest(request_id=request_id, media=media, options=options,
+                                           data_plane=receiver.offer())
+        embs: list[torch.Tensor | None] = [None] * len(media)
+        tile_rows: list[list[int]] = [[] for _ in media]
+        filled = [0] * len(media)  # rows received per image
+        counts = [0] * len(media)  # tiles received per image
         by_transport: dict[str, int] = {}
         b.outstanding += 1
         call = b.stub.Encode(request, timeout=timeout, metadata=outgoing_metadata())  # the trace goes on

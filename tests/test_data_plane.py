@@ -39,7 +39,7 @@ from llm_server.vision_pool import SERVICE as VISION_SERVICE
 from llm_server.vision_pool import VisionPool
 from tests.conftest import start_vision
 from tests.helpers.media import image_bytes
-from tests.helpers.vision import Encoded, collect, encode_with
+from tests.helpers.vision import Encoded, collect, encode_with, media
 from vision_server.data_plane import DataListener, ShmMaps, TileSender
 from vision_server.service import add_to_server
 
@@ -83,13 +83,13 @@ async def test_cancel_mid_stream_then_serve_again(vision_tiny: str, transport: s
     await pool.start()
     try:
         images = [image_bytes(1792, 1344, seed=85 + i) for i in range(3)]
-        task = asyncio.create_task(pool.encode("dp-cancel", images, vision_pb2.EncodeOptions()))
+        task = asyncio.create_task(pool.encode("dp-cancel", media(images), vision_pb2.EncodeOptions()))
         await asyncio.sleep(0.4)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert pool.backends[0].outstanding == 0
-        again = await pool.encode("dp-after", [image_bytes(500, 500, seed=88)], vision_pb2.EncodeOptions())
+        again = await pool.encode("dp-after", media([image_bytes(500, 500, seed=88)]), vision_pb2.EncodeOptions())
         assert set(again.bytes_by_transport) == {transport}
     finally:
         await pool.close()
@@ -104,7 +104,7 @@ async def test_failover_when_a_server_dies_mid_transfer(vision_tiny: str, tiny_c
     pool = VisionPool((doomed_address, vision_tiny), hidden_size=128, timeout_s=120, transport=transport)
     await pool.start()
     try:
-        task = asyncio.create_task(pool.encode("dp-die", images, vision_pb2.EncodeOptions()))
+        task = asyncio.create_task(pool.encode("dp-die", media(images), vision_pb2.EncodeOptions()))
         await asyncio.sleep(0.5)
         doomed.proc.kill()
         encoded = await task
@@ -118,7 +118,8 @@ async def test_failover_when_a_server_dies_mid_transfer(vision_tiny: str, tiny_c
 
 
 def raw_encode(address: str, offer: vision_pb2.DataPlaneOffer) -> Encoded:
-    req = vision_pb2.EncodeRequest(request_id="dp-raw", images=[image_bytes(448, 448, seed=89)], data_plane=offer)
+    req = vision_pb2.EncodeRequest(request_id="dp-raw", media=media([image_bytes(448, 448, seed=89)]),
+                                   data_plane=offer)
     with grpc.insecure_channel(address) as channel:
         return collect(vision_pb2_grpc.VisionServiceStub(channel).Encode(req, timeout=30))
 
@@ -228,7 +229,7 @@ async def test_a_lying_server_is_a_protocol_error(fault: str, transport: str, me
             # error_threshold times in a row, then it is not tried again until its health check passes.
             assert pool.backends[0].ready, attempt
             with pytest.raises(ServiceError, match="no vision server could encode") as err:
-                await pool.encode("dp-liar", [b"image"], vision_pb2.EncodeOptions())
+                await pool.encode("dp-liar", media([b"image"]), vision_pb2.EncodeOptions())
             assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert "127.0.0.1" not in str(err.value)  # what failed, not where: addresses stay in the logs
         assert not pool.backends[0].ready
@@ -260,7 +261,7 @@ async def test_another_datatype_is_a_value(transport: str) -> None:
     """Tiles are described as KServe v2 describes tensors (datatype + shape): FP16 tiles arrive as FP16 on every
     transport, with no change to the protocol or the receiver."""
     async with lying_pool("fp16", transport) as pool:
-        encoded = await pool.encode("dp-fp16", [b"image"], vision_pb2.EncodeOptions())
+        encoded = await pool.encode("dp-fp16", media([b"image"]), vision_pb2.EncodeOptions())
     assert not own_segments()
     (emb,) = encoded.embeddings
     assert emb.dtype == torch.float16 and emb.shape == (512, 128) and bool((emb == 1).all())

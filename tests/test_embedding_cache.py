@@ -118,7 +118,7 @@ async def test_errors_reach_the_caller_and_nothing_is_cached() -> None:
 
 
 def test_keys_depend_on_options_and_on_neighbours_only_under_request_wide_vir() -> None:
-    a, b, c = b"image-a", b"image-b", b"image-c"
+    a, b, c = (vision_pb2.Media(data=f) for f in (b"image-a", b"image-b", b"image-c"))
     auto = vision_pb2.EncodeOptions(vir=vision_pb2.VIR_MODE_AUTO)
     off = vision_pb2.EncodeOptions(vir=vision_pb2.VIR_MODE_OFF)
     assert embedding_keys([a], auto, True) == embedding_keys([a], auto, False)
@@ -129,7 +129,8 @@ def test_keys_depend_on_options_and_on_neighbours_only_under_request_wide_vir() 
     assert embedding_keys([a, b], off, True)[0] == embedding_keys([a, c], off, True)[0]  # ViR off
     assert len(set(embedding_keys([a, b, c], auto, False))) == 3
     # A per-image tile cap (image_url.detail) is part of that image's key; 0 is the request's budget.
-    assert embedding_keys([a, b], auto, False, [1, 0])[0] != embedding_keys([a, b], auto, False)[0]
-    assert embedding_keys([a, b], auto, False, [1, 0])[1] == embedding_keys([a, b], auto, False)[1]
+    low = vision_pb2.Media(data=a.data, max_tiles=1)
+    assert embedding_keys([low, b], auto, False)[0] != embedding_keys([a, b], auto, False)[0]
+    assert embedding_keys([low, b], auto, False)[1] == embedding_keys([a, b], auto, False)[1]
     two = vision_pb2.EncodeOptions(max_tiles=2)
-    assert embedding_keys([a], two, False, [2]) == embedding_keys([a], two, False)
+    assert embedding_keys([vision_pb2.Media(data=a.data, max_tiles=2)], two, False) == embedding_keys([a], two, False)

@@ -18,6 +18,7 @@ from llm_server.vision_pool import VisionPool
 from tests.helpers.llm import chat_request, generate, health, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes
 from tests.helpers.router import user_message
+from tests.helpers.vision import media
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -168,7 +169,7 @@ async def test_vision_pool_skips_a_dead_server(vision_tiny: str) -> None:
     pool = VisionPool((dead, vision_tiny), hidden_size=128, timeout_s=30)
     await pool.start()
     try:
-        encoded = await pool.encode("r1", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
+        encoded = await pool.encode("r1", media([image_bytes(500, 500)]), vision_pb2.EncodeOptions())
         assert encoded.server == vision_tiny
         assert [e.shape for e in encoded.embeddings] == [torch.Size([256, 128])]
     finally:
@@ -177,7 +178,7 @@ async def test_vision_pool_skips_a_dead_server(vision_tiny: str) -> None:
     await pool.start()
     try:
         with pytest.raises(ServiceError) as err:
-            await pool.encode("r2", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
+            await pool.encode("r2", media([image_bytes(500, 500)]), vision_pb2.EncodeOptions())
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         await pool.close()
@@ -190,7 +191,7 @@ async def test_vision_pool_refuses_a_server_of_another_model(vision_tiny: str,
     try:
         assert pool.ready_count == 0
         with pytest.raises(ServiceError, match="no vision server could") as err:
-            await pool.encode("r3", [image_bytes(500, 500)], vision_pb2.EncodeOptions())
+            await pool.encode("r3", media([image_bytes(500, 500)]), vision_pb2.EncodeOptions())
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         # The reason stays inside: the operator's log has it, the client's message does not.
         assert "hidden size" not in err.value.message
@@ -336,7 +337,8 @@ async def test_vision_pool_deadline_is_a_timeout_not_a_retry(vision_tiny: str) -
     await pool.start()
     try:
         with pytest.raises(ServiceError) as err:
-            await pool.encode("r-slow", [image_bytes(1792, 1344, seed=s) for s in range(3)], vision_pb2.EncodeOptions())
+            await pool.encode("r-slow", media([image_bytes(1792, 1344, seed=s) for s in range(3)]),
+                              vision_pb2.EncodeOptions())
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         await pool.close()
@@ -351,9 +353,9 @@ async def test_full_vision_queue_is_back_pressure(tiny_ckpt) -> None:
     await pool.start()
     try:
         with pytest.raises(ServiceError, match="at capacity") as err:  # 2 images x (12 + 1) tiles could not fit
-            await pool.encode("r-big", [image_bytes(448, 448)] * 2, vision_pb2.EncodeOptions())
+            await pool.encode("r-big", media([image_bytes(448, 448)] * 2), vision_pb2.EncodeOptions())
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        ok = await pool.encode("r-ok", [image_bytes(448, 448)], vision_pb2.EncodeOptions(max_tiles=1))
+        ok = await pool.encode("r-ok", media([image_bytes(448, 448)]), vision_pb2.EncodeOptions(max_tiles=1))
         assert ok.embeddings[0].shape == (256, 128)
     finally:
         await pool.close()

@@ -15,6 +15,7 @@ from dvd.errors import ServiceError
 from dvd.v2 import llm_pb2_grpc, vision_pb2
 from tests.helpers.llm import assert_logprobs_close, chat_request, text, video
 from tests.helpers.media import data_url, image_bytes, make_image, video_bytes
+from tests.helpers.vision import media
 from vision_server.video import Sampling, VideoLimits, decode_video, preprocess_video, sample_indices
 
 pytestmark = pytest.mark.timeout(600)
@@ -235,8 +236,8 @@ async def test_an_operators_larger_frame_count_still_travels_over_shared_memory(
     pool = VisionPool((address,), hidden_size=128, timeout_s=60, transport="shm")
     try:
         await pool.start()
-        encoded = await pool.encode("frames-40", [CLIP_A], vision_pb2.EncodeOptions(),
-                                    kinds=[vision_pb2.MEDIA_KIND_VIDEO])
+        encoded = await pool.encode("frames-40", media([CLIP_A], vision_pb2.MEDIA_KIND_VIDEO),
+                                    vision_pb2.EncodeOptions())
         assert sum(s.num_tiles for s in encoded.summary.images) == 40
         assert set(encoded.bytes_by_transport) == {"shm"}, encoded.bytes_by_transport
     finally:

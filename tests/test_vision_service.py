@@ -47,14 +47,14 @@ def test_max_tiles_option(vision_tiny: str) -> None:
 
 
 def test_per_image_tile_caps(vision_tiny: str) -> None:
-    """image_max_tiles caps each image on its own (image_url.detail "low" = 1); 0 keeps the request's budget."""
+    """A file's max_tiles caps that image on its own (image_url.detail "low" = 1); 0 keeps the request's budget."""
     wide = encode(noise_image(1800, 500, seed=2), "PNG")
-    got = encode_sync(vision_tiny, request([wide, wide, wide], max_tiles=2, image_max_tiles=(1, 0, 12)))
+    got = encode_sync(vision_tiny, request([wide, wide, wide], max_tiles=2, file_max_tiles=(1, 0, 12)))
     assert [s.num_tiles for s in got.summary.images] == [1, 3, 5]  # 1 tile; 2x1 + thumbnail; 4x1 + thumbnail
 
 
 BAD_CASES = {
-    "empty-request": (request([]), "no images"),
+    "empty-request": (request([]), "no images or videos"),
     "corrupt": (request([b"\x89PNG\r\n\x1a\nnot really"]), "image 0"),
     "truncated": (request([GOOD, GOOD[: len(GOOD) // 2]]), "image 1: corrupt or truncated"),
     "unsupported": (request([encode(noise_image(30, 30), "TIFF")]), "unsupported image format"),
@@ -63,8 +63,7 @@ BAD_CASES = {
     "bomb": (request([png_header_only(30000, 30000)]), "decompression bomb"),
     "too-many-images": (request([GOOD] * 17), "17 images"),
     "too-many-tiles": (request([GOOD], max_tiles=13), "max_tiles 13"),
-    "too-many-tiles-for-one-image": (request([GOOD, GOOD], image_max_tiles=(1, 13)), "image_max_tiles 13"),
-    "tile-caps-miscounted": (request([GOOD, GOOD], image_max_tiles=(1,)), "1 entries for 2 images"),
+    "too-many-tiles-for-one-image": (request([GOOD, GOOD], file_max_tiles=(1, 13)), "max_tiles 13"),
 }
 
 

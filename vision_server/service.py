@@ -121,12 +121,12 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         limits = VideoLimits(max_frames=self.cfg.max_video_frames, max_seconds=self.cfg.max_video_seconds,
                              max_pixels=self.cfg.max_image_pixels)
         video = partial(preprocess_video, image_size=m.image_size, sampling=checked.sampling, limits=limits)
-        kinds = checked.kinds
+        kinds = [m.kind for m in request.media]
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, partial(video, data) if kind == vision_pb2.MEDIA_KIND_VIDEO
-                                   else partial(image, data, min_num=min(least, k), max_num=k))
-              for data, k, kind in zip(request.images, checked.max_nums, kinds, strict=True)),
+            *(loop.run_in_executor(self.pool, partial(video, m.data) if m.kind == vision_pb2.MEDIA_KIND_VIDEO
+                                   else partial(image, m.data, min_num=min(least, k), max_num=k))
+              for m, k in zip(request.media, checked.max_tiles, strict=True)),
             return_exceptions=True)
         out: list[Tiled] = []
         for i, (r, kind) in enumerate(zip(results, kinds, strict=True)):
@@ -149,7 +149,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         with tracer.start_as_current_span("vision.encode", context=incoming_context(context.invocation_metadata()),
                                           kind=trace.SpanKind.SERVER,
                                           attributes={"dvd.request_id": request.request_id,
-                                                      "dvd.media": len(request.images)}):
+                                                      "dvd.media": len(request.media)}):
             async for msg in self._encode(request, context):
                 yield msg
 
@@ -166,8 +166,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             if not self.ready:
                 raise ServiceError("vision server is not ready (starting or stopping)", grpc.StatusCode.UNAVAILABLE)
             checked = check(request, self.cfg, self.model_cfg)
-            keys = embedding_keys(request.images, request.options, self.model_cfg.flash, request.image_max_tiles,
-                                  checked.kinds) if self.recent.max_bytes else []
+            keys = embedding_keys(request.media, request.options, self.model_cfg.flash) if self.recent.max_bytes else []
             if keys and all(items := [self.recent.get(k) for k in keys]):
                 # Every item was encoded here recently, with these options and (under ViR) these neighbours: the
                 # same rows again, without the queue, preprocessing or the ViT.
@@ -179,13 +178,13 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             self.metrics.cache_lookups("miss", len(keys))
             # Reserve the worst case before decoding, so that many large requests cannot all hold their decoded
             # pixels at once while the queue-full check below waits for preprocessing to finish.
-            bound = sum(k + 1 for k in checked.max_nums)  # + 1: an image's thumbnail
+            bound = sum(k + 1 for k in checked.max_tiles)  # + 1: an image's thumbnail
             if self.batcher.queued_tiles + self.preprocessing_tiles + bound > self.cfg.max_queue_tiles:
                 raise ServiceError(f"vision queue is full ({self.batcher.queued_tiles} tiles waiting, "
                                    f"{self.preprocessing_tiles} being decoded)", BUSY)
             # Before decoding, only the hopeless are refused: the queue as it is and at least a tile per file (the
             # worst cases reserved above, 13 per image and 32 per video, made a burst refuse 4 requests in 5).
-            self._admit_in_time(self.batcher.queued_tiles, len(checked.kinds), context)
+            self._admit_in_time(self.batcher.queued_tiles, len(request.media), context)
             self.preprocessing_tiles += bound
             try:
                 tiled = await self._preprocess(request, checked)

@@ -17,8 +17,7 @@ VIDEO_PARAM = "media_io_kwargs.video"
 class Checked:
     """What validation found out about a request, for the steps after it."""
 
-    kinds: list[int]  # vision_pb2.MediaKind per file
-    max_nums: list[int]  # per file, its most tiles: an image's grid budget, a video's sampled frames (at most)
+    max_tiles: list[int]  # per file, its most tiles: an image's grid budget, a video's sampled frames (at most)
     sampling: Sampling  # the request's frame sampling, the server's default filled in
 
 
@@ -28,17 +27,18 @@ def item_name(kind: int, index: int) -> str:
 
 def check(request: vision_pb2.EncodeRequest, cfg: ServerConfig, model: ModelConfig) -> Checked:
     """Refuse what can be refused before any work."""
-    n = len(request.images)
+    n = len(request.media)
     if n == 0:
-        raise ServiceError("request has no images")
+        raise ServiceError("request has no images or videos")
     media = cfg.media
     if n > media.max_images_per_request:
         raise ServiceError(f"request has {n} images and videos, the limit is {media.max_images_per_request}")
-    kinds = media_kinds(request)
-    for i, (data, kind) in enumerate(zip(request.images, kinds, strict=True)):
-        limit = media.max_video_bytes if kind == vision_pb2.MEDIA_KIND_VIDEO else media.max_image_bytes
-        if len(data) > limit:
-            raise ServiceError(f"{item_name(kind, i)} is {len(data)} bytes, the limit is {limit}", item=i)
+    for i, m in enumerate(request.media):
+        if m.kind not in vision_pb2.MediaKind.values():
+            raise ServiceError(f"unknown media kind {m.kind}", item=i)
+        limit = media.max_video_bytes if m.kind == vision_pb2.MEDIA_KIND_VIDEO else media.max_image_bytes
+        if len(m.data) > limit:
+            raise ServiceError(f"{item_name(m.kind, i)} is {len(m.data)} bytes, the limit is {limit}", item=i)
     sampling = video_sampling(request.options.video, cfg)
     model_max = model.max_tiles
     asked = request.options.max_tiles
@@ -48,23 +48,11 @@ def check(request: vision_pb2.EncodeRequest, cfg: ServerConfig, model: ModelConf
         raise ServiceError(f"unknown vir mode {request.options.vir}")
     if not 0.0 <= request.options.vir_pressure <= 1.0:
         raise ServiceError(f"vir_pressure {request.options.vir_pressure} is not in 0..1")
-    caps = list(request.image_max_tiles) or [0] * n
-    if len(caps) != n:
-        raise ServiceError(f"image_max_tiles has {len(caps)} entries for {n} images")
-    if (worst := max(caps)) > model_max:
-        raise ServiceError(f"image_max_tiles {worst} is above the model's maximum of {model_max}")
+    if (worst := max(m.max_tiles for m in request.media)) > model_max:
+        raise ServiceError(f"a file's max_tiles {worst} is above the model's maximum of {model_max}")
     video_tiles = sampling.num_frames if sampling.num_frames > 0 else cfg.max_video_frames
-    return Checked(kinds, [video_tiles if kind == vision_pb2.MEDIA_KIND_VIDEO else c or asked or model_max
-                           for c, kind in zip(caps, kinds, strict=True)], sampling)
-
-
-def media_kinds(request: vision_pb2.EncodeRequest) -> list[int]:
-    kinds = list(request.kinds) or [vision_pb2.MEDIA_KIND_IMAGE] * len(request.images)
-    if len(kinds) != len(request.images):
-        raise ServiceError(f"kinds has {len(kinds)} entries for {len(request.images)} files")
-    if unknown := set(kinds) - set(vision_pb2.MediaKind.values()):
-        raise ServiceError(f"unknown media kind {min(unknown)}")
-    return kinds
+    return Checked([video_tiles if m.kind == vision_pb2.MEDIA_KIND_VIDEO else m.max_tiles or asked or model_max
+                    for m in request.media], sampling)
 
 
 def video_sampling(video: vision_pb2.VideoSampling, cfg: ServerConfig) -> Sampling:

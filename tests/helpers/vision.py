@@ -60,9 +60,16 @@ class Encoded:
         return [(t.image_index, t.tile_index, t.shape[0], t.compressed, self.payload(t)) for t in self.tiles]
 
 
+def media(files: list[bytes], kind: int = vision_pb2.MEDIA_KIND_IMAGE,
+          max_tiles: tuple[int, ...] = ()) -> list[vision_pb2.Media]:
+    """Files of one kind; `max_tiles`: each file's own tile cap (none: 0, the request's)."""
+    return [vision_pb2.Media(kind=kind, data=f, max_tiles=c) for f, c in zip(files, max_tiles or [0] * len(files),
+                                                                           strict=True)]
+
+
 def request(images: list[bytes], vir: int = vision_pb2.VIR_MODE_UNSPECIFIED, max_tiles: int = 0,
-            request_id: str = "test", image_max_tiles: tuple[int, ...] = ()) -> vision_pb2.EncodeRequest:
-    return vision_pb2.EncodeRequest(request_id=request_id, images=images, image_max_tiles=image_max_tiles,
+            request_id: str = "test", file_max_tiles: tuple[int, ...] = ()) -> vision_pb2.EncodeRequest:
+    return vision_pb2.EncodeRequest(request_id=request_id, media=media(images, max_tiles=file_max_tiles),
                                     options=vision_pb2.EncodeOptions(vir=vir, max_tiles=max_tiles))
 
 
@@ -91,6 +98,6 @@ async def encode_with(address: str, transport: str, images: list[bytes], **pool_
     pool = VisionPool((address,), hidden_size=128, timeout_s=60, transport=transport, **pool_args)  # type: ignore[arg-type]
     await pool.start()
     try:
-        return await pool.encode(f"dp-{transport}", images, vision_pb2.EncodeOptions())
+        return await pool.encode(f"dp-{transport}", media(images), vision_pb2.EncodeOptions())
     finally:
         await pool.close()
