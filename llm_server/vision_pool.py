@@ -13,8 +13,8 @@ import grpc
 import torch
 
 from dvd.backend_pool import Backend, BackendPool
-from dvd.config import MAX_VIDEO_FRAMES, VIDEO_NUM_FRAMES
 from dvd.errors import ServiceError
+from dvd.media import most_tiles, tiles_bound
 from dvd.security import InternalAuth
 from dvd.tensor_codec import DATATYPES, WIRE_DATATYPE
 from dvd.tracing import outgoing_metadata
@@ -149,15 +149,10 @@ class VisionPool(BackendPool[VisionStub]):
                          options: vision_pb2.EncodeOptions, timeout: float) -> EncodedImages:
         t0 = time.perf_counter()
         meta: vision_pb2.VisionMetadata = b.metadata  # a ready backend has been described
-        budget = options.max_tiles or meta.max_tiles or 12
-        # Sizes the shared-memory offer only: a tile beyond it travels inline.
-        asked = options.video.num_frames
-        # 0: the server's own --video-num-frames, as it reports it; -1: every frame, up to its maximum.
-        frames = (asked if asked > 0 else (meta.video_num_frames or VIDEO_NUM_FRAMES) if asked == 0
-                  else meta.max_video_frames or MAX_VIDEO_FRAMES)
-        tiles_bound = sum(frames if m.kind == vision_pb2.MEDIA_KIND_VIDEO else (m.max_tiles or budget) + 1
-                          for m in media)  # + 1: an image's thumbnail (none for a single tile: an upper bound)
-        bound = tiles_bound * TILE_ROWS * self.hidden_size * DATATYPES[WIRE_DATATYPE].itemsize
+        # The shared-memory offer, by the worst case the server admits the request by (its own limits, as its
+        # Metadata reports them): a tile beyond it would travel inline.
+        most = most_tiles(media, options, meta.max_tiles, meta.video_num_frames, meta.max_video_frames)
+        bound = tiles_bound(media, most) * TILE_ROWS * self.hidden_size * DATATYPES[WIRE_DATATYPE].itemsize
         receiver = await TileReceiver.open(self.transport, self.executor, self.slots, meta.shm_domain, b.host,
                                            meta.data_port if self.tcp_allowed else 0, bound, timeout, self.data_tls)
         request = vision_pb2.EncodeRequest(request_id=request_id, media=media, options=options,

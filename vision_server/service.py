@@ -19,6 +19,7 @@ from dvd.content_cache import ByteLRU, embedding_keys
 from dvd.data_plane import shm_domain
 from dvd.errors import ServiceError
 from dvd.logs import request_context
+from dvd.media import tiles_bound
 from dvd.tensor_codec import WIRE_DATATYPE
 from dvd.tracing import incoming_context, stage_span, tracer
 from dvd.v2 import vision_pb2, vision_pb2_grpc
@@ -178,7 +179,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             self.metrics.cache_lookups("miss", len(keys))
             # Reserve the worst case before decoding, so that many large requests cannot all hold their decoded
             # pixels at once while the queue-full check below waits for preprocessing to finish.
-            bound = sum(k + 1 for k in checked.max_tiles)  # + 1: an image's thumbnail
+            bound = tiles_bound(request.media, checked.max_tiles)
             if self.batcher.queued_tiles + self.preprocessing_tiles + bound > self.cfg.max_queue_tiles:
                 raise ServiceError(f"vision queue is full ({self.batcher.queued_tiles} tiles waiting, "
                                    f"{self.preprocessing_tiles} being decoded)", BUSY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dvd.errors import ServiceError
+from dvd.media import most_tiles
 from dvd.v2 import vision_pb2
 from vision_server.config import ModelConfig, ServerConfig
 from vision_server.video import Sampling
@@ -50,9 +51,8 @@ def check(request: vision_pb2.EncodeRequest, cfg: ServerConfig, model: ModelConf
         raise ServiceError(f"vir_pressure {request.options.vir_pressure} is not in 0..1")
     if (worst := max(m.max_tiles for m in request.media)) > model_max:
         raise ServiceError(f"a file's max_tiles {worst} is above the model's maximum of {model_max}")
-    video_tiles = sampling.num_frames if sampling.num_frames > 0 else cfg.max_video_frames
-    return Checked([video_tiles if m.kind == vision_pb2.MEDIA_KIND_VIDEO else m.max_tiles or asked or model_max
-                    for m in request.media], sampling)
+    return Checked(most_tiles(request.media, request.options, model_max, cfg.video_num_frames, cfg.max_video_frames),
+                   sampling)
 
 
 def video_sampling(video: vision_pb2.VideoSampling, cfg: ServerConfig) -> Sampling:
