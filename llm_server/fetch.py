@@ -17,28 +17,16 @@ from llm_server.request import Conversation
 from llm_server.vision_pool import VisionPool
 
 
-def check_embedding(i: int, e: torch.Tensor, hidden_size: int) -> None:
-    """Everything vLLM would otherwise discover inside the EngineCore, where one bad request kills all."""
-    if not isinstance(e, torch.Tensor) or e.dim() != 2:
-        shape = tuple(getattr(e, "shape", ()))
-        raise ServiceError(f"image {i}: embeddings must be a 2-D tensor, got shape {shape}")
-    if e.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ServiceError(f"image {i}: unsupported embedding dtype {e.dtype}")
-    if e.shape[1] != hidden_size:
-        raise ServiceError(f"image {i}: hidden size {e.shape[1]} != the language model's {hidden_size}")
-    if e.shape[0] == 0:
-        raise ServiceError(f"image {i}: no embedding rows")
-    if not torch.isfinite(e).all():
-        raise ServiceError(f"image {i}: embeddings contain NaN or infinity")
-
-
-def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, hidden_size: int,
-                        numbers: list[int] | None = None) -> None:
-    """The count, then each tensor; `numbers` names the images by their place in the request."""
+def validate_embeddings(embeddings: list[torch.Tensor], placeholders: int, numbers: list[int] | None = None) -> None:
+    """What vLLM would otherwise discover inside the EngineCore, where one bad request kills all, and the tiles'
+    checks on arrival (vision_pool.py) cannot see: the count, and values that are not numbers. Shape, datatype and
+    hidden size hold by construction: an image is received into a tensor of its declared rows x the language
+    model's hidden size. `numbers` names the images by their place in the request."""
     if len(embeddings) != placeholders:
         raise ServiceError(f"{len(embeddings)} image embeddings for {placeholders} <image> placeholders")
     for i, e in zip(numbers or range(placeholders), embeddings, strict=True):
-        check_embedding(i, e, hidden_size)
+        if not torch.isfinite(e).all():
+            raise ServiceError(f"image {i}: embeddings contain NaN or infinity")
 
 
 @dataclass
@@ -55,7 +43,6 @@ class EmbeddingFetcher:
     pool: VisionPool
     cache: EmbeddingCache
     metrics: Metrics
-    hidden_size: int
     dtype: torch.dtype  # the language model's
     request_wide_vir: bool  # Flash: an image's rows depend on the images beside it (part of its key)
 
@@ -83,7 +70,7 @@ class EmbeddingFetcher:
             for transport, n in encoded.bytes_by_transport.items():
                 self.metrics.embedding_bytes(transport, n)
             # Once, before the cache keeps them; cached embeddings are not checked again.
-            validate_embeddings(encoded.embeddings, len(indices), self.hidden_size, indices)
+            validate_embeddings(encoded.embeddings, len(indices), indices)
             return [tuple(emb.to(self.dtype).split(rows)) if media[i].kind == vision_pb2.MEDIA_KIND_VIDEO
                     else emb.to(self.dtype)
                     for i, emb, rows in zip(indices, encoded.embeddings, encoded.tile_rows, strict=True)]

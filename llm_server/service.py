@@ -68,7 +68,6 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.vision_parameters = vision_parameters
         self.tokenizer = engine.get_tokenizer()
         self.model_config = engine.model_config
-        self.hidden_size = self.model_config.hf_text_config.hidden_size
         self.max_model_len = self.model_config.max_model_len
         self.default_sampling = self.model_config.get_diff_sampling_param()
         # vLLM's chat server's cap on every request's max_tokens (a generation config's, or an override's).
@@ -77,7 +76,7 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                     getattr(self.model_config, "override_generation_config", {}).get("max_new_tokens"))
         # Flash checkpoints decide ViR per request: an image's rows then depend on the images beside it.
         self.request_wide_vir = bool(getattr(self.model_config.hf_config, "flash_mode", False))
-        self.fetcher = EmbeddingFetcher(pool, self.cache, self.metrics, self.hidden_size, self.model_config.dtype,
+        self.fetcher = EmbeddingFetcher(pool, self.cache, self.metrics, self.model_config.dtype,
                                         self.request_wide_vir)
         # vLLM's --reasoning-parser (an engine option, so it arrives with the others) and tool options.
         self.tools = tools or ToolOptions()
