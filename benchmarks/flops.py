@@ -14,7 +14,7 @@ from vision_server.config import ModelConfig
 from vision_server.preprocess import choose_grid, target_ratios
 
 
-def vision_tile_flops(cfg: ModelConfig, with_router: bool, compressed: bool = False) -> float:
+def vision_tile_flops(cfg: ModelConfig, with_vir: bool, compressed: bool = False) -> float:
     """Multiply-adds x 2 of one tile as the vision server computes it: patch embedding, ViT layers, the router
     (Flash, ViR on) and the one projector the tile needs (mlp2 for a compressed tile, mlp1 otherwise)."""
     d, m, h = cfg.vit_hidden, cfg.vit_mlp, cfg.llm_hidden
@@ -27,7 +27,7 @@ def vision_tile_flops(cfg: ModelConfig, with_router: bool, compressed: bool = Fa
         f += 2 * cfg.compressed_tokens_per_tile * (d * r**4 * 2 * h + 4 * h * h + 2 * h * h)
     else:
         f += 2 * cfg.tokens_per_tile * (d * r * r * h + h * h)
-    if with_router and cfg.flash:
+    if with_vir and cfg.flash:
         t = side * side
         f += 2 * (2 * t * 2 * d * d)  # keys and values over all tokens: attn1 once, attn2 once (reused 3 times)
         f += 4 * (4 * t * d + 4 * d * d)  # 4 one-query attentions: scores, values, q and out projections

@@ -146,10 +146,10 @@ class FlopsModel:
     llm: dict[str, Any]  # the decoder's config (llm_config)
 
     @staticmethod
-    def from_checkpoint(ckpt: Path, resolutions: Sequence[int], with_router: bool) -> FlopsModel:
+    def from_checkpoint(ckpt: Path, resolutions: Sequence[int], with_vir: bool) -> FlopsModel:
         cfg = ModelConfig.from_checkpoint(ckpt)
         raw = json.loads((ckpt / "config.json").read_text())
-        return FlopsModel(str(ckpt), vision_tile_flops(cfg, with_router) / 1e9, vision_tile_flops(cfg, False) / 1e9,
+        return FlopsModel(str(ckpt), vision_tile_flops(cfg, with_vir) / 1e9, vision_tile_flops(cfg, False) / 1e9,
                           {r: tiles_per_image(cfg, r, r) for r in resolutions}, dict(llm_config(raw)))
 
     def vision_gflops(self, resolution: int) -> float:
@@ -685,7 +685,7 @@ def flops_model(config: str, args: argparse.Namespace) -> FlopsModel | None:
     """
     name = args.flash_model if config == "dvd-vir" else args.model
     try:
-        return FlopsModel.from_checkpoint(resolve_model(name), args.resolutions, with_router=config == "dvd-vir")
+        return FlopsModel.from_checkpoint(resolve_model(name), args.resolutions, with_vir=config == "dvd-vir")
     except (OSError, ValueError, KeyError) as exc:
         log.warning("no FLOP counts for this configuration", extra={"config": config, "model": name,
                                                                     "error": str(exc)})

@@ -120,18 +120,18 @@ class ForwardLoop:
         return self.pool.submit(fn).result()
 
 
-def our_forward(cfg: ModelConfig, ckpt: Path, device: str, dtype: torch.dtype, with_router: bool,
+def our_forward(cfg: ModelConfig, ckpt: Path, device: str, dtype: torch.dtype, with_vir: bool,
                 compiled: bool = False) -> Callable[[torch.Tensor, bool], object]:
     """The service's work on a batch: ViT, the router on Flash checkpoints (ViR on), one projector per tile."""
     model = build_model(cfg, load_vision_weights(ckpt, cfg.flash), device, dtype)
     if compiled:
         compile_vit(model)
-    with_router = with_router and cfg.flash
+    with_vir = with_vir and cfg.flash
 
     @torch.inference_mode()
     def forward(b: torch.Tensor, router: bool) -> object:
         grid = model.features(b.to(device))
-        if router and with_router:
+        if router and with_vir:
             model.route(grid, grid.shape[0])
         return model.project(grid, compressed=False).to(torch.bfloat16).cpu()
 
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     images = make_images(a.images, w, h)
     lone_image = make_images(1, cfg.image_size, cfg.image_size)[0]  # exactly one tile
     vir = vision_pb2.VIR_MODE_OFF if a.vir == "off" else vision_pb2.VIR_MODE_AUTO
-    with_router = cfg.flash and a.vir == "auto"
+    with_vir = cfg.flash and a.vir == "auto"
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_model()
     print(f"on {where}", flush=True)
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tiles = torch.cat([preprocess(d, image_size=cfg.image_size, min_num=1, max_num=cfg.max_dynamic_patch,
                                   use_thumbnail=cfg.use_thumbnail, max_pixels=10**9).pixels for d in images])
-    plain = ForwardLoop(our_forward(cfg, ckpt, device, dtype, with_router, a.compile), tiles, device, a.repeats)
+    plain = ForwardLoop(our_forward(cfg, ckpt, device, dtype, with_vir, a.compile), tiles, device, a.repeats)
     ref = None
     if not a.no_vllm and vllm_available():
         ref = ForwardLoop(vllm_forward(ckpt, device, dtype), tiles, device, a.repeats)
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
           + " ".join(f"{x:.3f}" for x in paired))
     print(f"lone    : {lone_ms:8.1f} ms per single-tile request vs {single_ms:.1f} ms per bare single-tile forward: "
           f"{lone_ms / single_ms:.2f}x (target <= 1.2)")
-    flops = vision_tile_flops(cfg, with_router)
+    flops = vision_tile_flops(cfg, with_vir)
     mm = max(matmul)
     peak, peak_source = peak_flops(device, dtype, a.peak_tflops)
     print(f"flops   : {flops / 1e9:8.2f} GFLOP per tile; {matmul_n}^3 {dtype} matmul {mm / 1e9:.1f} GFLOP/s in this "

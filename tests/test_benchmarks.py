@@ -222,7 +222,7 @@ def test_vision_flops_grow_with_tiles_router_and_size(tmp_path: Path) -> None:
         tiled = tile_image(Image.new("RGB", (side, side)), image_size=plain.image_size, min_num=1,
                            max_num=plain.max_tiles, use_thumbnail=plain.use_thumbnail)
         assert tiled.pixels.shape[0] == n
-    model = FlopsModel.from_checkpoint(tmp_path / "flash", (448, 896, 1344), with_router=True)
+    model = FlopsModel.from_checkpoint(tmp_path / "flash", (448, 896, 1344), with_vir=True)
     per_request = [model.vision_gflops(r) for r in (448, 896, 1344)]
     assert per_request == sorted(per_request)
     assert per_request[0] == pytest.approx(vision_tile_flops(flash, False) / 1e9)  # one tile: the router is skipped

@@ -24,7 +24,7 @@ class FakeRunner:
         self.batches: list[int] = []
         self.executor = ThreadPoolExecutor(max_workers=1)
 
-    def run(self, pixels: list[torch.Tensor], with_router: list[bool]) -> list[TileResult]:
+    def run(self, pixels: list[torch.Tensor], with_vir: list[bool]) -> list[TileResult]:
         self.batches.append(len(pixels))
         time.sleep(self.delay)
         now = time.monotonic()
@@ -122,7 +122,7 @@ def test_runner_is_invariant_to_batch_neighbours_and_position(tiny_flash_ckpt: P
     plain_alone = runner.run(tiles[:1], [False])[0]
     plain_crowd = runner.run(tiles[1:4] + tiles[:1] + tiles[4:], [True, False, False, False, True, False])[3]
     assert plain_alone.emb256 is not None and torch.equal(plain_crowd.emb256, plain_alone.emb256)
-    ref = runner.model(torch.stack(tiles[:1]), with_router=True)
+    ref = runner.model(torch.stack(tiles[:1]), with_vir=True)
     assert torch.equal(plain_alone.emb256, ref.emb256[0].to(torch.bfloat16))
     assert torch.equal(runner.project([alone.grid], True)[0], ref.emb64[0].to(torch.bfloat16))
     assert torch.equal(alone.p_compress, ref.p_compress[0])

@@ -196,7 +196,7 @@ def test_router_matches_official_formulation(tiny_flash_ckpt: Path) -> None:
     pixels = torch.randn(3, 3, 448, 448, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         grid = model.features(pixels)
-        ours = model(pixels, with_router=True)
+        ours = model(pixels, with_vir=True)
     tensors = load_vision_weights(tiny_flash_ckpt, flash=True)
     ref = _official_router(tensors, grid.reshape(3, -1, grid.shape[-1]))
     torch.testing.assert_close(ours.p_compress, ref, rtol=1e-5, atol=1e-6)

@@ -69,7 +69,7 @@ def test_service_decision_is_per_request_over_all_images(vision_tiny_flash: str,
     model = build_model(cfg, load_vision_weights(tiny_flash_ckpt, True), "cpu", torch.float32)
     pixels = torch.cat([preprocess(d, image_size=448, min_num=1, max_num=12, use_thumbnail=True,
                                    max_pixels=10**8).pixels for d in images])
-    out = model(pixels, with_router=True)
+    out = model(pixels, with_vir=True)
     expected = decide_compression(out.p_compress, cfg.vir_relative_threshold, cfg.vir_absolute_threshold)
     assert [t.compressed for t in got.tiles] == expected
     assert any(expected) and not all(expected)

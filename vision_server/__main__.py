@@ -55,7 +55,7 @@ def load(cfg: ServerConfig) -> tuple[ModelConfig, list[DeviceRunner]]:
             compile_vit(model)
         runner = DeviceRunner(model, device)
         t0 = time.monotonic()
-        runner.warmup(with_router=model_cfg.flash)
+        runner.warmup(with_vir=model_cfg.flash)
         log.info("warmed up", extra={"device": device, "compiled": cfg.compile,
                                      "seconds": round(time.monotonic() - t0, 2)})
         padded = cfg.batching == "padded"

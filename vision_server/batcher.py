@@ -50,7 +50,7 @@ class TileResult:
 @dataclass
 class TileJob:
     pixels: torch.Tensor  # (3, S, S) float32
-    with_router: bool
+    with_vir: bool
     future: asyncio.Future[TileResult]
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -102,20 +102,20 @@ class DeviceRunner:
         return torch.cat(outs)
 
     @torch.inference_mode()
-    def run(self, pixels: list[torch.Tensor], with_router: list[bool]) -> list[TileResult]:
+    def run(self, pixels: list[torch.Tensor], with_vir: list[bool]) -> list[TileResult]:
         """Tiles in, per-tile results out, in order; runs on the runner's own thread."""
         with self._cores():
-            return self._run(pixels, with_router)
+            return self._run(pixels, with_vir)
 
-    def _run(self, pixels: list[torch.Tensor], with_router: list[bool]) -> list[TileResult]:
+    def _run(self, pixels: list[torch.Tensor], with_vir: list[bool]) -> list[TileResult]:
         start = time.monotonic()
         model = self.model
         grid = self._apply(model.features, torch.stack(pixels).to(self.device, non_blocking=True))
-        plain = [i for i, r in enumerate(with_router) if not r]
+        plain = [i for i, r in enumerate(with_vir) if not r]
         emb = self._to_host(self._apply(lambda g: model.project(g, compressed=False), grid[plain])) if plain else []
         out: list[TileResult] = []
         k = 0
-        for i, router in enumerate(with_router):
+        for i, router in enumerate(with_vir):
             if router:  # one tile per router call: its GEMMs have one row per tile (see VisionModel.route)
                 g = grid[i:i + 1]
                 out.append(TileResult(None, model.route(g, 1)[0].cpu(), start, 0.0, grid=g, runner=self))
@@ -148,9 +148,9 @@ class DeviceRunner:
         self.run([torch.zeros(3, side, side)] * tiles, [False] * tiles)
         return (time.monotonic() - t0) / tiles
 
-    def warmup(self, with_router: bool) -> None:
+    def warmup(self, with_vir: bool) -> None:
         side = self.model.cfg.image_size
-        res = self.run([torch.zeros(3, side, side)] * 2, [with_router, False])
+        res = self.run([torch.zeros(3, side, side)] * 2, [with_vir, False])
         if res[0].grid is not None:
             self.project([res[0].grid], compressed=True)
             self.project([res[0].grid], compressed=False)
@@ -232,7 +232,7 @@ class Batcher:
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work(r), name=f"batcher-{r.device}") for r in self.runners]
 
-    def submit(self, pixels: torch.Tensor, with_router: bool) -> list[asyncio.Future[TileResult]]:
+    def submit(self, pixels: torch.Tensor, with_vir: bool) -> list[asyncio.Future[TileResult]]:
         """Queue an image's tiles; the futures resolve in any order, each with its tile's result."""
         if self._closed:
             raise RuntimeError("batcher is closed")
@@ -240,7 +240,7 @@ class Batcher:
         futures: list[asyncio.Future[TileResult]] = []
         for tile in pixels:
             fut: asyncio.Future[TileResult] = loop.create_future()
-            self._pending.append(TileJob(tile, with_router, fut))
+            self._pending.append(TileJob(tile, with_vir, fut))
             futures.append(fut)
         self._wakeup.set()
         return futures
@@ -298,7 +298,7 @@ class Batcher:
             t0 = time.monotonic()
             try:
                 results = await loop.run_in_executor(runner.executor, runner.run, [j.pixels for j in batch],
-                                                     [j.with_router for j in batch])
+                                                     [j.with_vir for j in batch])
             except Exception as e:
                 log.exception("batch failed", extra={"device": runner.device, "tiles": len(batch)})
                 for job in batch:

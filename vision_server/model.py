@@ -295,7 +295,7 @@ class VisionModel(nn.Module):
         return torch.cat(probs)[:, 0]
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, with_router: bool = False) -> TileOutputs:  # type: ignore[override]
+    def forward(self, pixels: torch.Tensor, with_vir: bool = False) -> TileOutputs:  # type: ignore[override]
         """Every output at once (the reference path).
 
         The server does not use it: it projects router tiles only after the request-wide decision, with the one
@@ -303,7 +303,7 @@ class VisionModel(nn.Module):
         """
         grid = self.features(pixels)
         emb256 = self.project(grid, compressed=False)
-        if not (with_router and self.cfg.flash):
+        if not (with_vir and self.cfg.flash):
             return TileOutputs(emb256, None, None)
         return TileOutputs(emb256, self.project(grid, compressed=True), self.route(grid, pixels.shape[0]))
 

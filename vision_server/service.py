@@ -92,7 +92,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.batcher = batcher
         self.metrics = metrics
         self.vir = vir
-        self.pool = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
+        self.preprocess_executor = ThreadPoolExecutor(max_workers=cfg.preprocess_threads,
+                                                      thread_name_prefix="preprocess")
         self.data_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="data-plane")
         self.listener = listener
         self.shm_maps = ShmMaps()
@@ -125,7 +126,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         kinds = [m.kind for m in request.media]
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, partial(video, m.data) if m.kind == vision_pb2.MEDIA_KIND_VIDEO
+            *(loop.run_in_executor(self.preprocess_executor,
+                                   partial(video, m.data) if m.kind == vision_pb2.MEDIA_KIND_VIDEO
                                    else partial(image, m.data, min_num=min(least, k), max_num=k))
               for m, k in zip(request.media, checked.max_tiles, strict=True)),
             return_exceptions=True)
@@ -196,15 +198,15 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             if self.batcher.queued_tiles + n_tiles > self.cfg.max_queue_tiles:
                 raise ServiceError(f"vision queue is full ({self.batcher.queued_tiles} tiles waiting)", BUSY)
             self._admit_in_time(self.batcher.queued_tiles, n_tiles, context)
-            # A single tile is never compressed (the quantile of one value is itself): skip the router for it.
-            router = (self.model_cfg.flash and request.options.vir != vision_pb2.VIR_MODE_OFF and n_tiles > 1)
-            per_image = [self.batcher.submit(t.pixels, router) for t in tiled]
+            # A single tile is never compressed (the quantile of one value is itself): skip ViR for it.
+            with_vir = (self.model_cfg.flash and request.options.vir != vision_pb2.VIR_MODE_OFF and n_tiles > 1)
+            per_image = [self.batcher.submit(t.pixels, with_vir) for t in tiled]
             futures = [f for fs in per_image for f in fs]
             sender = await TileSender.open(request.data_plane, self.data_executor, self.listener, self.shm_maps)
             trace.get_current_span().set_attributes({
                 "dvd.tiles": n_tiles, "dvd.transport": "shm" if sender.shm else "tcp" if sender.conn else "grpc"})
             async for msg in self._stream(request.request_id, [(t.width, t.height) for t in tiled], per_image,
-                                          router, t_pre, t0, sender, keys=keys,
+                                          with_vir, t_pre, t0, sender, keys=keys,
                                           thresholds=self.vir.under(request.options.vir_pressure)):
                 yield msg
         except asyncio.CancelledError:
@@ -244,10 +246,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                             compress=[c for e in items for c in e.compressed])
 
     async def _stream(self, request_id: str, sizes: list[tuple[int, int]],
-                      per_image: list[list[asyncio.Future[TileResult]]], router: bool, t_pre: float, t0: float,
+                      per_image: list[list[asyncio.Future[TileResult]]], with_vir: bool, t_pre: float, t0: float,
                       sender: TileSender, *, compress: list[bool] | None = None, keys: list[str] | None = None,
                       thresholds: tuple[float, float] = (0.0, 0.0)) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
-        """Tiles in order as soon as they are ready; with the router on, only after the request-wide decision.
+        """Tiles in order as soon as they are ready; with ViR on, only after the request-wide decision.
         `compress`: decisions already known (a cached request's); `keys`: where to keep the rows once all are sent;
         `thresholds`: ViR's relative and absolute thresholds for this request (its pressure level applied)."""
         flat = [f for fs in per_image for f in fs]
@@ -256,7 +258,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         projected: list[torch.Tensor] = []
         proj_end = 0.0
         vir_start = 0.0
-        if router:
+        if with_vir:
             results = await asyncio.gather(*flat)
             vir_start = time.monotonic()
             p = torch.stack([r.p_compress for r in results if r.p_compress is not None])
@@ -278,7 +280,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 res = flat[k].result()
                 first_start, last_end = min(first_start, res.compute_start), max(last_end, res.compute_end)
                 img, tile_index, num_tiles = flat_tiles[k]
-                emb = projected[k] if router else res.emb256
+                emb = projected[k] if with_vir else res.emb256
                 assert emb is not None
                 summaries[img].num_tokens += emb.shape[0]
                 summaries[img].num_compressed_tiles += int(compress[k])
@@ -293,9 +295,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 queue_s = max(0.0, first_start - (t0 + t_pre))
                 stage_span("vision.preprocess", t0, t0 + t_pre, **{"dvd.images": len(sizes), "dvd.tiles": len(flat)})
                 stage_span("vision.queue", t0 + t_pre, max(first_start, t0 + t_pre))
-                stage_span("vision.vit", first_start, last_end, **{"dvd.tiles": len(flat), "dvd.vir": router,
+                stage_span("vision.vit", first_start, last_end, **{"dvd.tiles": len(flat), "dvd.vir": with_vir,
                                                                    "dvd.compressed_tiles": sum(compress)})
-                if router:
+                if with_vir:
                     stage_span("vision.vir_projector", vir_start, proj_end)
                 msg.summary.CopyFrom(vision_pb2.EncodeSummary(
                     images=summaries, preprocess_seconds=t_pre, queue_seconds=queue_s,
@@ -327,7 +329,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         return out
 
     async def _project(self, results: list[TileResult], compress: list[bool]) -> list[torch.Tensor]:
-        """Each router tile through the one projector its decision needs, on the device that holds its features."""
+        """Each ViR tile through the one projector its decision needs, on the device that holds its features."""
         loop = asyncio.get_running_loop()
         out: list[torch.Tensor | None] = [None] * len(results)
         groups: dict[tuple[int, bool], list[int]] = {}
@@ -359,7 +361,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         return float(self.batcher.queued_tiles)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.preprocess_executor.shutdown(wait=False, cancel_futures=True)
         self.data_executor.shutdown(wait=False, cancel_futures=True)
         self.shm_maps.close()
 
