@@ -77,8 +77,9 @@ class VisionPool(BackendPool[VisionStub]):
     async def _describe(self, b: VisionBackend) -> bool:
         meta = await b.stub.Metadata(vision_pb2.MetadataRequest(), timeout=self.health_timeout)
         if meta.hidden_size != self.hidden_size:
-            log.error("vision server has the wrong hidden size; not using it",
-                      extra={"server": b.address, "hidden": meta.hidden_size, "expected": self.hidden_size})
+            log.error("vision server of another model; not using it", extra={
+                "server": b.address, "error": f"hidden size {meta.hidden_size} != the language model's "
+                                              f"{self.hidden_size}"})
             return False
         b.metadata = meta
         return True
@@ -148,7 +149,9 @@ class VisionPool(BackendPool[VisionStub]):
     async def _encode_on(self, b: VisionBackend, request_id: str, media: Sequence[vision_pb2.Media],
                          options: vision_pb2.EncodeOptions, timeout: float) -> EncodedImages:
         t0 = time.perf_counter()
-        meta: vision_pb2.VisionMetadata = b.metadata  # a ready backend has been described
+        if b.metadata is None and not await self._describe(b):  # a last resort that was never ready
+            raise BrokenStream("a vision server of another model")
+        meta: vision_pb2.VisionMetadata = b.metadata
         # The shared-memory offer, by the worst case the server admits the request by (its own limits, as its
         # Metadata reports them): a tile beyond it would travel inline.
         most = most_tiles(media, options, meta.max_tiles, meta.video_num_frames, meta.max_video_frames)
