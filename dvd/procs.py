@@ -53,7 +53,7 @@ def engine_cpus(index: int) -> str:
 # a user's own value wins). vLLM spins on sched_yield for 1 s after each message, so under load its worker and
 # scheduler each burn a core waiting for the other; vLLM's own idle path (a zmq wake-up) loses wake-ups to its 5 s
 # recheck. Each wake-up preempts a thread computing on the same cores, so readers back off from 0.1 ms to this
-# (llm_server/vllm_plugin.py, poll_pause): docs/performance.md, "Cores on one host".
+# (llm_server/vllm_patches/queue_polling.py, poll_pause): docs/performance.md, "Cores on one host".
 CPU_SHM_POLL_S = 0.001
 
 

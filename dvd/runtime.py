@@ -13,7 +13,8 @@ log = logging.getLogger("dvd.runtime")
 
 PORTS_ENV = "DVD_PORTS_FILE"  # set by a launcher (dvd/procs.py) that wants to learn the ports a service bound
 # Seconds a vLLM process sleeps between checks of its shared-memory message queue instead of spinning on it
-# (llm_server/vllm_plugin.py); unset or 0 keeps vLLM's spin. Set for CPU engines by dvd.procs.cpu_engine_env.
+# (llm_server/vllm_patches/queue_polling.py); unset or 0 keeps vLLM's spin. Set for CPU engines by
+# dvd.procs.cpu_engine_env. An environment variable by necessity: it reaches vLLM's engine and worker processes.
 SHM_POLL_ENV = "DVD_SHM_POLL_S"
 
 

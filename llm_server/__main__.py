@@ -29,7 +29,7 @@ from llm_server.embedding_cache import EmbeddingCache
 from llm_server.service import LanguageService
 from llm_server.vir_pressure import VirPressure
 from llm_server.vision_pool import VisionPool
-from llm_server.vllm_plugin import ENGINE_PARENT_ENV
+from llm_server.vllm_patches.engine_parent import ENGINE_PARENT_ENV
 
 log = logging.getLogger("llm_server")
 async def vision_parameters(engine: AsyncLLM) -> int:
@@ -55,7 +55,7 @@ async def serve() -> None:
     # A container restarted in its pod (or a host whose last engine was SIGKILLed) still has the dead engine's
     # queues and semaphores in /dev/shm: nothing else would ever remove them.
     remove_orphans()
-    os.environ[ENGINE_PARENT_ENV] = str(os.getpid())  # vLLM's engine processes die with this one (vllm_plugin.py)
+    os.environ[ENGINE_PARENT_ENV] = str(os.getpid())  # vLLM's engine processes die with this one (engine_parent.py)
     engine = AsyncLLM.from_engine_args(engine_args)
     model_config = engine.model_config
     # As vLLM's server: every --served-model-name is accepted, the first names the model; none = the model id.

@@ -131,7 +131,7 @@ def test_engine_queue_polling_backs_off_with_the_wait() -> None:
     """A quick answer is seen within 0.1 ms; a long wait wakes the reader at most every DVD_SHM_POLL_S (the
     wake-ups stall OpenMP threads computing on the same cores) and never sleeps longer than that."""
     from dvd.procs import CPU_SHM_POLL_S
-    from llm_server.vllm_plugin import MIN_POLL_S, poll_pause
+    from llm_server.vllm_patches.queue_polling import MIN_POLL_S, poll_pause
 
     assert poll_pause(0.0, CPU_SHM_POLL_S) == MIN_POLL_S == 0.0001
     pauses = [poll_pause(w / 1e4, CPU_SHM_POLL_S) for w in range(0, 1000)]
