@@ -143,8 +143,8 @@ def test_inline_bytes_are_a_plain_protobuf_field() -> None:
     """What the sender appends by hand is what any protobuf reader parses, and the receiver's split reads any
     encoding of the message (here protobuf's own, payloads interleaved with nothing) into the same parts."""
     msg = vision_pb2.EncodeResponse()
-    msg.tiles.add(tile_index=0, rows=3, hidden_size=5, transport=vision_pb2.TRANSPORT_GRPC)
-    msg.tiles.add(tile_index=1, rows=3, hidden_size=5, transport=vision_pb2.TRANSPORT_GRPC)
+    msg.tiles.add(tile_index=0, datatype="BF16", shape=[3, 5], transport=vision_pb2.TRANSPORT_GRPC)
+    msg.tiles.add(tile_index=1, datatype="BF16", shape=[3, 5], transport=vision_pb2.TRANSPORT_GRPC)
     msg.summary.images.add(num_tiles=2, num_tokens=6)
     tensors = [torch.randn(3, 5, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(2)]
     wire = append_raw(msg.SerializeToString(), RAW_TILE_FIELD, tensors)
