@@ -14,17 +14,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from vllm import SamplingParams
+from vllm.config import ModelConfig, StructuredOutputsConfig
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionNamedToolChoiceParam,
     ChatCompletionRequest,
 )
-from vllm import SamplingParams
-from vllm.config import ModelConfig, StructuredOutputsConfig
 from vllm.exceptions import VLLMClientError
 from vllm.parser.abstract_parser import Parser
+from vllm.renderers.chat_utils import _postprocess_messages
 from vllm.sampling_params import StructuredOutputsParams
 from vllm.tokenizers import TokenizerLike
-from vllm.renderers.chat_utils import _postprocess_messages
 
 from dvd.errors import ServiceError
 from dvd.v2 import vision_pb2

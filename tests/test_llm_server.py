@@ -12,8 +12,8 @@ import torch
 from dvd.errors import ServiceError
 from dvd.procs import Service
 from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
-from llm_server.request import parse_request
 from llm_server.fetch import validate_embeddings
+from llm_server.request import parse_request
 from llm_server.vision_pool import VisionPool
 from tests.helpers.llm import chat_request, generate, health, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes

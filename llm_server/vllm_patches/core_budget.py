@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def share_cores_with_vision() -> None:
     """Where DVD_CORE_BUDGET names a core budget (dvd/core_budget.py; CPU hosts whose launcher shares the cores with
     a vision server), the CPU worker notes each step and runs it on its first threads only while the vision server
