@@ -47,7 +47,7 @@ async def one_grpc(stub: llm_pb2_grpc.LanguageServiceStub, image: bytes, output_
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}},
                                                       {"type": "text", "text": PROMPT}]}]}
     req = llm_pb2.GenerateRequest(chat_request=json.dumps(chat).encode(),
-                                  media=[llm_pb2.Media(kind=vision_pb2.MEDIA_KIND_IMAGE, data=image)])
+                                  media=[vision_pb2.Media(kind=vision_pb2.MEDIA_KIND_IMAGE, data=image)])
     t0 = time.perf_counter()
     ttft = None
     last = None

@@ -33,7 +33,7 @@ def to_generate_request(req: ChatCompletionRequest, media: list[bytes], request_
     """`media`: the files of `req.media()`, in the same order."""
     kinds = [_KINDS[kind] for _, _, kind in req.media()]
     return llm_pb2.GenerateRequest(request_id=request_id, chat_request=req.forwarded(),
-                                   media=[llm_pb2.Media(kind=k, data=d) for k, d in zip(kinds, media, strict=True)])
+                                   media=[vision_pb2.Media(kind=k, data=d) for k, d in zip(kinds, media, strict=True)])
 
 
 def affinity_key(req: ChatCompletionRequest, media: list[bytes]) -> bytes | None:

@@ -19,15 +19,15 @@ def text(t: str) -> dict:
     return {"type": "text", "text": t}
 
 
-def image(data: bytes) -> llm_pb2.Media:
-    return llm_pb2.Media(kind=vision_pb2.MEDIA_KIND_IMAGE, data=data)
+def image(data: bytes) -> vision_pb2.Media:
+    return vision_pb2.Media(kind=vision_pb2.MEDIA_KIND_IMAGE, data=data)
 
 
-def video(data: bytes) -> llm_pb2.Media:
-    return llm_pb2.Media(kind=vision_pb2.MEDIA_KIND_VIDEO, data=data)
+def video(data: bytes) -> vision_pb2.Media:
+    return vision_pb2.Media(kind=vision_pb2.MEDIA_KIND_VIDEO, data=data)
 
 
-def chat_request(parts: list[dict | llm_pb2.Media], messages: list[dict] | None = None, request_id: str = "",
+def chat_request(parts: list[dict | vision_pb2.Media], messages: list[dict] | None = None, request_id: str = "",
                  **fields: object) -> llm_pb2.GenerateRequest:
     """A GenerateRequest as the gateway sends it: one user message of `parts` (after `messages`), each file as an
     emptied image_url / video_url part with its bytes in `media`, and the request's other OpenAI fields."""
@@ -39,7 +39,7 @@ def chat_request(parts: list[dict | llm_pb2.Media], messages: list[dict] | None 
                                    media=[p for p in parts if not isinstance(p, dict)])
 
 
-async def generate(address: str, parts: list[dict | llm_pb2.Media], max_tokens: int = 16,
+async def generate(address: str, parts: list[dict | vision_pb2.Media], max_tokens: int = 16,
                    **fields: object) -> tuple[list[int], llm_pb2.GenerateResponse]:
     """Greedy (unless told otherwise) token ids of choice 0, and the final message with usage."""
     req = chat_request(parts, max_tokens=max_tokens, **({"temperature": 0.0} | fields))
