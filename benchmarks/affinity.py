@@ -31,7 +31,7 @@ import httpx
 
 from benchmarks.machine import cpu_model
 from benchmarks.media import data_url, image_bytes
-from benchmarks.services import figure, policy_arguments, save, services, write
+from benchmarks.services import alternating, figure, policy_arguments, run_labels, save, services, write
 from benchmarks.throughput import chat_body, pct, send
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
@@ -169,7 +169,7 @@ def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
 
 def plot(runs: list[Run], path: Path) -> None:
     fig, ax = figure("Cache-affine routing vs least load")
-    ax.boxplot([r.later_ttft for r in runs], tick_labels=[f"{r.policy}\nround {r.round}" for r in runs])
+    ax.boxplot([r.later_ttft for r in runs], tick_labels=run_labels(runs))
     ax.set_ylabel("TTFT of turns 2+ (s)")
     save(fig, path)
 
@@ -184,10 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = resolve_model(args.model)
     runs: list[Run] = []
     with stack(model, args.out / "logs" if args.out else None) as s:
-        for round_ in range(1, args.rounds + 1):
-            for policy in POLICIES if round_ % 2 else POLICIES[::-1]:
-                log.info("run", extra={"policy": policy, "round": round_})
-                runs.append(asyncio.run(run_policy(s, policy, round_, args)))
+        runs += [asyncio.run(run_policy(s, policy, round_, args)) for round_, policy in alternating(POLICIES,
+                                                                                                     args.rounds)]
     print(report(runs, args, args.out))
     return 0
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import cpu_model
 from dvd.procs import Service
+
+log = logging.getLogger("benchmarks")
 
 
 class Services:
@@ -58,6 +61,20 @@ def policy_arguments(doc: str, model: str, model_help: str, name: str, *, max_to
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both policies, order alternating")
     parser.add_argument("--out", type=Path, help=f"write {name}.json, {name}.md, {name}.png here")
     return parser
+
+
+def alternating(policies: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, policy) for `rounds` rounds of every policy, the order reversed each round (ABBA): whatever drifts
+    over a run (caches, the host's other load) weighs on each policy alike."""
+    for round_ in range(1, rounds + 1):
+        for policy in policies if round_ % 2 else policies[::-1]:
+            log.info("run", extra={"policy": policy, "round": round_})
+            yield round_, policy
+
+
+def run_labels(runs: Sequence[Any]) -> list[str]:
+    """A figure's label for each run of `alternating`."""
+    return [f"{r.policy}\nround {r.round}" for r in runs]
 
 
 def figure(title: str | None = None) -> tuple[Any, Any]:

@@ -34,7 +34,7 @@ import httpx
 from benchmarks.affinity import counter
 from benchmarks.machine import auto_dtype, cpu_model
 from benchmarks.media import data_url, image_bytes
-from benchmarks.services import figure, policy_arguments, save, services, write
+from benchmarks.services import alternating, figure, policy_arguments, run_labels, save, services, write
 from benchmarks.throughput import RequestResult, chat_body, pct, send
 from dvd.checkpoint import resolve_model
 from dvd.logs import setup_logging
@@ -233,7 +233,7 @@ def plot(runs: list[Run], path: Path) -> None:
     x = range(len(runs))
     ax.bar([i - 0.2 for i in x], [r.completed_rps for r in runs], 0.4, label="completed req/s")
     ax.bar([i + 0.2 for i in x], [r.goodput_rps for r in runs], 0.4, label="goodput req/s (TTFT SLO met)")
-    ax.set_xticks(list(x), [f"{r.policy}\nround {r.round}" for r in runs])
+    ax.set_xticks(list(x), run_labels(runs))
     ax.legend(fontsize=8)
     save(fig, path)
 
@@ -267,10 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         calibration = {"slo_s": slo, "capacity_rps": capacity, "unloaded_p50": pct(unloaded, 50),
                        "unloaded_p90": pct(unloaded, 90)}
         log.info("calibrated", extra=calibration)
-        for round_ in range(1, args.rounds + 1):
-            for policy in POLICIES if round_ % 2 else POLICIES[::-1]:
-                log.info("run", extra={"policy": policy, "round": round_})
-                runs.append(asyncio.run(overload(s, policy, round_, args.overload * capacity, slo, args)))
+        runs += [asyncio.run(overload(s, policy, round_, args.overload * capacity, slo, args))
+                 for round_, policy in alternating(POLICIES, args.rounds)]
     print(report(runs, calibration, args, args.out))
     return 0
 
