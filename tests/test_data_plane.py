@@ -177,7 +177,7 @@ class LyingVision(vision_pb2_grpc.VisionServiceServicer):
     async def Encode(self, request: vision_pb2.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[vision_pb2.EncodeResponse | bytes]:
         sender = await TileSender.open(request.data_plane, self.executor, self.listener, self.maps)
-        datatype = {"fp16": "FP16", "datatype": "INT8"}.get(self.fault, "BF16")
+        datatype = "FP16" if self.fault == "fp16" else "BF16"
         emb = torch.ones(256, 128, dtype=torch.float16 if datatype == "FP16" else torch.bfloat16)
         msg = vision_pb2.EncodeResponse()
         for i in range(2):
@@ -191,6 +191,8 @@ class LyingVision(vision_pb2_grpc.VisionServiceServicer):
             msg.tiles[1].image_rows = 1024
         elif self.fault == "not-offered":
             msg.tiles[1].transport = vision_pb2.TRANSPORT_SHM
+        elif self.fault == "datatype":
+            msg.tiles[0].datatype = "INT8"
         elif self.fault == "inline-short":
             sender.inline[1] = emb[:255]
         msg.summary.images.add(num_tiles=2, num_tokens=512)

@@ -34,7 +34,7 @@ from dvd.data_plane import (
     byte_view,
     owner_gone,
 )
-from dvd.tensor_codec import append_raw, encode_bf16
+from dvd.tensor_codec import DATATYPES, append_raw, encode_bf16
 from dvd.v2 import vision_pb2
 
 log = logging.getLogger("vision_server.data_plane")
@@ -299,8 +299,9 @@ class TileSender:
         return cls(executor)
 
     async def place(self, tiles: Sequence[vision_pb2.TileEmbedding], embs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Fill the descriptors; returns the tensors as they go on the wire (bf16, host, contiguous)."""
-        wire = [e.to(device="cpu", dtype=torch.bfloat16).contiguous() for e in embs]
+        """Fill the descriptors; returns the tensors as they go on the wire (host, contiguous, in each descriptor's
+        datatype)."""
+        wire = [e.to(device="cpu", dtype=DATATYPES[t.datatype]).contiguous() for t, e in zip(tiles, embs, strict=True)]
         writes: list[tuple[int, torch.Tensor]] = []
         for tile, emb in zip(tiles, wire, strict=True):
             tile.nbytes = emb.numel() * emb.element_size()
@@ -312,6 +313,7 @@ class TileSender:
                 tile.transport = vision_pb2.TRANSPORT_TCP
             else:  # gRPC, or a tile that does not fit the client's segment
                 tile.transport = vision_pb2.TRANSPORT_GRPC
+                # A big-endian host (no raw views) sends little-endian bytes of WIRE_DATATYPE, its only datatype.
                 self.inline.append(emb if RAW_BYTES_OK else torch.frombuffer(bytearray(encode_bf16(emb)),
                                                                              dtype=torch.uint8))
         if writes:
