@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from benchmarks.machine import cpu_model
 from dvd.data_plane import shm_domain
+from dvd.health import VISION_SERVICE
 from dvd.logs import setup_logging
 from dvd.procs import Service
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
@@ -101,7 +102,7 @@ async def serve(port: int, hidden: int, per_message: int) -> None:
     streamer = TileStreamer(hidden, listener, per_message)
     server, health, bound = await start_server(
         auth, "127.0.0.1", port, lambda s: add_to_server(streamer, s),
-        "dvd.v2.VisionService", lambda: 0.0, options=CHANNEL_OPTIONS)
+        VISION_SERVICE, lambda: 0.0, options=CHANNEL_OPTIONS)
     await health.set(True)
     freeze_heap()
     report_ports(grpc=bound)

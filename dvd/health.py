@@ -15,7 +15,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dvd.security import InternalAuth
+from dvd.v2 import llm_pb2, vision_pb2
 
+# The services' full names, as their servers register them and as readiness is asked for them.
+LANGUAGE_SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name
+VISION_SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 LOAD_KEY = "dvd-load"  # a health reply's trailer: the server's load, in its own unit (requests, queued tiles)
 
 

@@ -18,7 +18,7 @@ if log_format() == "json":
 
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from dvd.health import Health
+from dvd.health import LANGUAGE_SERVICE, Health
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
 from dvd.shm_orphans import remove_orphans
@@ -80,7 +80,7 @@ async def serve() -> None:
                               tools=config.tools, vir_pressure=VirPressure(config.vir_pressure_waiting))
     server, health, bound = await start_server(
         config.internal, config.host, config.port,
-        lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), "dvd.v2.LanguageService",
+        lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), LANGUAGE_SERVICE,
         service.load, options=[("grpc.max_receive_message_length", 256 * 2**20)])
     freeze_heap()
     report_ports(grpc=bound)

@@ -35,6 +35,7 @@ from dvd.data_plane import (
     remove_orphan_segments,
     shm_domain,
 )
+from dvd.health import VISION_SERVICE
 from dvd.tensor_codec import split_raw
 from dvd.v2 import vision_pb2, vision_pb2_grpc
 
@@ -67,7 +68,7 @@ class VisionStub(vision_pb2_grpc.VisionServiceStub):
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         super().__init__(channel)
-        self.Encode = channel.unary_stream("/dvd.v2.VisionService/Encode",
+        self.Encode = channel.unary_stream(f"/{VISION_SERVICE}/Encode",
                                            request_serializer=vision_pb2.EncodeRequest.SerializeToString,
                                            response_deserializer=read_response)
 

@@ -14,6 +14,7 @@ import torch
 
 from dvd.backend_pool import Backend, BackendPool
 from dvd.errors import ServiceError
+from dvd.health import VISION_SERVICE
 from dvd.media import most_tiles, tiles_bound
 from dvd.security import InternalAuth
 from dvd.tensor_codec import DATATYPES, WIRE_DATATYPE
@@ -45,7 +46,6 @@ VisionBackend = Backend[VisionStub]  # .metadata: its VisionMetadata
 # A call in flight counts as this many queued tiles until the server's next health report shows its tiles: an
 # InternVL3.5 image is at most 12 tiles plus a thumbnail, rounded up.
 OUTSTANDING_TILES = 16
-SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 
 
 class VisionPool(BackendPool[VisionStub]):
@@ -60,7 +60,7 @@ class VisionPool(BackendPool[VisionStub]):
         self.data_tls = auth.ssl_context(server_side=False)  # the TCP data plane under the same mutual TLS
         self.slots = ShmSlots(shm_budget_bytes if transport in ("auto", "shm") else 0)
         self.executor = ThreadPoolExecutor(max_workers=data_threads, thread_name_prefix="data-plane")
-        super().__init__(targets, VisionStub, self._describe, SERVICE, "vision", auth=auth,
+        super().__init__(targets, VisionStub, self._describe, VISION_SERVICE, "vision", auth=auth,
                          channel_options=[("grpc.max_receive_message_length", 64 * 2**20)],
                          health_interval=health_interval_s, health_timeout=health_timeout_s,
                          outstanding_weight=OUTSTANDING_TILES)

@@ -15,6 +15,7 @@ import grpc
 from dvd.backend_pool import AFFINITY_BALANCE
 from dvd.backend_pool import Backend as PoolBackend
 from dvd.backend_pool import BackendPool as GenericPool
+from dvd.health import LANGUAGE_SERVICE
 from dvd.security import InternalAuth
 from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
 from router.errors import APIError
@@ -29,7 +30,6 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_mess
 
 
 Backend = PoolBackend[llm_pb2_grpc.LanguageServiceStub]  # .metadata: its LanguageMetadata
-SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name
 
 
 class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
@@ -43,7 +43,7 @@ class BackendPool(GenericPool[llm_pb2_grpc.LanguageServiceStub]):
                  on_route: Callable[[str], None] | None = None) -> None:
         self.affinity = affinity
         self.on_route = on_route  # told how each request's first replica was chosen ("owner", "spill", "none")
-        super().__init__(targets, llm_pb2_grpc.LanguageServiceStub, self._describe, SERVICE, "language",
+        super().__init__(targets, llm_pb2_grpc.LanguageServiceStub, self._describe, LANGUAGE_SERVICE, "language",
                          auth=auth or InternalAuth(), channel_options=CHANNEL_OPTIONS, health_interval=health_interval,
                          health_timeout=health_timeout, affinity_balance=affinity_balance)
 

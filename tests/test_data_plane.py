@@ -31,11 +31,10 @@ from dvd.data_plane import (
     shm_domain,
 )
 from dvd.errors import ServiceError
-from dvd.health import Health
+from dvd.health import VISION_SERVICE, Health
 from dvd.tensor_codec import append_raw, split_raw
 from dvd.v2 import vision_pb2, vision_pb2_grpc
 from llm_server.data_plane import ShmSlots
-from llm_server.vision_pool import SERVICE as VISION_SERVICE
 from llm_server.vision_pool import VisionPool
 from tests.conftest import start_vision
 from tests.helpers.media import image_bytes

@@ -14,6 +14,7 @@ from dvd.checkpoint import resolve_model
 from dvd.config import parse
 from dvd.core_budget import CoreBudget
 from dvd.dtype import resolve_dtype
+from dvd.health import VISION_SERVICE
 from dvd.logs import setup_logging
 from dvd.runtime import freeze_heap, report_ports, tune_allocator
 from dvd.server import drain, start_server, wait_for_stop
@@ -104,7 +105,7 @@ async def serve(cfg: ServerConfig) -> None:
     max_msg = cfg.media.max_images_per_request * max(cfg.media.max_image_bytes, cfg.media.max_video_bytes) + 2**20
     server, health, bound = await start_server(
         cfg.internal, cfg.host, cfg.port, lambda s: add_to_server(servicer, s),
-        "dvd.v2.VisionService", servicer.load,
+        VISION_SERVICE, servicer.load,
         options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", -1)])
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port, cfg.host)

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from dvd.content_cache import ByteLRU, embedding_keys
 from dvd.data_plane import shm_domain
 from dvd.errors import ServiceError
+from dvd.health import VISION_SERVICE
 from dvd.logs import request_context
 from dvd.media import tiles_bound
 from dvd.tensor_codec import WIRE_DATATYPE
@@ -377,6 +378,5 @@ def add_to_server(servicer: vision_pb2_grpc.VisionServiceServicer, server: grpc.
             servicer.Metadata, request_deserializer=vision_pb2.MetadataRequest.FromString,
             response_serializer=vision_pb2.VisionMetadata.SerializeToString),
     }
-    name = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(VISION_SERVICE, handlers),))
+    server.add_registered_method_handlers(VISION_SERVICE, handlers)
