@@ -8,6 +8,9 @@ from collections.abc import Sequence
 
 from dvd.v2 import vision_pb2
 
+# The OpenAI content part that carries each kind of file: its type, and the key its URL is under.
+MEDIA_PARTS = {"image_url": vision_pb2.MEDIA_KIND_IMAGE, "video_url": vision_pb2.MEDIA_KIND_VIDEO}
+
 
 def frames_at_most(asked: int, default_frames: int, max_frames: int) -> int:
     """A video's sampled frames at most: as many as asked, the server's default when not asked (0), its maximum

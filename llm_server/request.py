@@ -27,6 +27,7 @@ from vllm.sampling_params import StructuredOutputsParams
 from vllm.tokenizers import TokenizerLike
 
 from dvd.errors import ServiceError
+from dvd.media import MEDIA_PARTS
 from dvd.v2 import vision_pb2
 from llm_server.answer import ToolOptions
 
@@ -60,7 +61,6 @@ SERVER_ONLY_KWARGS = frozenset({"chat_template", "tokenize"})
 
 ROLES = ("system", "user", "assistant", "tool")  # what the chat template renders
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
-MEDIA_PARTS = {"image_url": vision_pb2.MEDIA_KIND_IMAGE, "video_url": vision_pb2.MEDIA_KIND_VIDEO}
 PART_KEYS = {"text": {"text"}, "image_url": {"url", "detail"}, "video_url": {"url"}}
 # image_url.detail -> that image's tile cap (0: the request's budget). "low" is OpenAI's low-resolution mode: one
 # 448 px tile, which InternVL tiles without a thumbnail (256 visual tokens on a non-Flash checkpoint).

@@ -17,9 +17,8 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 from pydantic_core import from_json
 
 from dvd.errors import ServiceError
+from dvd.media import MEDIA_PARTS
 from router.errors import APIError
-
-MEDIA_PARTS = {"image_url": "image", "video_url": "video"}  # content part type -> what its URL points to
 
 
 class MediaURL(BaseModel):
@@ -66,7 +65,7 @@ class ChatCompletionRequest(BaseModel):
             for j, part in enumerate(message.content or ()):
                 media_url = getattr(part, part.type, None) if part.type in MEDIA_PARTS else None
                 if isinstance(media_url, MediaURL):
-                    yield media_url.url, f"messages[{i}].content[{j}].{part.type}.url", MEDIA_PARTS[part.type]
+                    yield media_url.url, f"messages[{i}].content[{j}].{part.type}.url", part.type.removesuffix("_url")
 
     def forwarded(self) -> bytes:
         """The request as sent, each fetched file's URL emptied: the file travels beside it (GenerateRequest)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 
+from dvd.media import MEDIA_PARTS
 from dvd.v2 import llm_pb2, vision_pb2
 from router.schemas import (
     ChatCompletion,
@@ -26,12 +27,10 @@ from router.schemas import (
     Usage,
 )
 
-_KINDS = {"image": vision_pb2.MEDIA_KIND_IMAGE, "video": vision_pb2.MEDIA_KIND_VIDEO}
-
 
 def to_generate_request(req: ChatCompletionRequest, media: list[bytes], request_id: str) -> llm_pb2.GenerateRequest:
     """`media`: the files of `req.media()`, in the same order."""
-    kinds = [_KINDS[kind] for _, _, kind in req.media()]
+    kinds = [MEDIA_PARTS[f"{kind}_url"] for _, _, kind in req.media()]
     return llm_pb2.GenerateRequest(request_id=request_id, chat_request=req.forwarded(),
                                    media=[vision_pb2.Media(kind=k, data=d) for k, d in zip(kinds, media, strict=True)])
 
