@@ -31,10 +31,8 @@ import httpx
 
 from benchmarks.machine import cpu_model
 from benchmarks.media import data_url, image_bytes
-from benchmarks.services import alternating, figure, policy_arguments, run_labels, save, services, write
+from benchmarks.services import alternating, figure, parsed, policy_arguments, rounds, run_labels, save, services, write
 from benchmarks.throughput import chat_body, pct, send
-from dvd.checkpoint import resolve_model
-from dvd.logs import setup_logging
 from dvd.procs import cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
 
 log = logging.getLogger("benchmarks.affinity")
@@ -141,6 +139,13 @@ async def run_policy(s: Stack, policy: str, round_: int, args: argparse.Namespac
                routed={k: v - routed(before[policy]).get(k, 0.0) for k, v in routed(after[policy]).items()})
 
 
+def plot(runs: list[Run], path: Path) -> None:
+    fig, ax = figure("Cache-affine routing vs least load")
+    ax.boxplot([r.later_ttft for r in runs], tick_labels=run_labels(runs))
+    ax.set_ylabel("TTFT of turns 2+ (s)")
+    save(fig, path)
+
+
 def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
     lines = [f"# Cache-affine routing vs least load ({cpu_model()})", "",
              f"model {args.model}, {args.conversations} conversations x {args.turns} turns per run, "
@@ -155,8 +160,7 @@ def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
                      f"{r.vit_encodes / r.images:.2f} | "
                      f"{r.cache_hits:.0f} | {', '.join(f'{k} {v:.0f}' for k, v in sorted(r.routed.items()))} |")
     lines.append("")
-    for round_ in sorted({r.round for r in runs}):
-        by = {r.policy: r for r in runs if r.round == round_}
+    for round_, by in rounds(runs):
         ratio = p(by["affinity"].later_ttft, 50) / p(by["least-load"].later_ttft, 50)
         mean = statistics.mean(by["affinity"].later_ttft) / statistics.mean(by["least-load"].later_ttft)
         lines.append(f"round {round_}: later turns' TTFT, affinity / least-load: p50 {ratio:.2f}x, mean {mean:.2f}x")
@@ -167,21 +171,12 @@ def report(runs: list[Run], args: argparse.Namespace, out: Path | None) -> str:
     return text
 
 
-def plot(runs: list[Run], path: Path) -> None:
-    fig, ax = figure("Cache-affine routing vs least load")
-    ax.boxplot([r.later_ttft for r in runs], tick_labels=run_labels(runs))
-    ax.set_ylabel("TTFT of turns 2+ (s)")
-    save(fig, path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = policy_arguments(__doc__, "small", "a preset (tiny, small), a directory or a hub repo id", "affinity",
                               max_tokens=16, resolution_help="image width (height 3/4 of it)")
     parser.add_argument("--conversations", type=int, default=8, help="concurrent conversations per run")
     parser.add_argument("--turns", type=int, default=4, help="turns per conversation")
-    args = parser.parse_args(argv)
-    setup_logging(fmt="text")
-    model = resolve_model(args.model)
+    args, model = parsed(parser, argv)
     runs: list[Run] = []
     with stack(model, args.out / "logs" if args.out else None) as s:
         runs += [asyncio.run(run_policy(s, policy, round_, args)) for round_, policy in alternating(POLICIES,

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import cpu_model
+from dvd.checkpoint import resolve_model
+from dvd.logs import setup_logging
 from dvd.procs import Service
 
 log = logging.getLogger("benchmarks")
@@ -63,6 +65,14 @@ def policy_arguments(doc: str, model: str, model_help: str, name: str, *, max_to
     return parser
 
 
+def parsed(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Path]:
+    """A policy benchmark's options, its progress lines set up, and its model (built or downloaded)."""
+    args = parser.parse_args(argv)
+    setup_logging(fmt="text")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return args, resolve_model(args.model)
+
+
 def alternating(policies: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
     """(round, policy) for `rounds` rounds of every policy, the order reversed each round (ABBA): whatever drifts
     over a run (caches, the host's other load) weighs on each policy alike."""
@@ -70,6 +80,12 @@ def alternating(policies: Sequence[str], rounds: int) -> Iterator[tuple[int, str
         for policy in policies if round_ % 2 else policies[::-1]:
             log.info("run", extra={"policy": policy, "round": round_})
             yield round_, policy
+
+
+def rounds(runs: Sequence[Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each round of `alternating` and its runs by policy, for the ratios a report prints."""
+    for round_ in sorted({r.round for r in runs}):
+        yield round_, {r.policy: r for r in runs if r.round == round_}
 
 
 def run_labels(runs: Sequence[Any]) -> list[str]:

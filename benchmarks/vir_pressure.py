@@ -34,10 +34,8 @@ import httpx
 from benchmarks.affinity import counter
 from benchmarks.machine import auto_dtype, cpu_model
 from benchmarks.media import data_url, image_bytes
-from benchmarks.services import alternating, figure, policy_arguments, run_labels, save, services, write
+from benchmarks.services import alternating, figure, parsed, policy_arguments, rounds, run_labels, save, services, write
 from benchmarks.throughput import RequestResult, chat_body, pct, send
-from dvd.checkpoint import resolve_model
-from dvd.logs import setup_logging
 from dvd.procs import cpu_engine_env, engine_cpus, free_port, language_server, router, vision_server
 
 log = logging.getLogger("benchmarks.vir_pressure")
@@ -211,8 +209,7 @@ def report(runs: list[Run], calibration: dict[str, object], args: argparse.Names
                      f"{statistics.mean(r.prompt_tokens) if r.prompt_tokens else 0:.0f} | "
                      f"{', '.join(f'{k} {v}' for k, v in sorted(r.outcomes.items()))} | {r.peak_level:.2f} |")
     lines.append("")
-    for round_ in sorted({r.round for r in runs}):
-        by = {r.policy: r for r in runs if r.round == round_}
+    for round_, by in rounds(runs):
         ratio = by["pressure"].goodput_rps / by["fixed"].goodput_rps if by["fixed"].goodput_rps else float("inf")
         rps = by["pressure"].completed_rps / by["fixed"].completed_rps if by["fixed"].completed_rps else float("inf")
         back = by["pressure"]
@@ -253,10 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                         help="every engine's compute dtype; auto: bfloat16 where the device computes it natively")
     parser.add_argument("--timeout", type=float, default=300.0, help="client timeout per request, seconds")
-    args = parser.parse_args(argv)
-    setup_logging(fmt="text")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    model = resolve_model(args.model)
+    args, model = parsed(parser, argv)
     runs: list[Run] = []
     if args.dtype == "auto":
         args.dtype = auto_dtype()
