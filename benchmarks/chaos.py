@@ -560,8 +560,7 @@ async def running_requests(stack: Stack) -> list[int]:
     out = []
     for _, port in stack.llm:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _, load = await probe(health_pb2_grpc.HealthStub(channel), "", timeout=10)
-            out.append(int(load))
+            out.append(int((await probe(health_pb2_grpc.HealthStub(channel), "", timeout=10)).load))
     return out
 
 

@@ -52,7 +52,7 @@ async def one_grpc(stub: llm_pb2_grpc.LanguageServiceStub, image: bytes, output_
     ttft = None
     last = None
     async for msg in stub.Generate(req):
-        if ttft is None and any(c.token_ids for c in msg.choices):
+        if ttft is None and msg.tokens:
             ttft = time.perf_counter() - t0
         last = msg
     assert last is not None and ttft is not None

@@ -53,7 +53,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from dvd.health import probe
+from dvd.health import Reply, probe
 from dvd.security import InternalAuth
 
 log = logging.getLogger("dvd.backend_pool")
@@ -78,7 +78,8 @@ class Backend(Generic[S]):
     outstanding: int = 0  # calls this client has in flight on it
     outstanding_at_report: int = 0  # ... when its last health reply came
     health: health_pb2_grpc.HealthStub | None = None
-    metadata: Any = None  # its Metadata reply, read when it last turned ready
+    metadata: Any = None  # its Metadata reply, read when it last turned ready or a new process answered
+    instance: str = ""  # the process that answered its last health probe (dvd.health.INSTANCE_KEY)
     last_error: str = "not checked yet"
     target: str = ""  # the configured target it came from (a dns: name, or the address itself)
     slow_probes: int = 0  # health probes in a row that ran out of time
@@ -206,8 +207,8 @@ class BackendPool(Generic[S]):
         await backend.channel.close()
 
     # -- health -------------------------------------------------------------------------------------------------
-    async def probe(self, backend: Backend[S]) -> tuple[bool, float]:
-        """grpc.health.v1's Check for the backend's service: whether it is SERVING, and the load it reported."""
+    async def probe(self, backend: Backend[S]) -> Reply:
+        """grpc.health.v1's Check for the backend's service: whether it is SERVING, its load, its process."""
         assert backend.health is not None
         return await probe(backend.health, self.service, self.health_timeout)
 
@@ -216,9 +217,10 @@ class BackendPool(Generic[S]):
 
     async def _check(self, backend: Backend[S]) -> None:
         try:
-            ready, load = await self.probe(backend)
-            if ready and not backend.ready:  # (re)started: what it is now, before it takes calls
+            ready, load, instance = await self.probe(backend)
+            if ready and (not backend.ready or instance != backend.instance):  # (re)started: what it is now, first
                 ready = await self.describe(backend)
+                backend.instance = instance if ready else ""
         except grpc.aio.AioRpcError as e:
             late = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             backend.slow_probes = backend.slow_probes + 1 if late else 0

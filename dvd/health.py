@@ -3,13 +3,16 @@
 Compose healthchecks, Kubernetes' native gRPC probes and `grpc_health_probe` all speak it. A server is SERVING only
 while it can really do its work: not while its model or engine is still loading, not while it drains, not once
 vLLM's engine has died (its port would stay open and a TCP probe would call it healthy). Each reply carries the
-server's load in its trailing metadata (`LOAD_KEY`), which the pools balance by; what a server is (model, limits,
-data port) comes once from its Metadata call.
+server's load in its trailing metadata (`LOAD_KEY`), which the pools balance by, and which server process answered
+(`INSTANCE_KEY`); what a server is (model, limits, data port) comes from its Metadata call, read again whenever a
+new process answers at the address.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,17 +24,25 @@ from dvd.v2 import llm_pb2, vision_pb2
 LANGUAGE_SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name
 VISION_SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 LOAD_KEY = "dvd-load"  # a health reply's trailer: the server's load, in its own unit (requests, queued tiles)
+INSTANCE_KEY = "dvd-instance"  # ... and the server process's own id: a restart between two probes still shows
+
+
+class Reply(NamedTuple):
+    ready: bool  # SERVING
+    load: float
+    instance: str = ""
 
 
 class _LoadReportingServicer(health.aio.HealthServicer):
     def __init__(self, load: Callable[[], float]) -> None:
         super().__init__()
         self.load = load
+        self.instance = uuid.uuid4().hex
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
         reply = await super().Check(request, context)
-        context.set_trailing_metadata(((LOAD_KEY, f"{self.load():g}"),))
+        context.set_trailing_metadata(((LOAD_KEY, f"{self.load():g}"), (INSTANCE_KEY, self.instance)))
         return reply
 
 
@@ -52,11 +63,12 @@ class Health:
             await self.servicer.set(name, status)
 
 
-async def probe(stub: health_pb2_grpc.HealthStub, service: str, timeout: float) -> tuple[bool, float]:
-    """One Check: whether `service` is SERVING, and the load its reply's trailer reported."""
+async def probe(stub: health_pb2_grpc.HealthStub, service: str, timeout: float) -> Reply:
+    """One Check: whether `service` is SERVING, and what its reply's trailers reported."""
     call = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     ready = (await call).status == health_pb2.HealthCheckResponse.SERVING
-    return ready, float(dict(await call.trailing_metadata() or ()).get(LOAD_KEY) or 0.0)
+    trailers = dict(await call.trailing_metadata() or ())
+    return Reply(ready, float(trailers.get(LOAD_KEY) or 0.0), str(trailers.get(INSTANCE_KEY) or ""))
 
 
 def check(address: str, service: str = "", timeout: float = 2.0, auth: InternalAuth | None = None) -> bool:

@@ -77,7 +77,7 @@ async def serve() -> None:
         start_http_server(config.metrics_port)
     service = LanguageService(engine, pool, served_name, aliases=served_names[1:], vision_parameters=n_vision,
                               cache=EmbeddingCache(int(config.embedding_cache_gb * 2**30), served_name),
-                              tools=config.tools, vir_pressure=VirPressure(config.vir_pressure_waiting))
+                              chat=config.chat, vir_pressure=VirPressure(config.vir_pressure_waiting))
     server, health, bound = await start_server(
         config.internal, config.host, config.port,
         lambda s: llm_pb2_grpc.add_LanguageServiceServicer_to_server(service, s), LANGUAGE_SERVICE,

@@ -1,38 +1,38 @@
-"""vLLM's outputs as the deltas a client reads, split as vLLM's OpenAI server splits them.
+"""The engine's outputs as the answer a client reads, written by vLLM's own chat server.
 
-With `--reasoning-parser` and/or `--tool-call-parser`, each choice gets its own vLLM `Parser` (they are stateful)
-and the answer is divided into reasoning, content and tool calls by vLLM's code, not ours: `parse_delta` for a
-client that streams, `parse` on the whole text for one that does not (vLLM's two paths, which can disagree, so
-the gateway says which one its client reads). The parser reads the request's options (tools, tool_choice,
-include_reasoning, ...) from vLLM's own `ChatCompletionRequest`, the one the request was parsed into (request.py).
+The language server drives the engine itself (its images come from the vision pool as embeddings), then hands the
+engine's outputs to vLLM's `OpenAIServingChat` response generators, the code `vllm serve` answers with: its chunks
+for a stream, its chat.completion otherwise, with its parsers (reasoning, tool calls), logprobs, usage and finish
+reasons. The gateway forwards the bytes as they are, so a DvD answer is a vLLM answer by construction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
-from vllm.config import ModelConfig
-from vllm.entrypoints.generate.base.protocol import DeltaToolCall, FunctionCall
-from vllm.entrypoints.openai.chat_completion.protocol import (
-    ChatCompletionNamedToolChoiceParam,
-    ChatCompletionRequest,
-)
-from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
-from vllm.logprobs import Logprob
+import grpc
+from vllm.engine.protocol import EngineClient
+from vllm.entrypoints.generate.base.protocol import RequestResponseMetadata
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+from vllm.entrypoints.openai.models.protocol import BaseModelPath
+from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.outputs import RequestOutput
-from vllm.parser import ParserManager
 from vllm.parser.abstract_parser import Parser
-from vllm.renderers.chat_utils import make_tool_call_id
-from vllm.tokenizers import TokenizerLike
 
 from dvd.config import option
-from dvd.v2 import llm_pb2
+from dvd.errors import ServiceError
+
+CONTENT_FORMAT = "openai"  # vLLM's server default for InternVL3.5's template: OpenAI-style content lists
 
 
 @dataclass(frozen=True)
-class ToolOptions:
-    """vLLM's server options for tool calling, same flags (an option group of the language server's config;
+class ChatOptions:
+    """vLLM's chat server options, same flags and defaults (an option group of the language server's config;
     --reasoning-parser is an engine option and comes with vLLM's)."""
 
     tool_call_parser: str = option("", "vLLM's tool parser, which reads tool calls out of answers (InternVL3.5: "
@@ -41,157 +41,87 @@ class ToolOptions:
                                                   "needs --tool-call-parser")
     exclude_tools_when_tool_choice_none: bool = option(False, "vLLM's: tool_choice none leaves the tools out of the "
                                                               "prompt")
+    enable_prompt_tokens_details: bool = option(False, "vLLM's: usage says how many prompt tokens were cached and "
+                                                       "how many were images' (prompt_tokens_details)")
 
 
-def parser_class(reasoning_parser: str, tokenizer: TokenizerLike, model_name: str,
-                 tools: ToolOptions = ToolOptions()) -> type[Parser] | None:
-    """The parser class vLLM's server would build for these flags, or None when no output parsing is asked for."""
-    if not reasoning_parser and not tools.tool_call_parser:
-        return None
-    return ParserManager.get_parser(tool_parser_name=tools.tool_call_parser or None,
-                                    reasoning_parser_name=reasoning_parser,
-                                    enable_auto_tools=tools.enable_auto_tool_choice, tool_strict_level="auto",
-                                    model_name=model_name, is_harmony=False, tokenizer=tokenizer)
+def chat_server(engine: EngineClient, model_names: Sequence[str], reasoning_parser: str,
+                options: ChatOptions = ChatOptions()) -> OpenAIServingChat:
+    """vLLM's chat server as `vllm serve` builds it for these flags; only its response generators are used (the
+    request was rendered here, with the vision pool's embeddings)."""
+    models = OpenAIServingModels(engine, [BaseModelPath(name, engine.model_config.model) for name in model_names])
+    return OpenAIServingChat(  # online_renderer: only its request path renders, and it is not taken
+        engine, models, "assistant", online_renderer=None, request_logger=None, chat_template=None,
+        chat_template_content_format=CONTENT_FORMAT, reasoning_parser=reasoning_parser,
+        enable_auto_tools=options.enable_auto_tool_choice, tool_parser=options.tool_call_parser or None,
+        exclude_tools_when_tool_choice_none=options.exclude_tools_when_tool_choice_none,
+        enable_prompt_tokens_details=options.enable_prompt_tokens_details)
 
 
-def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None, top: int | None,
-                   decode: Callable[[int], str]) -> list[llm_pb2.TokenLogprob]:
-    """vLLM's per-token logprobs as its OpenAI server reports them (`_create_chat_logprobs`): the sampled token's
-    decoded text and log-probability (floored at -9999), and the first `top` entries of the step's dict."""
-    if top is None or not steps:
-        return []
+class Progress:
+    """The engine's outputs on their way to vLLM's generators, counted: the first token's time, tokens so far (the
+    gateway's clock and usage), cached prompt tokens."""
 
-    def entry(token_id: int, lp: Logprob) -> llm_pb2.TokenLogprob:
-        text = lp.decoded_token if lp.decoded_token is not None else decode(token_id)
-        return llm_pb2.TokenLogprob(token=text, logprob=max(lp.logprob, -9999.0))
+    def __init__(self, outputs: AsyncIterator[RequestOutput]) -> None:
+        self.outputs = outputs
+        self.tokens = self.cached = self._sent = 0
+        self.first_token_at: float | None = None
+        self.first_token = asyncio.Event()
 
-    out = []
-    for token_id, step in zip(token_ids, steps, strict=False):
-        if step is None or token_id not in step:
-            out.append(llm_pb2.TokenLogprob(token=decode(token_id), logprob=-9999.0))
-            continue
-        sampled = entry(token_id, step[token_id])
-        sampled.top.extend(entry(t, lp) for i, (t, lp) in enumerate(step.items()) if i < top)
-        out.append(sampled)
-    return out
+    def new_tokens(self) -> int:
+        """Tokens generated since the last call."""
+        new, self._sent = self.tokens - self._sent, self.tokens
+        return new
 
+    async def each(self) -> AsyncIterator[RequestOutput]:
+        async for out in self.outputs:
+            self.cached = out.num_cached_tokens or self.cached
+            self.tokens += sum(len(o.token_ids) for o in out.outputs)
+            if self.tokens and self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+                self.first_token.set()
+            yield out
 
-@dataclass
-class _Choice:
-    parser: Parser | None
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    tools_streamed: bool = False
-
-
-class Answer:
-    """One request's choices; `deltas` turns each RequestOutput (vLLM's DELTA kind) into proto deltas."""
-
-    def __init__(self, parser_cls: type[Parser] | None, tokenizer: TokenizerLike, model_config: ModelConfig | None,
-                 request: ChatCompletionRequest, template_kwargs: dict,
-                 tools: ToolOptions = ToolOptions()) -> None:
-        self.request, self.tools = request, tools
-        self.stream = bool(request.stream)
-        self.parser_cls = parser_cls
-        self.choices = [_Choice(parser_cls(tokenizer, request.tools, chat_template_kwargs=template_kwargs,
-                                           model_config=model_config) if parser_cls else None)
-                        for _ in range(request.n or 1)]
-
-    @property
-    def parses_reasoning(self) -> bool:
-        return self.parser_cls is not None and self.parser_cls.reasoning_parser_cls is not None
-
-    @property
-    def hides_logprobs(self) -> bool:
-        """vLLM withholds logprobs when an answer is parsed but its reasoning not returned: they would leak it."""
-        return self.parser_cls is not None and not self.request.include_reasoning
-
-    @property
-    def named_tool(self) -> bool:
-        return isinstance(self.request.tool_choice, ChatCompletionNamedToolChoiceParam)
-
-    def adjust_request(self) -> None:
-        """The tool parser's constraint for tool_choice required/named (vLLM's adjust_request), on the request."""
-        if self.choices[0].parser is not None:
-            self.choices[0].parser.adjust_request(self.request)
-
-    def deltas(self, out: RequestOutput,
-               logprobs: Callable[[Sequence[int], object], list[llm_pb2.TokenLogprob]]) -> list[llm_pb2.ChoiceDelta]:
-        result = []
-        for o in out.outputs:
-            ids = list(o.token_ids)
-            delta = llm_pb2.ChoiceDelta(index=o.index, token_ids=ids, finish_reason=o.finish_reason or "")
-            if not self.hides_logprobs:
-                delta.logprobs.extend(logprobs(ids, o.logprobs))
-            choice = self.choices[o.index]
-            finished = o.finish_reason is not None
-            if choice.parser is None:
-                delta.text = o.text
+    async def whole(self) -> AsyncIterator[RequestOutput]:
+        """The outputs (vLLM's DELTA kind, so the first token is seen) merged into one, as vLLM's full generator
+        reads the last output it gets (the FINAL_ONLY kind vLLM's server would have asked for)."""
+        whole: RequestOutput | None = None
+        async for out in self.each():
+            if whole is None:
+                whole = out
             else:
-                choice.token_ids.extend(ids)  # read by the parser and its reasoning-token count
-                if self.stream:
-                    self._stream(choice, delta, o.text, ids, out.prompt_token_ids, finished)
-                else:
-                    choice.text += o.text
-                    if finished:
-                        self._whole(choice, delta, out.prompt_token_ids)
-            result.append(delta)
-        return result
-
-    def _stream(self, choice: _Choice, delta: llm_pb2.ChoiceDelta, text: str, ids: list[int],
-                prompt_ids: list[int] | None, finished: bool) -> None:
-        """vLLM's streaming path (chat_completion_stream_generator)."""
-        assert choice.parser is not None
-        message = choice.parser.parse_delta(text, ids, self.request, prompt_token_ids=prompt_ids, finished=finished)
-        if message is not None:
-            choice.tools_streamed |= bool(message.tool_calls)
-            message = maybe_filter_parallel_tool_calls(message, self.request)
-            _set_message(delta, message.reasoning, message.content)
-            delta.tool_calls.extend(_delta_call(c) for c in message.tool_calls)
-        if finished and choice.tools_streamed and not self.named_tool and delta.finish_reason == "stop":
-            delta.finish_reason = "tool_calls"  # OpenAI's: "stop" after a named call, "tool_calls" otherwise
-
-    def _whole(self, choice: _Choice, delta: llm_pb2.ChoiceDelta, prompt_ids: list[int] | None) -> None:
-        """vLLM's whole-answer path (chat_completion_full_generator): which parsed calls a client gets, and when the
-        finish reason is "tool_calls"."""
-        assert choice.parser is not None
-        if prompt_ids is not None:
-            choice.parser.set_prompt_token_ids(prompt_ids)
-        auto = self.tools.enable_auto_tool_choice
-        reasoning, content, calls = choice.parser.parse(choice.text, self.request, enable_auto_tools=auto,
-                                                        model_output_token_ids=choice.token_ids)
-        request = self.request
-        has_tool_parser = self.parser_cls is not None and self.parser_cls.tool_parser_cls is not None
-        required = request.tool_choice == "required"
-        kept: list[FunctionCall] = []
-        if self.named_tool or required:
-            kept, content = list(calls or []), content or ""
-        elif request.tools and request.tool_choice in ("auto", None) and auto and has_tool_parser:
-            kept = list(calls or [])
-        kept = maybe_filter_parallel_tool_calls(kept, request)
-        auto_called = bool(kept) and not (self.named_tool or required)
-        if auto_called or (required and delta.finish_reason == "stop"):
-            delta.finish_reason = "tool_calls"
-        _set_message(delta, reasoning if request.include_reasoning else None, content)
-        delta.tool_calls.extend(llm_pb2.ToolCallDelta(index=i, id=c.id or make_tool_call_id(), name=c.name,
-                                                      arguments=c.arguments) for i, c in enumerate(kept))
-
-    def reasoning_tokens(self) -> int | None:
-        """Reasoning tokens over all choices, as vLLM counts them for usage; None without a reasoning parser."""
-        if not self.parses_reasoning:
-            return None
-        return sum(c.parser.count_reasoning_tokens(c.token_ids) for c in self.choices if c.parser is not None)
+                whole.add(out, aggregate=True)
+        if whole is not None:
+            whole.outputs.sort(key=lambda o: o.index)
+            yield whole
 
 
-def _delta_call(call: DeltaToolCall) -> llm_pb2.ToolCallDelta:
-    out = llm_pb2.ToolCallDelta(index=call.index, id=call.id)
-    if call.function is not None:
-        out.MergeFrom(llm_pb2.ToolCallDelta(name=call.function.name, arguments=call.function.arguments))
-    return out
-
-
-def _set_message(delta: llm_pb2.ChoiceDelta, reasoning: str | None, content: str | None) -> None:
-    if reasoning:
-        delta.reasoning = reasoning
-    if content is not None:
-        delta.text = content
+async def answer(chat: OpenAIServingChat, request: ChatCompletionRequest, progress: Progress, request_id: str,
+                 template_kwargs: dict, parser: Parser | None,
+                 mm_token_counts: dict[str, int] | None = None) -> AsyncIterator[bytes]:
+    """vLLM's answer: for a stream, its server-sent events; otherwise an empty piece once the first token is out
+    (the gateway's first-token time), then the chat.completion's JSON."""
+    model = chat.models.model_name()
+    metadata = RequestResponseMetadata(request_id=request_id)
+    tokenizer = chat.renderer.tokenizer
+    if request.stream:
+        async for event in chat.chat_completion_stream_generator(
+                request, progress.each(), request_id, model, [], tokenizer, metadata,
+                chat_template_kwargs=template_kwargs, mm_token_counts=mm_token_counts):
+            yield event.encode()
+        return
+    whole = asyncio.ensure_future(chat.chat_completion_full_generator(
+        request, progress.whole(), request_id, model, [], tokenizer, metadata, parser=parser,
+        mm_token_counts=mm_token_counts))
+    first = asyncio.ensure_future(progress.first_token.wait())
+    try:
+        await asyncio.wait({whole, first}, return_when=asyncio.FIRST_COMPLETED)
+        if not whole.done():
+            yield b""
+        response = await whole
+    finally:
+        first.cancel()
+        whole.cancel()
+    if isinstance(response, ErrorResponse):
+        raise ServiceError(response.error.message, grpc.StatusCode.INTERNAL)
+    yield response.model_dump_json().encode()

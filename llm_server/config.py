@@ -11,7 +11,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from dvd.config import EMPTY_MODEL, LLM_PORT, Deadlines, add_options, from_namespace, option
 from dvd.data_plane import TRANSPORTS
 from dvd.security import InternalAuth
-from llm_server.answer import ToolOptions
+from llm_server.answer import ChatOptions
 from llm_server.worker_extension import QUALNAME as WORKER_EXTENSION
 
 
@@ -40,7 +40,7 @@ class LlmServerConfig:
         "compress more tiles to 64 rows, one step a second, and step back once fewer wait (0 = off; the vision "
         "server's --vir-pressure-floor bounds it; requests with vir \"off\" are never compressed)",
         env="DVD_VIR_PRESSURE_WAITING")
-    tools: ToolOptions = field(default_factory=ToolOptions)
+    chat: ChatOptions = field(default_factory=ChatOptions)
     metrics_port: int = option(0, "Prometheus port (0 = off)")
     deadlines: Deadlines = field(default_factory=Deadlines)
     internal: InternalAuth = field(default_factory=InternalAuth)
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LlmServerConfig, AsyncEng
         parser.error(EMPTY_MODEL)
     if args.vision is not None and not config.vision:  # given but empty ("${VISION_ADDRS:-}")
         parser.error("no vision server: set VISION_ADDRS (--vision host:port[,host:port])")
-    if config.tools.enable_auto_tool_choice and not config.tools.tool_call_parser:
+    if config.chat.enable_auto_tool_choice and not config.chat.tool_call_parser:
         parser.error("--enable-auto-tool-choice requires --tool-call-parser")  # as vLLM's server says
     return config, engine_args_for_dvd(args)
 

@@ -29,10 +29,8 @@ from vllm.tokenizers import TokenizerLike
 from dvd.errors import ServiceError
 from dvd.media import MEDIA_PARTS
 from dvd.v2 import vision_pb2
-from llm_server.answer import ToolOptions
+from llm_server.answer import CONTENT_FORMAT, ChatOptions
 
-# vLLM's server default for the content format of InternVL3.5's template: OpenAI-style content lists.
-CONTENT_FORMAT = "openai"
 MAX_DYNAMIC_PATCH = 40  # InternVL's tiler goes up to 40 tiles (max_num in its dynamic_preprocess)
 
 # vLLM's request fields this server carries out; any other set to a value other than its default is refused.
@@ -41,7 +39,7 @@ HONORED = frozenset({
     "max_completion_tokens", "n", "presence_penalty", "response_format", "seed", "stop", "stream", "stream_options",
     "temperature", "top_p", "tools", "tool_choice", "reasoning_effort", "include_reasoning", "parallel_tool_calls",
     "user", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
-    "chat_template_kwargs", "structured_outputs", "mm_processor_kwargs", "media_io_kwargs",
+    "chat_template_kwargs", "structured_outputs", "mm_processor_kwargs", "media_io_kwargs", "return_token_ids",
 })
 # OpenAI's fields that vLLM does not declare: the test for 'left at its default', and why not otherwise.
 OPENAI_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -141,8 +139,6 @@ def parse_request(raw: bytes) -> tuple[ChatCompletionRequest, vision_pb2.EncodeO
             raise _refused(name, OPENAI_ONLY[name][1])
         if name not in OPENAI_ONLY and name not in DVD_FIELDS and value is not None:
             raise _refused(name, "is not a supported field")
-    if request.stream_options and request.stream_options.continuous_usage_stats:
-        raise _refused("stream_options.continuous_usage_stats", "is not supported")
     if refused := SERVER_ONLY_KWARGS & (request.chat_template_kwargs or {}).keys():
         raise ServiceError(f"{', '.join(sorted(refused))} may not be set by a request", param="chat_template_kwargs")
     return request, vision.options()
@@ -153,14 +149,14 @@ def chat_template_kwargs(request: ChatCompletionRequest) -> dict:
     return request.build_chat_params(None, CONTENT_FORMAT).chat_template_kwargs
 
 
-def template_tools(request: ChatCompletionRequest, tools: ToolOptions) -> list[dict] | None:
+def template_tools(request: ChatCompletionRequest, tools: ChatOptions) -> list[dict] | None:
     """The tools the chat template renders, as vLLM's renderer passes them."""
     if request.tools is None or (request.tool_choice == "none" and tools.exclude_tools_when_tool_choice_none):
         return None
     return [tool.model_dump() for tool in request.tools]
 
 
-def check_tool_choice(request: ChatCompletionRequest, parser_cls: type[Parser] | None, tools: ToolOptions) -> None:
+def check_tool_choice(request: ChatCompletionRequest, parser_cls: type[Parser] | None, tools: ChatOptions) -> None:
     """vLLM's server refuses a tool_choice it has no parser for (its renderer's check, same messages)."""
     if request.tool_choice in (None, "none") or (parser_cls is not None and parser_cls.tool_parser_cls is not None):
         return

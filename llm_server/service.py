@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from opentelemetry import trace
+from vllm.entrypoints.openai.chat_completion.serving import _get_mm_token_counts
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.exceptions import VLLMClientError
-from vllm.logprobs import Logprob
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -20,7 +20,7 @@ from dvd.errors import ServiceError
 from dvd.logs import request_context
 from dvd.tracing import incoming_context, outgoing_metadata, tracer
 from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
-from llm_server.answer import Answer, ToolOptions, parser_class, token_logprobs
+from llm_server.answer import ChatOptions, Progress, answer, chat_server
 from llm_server.embedding_cache import EmbeddingCache
 from llm_server.fetch import EmbeddingFetcher
 from llm_server.metrics import Metrics
@@ -57,7 +57,7 @@ def refusal(e: Exception) -> ServiceError | None:
 
 class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
     def __init__(self, engine: AsyncLLM, pool: VisionPool, model_name: str, vision_parameters: int = -1,
-                 cache: EmbeddingCache | None = None, tools: ToolOptions | None = None,
+                 cache: EmbeddingCache | None = None, chat: ChatOptions | None = None,
                  aliases: Sequence[str] = (), vir_pressure: VirPressure | None = None) -> None:
         self.engine = engine
         self.pool = pool
@@ -69,19 +69,14 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.tokenizer = engine.get_tokenizer()
         self.model_config = engine.model_config
         self.max_model_len = self.model_config.max_model_len
-        self.default_sampling = self.model_config.get_diff_sampling_param()
-        # vLLM's chat server's cap on every request's max_tokens (a generation config's, or an override's).
-        self.override_max_tokens = (self.default_sampling.get("max_tokens")
-                                    if self.model_config.generation_config not in ("auto", "vllm") else
-                                    getattr(self.model_config, "override_generation_config", {}).get("max_new_tokens"))
         # Flash checkpoints decide ViR per request: an image's rows then depend on the images beside it.
         self.request_wide_vir = bool(getattr(self.model_config.hf_config, "flash_mode", False))
         self.fetcher = EmbeddingFetcher(pool, self.cache, self.metrics, self.model_config.dtype,
                                         self.request_wide_vir)
-        # vLLM's --reasoning-parser (an engine option, so it arrives with the others) and tool options.
-        self.tools = tools or ToolOptions()
-        self.parser_cls = parser_class(engine.vllm_config.structured_outputs_config.reasoning_parser,
-                                       self.tokenizer, self.model_config.model, self.tools)
+        # vLLM's chat server: its options, its parsers (--reasoning-parser is an engine option), its answers.
+        self.options = chat or ChatOptions()
+        self.chat = chat_server(engine, self.model_names,
+                                engine.vllm_config.structured_outputs_config.reasoning_parser, self.options)
         self.ready = True  # off while draining: new calls are refused UNAVAILABLE, which the router retries elsewhere
         self.inflight = 0  # Generate calls in progress: a drain waits for them
         self.first_token_pending = 0  # ... of which still before their first token
@@ -89,10 +84,6 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         self.metrics.vir_pressure.set_function(lambda: self.vir_pressure.level_at(time.monotonic()))
         self.metrics.first_token_pending.set_function(lambda: self.first_token_pending)
         self.metrics.vision_servers_ready.set_function(lambda: self.pool.ready_count)
-
-    def _logprobs(self, token_ids: Sequence[int], steps: Sequence[dict[int, Logprob] | None] | None,
-                  top: int | None) -> list[llm_pb2.TokenLogprob]:
-        return token_logprobs(token_ids, steps, top, lambda t: self.tokenizer.decode([t]))
 
     async def Metadata(self, request: vision_pb2.MetadataRequest, context) -> llm_pb2.LanguageMetadata:
         return llm_pb2.LanguageMetadata(model=self.model_name, max_model_len=self.max_model_len,
@@ -155,15 +146,18 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                         request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
         t0 = time.perf_counter()
         openai, options = parse_request(request.chat_request)
-        check_tool_choice(openai, self.parser_cls, self.tools)
+        check_tool_choice(openai, self.chat.parser_cls, self.options)
         template_kwargs = chat_template_kwargs(openai)
-        answer = Answer(self.parser_cls, self.tokenizer, self.model_config, openai, template_kwargs, self.tools)
-        answer.adjust_request()
+        # As vLLM's chat server: one parser for the request (the tool parser's constraint for tool_choice
+        # required/named goes on the request), one per choice again inside its response generators.
+        parser = self.chat._make_parser(openai, self.tokenizer, template_kwargs) if self.chat.parser_cls else None
+        if parser is not None:
+            parser.adjust_request(openai)
         constraint = check_constraints(openai, self.model_config, self.engine.vllm_config.structured_outputs_config,
                                        self.tokenizer)
         conversation = parse_messages(openai.messages, list(request.media))
         prompt = render_prompt(self.tokenizer, conversation, self.model_config, template_kwargs,
-                               template_tools(openai, self.tools))
+                               template_tools(openai, self.options))
         if self.request_wide_vir and options.vir != vision_pb2.VIR_MODE_OFF:
             options.vir_pressure = self.vir_pressure.observe(self.first_token_pending)
         fetched = await self.fetcher.fetch(request_id, conversation, options)
@@ -186,60 +180,49 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
                                f"model's context of {self.max_model_len} tokens")
         # vLLM's chat server's rules: max_tokens within the context and the caps, then its request's own mapping.
         max_tokens = get_max_tokens(self.max_model_len, openai.max_completion_tokens if openai.max_completion_tokens
-                                    is not None else openai.max_tokens, prompt_tokens, self.default_sampling,
-                                    self.override_max_tokens)
-        params = openai.to_sampling_params(max_tokens, self.default_sampling)
-        params.output_kind = RequestOutputKind.DELTA  # whole answers too: Answer assembles them
+                                    is not None else openai.max_tokens, prompt_tokens,
+                                    self.chat.default_sampling_params, self.chat.override_max_tokens)
+        params = openai.to_sampling_params(max_tokens, self.chat.default_sampling_params)
+        params.output_kind = RequestOutputKind.DELTA  # a whole answer too: its first token is seen (Progress)
         params.structured_outputs = constraint
         self.metrics.visual_tokens.inc(visual_tokens)  # counted once the request is accepted
 
-        # As vLLM's server tells the engine where the reasoning ends (structured outputs start after it).
-        reasoning = {"reasoning_ended": openai.resolve_reasoning_ended(answer.choices[0].parser, prompt_ids),
-                     "reasoning_parser_kwargs": {"chat_template_kwargs": template_kwargs}
-                     if answer.parses_reasoning else None}
-
-        def logprobs(token_ids: Sequence[int], steps) -> list[llm_pb2.TokenLogprob]:
-            return self._logprobs(token_ids, steps, params.logprobs)
-
-        completion_tokens = 0
-        cached = 0
-        first_token_at: float | None = None
         engine_span = tracer.start_span("llm.engine", attributes={"gen_ai.usage.input_tokens": prompt_tokens,
                                                                   "dvd.visual_tokens": visual_tokens})
         # vLLM's own spans (--otlp-traces-endpoint: queue, prefill and decode times) join this trace under it.
         with trace.use_span(engine_span):  # only when vLLM traces too (else it warns on every request)
             trace_headers = dict(outgoing_metadata()) if self.engine.observability_config.otlp_traces_endpoint \
                 else None
+        progress = Progress(self.engine.generate(
+            engine_input, params, request_id, trace_headers=trace_headers,
+            **self.chat._engine_reasoning_kwargs(openai, parser, template_kwargs, prompt_ids)))
         try:
-            async for out in self.engine.generate(engine_input, params, request_id, trace_headers=trace_headers,
-                                                  **reasoning):
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
+            async for body in answer(self.chat, openai, progress, request_id, template_kwargs, parser,
+                                     _get_mm_token_counts(engine_input)):
+                tokens = progress.new_tokens()
+                if tokens and tokens == progress.tokens:
                     engine_span.add_event("first_token")
-                cached = out.num_cached_tokens or cached
-                completion_tokens += sum(len(o.token_ids) for o in out.outputs)
-                yield llm_pb2.GenerateResponse(choices=answer.deltas(out, logprobs))
+                yield llm_pb2.GenerateResponse(body=body, tokens=tokens)
         finally:
-            engine_span.set_attributes({"gen_ai.usage.output_tokens": completion_tokens,
-                                        "dvd.cached_tokens": cached})
+            engine_span.set_attributes({"gen_ai.usage.output_tokens": progress.tokens,
+                                        "dvd.cached_tokens": progress.cached})
             engine_span.end()
         t_end = time.perf_counter()
-        timings = llm_pb2.StageTimings(vision_seconds=t_vision - t0,
-                                       queue_seconds=(first_token_at or t_end) - t_vision,
+        first_token_at = progress.first_token_at or t_end
+        timings = llm_pb2.StageTimings(vision_seconds=t_vision - t0, queue_seconds=first_token_at - t_vision,
                                        embedding_bytes=fetched.bytes_received,
                                        vision_preprocess_seconds=fetched.summary.preprocess_seconds,
                                        vision_queue_seconds=fetched.summary.queue_seconds,
                                        vision_compute_seconds=fetched.summary.compute_seconds,
-                                       decode_seconds=t_end - (first_token_at or t_end))
+                                       decode_seconds=t_end - first_token_at)
         log.info("request done", extra={"request_id": request_id, "images": len(embeddings),
                                         "visual_tokens": visual_tokens, "prompt_tokens": prompt_tokens,
-                                        "completion_tokens": completion_tokens, "cached_tokens": cached,
+                                        "completion_tokens": progress.tokens, "cached_tokens": progress.cached,
                                         "vision_s": round(t_vision - t0, 4),
-                                        "first_token_s": round((first_token_at or t_end) - t_vision, 4),
+                                        "first_token_s": round(first_token_at - t_vision, 4),
                                         "total_s": round(t_end - t0, 4)})
         yield llm_pb2.GenerateResponse(
-            usage=llm_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                visual_tokens=visual_tokens, cached_prompt_tokens=cached,
-                                reasoning_tokens=answer.reasoning_tokens()),
+            usage=llm_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=progress.tokens,
+                                visual_tokens=visual_tokens, cached_prompt_tokens=progress.cached),
             timings=timings,
         )

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import grpc
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from starlette.requests import ClientDisconnect
@@ -31,8 +31,8 @@ from router.errors import APIError
 from router.images import ImageLoader
 from router.limits import Limiter, read_capped
 from router.metrics import Metrics, RequestTracker
-from router.schemas import ChatCompletionRequest, parse_chat_request
-from router.translate import ChunkBuilder, CompletionBuilder, affinity_key, to_generate_request
+from router.schemas import parse_chat_request
+from router.translate import affinity_key, to_generate_request
 
 log = logging.getLogger("router.completions")
 T = TypeVar("T")
@@ -122,13 +122,11 @@ class Completions:
             held.tracker.observe(first)
             if req.stream:
                 handed_over = True
-                return _EventStream(self._sse(req, request_id, first, held), held, request_id)
-            builder = CompletionBuilder(request_id, req.model, req.n or 1, logprobs=bool(req.logprobs))
-            builder.feed(first)
-            await guarded(request, self._drain(held.stream, builder, held.tracker), deadline)
+                return _EventStream(self._sse(first, held), held, request_id)
+            body = [first.body]
+            await guarded(request, self._drain(held.stream, body, held.tracker), deadline)
             held.tracker.finish(200)
-            completion = builder.build(held.tracker.usage)
-            return JSONResponse(completion.model_dump(mode="json"), headers={"X-Request-Id": request_id})
+            return Response(b"".join(body), media_type="application/json", headers={"X-Request-Id": request_id})
         except (ClientGone, ClientDisconnect):  # the client left (possibly mid-upload): nobody to answer
             held.tracker.finish(499)
             return Response(status_code=499)
@@ -142,36 +140,31 @@ class Completions:
                 await held.release()
 
     @staticmethod
-    async def _drain(stream: AsyncIterator[llm_pb2.GenerateResponse], builder: CompletionBuilder,
+    async def _drain(stream: AsyncIterator[llm_pb2.GenerateResponse], body: list[bytes],
                      tracker: RequestTracker) -> None:
         async for response in stream:
             tracker.observe(response)
-            builder.feed(response)
+            body.append(response.body)
 
-    async def _sse(self, req: ChatCompletionRequest, request_id: str, first: llm_pb2.GenerateResponse,
-                   held: _Held) -> AsyncIterator[str]:
-        """SSE events. Starlette cancels this generator when the client disconnects; _EventStream cleans up."""
-        chunks = ChunkBuilder(request_id, req.model, req.n or 1, req.include_usage, logprobs=bool(req.logprobs))
+    @staticmethod
+    async def _sse(first: llm_pb2.GenerateResponse, held: _Held) -> AsyncIterator[bytes]:
+        """The language server's events as they come. Starlette cancels this generator when the client
+        disconnects; _EventStream cleans up."""
         assert held.stream is not None
         try:
-            for chunk in chunks.start():
-                yield f"data: {chunk.model_dump_json()}\n\n"
             response: llm_pb2.GenerateResponse | None = first
             while response is not None:
-                for chunk in chunks.feed(response):
-                    yield f"data: {chunk.model_dump_json()}\n\n"
+                if response.body:
+                    yield response.body
                 response = await anext(held.stream, None)
                 if response is not None:
                     held.tracker.observe(response)
-            for chunk in chunks.end(held.tracker.usage):
-                yield f"data: {chunk.model_dump_json()}\n\n"
             held.tracker.finish(200)
         except (grpc.aio.AioRpcError, APIError) as exc:
             # Headers are gone; OpenAI clients raise on an `error` event.
             error = as_api_error(exc)
             held.tracker.finish(error.status, error)
-            yield f"data: {json.dumps(error.body())}\n\n"
-        yield "data: [DONE]\n\n"
+            yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
 
 
 class _Held:
@@ -208,7 +201,7 @@ class _EventStream(StreamingResponse):
     """An SSE response that releases its request's resources however it ends: Starlette may cancel the body
     before it even starts (client already gone), in which case the body's own cleanup would never run."""
 
-    def __init__(self, body: AsyncIterator[str], held: _Held, request_id: str) -> None:
+    def __init__(self, body: AsyncIterator[bytes], held: _Held, request_id: str) -> None:
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
         self._held = held

@@ -66,7 +66,7 @@ class RequestTracker:
         self._m.in_flight.inc()
 
     def observe(self, response: llm_pb2.GenerateResponse) -> None:
-        if any(c.text or c.token_ids for c in response.choices):
+        if response.tokens:
             now = time.perf_counter()
             if self._first is None:
                 self._first = now

@@ -1,8 +1,9 @@
-"""The OpenAI chat-completions shapes the gateway reads and writes (as vLLM's `entrypoints/openai/protocol` has them).
+"""The OpenAI shapes the gateway reads and writes itself (as vLLM's `entrypoints/openai` has them).
 
-Of a request the gateway reads only what it acts on: the model to route to, how to answer (stream, n, logprobs,
-usage), and the image and video URLs it fetches. Everything else travels as the client wrote it to the language
-server, where vLLM's own ChatCompletionRequest checks it once (llm.proto's GenerateRequest).
+Of a request the gateway reads only what it acts on: the model to route to, whether to stream, n (bounded here), and
+the image and video URLs it fetches. Everything else travels as the client wrote it to the language server, where
+vLLM's own ChatCompletionRequest checks it once (llm.proto's GenerateRequest); the answer comes back as vLLM's chat
+server writes it, and the gateway forwards it as it is.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_serializer
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_core import from_json
 
 from dvd.errors import ServiceError
@@ -42,22 +43,12 @@ class ChatMessage(BaseModel):
         return [{"type": "text", "text": value}] if isinstance(value, str) else value
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool | None = None
-
-
 class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    n: int | None = Field(1, ge=1, le=128)  # the gateway assembles the n choices
+    n: int | None = Field(1, ge=1, le=128)  # a bound on one request's work (vLLM sets none)
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    logprobs: bool | None = None
     _body: dict[str, Any] = PrivateAttr(default_factory=dict)  # the request as sent, forwarded to the language server
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
     def media(self) -> Iterator[tuple[str, str, str]]:
         """Every image and video URL in prompt order: (url, its field path, "image" | "video")."""
@@ -91,122 +82,11 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     return request
 
 
-# ---- responses ----
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class CompletionTokensDetails(BaseModel):
-    reasoning_tokens: int = 0
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails | None = None
-    completion_tokens_details: CompletionTokensDetails | None = None  # with a reasoning parser, as vLLM's
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprob] | None = None
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str  # JSON, as the model wrote it
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    refusal: str | None = None
-    reasoning: str | None = None  # vLLM's field for what its reasoning parser splits off
-    tool_calls: list[ToolCall] | None = None
-
-
-class _Choice(BaseModel):
-    index: int
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class Choice(_Choice):
-    message: ResponseMessage
+# ---- /v1/models (answers come from the language server as vLLM writes them) ----
 
 
 def _now() -> int:
     return int(time.time())
-
-
-class _Completion(BaseModel):
-    """What a whole answer and each chunk of a streamed one both carry."""
-
-    id: str
-    created: int = Field(default_factory=_now)
-    model: str
-    system_fingerprint: str | None = None
-
-
-class ChatCompletion(_Completion):
-    object: Literal["chat.completion"] = "chat.completion"
-    choices: list[Choice]
-    usage: Usage
-
-
-class _Sparse(BaseModel):
-    """A delta: fields that are not set are left out, as in OpenAI's stream."""
-
-    @model_serializer(mode="wrap")
-    def _omit_nulls(self, handler: Callable[[_Sparse], dict[str, Any]]) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class DeltaFunctionCall(_Sparse):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class DeltaToolCall(_Sparse):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunctionCall | None = None
-
-
-class DeltaMessage(_Sparse):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning: str | None = None
-    tool_calls: list[DeltaToolCall] | None = None
-
-
-class ChunkChoice(_Choice):
-    delta: DeltaMessage
-
-
-class ChatCompletionChunk(_Completion):
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
 
 
 class ModelPermission(BaseModel):

@@ -12,16 +12,21 @@ import grpc
 import pytest
 
 from dvd.backend_pool import Backend, BackendPool
+from dvd.health import Reply
 
 
 async def described(backend: Backend) -> bool:
     return True
 
 
-def pool_for(targets: tuple[str, ...], probe, **kw) -> BackendPool:  # type: ignore[no-untyped-def]
-    """A pool whose health probe is `probe` (no server behind the addresses)."""
-    pool = BackendPool(targets, lambda channel: object(), described, "test.Service", "test", **kw)
-    pool.probe = probe  # type: ignore[method-assign]
+def pool_for(targets: tuple[str, ...], probe, describe=described, **kw) -> BackendPool:  # type: ignore[no-untyped-def]
+    """A pool whose health probe is `probe` (no server behind the addresses): (ready, load[, instance])."""
+    pool = BackendPool(targets, lambda channel: object(), describe, "test.Service", "test", **kw)
+
+    async def probed(backend: Backend) -> Reply:
+        return Reply(*await probe(backend))
+
+    pool.probe = probed  # type: ignore[method-assign]
     return pool
 
 
@@ -262,4 +267,30 @@ async def test_affinity_with_heavy_calls_gives_an_idle_pool_to_the_owner() -> No
     assert busy is not None
     busy.outstanding = 1  # 16 + 16 is over max(16, ceil(1.25 x 32 / 2) = 20): the key spills
     assert pool.pick_for(keys[0])[1] == "spill"
+    await pool.close()
+
+
+async def test_a_new_process_at_the_address_is_described_again() -> None:
+    """A server that restarted between two probes (ready both times) answers from a new process: its Metadata (an
+    old data port, say) is read again before its next call; the same process is described once."""
+    instance = "first"
+    seen: list[str] = []
+
+    async def probe(backend: Backend) -> tuple[bool, float, str]:
+        return True, 0.0, instance
+
+    async def describe(backend: Backend) -> bool:
+        seen.append(instance)
+        backend.metadata = instance
+        return True
+
+    pool = pool_for(("127.0.0.1:1",), probe, describe)
+    await pool.resolve()
+    await pool.check_all()
+    await pool.check_all()
+    assert seen == ["first"]
+    instance = "second"
+    await pool.check_all()
+    (backend,) = pool.backends
+    assert seen == ["first", "second"] and backend.metadata == "second" and backend.ready
     await pool.close()

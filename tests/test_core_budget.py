@@ -110,12 +110,10 @@ async def test_vllm_worker_steps_the_session_budget(session_core_budget: Path, l
 async def test_engine_answers_alike_on_its_share_and_on_every_core(tiny_ckpt: Path, vision_tiny: str) -> None:
     """An engine bound to every core answers with the same greedy tokens and log-probabilities whether the budget
     gives it all its threads (vision idle) or its share (vision busy): the split changes speed, not answers."""
-    import grpc
-
     from dvd.core_budget import ENV
     from dvd.procs import cpu_engine_env, language_server
-    from dvd.v2 import llm_pb2_grpc
     from tests.conftest import VLLM_START_TIMEOUT
+    from tests.helpers.llm import answer as answer_of
     from tests.helpers.llm import chat_request, text
 
     path = CoreBudget.create()
@@ -127,13 +125,10 @@ async def test_engine_answers_alike_on_its_share_and_on_every_core(tiny_ckpt: Pa
 
         async def answer(prompt: str) -> list[tuple[int, float]]:
             req = chat_request([text(prompt)], max_tokens=24, temperature=0.0, logprobs=True, top_logprobs=0,
-                               ignore_eos=True)
-            out: list[tuple[int, float]] = []
-            async with grpc.aio.insecure_channel(address) as channel:
-                async for msg in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req):
-                    for c in msg.choices:
-                        out += [(t, lp.logprob) for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
-            return out
+                               ignore_eos=True, return_token_ids=True)
+            reply, _ = await answer_of(address, req)
+            (choice,) = reply["choices"]
+            return list(zip(choice["token_ids"], (lp["logprob"] for lp in choice["logprobs"]["content"]), strict=True))
 
         prompts = ["Describe the sky", "What is on the table?", "Tell me about the river and the mountain " * 20]
         threads = len(os.sched_getaffinity(0))

@@ -15,7 +15,7 @@ from dvd.v2 import llm_pb2, llm_pb2_grpc, vision_pb2
 from llm_server.fetch import validate_embeddings
 from llm_server.request import parse_request
 from llm_server.vision_pool import VisionPool
-from tests.helpers.llm import chat_request, generate, health, image, stock_vllm_tokens, text
+from tests.helpers.llm import answer, chat_request, generate, health, image, stock_vllm_tokens, text
 from tests.helpers.media import image_bytes
 from tests.helpers.router import user_message
 from tests.helpers.vision import media
@@ -129,14 +129,14 @@ async def test_bad_requests_are_rejected_and_the_engine_keeps_serving(llm_tiny: 
 
 
 async def test_cancel_aborts_the_vllm_request(llm_tiny: str) -> None:
-    req = chat_request([text("Write forever")], max_tokens=5000, ignore_eos=True, temperature=0.0)
+    req = chat_request([text("Write forever")], max_tokens=5000, ignore_eos=True, temperature=0.0, stream=True)
     async with grpc.aio.insecure_channel(llm_tiny) as channel:
         call = llm_pb2_grpc.LanguageServiceStub(channel).Generate(req)
         got = 0
         while got < 3:  # read() rather than `async for ... break`: leaving the iterator may cancel the call itself
             msg = await call.read()
             assert msg is not grpc.aio.EOF
-            got += sum(len(c.token_ids) for c in msg.choices)
+            got += msg.tokens
         assert (await health(llm_tiny)).running_requests >= 1
         call.cancel()
     for _ in range(50):
@@ -147,19 +147,11 @@ async def test_cancel_aborts_the_vllm_request(llm_tiny: str) -> None:
 
 
 async def test_n_and_seed_sampling(llm_tiny: str) -> None:
-    req = chat_request([text("Tell me a story")], max_tokens=8, temperature=1.0, seed=7, n=3)
-    async with grpc.aio.insecure_channel(llm_tiny) as channel:
-        per_choice: dict[int, list[int]] = {}
-        finish: dict[int, str] = {}
-        async for msg in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req):
-            for c in msg.choices:
-                per_choice.setdefault(c.index, []).extend(c.token_ids)
-                if c.finish_reason:
-                    finish[c.index] = c.finish_reason
-    assert sorted(per_choice) == [0, 1, 2]
-    assert all(len(t) == 8 for t in per_choice.values())
-    assert finish == {0: "length", 1: "length", 2: "length"}
-    assert msg.usage.completion_tokens == 24
+    req = chat_request([text("Tell me a story")], max_tokens=8, temperature=1.0, seed=7, n=3, return_token_ids=True)
+    reply, last = await answer(llm_tiny, req)
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    assert all(len(c["token_ids"]) == 8 and c["finish_reason"] == "length" for c in reply["choices"])
+    assert last.usage.completion_tokens == reply["usage"]["completion_tokens"] == 24
 
 
 async def test_vision_pool_skips_a_dead_server(vision_tiny: str) -> None:
@@ -251,6 +243,7 @@ TOOL_TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content"
     ({"temperature": 3}, "temperature"),
     ({"max_tokens": 20000}, "max_tokens"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
+    ({"stream": True, "stream_options": {"include_usage": "sometimes"}}, "stream_options.include_usage"),
     ({"vir": "sometimes"}, "vir"),
     ({"max_dynamic_patch": 41}, "max_dynamic_patch"),
     ({"mm_processor_kwargs": {"min_dynamic_patch": 2}}, "mm_processor_kwargs.min_dynamic_patch"),

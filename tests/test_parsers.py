@@ -12,9 +12,10 @@ scripted outputs through the same vLLM parsers the server uses.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import openai
 import pytest
@@ -51,8 +52,7 @@ def dvd(tiny_ckpt: Path, vision_tiny: str) -> Iterator[openai.AsyncOpenAI]:
 
 
 def counts(usage: openai.types.CompletionUsage) -> dict:
-    """Usage without prompt_tokens_details, which DvD always sends and vLLM only when told to."""
-    return usage.model_dump(exclude_none=True, exclude={"prompt_tokens_details"})
+    return usage.model_dump(exclude_none=True)
 
 
 async def answer(client: openai.AsyncOpenAI, stream: bool, messages: list | None = None, max_tokens: int = 12,
@@ -131,35 +131,70 @@ async def test_bad_chat_template_kwargs_are_400s(dvd: openai.AsyncOpenAI, kwargs
     assert (await answer(dvd, False))["reasoning"]
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("include", [True, False])
-def test_a_think_block_is_split_where_it_closes(tiny_ckpt: Path, stream: bool, include: bool) -> None:
-    """The language server's plumbing around vLLM's parser, on an answer that closes its think block mid-way, fed
-    token by token as the engine delivers it (two choices, to show each has its own parser state)."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+def scripted(tiny_ckpt: Path, reasoning_parser: str = "", **options: object) -> tuple[Any, Any]:
+    """The language server's vLLM chat server (answer.py) on the tiny checkpoint's tokenizer, without an engine."""
+    from vllm.config import ModelConfig
     from vllm.tokenizers import get_tokenizer
 
-    from llm_server.answer import Answer, parser_class
-    from llm_server.request import chat_template_kwargs
+    from llm_server.answer import ChatOptions, chat_server
 
     tokenizer = get_tokenizer(str(tiny_ckpt), trust_remote_code=True)
-    request = ChatCompletionRequest(messages=[], model="tiny", stream=stream, include_reasoning=include, n=2)
-    answer = Answer(parser_class("qwen3", tokenizer, str(tiny_ckpt)), tokenizer, None, request,
-                    chat_template_kwargs(request))
-    texts = ["the sky is blue</think>Blue.", "red</think>Red, I think."]
+    engine = SimpleNamespace(model_config=ModelConfig(model=str(tiny_ckpt), trust_remote_code=True),
+                             renderer=SimpleNamespace(tokenizer=tokenizer), input_processor=None, vllm_config=None)
+    return chat_server(engine, ["tiny"], reasoning_parser, ChatOptions(**options)), tokenizer
+
+
+async def fed(chat: Any, tokenizer: Any, request: Any, texts: list[str]) -> list[dict]:
+    """What the language server answers when the engine delivers `texts` (one per choice) token by token: the
+    chat.completion, or every chunk of the stream."""
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    from llm_server.answer import Progress, answer
+    from llm_server.request import chat_template_kwargs
+
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    reasoning, content = ["", ""], [None, None]
-    for step in range(max(map(len, ids))):
-        outputs = [SimpleNamespace(index=i, token_ids=t[step:step + 1], text=tokenizer.decode(t[step:step + 1]),
-                                   logprobs=None, finish_reason="stop" if step == len(t) - 1 else None)
-                   for i, t in enumerate(ids) if step < len(t)]
-        for delta in answer.deltas(SimpleNamespace(outputs=outputs, prompt_token_ids=[1, 2, 3]), lambda *_: []):
-            reasoning[delta.index] += delta.reasoning
-            if delta.HasField("text"):
-                content[delta.index] = (content[delta.index] or "") + delta.text
+
+    async def outputs() -> AsyncIterator[RequestOutput]:
+        for step in range(max(map(len, ids))):
+            yield RequestOutput("r", None, [1, 2, 3], None, [
+                CompletionOutput(index=i, text=tokenizer.decode(t[step:step + 1]), token_ids=t[step:step + 1],
+                                 cumulative_logprob=None, logprobs=None,
+                                 finish_reason="stop" if step == len(t) - 1 else None)
+                for i, t in enumerate(ids) if step < len(t)], finished=False)
+
+    kwargs = chat_template_kwargs(request)
+    parser = chat._make_parser(request, tokenizer, kwargs) if chat.parser_cls else None
+    body = b"".join([b async for b in answer(chat, request, Progress(outputs()), "chatcmpl-1", kwargs, parser)])
+    if not request.stream:
+        return [json.loads(body)]
+    events = body.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("include", [True, False])
+async def test_a_think_block_is_split_where_it_closes(tiny_ckpt: Path, stream: bool, include: bool) -> None:
+    """The language server's answer through vLLM's reasoning parser, on answers that close their think block
+    mid-way (two choices, to show each has its own parser state)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    chat, tokenizer = scripted(tiny_ckpt, "qwen3")
+    request = ChatCompletionRequest(messages=[], model="tiny", stream=stream, include_reasoning=include, n=2,
+                                    stream_options={"include_usage": True} if stream else None)
+    texts = ["the sky is blue</think>Blue.", "red</think>Red, I think."]
+    replies = await fed(chat, tokenizer, request, texts)
+    reasoning, content = ["", ""], ["", ""]
+    for reply in replies:
+        for c in reply["choices"]:
+            message = c["delta" if stream else "message"]
+            reasoning[c["index"]] += message.get("reasoning") or ""
+            content[c["index"]] += message.get("content") or ""
     assert content == ["Blue.", "Red, I think."]
     assert reasoning == (["the sky is blue", "red"] if include else ["", ""])
-    assert answer.reasoning_tokens() == sum(t.index(tokenizer.convert_tokens_to_ids("</think>")) for t in ids)
+    think_ends = [t.index(tokenizer.convert_tokens_to_ids("</think>"))
+                  for t in (tokenizer.encode(x, add_special_tokens=False) for x in texts)]
+    assert replies[-1]["usage"]["completion_tokens_details"]["reasoning_tokens"] == sum(think_ends)
 
 
 # strict: the arguments follow the schema (else vLLM constrains only the call's frame).
@@ -233,31 +268,24 @@ async def test_bad_tool_and_reasoning_requests_are_400s_naming_the_field(dvd: op
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_a_tool_call_is_read_out_of_an_answer(tiny_ckpt: Path, stream: bool) -> None:
-    """The language server's plumbing around vLLM's hermes parser on an answer that calls a tool mid-way (tool_choice
-    auto), fed token by token: the content before the call, the call's name and JSON arguments, finish reason
+async def test_a_tool_call_is_read_out_of_an_answer(tiny_ckpt: Path, stream: bool) -> None:
+    """The language server's answer through vLLM's hermes parser, on an answer that calls a tool mid-way
+    (tool_choice auto): the content before the call, the call's name and JSON arguments, finish reason
     "tool_calls"."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.tokenizers import get_tokenizer
 
-    from llm_server.answer import Answer, ToolOptions, parser_class
-    from llm_server.request import chat_template_kwargs
-
-    tokenizer = get_tokenizer(str(tiny_ckpt), trust_remote_code=True)
-    tools = ToolOptions(tool_call_parser="hermes", enable_auto_tool_choice=True)
+    chat, tokenizer = scripted(tiny_ckpt, tool_call_parser="hermes", enable_auto_tool_choice=True)
     request = ChatCompletionRequest(messages=[], model="tiny", stream=stream, tools=[WEATHER])
-    answer = Answer(parser_class("", tokenizer, str(tiny_ckpt), tools), tokenizer, None, request,
-                    chat_template_kwargs(request), tools=tools)
-    ids = tokenizer.encode('Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
-                           '</tool_call>', add_special_tokens=False)
+    replies = await fed(chat, tokenizer, request, ['Let me look.<tool_call>\n{"name": "get_weather", "arguments": '
+                                                   '{"city": "Paris"}}\n</tool_call>'])
     content, name, arguments, finish = "", "", "", ""
-    for step, token in enumerate(ids):
-        output = SimpleNamespace(index=0, token_ids=[token], text=tokenizer.decode([token]), logprobs=None,
-                                 finish_reason="stop" if step == len(ids) - 1 else None)
-        for delta in answer.deltas(SimpleNamespace(outputs=[output], prompt_token_ids=[1, 2, 3]), lambda *_: []):
-            content += delta.text
-            name += "".join(c.name for c in delta.tool_calls)
-            arguments += "".join(c.arguments for c in delta.tool_calls)
-            finish = delta.finish_reason or finish
+    for reply in replies:
+        for c in reply["choices"]:
+            message = c["delta" if stream else "message"]
+            content += message.get("content") or ""
+            for call in message.get("tool_calls") or ():
+                name += call["function"].get("name") or ""
+                arguments += call["function"].get("arguments") or ""
+            finish = c["finish_reason"] or finish
     assert (content, name, json.loads(arguments), finish) == ("Let me look.", "get_weather", {"city": "Paris"},
                                                               "tool_calls")

@@ -430,8 +430,10 @@ class FlakyLanguageServer(llm_pb2_grpc.LanguageServiceServicer):
     def Generate(self, request: llm_pb2.GenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[llm_pb2.GenerateResponse]:
         self.calls += 1
+        chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": self.model,
+                 "choices": [{"index": 0, "delta": {"content": "x"}}]}
         for _ in range(self.tokens):
-            yield llm_pb2.GenerateResponse(choices=[llm_pb2.ChoiceDelta(index=0, text="x", token_ids=[1])])
+            yield llm_pb2.GenerateResponse(body=f"data: {json.dumps(chunk)}\n\n".encode(), tokens=1)
         context.abort(grpc.StatusCode.UNAVAILABLE, "replica going away")
 
 

@@ -9,12 +9,12 @@ import json
 import pytest
 
 from dvd.config import MediaLimits
-from dvd.v2 import llm_pb2, vision_pb2
+from dvd.v2 import vision_pb2
 from router.errors import APIError
 from router.images import FetchLimits, ImageError, ImageLoader, decode_data_url, is_public_address, public_addresses
 from router.limits import Limiter
 from router.schemas import parse_chat_request
-from router.translate import ChunkBuilder, CompletionBuilder, affinity_key, to_generate_request
+from router.translate import affinity_key, to_generate_request
 from tests.helpers.router import data_url, image_server, png_bytes, user_message
 
 IMG = png_bytes()
@@ -28,7 +28,8 @@ def body(**fields: object) -> bytes:
 
 @pytest.mark.parametrize("fields", [
     {}, {"stream": True, "stream_options": {"include_usage": True}}, {"n": 128}, {"logprobs": True},
-    {"temperature": 3, "best_of": 2, "anything": {"else": 1}},  # the language server's to check, not the gateway's
+    {"temperature": 3, "best_of": 2, "anything": {"else": 1}, "stream_options": {"include_usage": "sometimes"}},
+    # ... the language server's to check (vLLM's type), not the gateway's
 ])
 def test_accepted_requests(fields: dict) -> None:
     parse_chat_request(body(**fields))
@@ -40,7 +41,6 @@ def test_accepted_requests(fields: dict) -> None:
     ({"messages": [{"content": "x"}]}, "messages[0].role"),
     ({"messages": [user_message({"type": "image_url", "image_url": {"url": ""}})]},
      "messages[0].content[0].image_url.url"),
-    ({"stream_options": {"include_usage": "sometimes"}}, "stream_options.include_usage"),
 ])
 def test_refused_requests_name_the_field(fields: dict, param: str) -> None:
     with pytest.raises(APIError) as err:
@@ -80,33 +80,6 @@ def test_media_travel_beside_the_request_in_prompt_order() -> None:
         part = next(p for p in forwarded["messages"][m]["content"] if p.get("image_url", {}).get("url") == "")
         part["image_url"]["url"] = url
     assert forwarded == sent  # everything else as the client sent it
-
-
-def _response(*deltas: tuple[int, str, str], usage: tuple[int, int] | None = None) -> llm_pb2.GenerateResponse:
-    r = llm_pb2.GenerateResponse(choices=[llm_pb2.ChoiceDelta(index=i, text=t, finish_reason=f) for i, t, f in deltas])
-    if usage:
-        r.usage.prompt_tokens, r.usage.completion_tokens = usage
-    return r
-
-
-def test_interleaved_choices_are_reassembled() -> None:
-    stream = [_response((0, "a", ""), (1, "x", "")), _response((1, "y", "length")),
-              _response((0, "b", "stop"), usage=(10, 4))]
-    builder = CompletionBuilder("id", "m", 2)
-    for r in stream:
-        builder.feed(r)
-    done = builder.build(stream[-1].usage)
-    assert [(c.message.content, c.finish_reason) for c in done.choices] == [("ab", "stop"), ("xy", "length")]
-    assert (done.usage.prompt_tokens, done.usage.total_tokens) == (10, 14)
-
-    chunks = ChunkBuilder("id", "m", 2, include_usage=True)
-    out = [*chunks.start(), *(c for r in stream for c in chunks.feed(r)), *chunks.end(stream[-1].usage)]
-    assert [c.choices[0].delta.role for c in out[:2]] == ["assistant", "assistant"]
-    assert out[-1].choices == [] and out[-1].usage.completion_tokens == 4
-    finishes = [(c.choices[0].index, c.choices[0].finish_reason)
-                for c in out if c.choices and c.choices[0].finish_reason]
-    assert finishes == [(1, "length"), (0, "stop")]
-    assert "role" not in json.loads(out[3].model_dump_json())["choices"][0]["delta"]
 
 
 # ---- images ----

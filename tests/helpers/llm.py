@@ -39,20 +39,24 @@ def chat_request(parts: list[dict | vision_pb2.Media], messages: list[dict] | No
                                    media=[p for p in parts if not isinstance(p, dict)])
 
 
-async def generate(address: str, parts: list[dict | vision_pb2.Media], max_tokens: int = 16,
-                   **fields: object) -> tuple[list[int], llm_pb2.GenerateResponse]:
-    """Greedy (unless told otherwise) token ids of choice 0, and the final message with usage."""
-    req = chat_request(parts, max_tokens=max_tokens, **({"temperature": 0.0} | fields))
-    tokens: list[int] = []
+async def answer(address: str, req: llm_pb2.GenerateRequest) -> tuple[dict, llm_pb2.GenerateResponse]:
+    """A whole (not streamed) answer's chat.completion, and the final message with usage."""
+    body = b""
     last = None
     async with grpc.aio.insecure_channel(address) as channel:
         async for msg in llm_pb2_grpc.LanguageServiceStub(channel).Generate(req):
-            for c in msg.choices:
-                if c.index == 0:
-                    tokens.extend(c.token_ids)
+            body += msg.body
             last = msg
     assert last is not None and last.HasField("usage")
-    return tokens, last
+    return json.loads(body), last
+
+
+async def generate(address: str, parts: list[dict | vision_pb2.Media], max_tokens: int = 16,
+                   **fields: object) -> tuple[list[int], llm_pb2.GenerateResponse]:
+    """Greedy (unless told otherwise) token ids of choice 0, and the final message with usage."""
+    req = chat_request(parts, max_tokens=max_tokens, **({"temperature": 0.0, "return_token_ids": True} | fields))
+    reply, last = await answer(address, req)
+    return reply["choices"][0]["token_ids"], last
 
 
 async def stock_vllm_tokens(base_url: str, images: list[bytes], question: str, max_tokens: int) -> list[int]:
@@ -75,7 +79,7 @@ class LanguageStatus:
 
 async def health(address: str) -> LanguageStatus:
     async with grpc.aio.insecure_channel(address) as channel:
-        ready, load = await probe(health_pb2_grpc.HealthStub(channel), "", timeout=5)
+        ready, load, _ = await probe(health_pb2_grpc.HealthStub(channel), "", timeout=5)
         meta = await llm_pb2_grpc.LanguageServiceStub(channel).Metadata(vision_pb2.MetadataRequest(), timeout=5)
     return LanguageStatus(ready, int(load), meta)
 
