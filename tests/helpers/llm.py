@@ -93,10 +93,11 @@ def assert_logprobs_close(ours: list, ref: list, tolerance: float) -> None:
     assert len(ours) == len(ref)
     for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
         if a.token != b.token:
-            in_ref = {t.token: t.logprob for t in b.top_logprobs}
-            in_ours = {t.token: t.logprob for t in a.top_logprobs}
-            assert a.token in in_ref and b.token in in_ours, f"position {i}: {a.token!r} vs {b.token!r} is no near tie"
-            assert abs(in_ref[a.token] - b.logprob) <= tolerance and abs(in_ours[b.token] - a.logprob) <= tolerance
+            # Several ids may decode to one text (empty, say): the entry of that text nearest the pick is the rival.
+            gap_in_ref = min((abs(t.logprob - b.logprob) for t in b.top_logprobs if t.token == a.token), default=None)
+            gap_in_ours = min((abs(t.logprob - a.logprob) for t in a.top_logprobs if t.token == b.token), default=None)
+            assert None not in (gap_in_ref, gap_in_ours), f"position {i}: {a.token!r} vs {b.token!r} is no near tie"
+            assert max(gap_in_ref, gap_in_ours) <= tolerance, (i, gap_in_ref, gap_in_ours)
             return
         assert a.logprob == pytest.approx(b.logprob, abs=tolerance), i
         assert [t.logprob for t in a.top_logprobs] == pytest.approx([t.logprob for t in b.top_logprobs],
