@@ -102,6 +102,7 @@ async def answer(chat: OpenAIServingChat, request: ChatCompletionRequest, progre
     """vLLM's answer: for a stream, its server-sent events; otherwise an empty piece once the first token is out
     (the gateway's first-token time), then the chat.completion's JSON."""
     model = chat.models.model_name()
+    # The generators read the conversation only for `echo`, which this server refuses (request.py): none is passed.
     metadata = RequestResponseMetadata(request_id=request_id)
     tokenizer = chat.renderer.tokenizer
     if request.stream:
