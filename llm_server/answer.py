@@ -96,6 +96,13 @@ class Progress:
             yield whole
 
 
+async def _resumed(first: RequestOutput | None, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    if first is not None:
+        yield first
+    async for out in rest:
+        yield out
+
+
 async def answer(chat: OpenAIServingChat, request: ChatCompletionRequest, progress: Progress, request_id: str,
                  template_kwargs: dict, parser: Parser | None,
                  mm_token_counts: dict[str, int] | None = None) -> AsyncIterator[bytes]:
@@ -106,8 +113,12 @@ async def answer(chat: OpenAIServingChat, request: ChatCompletionRequest, progre
     metadata = RequestResponseMetadata(request_id=request_id)
     tokenizer = chat.renderer.tokenizer
     if request.stream:
+        # The first output is awaited here: a failure before it (a dead engine) stays the caller's to answer, so
+        # the gateway may still try another replica; a later one becomes vLLM's error event.
+        outputs = progress.each()
+        first = await anext(outputs, None)
         async for event in chat.chat_completion_stream_generator(
-                request, progress.each(), request_id, model, [], tokenizer, metadata,
+                request, _resumed(first, outputs), request_id, model, [], tokenizer, metadata,
                 chat_template_kwargs=template_kwargs, mm_token_counts=mm_token_counts):
             yield event.encode()
         return

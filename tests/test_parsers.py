@@ -289,3 +289,28 @@ async def test_a_tool_call_is_read_out_of_an_answer(tiny_ckpt: Path, stream: boo
             finish = c["finish_reason"] or finish
     assert (content, name, json.loads(arguments), finish) == ("Let me look.", "get_weather", {"city": "Paris"},
                                                               "tool_calls")
+
+
+async def test_an_engine_failure_before_the_first_token_is_the_language_servers_to_answer(tiny_ckpt: Path) -> None:
+    """Streamed: an engine that fails before its first output fails the call (the language server answers
+    UNAVAILABLE, and the gateway may try another replica); once tokens are out, the stream ends with vLLM's error
+    event, as vLLM's own server ends it."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.outputs import CompletionOutput, RequestOutput
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from llm_server.answer import Progress, answer
+
+    chat, _ = scripted(tiny_ckpt)
+    request = ChatCompletionRequest(messages=[], model="tiny", stream=True)
+
+    async def engine(tokens: int) -> AsyncIterator[RequestOutput]:
+        for _ in range(tokens):
+            yield RequestOutput("r", None, [1, 2, 3], None, [CompletionOutput(
+                index=0, text="x", token_ids=[5], cumulative_logprob=None, logprobs=None)], finished=False)
+        raise EngineDeadError()
+
+    with pytest.raises(EngineDeadError):
+        _ = [b async for b in answer(chat, request, Progress(engine(0)), "chatcmpl-1", {}, None)]
+    events = b"".join([b async for b in answer(chat, request, Progress(engine(1)), "chatcmpl-1", {}, None)]).decode()
+    assert '"content":"x"' in events and '"error"' in events and events.endswith("data: [DONE]\n\n"), events
