@@ -190,16 +190,23 @@ def router_tiny(llm_tiny: str, span_collector: SpanCollector) -> Iterator[str]:
     svc.stop()
 
 
-def start_stock_vllm(name: str, model: Path, *extra: str) -> tuple[Service, str]:
+def start_stock_vllm(name: str, model: Path, *extra: str, wait: bool = True) -> tuple[Service, str]:
     """Stock vLLM's OpenAI server on the full checkpoint (served as `tiny`), the reference DvD must match; `extra`
-    adds server options. Returns the service and its base URL (`http://127.0.0.1:P/v1`)."""
+    adds server options. Returns the service and its base URL (`http://127.0.0.1:P/v1`), once it is ready unless
+    `wait` is false (then `wait_stock_vllm`: another engine may start meanwhile)."""
     port = free_port()
     svc = Service(name, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                          "--trust-remote-code", "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "16384",
                          "--served-model-name", "tiny", "--limit-mm-per-prompt", '{"image": 8, "video": 2}', *extra],
                   env=engine_env())
-    svc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=VLLM_START_TIMEOUT)
-    return svc, f"http://127.0.0.1:{port}/v1"
+    url = f"http://127.0.0.1:{port}/v1"
+    if wait:
+        wait_stock_vllm(svc, url)
+    return svc, url
+
+
+def wait_stock_vllm(svc: Service, url: str) -> None:
+    svc.wait_ready(lambda: http_ok(f"{url.removesuffix('/v1')}/health"), timeout=VLLM_START_TIMEOUT)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import start_llm, start_stock_vllm
+from tests.conftest import start_llm, start_stock_vllm, wait_stock_vllm
 from tests.helpers.router import data_url, png_bytes, user_message
 
 # InternVL3.5's language model is Qwen3: its thinking markup, and tool calls in the hermes format.
@@ -33,22 +33,33 @@ IMAGE = data_url(png_bytes((448, 448), (30, 160, 90)))
 
 
 @pytest.fixture(scope="module")
-def stock(tiny_ckpt: Path) -> Iterator[openai.AsyncOpenAI]:
-    svc, url = start_stock_vllm("vllm-parsers", tiny_ckpt, *PARSERS)
-    yield openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
-    svc.stop()
+def engines(tiny_ckpt: Path, vision_tiny: str) -> Iterator[tuple[str, str]]:
+    """Stock vLLM and DvD (language server and gateway) with the same parsers, their engines started side by side
+    (each on its own core): their base URLs."""
+    from dvd.procs import router
+
+    stock, stock_url = start_stock_vllm("vllm-parsers", tiny_ckpt, *PARSERS, wait=False)
+    try:
+        llm, address = start_llm("llm-parsers", tiny_ckpt, vision_tiny, "--served-model-name", "tiny", *PARSERS)
+        try:
+            wait_stock_vllm(stock, stock_url)
+            gateway = router(address, name="router-parsers")
+            yield stock_url, f"{gateway.wait_http()}/v1"
+            gateway.stop()
+        finally:
+            llm.stop()
+    finally:
+        stock.stop()
 
 
 @pytest.fixture(scope="module")
-def dvd(tiny_ckpt: Path, vision_tiny: str) -> Iterator[openai.AsyncOpenAI]:
-    from dvd.procs import router
+def stock(engines: tuple[str, str]) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=engines[0], api_key="none", max_retries=0, timeout=120)
 
-    llm, address = start_llm("llm-parsers", tiny_ckpt, vision_tiny, "--served-model-name", "tiny", *PARSERS)
-    gateway = router(address, name="router-parsers")
-    url = f"{gateway.wait_http()}/v1"
-    yield openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
-    gateway.stop()
-    llm.stop()
+
+@pytest.fixture(scope="module")
+def dvd(engines: tuple[str, str]) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=engines[1], api_key="none", max_retries=0, timeout=120)
 
 
 def counts(usage: openai.types.CompletionUsage) -> dict:
