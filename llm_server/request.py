@@ -29,7 +29,7 @@ from vllm.tokenizers import TokenizerLike
 from dvd.errors import ServiceError
 from dvd.media import MEDIA_PARTS
 from dvd.v2 import vision_pb2
-from llm_server.answer import CONTENT_FORMAT, ChatOptions
+from llm_server.answer import ChatOptions
 
 MAX_DYNAMIC_PATCH = 40  # InternVL's tiler goes up to 40 tiles (max_num in its dynamic_preprocess)
 
@@ -142,11 +142,6 @@ def parse_request(raw: bytes) -> tuple[ChatCompletionRequest, vision_pb2.EncodeO
     if refused := SERVER_ONLY_KWARGS & (request.chat_template_kwargs or {}).keys():
         raise ServiceError(f"{', '.join(sorted(refused))} may not be set by a request", param="chat_template_kwargs")
     return request, vision.options()
-
-
-def chat_template_kwargs(request: ChatCompletionRequest) -> dict:
-    """The keyword arguments vLLM gives the chat template and the parser (add_generation_prompt and the rest)."""
-    return request.build_chat_params(None, CONTENT_FORMAT).chat_template_kwargs
 
 
 def template_tools(request: ChatCompletionRequest, tools: ChatOptions) -> list[dict] | None:

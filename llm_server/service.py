@@ -26,7 +26,6 @@ from llm_server.fetch import EmbeddingFetcher
 from llm_server.metrics import Metrics
 from llm_server.prompt import expand_videos, render_prompt
 from llm_server.request import (
-    chat_template_kwargs,
     check_constraints,
     check_tool_choice,
     parse_messages,
@@ -147,7 +146,9 @@ class LanguageService(llm_pb2_grpc.LanguageServiceServicer):
         t0 = time.perf_counter()
         openai, options = parse_request(request.chat_request)
         check_tool_choice(openai, self.chat.parser_cls, self.options)
-        template_kwargs = chat_template_kwargs(openai)
+        # The keyword arguments vLLM gives the chat template and the parsers (add_generation_prompt and the rest),
+        # by vLLM's own rule: the ones its generators use for every further choice.
+        template_kwargs = self.chat._effective_chat_template_kwargs(openai)
         # As vLLM's chat server: one parser for the request (the tool parser's constraint for tool_choice
         # required/named goes on the request), one per choice again inside its response generators.
         parser = self.chat._make_parser(openai, self.tokenizer, template_kwargs) if self.chat.parser_cls else None

@@ -161,7 +161,6 @@ async def fed(chat: Any, tokenizer: Any, request: Any, texts: list[str]) -> list
     from vllm.outputs import CompletionOutput, RequestOutput
 
     from llm_server.answer import Progress, answer
-    from llm_server.request import chat_template_kwargs
 
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
@@ -173,7 +172,7 @@ async def fed(chat: Any, tokenizer: Any, request: Any, texts: list[str]) -> list
                                  finish_reason="stop" if step == len(t) - 1 else None)
                 for i, t in enumerate(ids) if step < len(t)], finished=False)
 
-    kwargs = chat_template_kwargs(request)
+    kwargs = chat._effective_chat_template_kwargs(request)
     parser = chat._make_parser(request, tokenizer, kwargs) if chat.parser_cls else None
     body = b"".join([b async for b in answer(chat, request, Progress(outputs()), "chatcmpl-1", kwargs, parser)])
     if not request.stream:
